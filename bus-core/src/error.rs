@@ -1,0 +1,195 @@
+//! The one error type every transport reports through.
+
+use std::time::Duration;
+
+use crate::message::Message;
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in the terms AMQP uses to report it.
+///
+/// Every transport maps its own failures into these variants, so code written
+/// against the transport contract can match on them whatever runs underneath.
+/// [`Error::is_temporary`] tells a retry or reconnect policy whether trying
+/// again later can succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An exchange or queue that the operation names does not exist
+    /// (AMQP `NOT_FOUND`, 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// The entity exists with other settings, an argument has the wrong type
+    /// or value, or the operation's condition does not hold (AMQP
+    /// `PRECONDITION_FAILED`, 406).
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+
+    /// The queue is exclusive to another connection, or held by an exclusive
+    /// consumer (AMQP `RESOURCE_LOCKED`, 405).
+    #[error("resource locked: {0}")]
+    ResourceLocked(String),
+
+    /// The name is reserved (`amq.` prefix) or the credentials do not allow
+    /// the operation (AMQP `ACCESS_REFUSED`, 403).
+    #[error("access refused: {0}")]
+    AccessRefused(String),
+
+    /// The input was refused before anything was changed: a name that is too
+    /// long or could escape a folder, a value out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A mandatory publish matched no queue (AMQP `basic.return` with
+    /// `NO_ROUTE`, 312). The message is handed back.
+    #[error("unroutable: no queue bound to exchange {exchange:?} matches routing key {routing_key:?}")]
+    Unroutable {
+        /// The exchange the message was published to.
+        exchange: String,
+        /// The routing key it was published with.
+        routing_key: String,
+        /// The message, returned to the caller untouched.
+        message: Box<Message>,
+    },
+
+    /// The transport refused to take responsibility for a published message
+    /// (a negative publisher confirm, e.g. a full queue with
+    /// `x-overflow = reject-publish`).
+    #[error("publish refused by the transport: {0}")]
+    Nacked(String),
+
+    /// The connection, channel or consumer was closed by its owner, or the
+    /// entity it used was deleted. Not temporary: the handle is finished.
+    #[error("closed: {0}")]
+    Closed(String),
+
+    /// The link to the transport was lost (broker restart, network cut,
+    /// connection closed by the server). Work that was in flight has an
+    /// unknown outcome and may be retried.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+
+    /// An operation did not finish within its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// The transport does not offer this operation or option; its
+    /// [`Capabilities`](crate::Capabilities) say so too.
+    #[error("not supported: {0}")]
+    NotSupported(String),
+
+    /// A body or envelope could not be encoded or decoded.
+    #[error("codec error: {0}")]
+    Codec(String),
+
+    /// A remote service answered a request with an error.
+    #[error("remote error: {message}")]
+    Remote {
+        /// The error text the remote side sent.
+        message: String,
+    },
+
+    /// A file-system or socket operation failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// Any other failure of a specific transport, with its own error as the
+    /// source.
+    #[error("{transport} error: {source}")]
+    Backend {
+        /// The transport that failed (`"amqp"`, `"file"`, ...).
+        transport: &'static str,
+        /// Whether trying again later can succeed.
+        temporary: bool,
+        /// The transport's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl Error {
+    /// Whether the same operation may succeed if tried again later, on this
+    /// connection once it recovers or on a new one.
+    ///
+    /// Temporary: lost connections, time-outs, refused publishes (a full queue
+    /// may drain), locked resources (their owner may go away), I/O errors that
+    /// the OS reports as transient, and backend errors marked so. Everything
+    /// else describes the request itself and fails again unchanged.
+    #[must_use]
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            Error::ConnectionLost(_)
+            | Error::Timeout(_)
+            | Error::Nacked(_)
+            | Error::ResourceLocked(_) => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            Error::Backend { temporary, .. } => *temporary,
+            _ => false,
+        }
+    }
+
+    /// Wraps a transport's own error.
+    pub fn backend<E>(transport: &'static str, temporary: bool, source: E) -> Self
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    {
+        Error::Backend {
+            transport,
+            temporary,
+            source: source.into(),
+        }
+    }
+
+    /// The AMQP reply code this error corresponds to, when there is one.
+    #[must_use]
+    pub fn amqp_reply_code(&self) -> Option<u16> {
+        Some(match self {
+            Error::NotFound(_) => 404,
+            Error::PreconditionFailed(_) => 406,
+            Error::ResourceLocked(_) => 405,
+            Error::AccessRefused(_) => 403,
+            Error::Unroutable { .. } => 312,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_errors_are_the_retryable_ones() {
+        assert!(Error::ConnectionLost("reset".into()).is_temporary());
+        assert!(Error::Timeout(Duration::from_secs(1)).is_temporary());
+        assert!(!Error::NotFound("queue 'q'".into()).is_temporary());
+        assert!(!Error::PreconditionFailed("x".into()).is_temporary());
+        assert!(Error::backend("amqp", true, "socket").is_temporary());
+        assert!(!Error::backend("amqp", false, "bad frame").is_temporary());
+        assert!(
+            Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).is_temporary()
+        );
+        assert!(!Error::Io(std::io::Error::from(std::io::ErrorKind::NotFound)).is_temporary());
+    }
+
+    #[test]
+    fn reply_codes_mirror_amqp() {
+        assert_eq!(Error::NotFound(String::new()).amqp_reply_code(), Some(404));
+        assert_eq!(
+            Error::PreconditionFailed(String::new()).amqp_reply_code(),
+            Some(406)
+        );
+        assert_eq!(Error::Codec(String::new()).amqp_reply_code(), None);
+    }
+}

@@ -1,0 +1,35 @@
+//! The model, transport contract, routing and errors of the `bus` message
+//! library.
+//!
+//! Services program against [`Connection`]; transports (the in-process
+//! broker, RabbitMQ, a folder) implement it. [`routing`] holds the topic and
+//! headers matchers transports that route by themselves share. With the
+//! `conformance` feature, [`conformance`] is the behaviour suite every
+//! transport must pass.
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+mod message;
+pub mod routing;
+pub mod rpc;
+mod topology;
+mod transport;
+mod value;
+
+pub use error::{Error, Result};
+pub use message::{DeliveryMode, Message, Properties};
+pub use topology::{
+    is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions,
+    Overflow, QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE,
+    MAX_NAME_LEN, PREDECLARED_EXCHANGES,
+};
+pub use transport::{
+    classic_reply_queue, Acknowledger, Capabilities, ConnectionExt, ConsumeOptions, Consumer,
+    ConsumerControl, Connection, Delivery, DeliveryStream, Publisher, PublishOptions,
+    ReplyQueue,
+};
+pub use value::{FieldTable, FieldValue};
+
+pub use bytes::Bytes;

@@ -1,0 +1,481 @@
+//! Exchanges, queues and their options.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::value::{FieldTable, FieldValue};
+
+/// The longest exchange or queue name AMQP can carry (a short string).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// The default exchange: routes to the queue named by the routing key.
+pub const DEFAULT_EXCHANGE: &str = "";
+
+/// The exchanges every broker declares up front, with their kinds.
+pub const PREDECLARED_EXCHANGES: [(&str, ExchangeKind); 5] = [
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// How an exchange chooses the queues a message goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExchangeKind {
+    /// Routing key equals binding key.
+    Direct,
+    /// Every bound queue.
+    Fanout,
+    /// Dot-separated words matched against patterns with `*` and `#`.
+    Topic,
+    /// Message headers matched against binding arguments.
+    Headers,
+}
+
+impl ExchangeKind {
+    /// The AMQP name: `direct`, `fanout`, `topic` or `headers`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+impl fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ExchangeKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "direct" => Ok(ExchangeKind::Direct),
+            "fanout" => Ok(ExchangeKind::Fanout),
+            "topic" => Ok(ExchangeKind::Topic),
+            "headers" => Ok(ExchangeKind::Headers),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown exchange kind {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Options of an exchange declaration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExchangeOptions {
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes away, once it has had one.
+    pub auto_delete: bool,
+    /// Cannot be published to directly, only through exchange bindings.
+    pub internal: bool,
+    /// Only check that the exchange exists; never create it.
+    pub passive: bool,
+    /// Extra arguments, e.g. `alternate-exchange`.
+    pub arguments: FieldTable,
+}
+
+impl ExchangeOptions {
+    /// Durable, not auto-deleted: what a long-lived service wants.
+    #[must_use]
+    pub fn durable() -> Self {
+        ExchangeOptions {
+            durable: true,
+            ..Self::default()
+        }
+    }
+
+    /// Passive: check existence only.
+    #[must_use]
+    pub fn passive() -> Self {
+        ExchangeOptions {
+            passive: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a full queue (`x-max-length` / `x-max-length-bytes`) does with a new
+/// message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest message. The default.
+    DropHead,
+    /// Refuse the new message; a confirming publisher gets a nack.
+    RejectPublish,
+    /// Refuse the new message and dead-letter it.
+    RejectPublishDlx,
+}
+
+impl Overflow {
+    /// The `x-overflow` argument value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
+}
+
+/// The queue implementation RabbitMQ uses (`x-queue-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QueueType {
+    /// The classic queue.
+    Classic,
+    /// A replicated Raft queue: durable, for high availability on a cluster.
+    Quorum,
+    /// An append-only stream.
+    Stream,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
+        }
+    }
+}
+
+/// The queue arguments users set, typed, plus raw ones for the rest.
+///
+/// [`QueueArguments::to_table`] writes them as the `x-` arguments RabbitMQ
+/// reads; [`QueueArguments::from_table`] reads them back and refuses values of
+/// the wrong type the way RabbitMQ does (`PRECONDITION_FAILED`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueArguments {
+    /// `x-message-ttl`: messages older than this are expired.
+    pub message_ttl: Option<Duration>,
+    /// `x-expires`: the queue is deleted after being unused this long.
+    pub expires: Option<Duration>,
+    /// `x-max-length`: most ready messages the queue holds.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: most body bytes of ready messages.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`: what happens past a maximum.
+    pub overflow: Option<Overflow>,
+    /// `x-dead-letter-exchange`: where rejected, expired and dropped
+    /// messages go.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`: replaces the routing key when
+    /// dead-lettering.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-max-priority`: enables priorities 0 to this value.
+    pub max_priority: Option<u8>,
+    /// `x-single-active-consumer`: one consumer at a time receives.
+    pub single_active_consumer: bool,
+    /// `x-queue-type`.
+    pub queue_type: Option<QueueType>,
+    /// Any other arguments, passed through untouched. A typed field set above
+    /// wins over a raw entry of the same name.
+    pub raw: FieldTable,
+}
+
+fn duration_ms(name: &str, v: &FieldValue) -> Result<Duration> {
+    match v.as_i64() {
+        Some(ms) if ms >= 0 => Ok(Duration::from_millis(ms as u64)),
+        _ => Err(Error::PreconditionFailed(format!(
+            "invalid arg '{name}': expected a non-negative integer of milliseconds, got {} {v}",
+            v.type_name()
+        ))),
+    }
+}
+
+fn non_negative(name: &str, v: &FieldValue) -> Result<u64> {
+    match v.as_i64() {
+        Some(n) if n >= 0 => Ok(n as u64),
+        _ => Err(Error::PreconditionFailed(format!(
+            "invalid arg '{name}': expected a non-negative integer, got {} {v}",
+            v.type_name()
+        ))),
+    }
+}
+
+fn string_arg<'a>(name: &str, v: &'a FieldValue) -> Result<&'a str> {
+    v.as_str().ok_or_else(|| {
+        Error::PreconditionFailed(format!(
+            "invalid arg '{name}': expected a string, got {} {v}",
+            v.type_name()
+        ))
+    })
+}
+
+impl QueueArguments {
+    /// Writes the arguments as an AMQP table, with the types RabbitMQ expects.
+    #[must_use]
+    pub fn to_table(&self) -> FieldTable {
+        let mut t = self.raw.clone();
+        let ms = |d: &Duration| FieldValue::I64(d.as_millis().min(i64::MAX as u128) as i64);
+        let int = |n: u64| FieldValue::I64(n.min(i64::MAX as u64) as i64);
+        if let Some(d) = &self.message_ttl {
+            t.insert("x-message-ttl".into(), ms(d));
+        }
+        if let Some(d) = &self.expires {
+            t.insert("x-expires".into(), ms(d));
+        }
+        if let Some(n) = self.max_length {
+            t.insert("x-max-length".into(), int(n));
+        }
+        if let Some(n) = self.max_length_bytes {
+            t.insert("x-max-length-bytes".into(), int(n));
+        }
+        if let Some(o) = self.overflow {
+            t.insert("x-overflow".into(), o.as_str().into());
+        }
+        if let Some(x) = &self.dead_letter_exchange {
+            t.insert("x-dead-letter-exchange".into(), x.as_str().into());
+        }
+        if let Some(x) = &self.dead_letter_routing_key {
+            t.insert("x-dead-letter-routing-key".into(), x.as_str().into());
+        }
+        if let Some(p) = self.max_priority {
+            t.insert("x-max-priority".into(), FieldValue::U8(p));
+        }
+        if self.single_active_consumer {
+            t.insert("x-single-active-consumer".into(), true.into());
+        }
+        if let Some(q) = self.queue_type {
+            t.insert("x-queue-type".into(), q.as_str().into());
+        }
+        t
+    }
+
+    /// Reads arguments from an AMQP table. Known `x-` arguments become typed
+    /// fields; everything else is kept in [`QueueArguments::raw`].
+    ///
+    /// # Errors
+    /// [`Error::PreconditionFailed`] when a known argument has the wrong type
+    /// or an out-of-range value, naming the argument.
+    pub fn from_table(table: &FieldTable) -> Result<Self> {
+        let mut a = QueueArguments::default();
+        for (k, v) in table {
+            match k.as_str() {
+                "x-message-ttl" => a.message_ttl = Some(duration_ms(k, v)?),
+                "x-expires" => {
+                    let d = duration_ms(k, v)?;
+                    if d.is_zero() {
+                        return Err(Error::PreconditionFailed(
+                            "invalid arg 'x-expires': must be positive".into(),
+                        ));
+                    }
+                    a.expires = Some(d);
+                }
+                "x-max-length" => a.max_length = Some(non_negative(k, v)?),
+                "x-max-length-bytes" => a.max_length_bytes = Some(non_negative(k, v)?),
+                "x-overflow" => {
+                    a.overflow = Some(match string_arg(k, v)? {
+                        "drop-head" => Overflow::DropHead,
+                        "reject-publish" => Overflow::RejectPublish,
+                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                        other => {
+                            return Err(Error::PreconditionFailed(format!(
+                                "invalid arg 'x-overflow': unknown value {other:?}"
+                            )))
+                        }
+                    })
+                }
+                "x-dead-letter-exchange" => {
+                    a.dead_letter_exchange = Some(string_arg(k, v)?.to_owned())
+                }
+                "x-dead-letter-routing-key" => {
+                    a.dead_letter_routing_key = Some(string_arg(k, v)?.to_owned())
+                }
+                "x-max-priority" => {
+                    let p = non_negative(k, v)?;
+                    a.max_priority = Some(u8::try_from(p).map_err(|_| {
+                        Error::PreconditionFailed(format!(
+                            "invalid arg 'x-max-priority': {p} is above 255"
+                        ))
+                    })?);
+                }
+                "x-single-active-consumer" => {
+                    a.single_active_consumer = v.as_bool().ok_or_else(|| {
+                        Error::PreconditionFailed(format!(
+                            "invalid arg 'x-single-active-consumer': expected a bool, got {}",
+                            v.type_name()
+                        ))
+                    })?
+                }
+                "x-queue-type" => {
+                    a.queue_type = Some(match string_arg(k, v)? {
+                        "classic" => QueueType::Classic,
+                        "quorum" => QueueType::Quorum,
+                        "stream" => QueueType::Stream,
+                        other => {
+                            return Err(Error::PreconditionFailed(format!(
+                                "invalid arg 'x-queue-type': unknown value {other:?}"
+                            )))
+                        }
+                    })
+                }
+                _ => {
+                    a.raw.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
+            return Err(Error::PreconditionFailed(
+                "invalid arg 'x-dead-letter-routing-key': set without x-dead-letter-exchange"
+                    .into(),
+            ));
+        }
+        Ok(a)
+    }
+
+    /// The arguments with the raw ones folded into the typed fields: what a
+    /// transport that interprets arguments itself should use.
+    ///
+    /// # Errors
+    /// As [`QueueArguments::from_table`].
+    pub fn normalized(&self) -> Result<Self> {
+        Self::from_table(&self.to_table())
+    }
+}
+
+/// Options of a queue declaration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueOptions {
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Usable only by the declaring connection; deleted when it closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes away, once it has had one.
+    pub auto_delete: bool,
+    /// Only check that the queue exists; never create it.
+    pub passive: bool,
+    /// `x-` arguments.
+    pub arguments: QueueArguments,
+}
+
+impl QueueOptions {
+    /// Durable: what a work queue that must survive restarts wants.
+    #[must_use]
+    pub fn durable() -> Self {
+        QueueOptions {
+            durable: true,
+            ..Self::default()
+        }
+    }
+
+    /// Exclusive and auto-delete: a private queue such as a reply queue.
+    #[must_use]
+    pub fn exclusive() -> Self {
+        QueueOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Self::default()
+        }
+    }
+
+    /// Passive: check existence and read the counts only.
+    #[must_use]
+    pub fn passive() -> Self {
+        QueueOptions {
+            passive: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Options of a queue deletion.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeleteQueueOptions {
+    /// Refuse (`PRECONDITION_FAILED`) if the queue has consumers.
+    pub if_unused: bool,
+    /// Refuse (`PRECONDITION_FAILED`) if the queue holds messages.
+    pub if_empty: bool,
+}
+
+/// What a queue declaration reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue's name; the generated one when the declaration left it empty.
+    pub name: String,
+    /// Messages ready for delivery (not counting unacked ones).
+    pub message_count: u32,
+    /// Consumers attached.
+    pub consumer_count: u32,
+}
+
+/// Checks an exchange or queue name as AMQP and RabbitMQ would before any
+/// change is made: at most 255 bytes, no NUL.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the problem.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{what} name is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{what} name {name:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a name is in the `amq.` namespace reserved for the broker.
+#[must_use]
+pub fn is_reserved_name(name: &str) -> bool {
+    name.starts_with("amq.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_round_trip_through_a_table() {
+        let a = QueueArguments {
+            message_ttl: Some(Duration::from_millis(1500)),
+            expires: Some(Duration::from_secs(60)),
+            max_length: Some(10),
+            max_length_bytes: Some(1 << 20),
+            overflow: Some(Overflow::RejectPublishDlx),
+            dead_letter_exchange: Some("dlx".into()),
+            dead_letter_routing_key: Some("dead".into()),
+            max_priority: Some(9),
+            single_active_consumer: true,
+            queue_type: Some(QueueType::Quorum),
+            raw: [("x-custom".to_string(), FieldValue::from("v"))].into(),
+        };
+        assert_eq!(QueueArguments::from_table(&a.to_table()).unwrap(), a);
+    }
+
+    #[test]
+    fn wrong_argument_types_are_refused_by_name() {
+        let t: FieldTable = [("x-message-ttl".to_string(), FieldValue::from("soon"))].into();
+        let e = QueueArguments::from_table(&t).unwrap_err();
+        assert!(matches!(&e, Error::PreconditionFailed(m) if m.contains("x-message-ttl")));
+        let t: FieldTable = [("x-overflow".to_string(), FieldValue::from("spill"))].into();
+        assert!(QueueArguments::from_table(&t).is_err());
+        let t: FieldTable = [("x-max-length".to_string(), FieldValue::I32(-1))].into();
+        assert!(QueueArguments::from_table(&t).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("queue", &"q".repeat(255)).is_ok());
+        assert!(validate_name("queue", &"q".repeat(256)).is_err());
+        assert!(validate_name("queue", "a\0b").is_err());
+        assert!(is_reserved_name("amq.gen-1"));
+        assert!(!is_reserved_name("amqx"));
+    }
+}

@@ -1,0 +1,1 @@
+//! In-process broker (placeholder while it is built).
