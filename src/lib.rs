@@ -30,6 +30,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
             let name = rest.trim_end_matches('/');
             Ok(Arc::new(local::LocalBroker::named(name).connect()))
         }
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(bus_amqp::AmqpConnection::connect(url).await?)),
+        #[cfg(not(feature = "amqp"))]
         "amqp" | "amqps" => Err(Error::NotSupported(format!(
             "the {scheme}:// transport is compiled out: enable the `amqp` feature of `bus`"
         ))),

@@ -27,13 +27,14 @@ pub enum Error {
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
 
-    /// The queue is exclusive to another connection, or held by an exclusive
-    /// consumer (AMQP `RESOURCE_LOCKED`, 405).
+    /// The queue is exclusive to another connection, or its exclusive flag
+    /// differs from the declaration (AMQP `RESOURCE_LOCKED`, 405).
     #[error("resource locked: {0}")]
     ResourceLocked(String),
 
-    /// The name is reserved (`amq.` prefix) or the credentials do not allow
-    /// the operation (AMQP `ACCESS_REFUSED`, 403).
+    /// The name is reserved (`amq.` prefix), the queue is in exclusive use
+    /// by a consumer, or the credentials do not allow the operation (AMQP
+    /// `ACCESS_REFUSED`, 403).
     #[error("access refused: {0}")]
     AccessRefused(String),
 

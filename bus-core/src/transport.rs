@@ -81,7 +81,7 @@ pub struct ConsumeOptions {
     pub prefetch: u16,
     /// Deliveries count as acked when sent; [`Delivery::ack`] is then a no-op.
     pub auto_ack: bool,
-    /// Be the queue's only consumer (`RESOURCE_LOCKED` if it has others).
+    /// Be the queue's only consumer (`ACCESS_REFUSED` if it has others).
     pub exclusive: bool,
     /// A tag to identify the consumer; generated when `None`.
     pub consumer_tag: Option<String>,
@@ -219,7 +219,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// `NotFound` for a missing queue; `ResourceLocked` for an exclusive
-    /// queue of another connection or a queue with an exclusive consumer.
+    /// queue of another connection; `AccessRefused` when the queue has an
+    /// exclusive consumer, or when an exclusive consumer is asked for and the
+    /// queue has consumers (RabbitMQ: "in exclusive use", 403).
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer>;
 
     /// Opens a private queue for replies, consumed with auto-ack.
@@ -481,8 +483,11 @@ impl Consumer {
     ///
     /// # Errors
     /// `Closed` or `ConnectionLost` if the connection is gone.
-    pub async fn cancel(&self) -> Result<()> {
-        self.control.cancel().await
+    // Not an `async fn`: its future must not borrow the consumer, whose
+    // stream is not `Sync`, so that a task cancelling it stays `Send`.
+    pub fn cancel(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let control = self.control.clone();
+        async move { control.cancel().await }
     }
 }
 

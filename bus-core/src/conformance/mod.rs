@@ -1,14 +1,44 @@
 //! The behaviour suite every transport must pass (`conformance` feature).
 //!
-//! Each case is a public async function taking a [`Harness`]; the
-//! [`conformance_tests!`](crate::conformance_tests) macro expands the suite
-//! into one `#[tokio::test]` per case for a transport.
+//! Each case is a public async function taking a [`Harness`] that panics with
+//! a message naming what went wrong; together they pin the behaviours of the
+//! library's message semantics (RabbitMQ 3.10 is the reference: every case
+//! holds on a real broker). The [`conformance_tests!`](crate::conformance_tests)
+//! macro expands the suite into one test per case for a transport:
+//!
+//! ```ignore
+//! // In a transport crate's tests/conformance.rs:
+//! bus_core::conformance_tests!(MyHarness::new(), #[tokio::test(start_paused = true)]);
+//! ```
+//!
+//! Every case works on fresh names ([`fresh_name`]) and deletes what it
+//! created when it passes, so cases can run concurrently against one broker.
+//! A case the transport cannot offer (its [`Capabilities`] say so) prints
+//! `not applicable: <case> on <transport>: <reason>` and returns.
+//!
+//! Cases never sleep in the hope that something has happened: they wait on
+//! the event itself under a bound ([`WAIT`]), or publish a marker
+//! behind what must not arrive and check that the marker comes first. Time
+//! based cases (TTL, expiry) use tokio's clock, so a paused clock runs them
+//! instantly and a real one in a fraction of a second.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::{Capabilities, Connection};
+
+pub mod dead_letter;
+pub mod delivery;
+pub mod lifetimes;
+pub mod properties;
+pub mod routing;
+pub mod rpc;
+pub mod topology;
+
+mod support;
+
+pub use support::WAIT;
 
 /// How the suite opens connections to the transport under test.
 #[async_trait]
@@ -21,6 +51,13 @@ pub trait Harness: Send + Sync + 'static {
     /// What the transport supports; cases it cannot pass are reported as not
     /// applicable by name.
     fn capabilities(&self) -> Capabilities;
+
+    /// A `user_id` property value the transport accepts from this harness's
+    /// connections. RabbitMQ refuses any but the connection's own user name;
+    /// the default is RabbitMQ's default user, `guest`.
+    fn user_id(&self) -> String {
+        "guest".to_owned()
+    }
 }
 
 /// A name no other test uses: `prefix` and a random suffix.
@@ -29,10 +66,188 @@ pub fn fresh_name(prefix: &str) -> String {
     format!("bus-test.{prefix}.{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Expands the conformance suite into one test per case for a transport.
+///
+/// `conformance_tests!(<harness expression>, <one or more attributes>)`
+/// generates, at the place it is invoked, one `async fn <case>()` per case of
+/// [`conformance`](crate::conformance) carrying the given attributes. Each
+/// test evaluates the harness expression afresh (a value implementing
+/// [`Harness`](crate::conformance::Harness)) and runs the case on it. The
+/// request/reply cases come along at the end.
+///
+/// The invoking crate needs `bus-core` with the `conformance` feature and
+/// whatever the attributes name (usually `tokio` with `macros` and `rt`).
+///
+/// ```ignore
+/// struct LocalHarness(bus_local::LocalBroker);
+/// // impl bus_core::conformance::Harness for LocalHarness { ... }
+///
+/// bus_core::conformance_tests!(
+///     LocalHarness(bus_local::LocalBroker::new()),
+///     #[tokio::test(start_paused = true)]
+/// );
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr, $(#[$meta:meta])+) => {
+        $crate::__conformance_cases!(
+            { $harness } [$(#[$meta])+]
+            // Topology
+            topology::predeclared_exchanges_exist,
+            topology::predeclared_exchanges_redeclare_with_their_settings,
+            topology::predeclared_exchanges_cannot_be_deleted,
+            topology::default_exchange_cannot_be_declared,
+            topology::default_exchange_cannot_be_deleted,
+            topology::default_exchange_cannot_be_bound,
+            topology::exchange_redeclare_same_settings_is_noop,
+            topology::exchange_redeclare_other_kind_fails,
+            topology::exchange_redeclare_other_durability_fails,
+            topology::queue_redeclare_same_settings_is_noop,
+            topology::queue_redeclare_other_settings_fails,
+            topology::passive_declare_missing_is_not_found,
+            topology::passive_declare_ignores_settings,
+            topology::server_named_queues_are_unique,
+            topology::reserved_names_are_refused,
+            topology::overlong_names_are_refused,
+            topology::wrong_argument_types_are_refused,
+            topology::bind_to_missing_queue_or_exchange_is_not_found,
+            topology::binding_twice_is_one_binding,
+            topology::unbind_stops_routing,
+            topology::unbind_of_missing_binding_succeeds,
+            topology::exchange_delete_removes_its_bindings,
+            topology::exchange_delete_if_unused,
+            topology::delete_of_missing_entities_succeeds,
+            topology::queue_delete_if_unused_and_if_empty,
+            topology::queue_delete_ends_its_consumers,
+            topology::purge_removes_ready_messages_only,
+            topology::counts_report_ready_messages_and_consumers,
+            topology::quorum_queues_are_durable_only,
+            // Routing
+            routing::default_exchange_routes_by_queue_name,
+            routing::direct_routes_on_exact_key,
+            routing::fanout_ignores_the_routing_key,
+            routing::topic_hash_matches_every_key,
+            routing::topic_hash_suffix_matches_zero_words,
+            routing::topic_hash_prefix_matches_zero_words,
+            routing::topic_star_matches_exactly_one_word,
+            routing::topic_empty_key,
+            routing::topic_empty_words,
+            routing::topic_double_hash,
+            routing::topic_many_patterns_against_many_keys,
+            routing::headers_all_needs_every_argument,
+            routing::headers_any_needs_one_argument,
+            routing::headers_ignore_x_arguments,
+            routing::headers_with_x_match_x_arguments,
+            routing::headers_value_types_must_match,
+            routing::headers_numbers_compare_by_value,
+            routing::headers_void_matches_presence,
+            routing::headers_ignore_the_routing_key,
+            routing::one_copy_per_queue,
+            routing::copies_are_independent,
+            routing::unroutable_is_dropped,
+            routing::mandatory_unroutable_is_returned,
+            routing::mandatory_routed_succeeds,
+            routing::publish_to_missing_exchange_is_not_found,
+            // Delivery
+            delivery::one_consumer_sees_publish_order,
+            delivery::delivery_reports_exchange_key_and_redelivery,
+            delivery::competing_consumers_share_a_queue,
+            delivery::prefetch_limits_unacked_deliveries,
+            delivery::prefetch_zero_is_unlimited,
+            delivery::ack_removes_the_message,
+            delivery::ack_multiple_settles_earlier_deliveries,
+            delivery::settling_twice_is_refused,
+            delivery::nack_requeue_returns_to_original_position,
+            delivery::nack_multiple_requeue_keeps_order,
+            delivery::reject_without_requeue_drops,
+            delivery::cancel_stops_deliveries_and_keeps_settling,
+            delivery::auto_ack_counts_as_acked,
+            delivery::exclusive_consumer_locks_the_queue,
+            delivery::priority_queue_orders_by_priority,
+            delivery::single_active_consumer_hands_over,
+            // Lifetimes and consumer loss
+            lifetimes::dropped_consumer_requeues_unacked,
+            lifetimes::closed_connection_requeues_unacked,
+            lifetimes::dropped_connection_requeues_unacked,
+            lifetimes::closed_connection_refuses_work,
+            lifetimes::exclusive_queue_is_locked_to_its_connection,
+            lifetimes::exclusive_queue_dies_with_its_connection,
+            lifetimes::auto_delete_queue_dies_with_its_last_consumer,
+            lifetimes::queue_expires_when_unused,
+            // Dead-lettering, TTL, max length
+            dead_letter::rejected_message_is_dead_lettered_with_x_death,
+            dead_letter::dead_letter_routing_key_replaces_the_key,
+            dead_letter::x_death_counts_repeated_deaths,
+            dead_letter::first_death_headers,
+            dead_letter::queue_ttl_expires_messages,
+            dead_letter::message_ttl_expires_messages,
+            dead_letter::expired_message_is_never_delivered,
+            dead_letter::max_length_drops_the_oldest,
+            dead_letter::max_length_bytes_drops_the_oldest,
+            dead_letter::max_length_dead_letters_the_oldest,
+            dead_letter::reject_publish_nacks_the_new_message,
+            dead_letter::reject_publish_dlx_nacks_and_dead_letters,
+            // Properties and bodies
+            properties::every_property_round_trips,
+            properties::every_header_type_round_trips,
+            properties::empty_body_round_trips,
+            properties::large_body_round_trips,
+            properties::persistent_message_in_durable_queue,
+            properties::invalid_expiration_is_refused,
+        );
+        $crate::__rpc_conformance_tests!($harness, $(#[$meta])+);
+    };
+}
+
+/// Generates one test per `module::case`; the recursion lets the attribute
+/// list be repeated for every case.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($harness:tt [$(#[$meta:meta])+] $(,)?) => {};
+    ($harness:tt [$(#[$meta:meta])+] $module:ident :: $case:ident $(, $($rest:tt)*)?) => {
+        $(#[$meta])+
+        async fn $case() {
+            let harness = $harness;
+            $crate::conformance::$module::$case(&harness).await;
+        }
+        $crate::__conformance_cases!($harness [$(#[$meta])+] $($($rest)*)?);
+    };
+}
+
 /// Expands the request/reply cases of the suite; called by
 /// [`conformance_tests!`](crate::conformance_tests) with the same arguments.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __rpc_conformance_tests {
-    ($harness:expr, $(#[$meta:meta])+) => {};
+    (@cases $harness:tt [$(#[$meta:meta])+] $(,)?) => {};
+    (@cases $harness:tt [$(#[$meta:meta])+] $test:ident => $case:ident $(, $($rest:tt)*)?) => {
+        $(#[$meta])+
+        async fn $test() {
+            let harness = $harness;
+            $crate::conformance::rpc::$case(&harness).await;
+        }
+        $crate::__rpc_conformance_tests!(@cases $harness [$(#[$meta])+] $($($rest)*)?);
+    };
+    ($harness:expr, $(#[$meta:meta])+) => {
+        $crate::__rpc_conformance_tests!(
+            @cases { $harness } [$(#[$meta])+]
+            rpc_round_trip => round_trip,
+            rpc_concurrent_calls_are_matched => concurrent_calls_are_matched,
+            rpc_timeout_at_configured_time => timeout_at_configured_time,
+            rpc_late_reply_is_dropped_and_counted => late_reply_is_dropped_and_counted,
+            rpc_remote_error => remote_error,
+            rpc_error_reply_is_readable_by_legacy_clients => error_reply_is_readable_by_legacy_clients,
+            rpc_undecodable_request => undecodable_request,
+            rpc_server_killed_mid_request_is_served_by_another => server_killed_mid_request_is_served_by_another,
+            rpc_two_servers_share_the_load => two_servers_share_the_load,
+            rpc_no_server_is_unroutable => no_server_is_unroutable,
+            rpc_connection_lost_fails_calls_in_flight => connection_lost_fails_calls_in_flight,
+            rpc_graceful_shutdown_finishes_in_flight => graceful_shutdown_finishes_in_flight,
+            rpc_request_without_reply_to_is_handled => request_without_reply_to_is_handled,
+            rpc_legacy_server_is_callable => legacy_server_is_callable,
+            rpc_legacy_client_is_served => legacy_client_is_served,
+            rpc_blocking_client_and_server => blocking_client_and_server,
+        );
+    };
 }

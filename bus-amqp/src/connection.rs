@@ -1,0 +1,847 @@
+//! [`AmqpConnection`]: the bus transport contract on one RabbitMQ
+//! connection, with its channels and its recovery.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{
+    classic_reply_queue, is_reserved_name, validate_name, Capabilities, ConsumeOptions,
+    Connection, Consumer, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
+    Message, PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
+};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use tokio::sync::{broadcast, watch, Notify};
+
+use crate::consume::{self, ConsumerSpec, DIRECT_REPLY_TO};
+use crate::convert::{broker_close, is_connection_error, map_error, short, table_to_amqp};
+use crate::events::RecoveryEvent;
+use crate::journal::{BindingRecord, Journal};
+use crate::link::{connect_any, Link, LinkState};
+use crate::options::{AmqpOptions, ReplyMode};
+use crate::publish::{publish_via, ChannelSource, LinkedChannel, ReplyPublisher};
+use crate::url::AmqpUrl;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What every handle of one connection shares: the link, the topology
+/// journal, the topology and publisher channels, the events.
+pub(crate) struct Shared {
+    pub(crate) url: AmqpUrl,
+    pub(crate) options: AmqpOptions,
+    state: watch::Sender<LinkState>,
+    events: broadcast::Sender<RecoveryEvent>,
+    journal: Mutex<Journal>,
+    /// The channel topology operations run on, one at a time, so that a
+    /// request the broker refuses (and closes the channel for) fails alone.
+    topology: tokio::sync::Mutex<LinkedChannel>,
+    publisher: ChannelSource,
+    /// Exchanges seen to exist on the current link (by generation), so that
+    /// a publish to a missing one is caught by a passive declare on the
+    /// topology channel instead of closing the publisher channel under
+    /// every other publish in flight.
+    known_exchanges: Mutex<(u64, HashSet<String>)>,
+    /// Wakes the supervisor to check the link now.
+    poke: Arc<Notify>,
+}
+
+impl Shared {
+    /// The current link, waiting up to `recovery_wait` while one is being
+    /// re-established.
+    pub(crate) async fn link(&self) -> Result<Link> {
+        let wait = self.options.recovery_wait;
+        match tokio::time::timeout(wait, self.link_at_least(0)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let reason = match &*self.state.borrow() {
+                    LinkState::Down { reason } => reason.clone(),
+                    _ => "unknown".into(),
+                };
+                Err(Error::ConnectionLost(format!(
+                    "the connection to {} was lost ({reason}) and is not back after {wait:?}",
+                    self.url.redacted()
+                )))
+            }
+        }
+    }
+
+    /// The first link of at least this generation, however long it takes;
+    /// an error once the connection is closed for good.
+    pub(crate) async fn link_at_least(&self, generation: u64) -> Result<Link> {
+        let mut rx = self.state.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                LinkState::Up(link) if link.generation >= generation => return Ok(link.clone()),
+                LinkState::Closed { .. } => return Err(self.closed_error()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Closed("the connection is gone".into()));
+            }
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(&*self.state.borrow(), LinkState::Closed { .. })
+    }
+
+    pub(crate) fn closed_error(&self) -> Error {
+        match &*self.state.borrow() {
+            LinkState::Closed {
+                by_user: false,
+                reason,
+            } => Error::ConnectionLost(format!("gave up reconnecting: {reason}")),
+            _ => Error::Closed("the connection was closed by the application".into()),
+        }
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(self.closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Maps a lapin error, and has the supervisor look at the link when the
+    /// error says the connection is gone.
+    pub(crate) fn fail(&self, e: &lapin::Error) -> Error {
+        if is_connection_error(e) {
+            self.poke();
+        }
+        if self.is_closed() && !matches!(broker_close(e), Some(c) if !c.hard) {
+            return self.closed_error();
+        }
+        map_error(e)
+    }
+
+    pub(crate) fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    pub(crate) fn emit(&self, event: RecoveryEvent) {
+        tracing::info!(?event, "amqp recovery");
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn resolve_queue(&self, name: &str) -> String {
+        lock(&self.journal).resolve(name)
+    }
+
+    pub(crate) fn queue_is_exclusive(&self, name: &str) -> bool {
+        let journal = lock(&self.journal);
+        journal
+            .queues
+            .get(name)
+            .or_else(|| journal.queues.values().find(|q| q.current == name))
+            .is_some_and(|q| q.options.exclusive)
+    }
+
+    fn exchange_known(&self, generation: u64, name: &str) -> bool {
+        let known = lock(&self.known_exchanges);
+        known.0 == generation && known.1.contains(name)
+    }
+
+    fn remember_exchange(&self, generation: u64, name: &str) {
+        let mut known = lock(&self.known_exchanges);
+        if known.0 != generation {
+            *known = (generation, HashSet::new());
+        }
+        known.1.insert(name.to_owned());
+    }
+
+    pub(crate) fn forget_known_exchange(&self, name: &str) {
+        lock(&self.known_exchanges).1.remove(name);
+    }
+
+    /// `NotFound` when a publish would go to an exchange that does not
+    /// exist, found out without risking the publisher channel.
+    pub(crate) async fn ensure_exchange_exists(&self, name: &str) -> Result<()> {
+        if name.is_empty() || is_reserved_name(name) {
+            return Ok(());
+        }
+        let link = self.link().await?;
+        if self.exchange_known(link.generation, name) {
+            return Ok(());
+        }
+        let exchange = short("exchange name", name)?;
+        self.topology_op(move |ch| async move {
+            ch.exchange_declare(
+                exchange,
+                lapin::ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+        })
+        .await?;
+        self.remember_exchange(link.generation, name);
+        Ok(())
+    }
+
+    /// Runs one operation on the topology channel, opening it (again) when
+    /// needed. Operations run one at a time, so the broker's refusal of
+    /// one (which closes the channel) is that operation's error alone.
+    async fn topology_op<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(lapin::Channel) -> Fut,
+        Fut: Future<Output = lapin::Result<T>>,
+    {
+        self.check_open()?;
+        let link = self.link().await?;
+        let mut slot = self.topology.lock().await;
+        let channel = match &*slot {
+            Some((generation, ch)) if *generation == link.generation && ch.status().connected() => {
+                ch.clone()
+            }
+            _ => {
+                let ch = link.conn.create_channel().await.map_err(|e| self.fail(&e))?;
+                *slot = Some((link.generation, ch.clone()));
+                ch
+            }
+        };
+        match op(channel).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if broker_close(&e).is_some() || is_connection_error(&e) {
+                    *slot = None;
+                }
+                Err(self.fail(&e))
+            }
+        }
+    }
+
+    /// Declares the journal's topology again on a new link. Server-named
+    /// queues get new names, recorded in the journal. Fails only when the
+    /// link itself fails.
+    async fn recover_topology(&self, link: &Link) -> Result<()> {
+        let journal = lock(&self.journal).clone();
+        let mut channel: Option<lapin::Channel> = None;
+        macro_rules! channel {
+            () => {{
+                match &channel {
+                    Some(ch) if ch.status().connected() => ch.clone(),
+                    _ => {
+                        let ch = link.conn.create_channel().await.map_err(|e| map_error(&e))?;
+                        channel = Some(ch.clone());
+                        ch
+                    }
+                }
+            }};
+        }
+        let report = |what: String, e: &lapin::Error| -> Result<()> {
+            if is_connection_error(e) {
+                return Err(map_error(e));
+            }
+            tracing::warn!(%what, error = %e, "could not declare again after reconnecting");
+            self.emit(RecoveryEvent::TopologyRecoveryFailed {
+                what,
+                error: map_error(e).to_string(),
+            });
+            Ok(())
+        };
+        for (name, (kind, options)) in &journal.exchanges {
+            let ch = channel!();
+            let r = ch
+                .exchange_declare(
+                    short("exchange name", name)?,
+                    lapin_kind(*kind),
+                    ExchangeDeclareOptions {
+                        passive: false,
+                        durable: options.durable,
+                        auto_delete: options.auto_delete,
+                        internal: options.internal,
+                        nowait: false,
+                    },
+                    table_to_amqp(&options.arguments)?,
+                )
+                .await;
+            if let Err(e) = r {
+                report(format!("exchange {name:?}"), &e)?;
+            }
+        }
+        let mut renames = Vec::new();
+        for (handle, q) in &journal.queues {
+            let ch = channel!();
+            let requested = if q.server_named { "" } else { handle.as_str() };
+            let r = ch
+                .queue_declare(
+                    short("queue name", requested)?,
+                    queue_declare_options(&q.options),
+                    table_to_amqp(&q.options.arguments.to_table())?,
+                )
+                .await;
+            match r {
+                Ok(declared) if q.server_named => {
+                    renames.push((handle.clone(), declared.name().as_str().to_owned()));
+                }
+                Ok(_) => {}
+                Err(e) => report(format!("queue {handle:?}"), &e)?,
+            }
+        }
+        {
+            let mut j = lock(&self.journal);
+            for (handle, new) in &renames {
+                j.rename(handle, new);
+            }
+        }
+        for (old, new) in renames {
+            self.emit(RecoveryEvent::QueueRenamed { old, new });
+        }
+        for b in &journal.bindings {
+            let ch = channel!();
+            let queue = self.resolve_queue(&b.queue);
+            let r = ch
+                .queue_bind(
+                    short("queue name", &queue)?,
+                    short("exchange name", &b.exchange)?,
+                    short("routing key", &b.routing_key)?,
+                    QueueBindOptions::default(),
+                    table_to_amqp(&b.arguments)?,
+                )
+                .await;
+            if let Err(e) = r {
+                report(
+                    format!(
+                        "binding of queue {:?} to exchange {:?} with key {:?}",
+                        b.queue, b.exchange, b.routing_key
+                    ),
+                    &e,
+                )?;
+            }
+        }
+        if let Some(ch) = channel {
+            if ch.status().connected() {
+                let _ = ch.close(200, "topology recovered".into()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+    }
+}
+
+fn queue_declare_options(o: &QueueOptions) -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: o.passive,
+        durable: o.durable,
+        exclusive: o.exclusive,
+        auto_delete: o.auto_delete,
+        nowait: false,
+    }
+}
+
+/// A small random fraction, for jitter, without a random-number crate.
+fn jitter(d: Duration) -> Duration {
+    let r = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+    d + d.mul_f64(f64::from(r) / 4000.0)
+}
+
+/// Watches the link and re-establishes it when it is lost.
+async fn supervise(
+    weak: Weak<Shared>,
+    poke: Arc<Notify>,
+    mut status: lapin::ConnectionStatus,
+    mut events: BoxStream<'static, lapin::Event>,
+    mut generation: u64,
+) {
+    loop {
+        // Wait for the link to fail (or for the connection to go away).
+        let reason = loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) if !status.connected() => break e.to_string(),
+                    Some(_) => {}
+                    None => {
+                        if !status.connected() {
+                            break "the connection ended".to_owned();
+                        }
+                        // The event stream is gone: fall back to polling.
+                        events = Box::pin(futures::stream::pending());
+                    }
+                },
+                () = poke.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.is_closed() {
+                return;
+            }
+            if !status.connected() {
+                break "the connection is no longer open".to_owned();
+            }
+        };
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.is_closed() {
+            return;
+        }
+        tracing::warn!(%reason, "connection to the broker lost; reconnecting");
+        shared.state.send_replace(LinkState::Down {
+            reason: reason.clone(),
+        });
+        shared.emit(RecoveryEvent::Disconnected {
+            reason: reason.clone(),
+        });
+        let policy = shared.options.reconnect.clone();
+        drop(shared);
+        let mut attempt = 0u32;
+        let mut last_error = reason;
+        loop {
+            if policy.max_attempts.is_some_and(|max| attempt >= max) {
+                let Some(shared) = weak.upgrade() else { return };
+                tracing::error!(reason = %last_error, "gave up reconnecting to the broker");
+                shared.state.send_replace(LinkState::Closed {
+                    by_user: false,
+                    reason: last_error.clone(),
+                });
+                shared.emit(RecoveryEvent::GaveUp { reason: last_error });
+                return;
+            }
+            let delay = jitter(policy.delay(attempt));
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.is_closed() {
+                return;
+            }
+            let attempt_result = async {
+                let (link, new_events) =
+                    connect_any(&shared.url, &shared.options, generation + 1).await?;
+                shared.recover_topology(&link).await?;
+                Ok::<_, Error>((link, new_events))
+            }
+            .await;
+            match attempt_result {
+                Ok((link, new_events)) => {
+                    generation = link.generation;
+                    status = link.conn.status().clone();
+                    events = new_events;
+                    let host = link.host.to_string();
+                    if shared.is_closed() {
+                        let _ = link.conn.close(200, "closed by the application".into()).await;
+                        return;
+                    }
+                    shared.state.send_replace(LinkState::Up(link));
+                    shared.emit(RecoveryEvent::Reconnected { host, generation });
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    last_error = e.to_string();
+                    let retry_in = policy.delay(attempt);
+                    tracing::warn!(attempt, error = %e, ?retry_in, "reconnection failed");
+                    shared.emit(RecoveryEvent::ReconnectFailed {
+                        attempt,
+                        error: last_error.clone(),
+                        retry_in,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A connection to RabbitMQ (or any AMQP 0-9-1 broker) implementing the bus
+/// transport contract. See the crate documentation for the channel model
+/// and what recovery does.
+///
+/// Cheap to share as `Arc<AmqpConnection>` or `Arc<dyn Connection>`.
+pub struct AmqpConnection {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AmqpConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &*self.shared.state.borrow() {
+            LinkState::Up(link) => format!("connected to {} (link {})", link.host, link.generation),
+            LinkState::Down { .. } => "reconnecting".to_owned(),
+            LinkState::Closed { .. } => "closed".to_owned(),
+        };
+        f.debug_struct("AmqpConnection")
+            .field("url", &self.shared.url.redacted())
+            .field("name", &self.shared.options.connection_name)
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl AmqpConnection {
+    /// Connects with default [`AmqpOptions`].
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a malformed URL; `AccessRefused` for refused
+    /// credentials; `NotFound` for a missing virtual host; `ConnectionLost`
+    /// when no node answers. Messages never show the credentials.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, AmqpOptions::default()).await
+    }
+
+    /// Connects with these options; `options.hosts` are tried after the
+    /// URL's own hosts.
+    ///
+    /// # Errors
+    /// As [`AmqpConnection::connect`].
+    pub async fn connect_with(url: &str, options: AmqpOptions) -> Result<Self> {
+        let url = AmqpUrl::parse(url)?;
+        Self::connect_url(url, options).await
+    }
+
+    /// Connects to a parsed URL.
+    ///
+    /// # Errors
+    /// As [`AmqpConnection::connect`].
+    pub async fn connect_url(mut url: AmqpUrl, options: AmqpOptions) -> Result<Self> {
+        for h in &options.hosts {
+            if !url.hosts.contains(h) {
+                url.hosts.push(h.clone());
+            }
+        }
+        let (link, events) = connect_any(&url, &options, 1).await?;
+        let status = link.conn.status().clone();
+        let (state, _) = watch::channel(LinkState::Up(link));
+        let (events_tx, _) = broadcast::channel(1024);
+        let poke = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            url,
+            options,
+            state,
+            events: events_tx,
+            journal: Mutex::new(Journal::default()),
+            topology: tokio::sync::Mutex::new(None),
+            publisher: ChannelSource::Own(tokio::sync::Mutex::new(None)),
+            known_exchanges: Mutex::new((0, HashSet::new())),
+            poke: poke.clone(),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
+        Ok(AmqpConnection { shared })
+    }
+
+    /// Recovery events from now on. A receiver that falls more than 1024
+    /// events behind loses the oldest (see [`broadcast::Receiver`]).
+    #[must_use]
+    pub fn events(&self) -> broadcast::Receiver<RecoveryEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The node currently connected to (`host:port`), `None` while
+    /// reconnecting or once closed.
+    #[must_use]
+    pub fn current_host(&self) -> Option<String> {
+        match &*self.shared.state.borrow() {
+            LinkState::Up(link) => Some(link.host.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Counts links: 1 for the first connection, +1 for each recovery.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        match &*self.shared.state.borrow() {
+            LinkState::Up(link) => link.generation,
+            _ => 0,
+        }
+    }
+
+    /// The URL connected to, credentials hidden.
+    #[must_use]
+    pub fn redacted_url(&self) -> String {
+        self.shared.url.redacted()
+    }
+
+    /// The options in force.
+    #[must_use]
+    pub fn options(&self) -> &AmqpOptions {
+        &self.shared.options
+    }
+
+    /// The current name of a queue the application knows as `name`: the
+    /// same name, except for a server-named queue declared by this
+    /// connection and declared again (with a new name) by a recovery.
+    #[must_use]
+    pub fn current_queue_name(&self, name: &str) -> String {
+        self.shared.resolve_queue(name)
+    }
+}
+
+#[async_trait]
+impl Connection for AmqpConnection {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "amqp",
+            exclusive_queues: true,
+            auto_delete_queues: true,
+            server_named_queues: true,
+            headers_exchange: true,
+            message_ttl: true,
+            queue_expiry: true,
+            max_length: true,
+            dead_lettering: true,
+            priorities: true,
+            single_active_consumer: true,
+            mandatory: true,
+            durability: true,
+            cross_process: true,
+            quorum_queues: true,
+            direct_reply: self.shared.options.reply_mode == ReplyMode::Direct,
+            exact_counts: true,
+        }
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) -> Result<()> {
+        validate_name("exchange", name)?;
+        let exchange = short("exchange name", name)?;
+        let arguments = table_to_amqp(&options.arguments)?;
+        let declare = ExchangeDeclareOptions {
+            passive: options.passive,
+            durable: options.durable,
+            auto_delete: options.auto_delete,
+            internal: options.internal,
+            nowait: false,
+        };
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.exchange_declare(exchange, lapin_kind(kind), declare, arguments)
+                    .await
+            })
+            .await?;
+        if !options.passive {
+            lock(&self.shared.journal).record_exchange(name, kind, options);
+        }
+        Ok(())
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        validate_name("exchange", name)?;
+        let exchange = short("exchange name", name)?;
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.exchange_delete(
+                    exchange,
+                    ExchangeDeleteOptions {
+                        if_unused,
+                        nowait: false,
+                    },
+                )
+                .await
+            })
+            .await?;
+        lock(&self.shared.journal).forget_exchange(name);
+        self.shared.forget_known_exchange(name);
+        Ok(())
+    }
+
+    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        validate_name("queue", name)?;
+        let current = self.shared.resolve_queue(name);
+        let queue = short("queue name", &current)?;
+        let arguments = table_to_amqp(&options.arguments.to_table())?;
+        let declare = queue_declare_options(&options);
+        let declared = self
+            .shared
+            .topology_op(move |ch| async move { ch.queue_declare(queue, declare, arguments).await })
+            .await?;
+        let actual = declared.name().as_str().to_owned();
+        if !options.passive {
+            lock(&self.shared.journal).record_queue(name, &actual, options);
+        }
+        Ok(QueueInfo {
+            name: if name.is_empty() {
+                actual
+            } else {
+                name.to_owned()
+            },
+            message_count: declared.message_count(),
+            consumer_count: declared.consumer_count(),
+        })
+    }
+
+    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        validate_name("queue", name)?;
+        let queue = short("queue name", &self.shared.resolve_queue(name))?;
+        let count = self
+            .shared
+            .topology_op(move |ch| async move {
+                ch.queue_delete(
+                    queue,
+                    QueueDeleteOptions {
+                        if_unused: options.if_unused,
+                        if_empty: options.if_empty,
+                        nowait: false,
+                    },
+                )
+                .await
+            })
+            .await?;
+        lock(&self.shared.journal).forget_queue(name);
+        Ok(count)
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u32> {
+        validate_name("queue", name)?;
+        let queue = short("queue name", &self.shared.resolve_queue(name))?;
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.queue_purge(queue, QueuePurgeOptions::default()).await
+            })
+            .await
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("queue", queue)?;
+        validate_name("exchange", exchange)?;
+        let q = short("queue name", &self.shared.resolve_queue(queue))?;
+        let x = short("exchange name", exchange)?;
+        let k = short("routing key", routing_key)?;
+        let args = table_to_amqp(&arguments)?;
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.queue_bind(q, x, k, QueueBindOptions::default(), args).await
+            })
+            .await?;
+        lock(&self.shared.journal).record_binding(BindingRecord {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        });
+        Ok(())
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("queue", queue)?;
+        validate_name("exchange", exchange)?;
+        let q = short("queue name", &self.shared.resolve_queue(queue))?;
+        let x = short("exchange name", exchange)?;
+        let k = short("routing key", routing_key)?;
+        let args = table_to_amqp(&arguments)?;
+        self.shared
+            .topology_op(move |ch| async move { ch.queue_unbind(q, x, k, args).await })
+            .await?;
+        lock(&self.shared.journal).forget_binding(&BindingRecord {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        });
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        options: PublishOptions,
+    ) -> Result<()> {
+        publish_via(
+            &self.shared,
+            &self.shared.publisher,
+            exchange,
+            routing_key,
+            message,
+            options,
+        )
+        .await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
+        self.shared.check_open()?;
+        validate_name("queue", queue)?;
+        let tag = options
+            .consumer_tag
+            .clone()
+            .unwrap_or_else(|| format!("bus-amqp.{}", uuid::Uuid::new_v4().simple()));
+        consume::start(
+            self.shared.clone(),
+            ConsumerSpec {
+                queue: queue.to_owned(),
+                tag,
+                options,
+                reply_slot: None,
+            },
+        )
+        .await
+    }
+
+    async fn reply_queue(&self) -> Result<ReplyQueue> {
+        self.shared.check_open()?;
+        if self.shared.options.reply_mode == ReplyMode::Classic {
+            return classic_reply_queue(self).await;
+        }
+        let (slot_tx, slot_rx) = watch::channel(None);
+        let consumer = consume::start(
+            self.shared.clone(),
+            ConsumerSpec {
+                queue: DIRECT_REPLY_TO.to_owned(),
+                tag: format!("bus-amqp.reply.{}", uuid::Uuid::new_v4().simple()),
+                options: ConsumeOptions::auto_ack(),
+                reply_slot: Some(slot_tx),
+            },
+        )
+        .await?;
+        Ok(ReplyQueue {
+            address: DIRECT_REPLY_TO.to_owned(),
+            consumer,
+            publisher: Some(Arc::new(ReplyPublisher {
+                shared: self.shared.clone(),
+                source: ChannelSource::Reply(slot_rx),
+            })),
+        })
+    }
+
+    async fn close(&self) -> Result<()> {
+        let previous = self.shared.state.send_replace(LinkState::Closed {
+            by_user: true,
+            reason: "closed by the application".into(),
+        });
+        self.shared.poke();
+        if let LinkState::Up(link) = previous {
+            if let Err(e) = link.conn.close(200, "closed by the application".into()).await {
+                tracing::debug!(error = %e, "closing the connection");
+            }
+        }
+        Ok(())
+    }
+
+    fn is_open(&self) -> bool {
+        !self.shared.is_closed()
+    }
+}

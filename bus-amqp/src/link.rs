@@ -1,0 +1,184 @@
+//! One live lapin connection to one node ("a link"), and how it is opened.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bus_core::{Error, Result};
+use lapin::auth::AuthProvider;
+use lapin::types::{LongString, ShortString};
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{ConnectionProperties, Event};
+
+use crate::convert::{broker_close, error_from_code};
+use crate::options::AmqpOptions;
+use crate::url::{AmqpUrl, BrokerHost};
+
+/// A connected lapin connection. A new one (with the next generation) is
+/// made by each recovery; channels are tied to the link they were opened
+/// on.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) generation: u64,
+    pub(crate) conn: Arc<lapin::Connection>,
+    pub(crate) host: BrokerHost,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("generation", &self.generation)
+            .field("host", &self.host.to_string())
+            .finish()
+    }
+}
+
+/// Where the connection stands.
+#[derive(Clone, Debug)]
+pub(crate) enum LinkState {
+    Up(Link),
+    /// Lost; recovery is under way.
+    Down { reason: String },
+    /// Closed by the application (`by_user`) or given up on.
+    Closed { by_user: bool, reason: String },
+}
+
+/// SASL PLAIN with credentials that live only here, so that they never go
+/// into the URI lapin logs at trace level.
+struct PlainAuth {
+    username: String,
+    password: String,
+}
+
+impl AuthProvider for PlainAuth {
+    fn mechanism(&self) -> ShortString {
+        "PLAIN".into()
+    }
+
+    fn auth_starter(&self) -> std::result::Result<LongString, String> {
+        let mut s = Vec::with_capacity(self.username.len() + self.password.len() + 2);
+        s.push(0);
+        s.extend_from_slice(self.username.as_bytes());
+        s.push(0);
+        s.extend_from_slice(self.password.as_bytes());
+        Ok(LongString::from(s))
+    }
+}
+
+/// Opens a link to the first node that answers, trying them in order.
+///
+/// Returns the link and a listener of its events, made before anything can
+/// happen on it so that no error goes unseen.
+pub(crate) async fn connect_any(
+    url: &AmqpUrl,
+    options: &AmqpOptions,
+    generation: u64,
+) -> Result<(Link, futures::stream::BoxStream<'static, Event>)> {
+    let mut failures = Vec::new();
+    let mut last = None;
+    for host in &url.hosts {
+        match tokio::time::timeout(options.connect_timeout, connect_one(url, options, host)).await
+        {
+            Ok(Ok(conn)) => {
+                let events = Box::pin(conn.events_listener());
+                tracing::info!(host = %host, generation, "connected to the broker");
+                return Ok((
+                    Link {
+                        generation,
+                        conn: Arc::new(conn),
+                        host: host.clone(),
+                    },
+                    events,
+                ));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(host = %host, error = %e, "could not connect");
+                failures.push(format!("{host}: {e}"));
+                last = Some(e);
+            }
+            Err(_) => {
+                let e = Error::Timeout(options.connect_timeout);
+                failures.push(format!("{host}: no answer within {:?}", options.connect_timeout));
+                last = Some(e);
+            }
+        }
+    }
+    let all = failures.join("; ");
+    Err(match last {
+        // One node refused the credentials or the virtual host: that is what
+        // the caller must hear about, not "connection refused".
+        Some(Error::AccessRefused(_)) if url.hosts.len() == 1 => {
+            Error::AccessRefused(format!("{}: {all}", url.redacted()))
+        }
+        Some(Error::NotFound(_)) if url.hosts.len() == 1 => {
+            Error::NotFound(format!("{}: {all}", url.redacted()))
+        }
+        _ => Error::ConnectionLost(format!(
+            "could not connect to any node of {}: {all}",
+            url.redacted()
+        )),
+    })
+}
+
+async fn connect_one(url: &AmqpUrl, options: &AmqpOptions, host: &BrokerHost) -> Result<lapin::Connection> {
+    let heartbeat = url
+        .heartbeat
+        .unwrap_or_else(|| u16::try_from(options.heartbeat.as_secs()).unwrap_or(u16::MAX));
+    let uri = AMQPUri {
+        scheme: if url.tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: String::new(),
+                password: String::new(),
+            },
+            host: host.host.clone(),
+            port: host.port,
+        },
+        vhost: url.vhost.clone(),
+        query: AMQPQueryString {
+            frame_max: url.frame_max,
+            channel_max: url.channel_max,
+            heartbeat: Some(heartbeat),
+            connection_timeout: Some(
+                url.connection_timeout
+                    .unwrap_or(options.connect_timeout)
+                    .as_millis()
+                    .min(u128::from(u64::MAX)) as u64,
+            ),
+            auth_mechanism: None,
+        },
+    };
+    let mut props = ConnectionProperties::default().with_auth_provider(PlainAuth {
+        username: url.username.clone(),
+        password: url.password.clone(),
+    });
+    if let Some(name) = &options.connection_name {
+        props = props.with_connection_name(LongString::from(name.as_bytes()));
+    }
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: options.tls_ca_pem.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| {
+        Error::NotSupported(format!(
+            "the AMQP transport needs a tokio runtime: {e}"
+        ))
+    })?;
+    lapin::Connection::connect_uri_with_config(uri, props, tls, runtime)
+        .await
+        .map_err(|e| match broker_close(&e) {
+            // 530 NOT_ALLOWED is how RabbitMQ refuses a missing virtual host.
+            Some(c) if c.code == 530 => Error::NotFound(format!(
+                "virtual host {:?}: {}",
+                url.vhost, c.text
+            )),
+            Some(c) => error_from_code(c.code, c.text),
+            None => match e.kind() {
+                lapin::ErrorKind::IOError(io) => Error::ConnectionLost(io.to_string()),
+                _ => Error::ConnectionLost(e.to_string()),
+            },
+        })
+}

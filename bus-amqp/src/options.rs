@@ -1,0 +1,216 @@
+//! How an [`AmqpConnection`](crate::AmqpConnection) connects, replies and
+//! recovers.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::url::BrokerHost;
+
+/// How [`reply_queue`](bus_core::Connection::reply_queue) receives replies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyMode {
+    /// RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): no queue is
+    /// declared, replies go straight to the requesting channel. The fast
+    /// path, and what a legacy Python server answers without knowing.
+    #[default]
+    Direct,
+    /// A server-named exclusive queue consumed with auto-ack, exactly as the
+    /// legacy Python clients declare theirs.
+    Classic,
+}
+
+/// Delays between reconnection attempts: exponential from `initial`, doubled
+/// each time up to `max`, with up to 25 % of random jitter so that many
+/// clients of one broker do not all come back at the same instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// Delay before the second attempt (the first is immediate).
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    pub max: Duration,
+    /// Give up after this many failed attempts in a row; `None` never gives
+    /// up. Once given up, the connection is closed and every operation fails
+    /// with `ConnectionLost`.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            max_attempts: None,
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// Never reconnect: a lost connection is closed for good.
+    #[must_use]
+    pub fn disabled() -> Self {
+        ReconnectPolicy {
+            max_attempts: Some(0),
+            ..Self::default()
+        }
+    }
+
+    /// The delay before attempt `n` (0-based; attempt 0 has none), without
+    /// jitter.
+    #[must_use]
+    pub fn delay(&self, attempt: u32) -> Duration {
+        if attempt == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Options of an [`AmqpConnection`](crate::AmqpConnection), built from
+/// [`Default`] with `#[must_use]` `with_*` methods.
+///
+/// ```
+/// use std::time::Duration;
+/// use bus_amqp::{AmqpOptions, ReconnectPolicy, ReplyMode};
+///
+/// let options = AmqpOptions::default()
+///     .with_connection_name("billing-worker")
+///     .with_reply_mode(ReplyMode::Classic)
+///     .with_hosts([("rabbit-2", 5672), ("rabbit-3", 5672)])
+///     .with_reconnect(ReconnectPolicy {
+///         initial: Duration::from_millis(50),
+///         max: Duration::from_secs(5),
+///         max_attempts: None,
+///     });
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpOptions {
+    /// Shown by RabbitMQ (`rabbitmqctl list_connections name
+    /// client_properties`, the management UI) as the connection's name.
+    pub connection_name: Option<String>,
+    /// How replies are received.
+    pub reply_mode: ReplyMode,
+    /// How a lost connection is re-established.
+    pub reconnect: ReconnectPolicy,
+    /// Cluster nodes tried after the URL's own hosts, in order.
+    pub hosts: Vec<BrokerHost>,
+    /// How long an operation started while the connection is being
+    /// re-established waits for it before failing with `ConnectionLost`.
+    pub recovery_wait: Duration,
+    /// Heartbeat interval to ask for; the URL's `heartbeat=` wins. A dead
+    /// peer behind a silent network is noticed after about two intervals.
+    pub heartbeat: Duration,
+    /// Time allowed to open one TCP connection and finish the AMQP
+    /// handshake with one node before trying the next.
+    pub connect_timeout: Duration,
+    /// Extra certificate authorities, PEM, trusted for `amqps://` besides
+    /// the bundled web roots (for a broker with a private CA).
+    pub tls_ca_pem: Option<String>,
+}
+
+impl Default for AmqpOptions {
+    fn default() -> Self {
+        AmqpOptions {
+            connection_name: None,
+            reply_mode: ReplyMode::Direct,
+            reconnect: ReconnectPolicy::default(),
+            hosts: Vec::new(),
+            recovery_wait: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            tls_ca_pem: None,
+        }
+    }
+}
+
+impl fmt::Debug for AmqpOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpOptions")
+            .field("connection_name", &self.connection_name)
+            .field("reply_mode", &self.reply_mode)
+            .field("reconnect", &self.reconnect)
+            .field("hosts", &self.hosts)
+            .field("recovery_wait", &self.recovery_wait)
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<pem>"))
+            .finish()
+    }
+}
+
+impl AmqpOptions {
+    /// Sets the connection name RabbitMQ shows.
+    #[must_use]
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Sets how replies are received.
+    #[must_use]
+    pub fn with_reply_mode(mut self, mode: ReplyMode) -> Self {
+        self.reply_mode = mode;
+        self
+    }
+
+    /// Sets the reconnection policy.
+    #[must_use]
+    pub fn with_reconnect(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Adds cluster nodes to try after the URL's hosts.
+    #[must_use]
+    pub fn with_hosts<H: Into<String>>(mut self, hosts: impl IntoIterator<Item = (H, u16)>) -> Self {
+        self.hosts
+            .extend(hosts.into_iter().map(|(h, p)| BrokerHost::new(h, p)));
+        self
+    }
+
+    /// Sets how long operations wait for a reconnection.
+    #[must_use]
+    pub fn with_recovery_wait(mut self, wait: Duration) -> Self {
+        self.recovery_wait = wait;
+        self
+    }
+
+    /// Sets the heartbeat interval asked for (rounded to whole seconds;
+    /// zero disables heartbeats).
+    #[must_use]
+    pub fn with_heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// Sets the time allowed to connect to one node.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Trusts these PEM certificate authorities for `amqps://`.
+    #[must_use]
+    pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let p = ReconnectPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            max_attempts: None,
+        };
+        let d: Vec<u128> = (0..7).map(|n| p.delay(n).as_millis()).collect();
+        assert_eq!(d, vec![0, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.delay(u32::MAX), Duration::from_secs(1));
+    }
+}

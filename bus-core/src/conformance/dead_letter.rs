@@ -1,0 +1,564 @@
+//! Dead-lettering and what feeds it: rejection, TTL (queue and message),
+//! max length with each overflow mode; the `x-death` header.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::support::{
+    bind, body, cleanup, consume, exchange, expect_bodies, expect_err, not_applicable, publish,
+    publish_text, queue, queue_with, recv, recv_bodies,
+};
+use super::Harness;
+use crate::{
+    Connection, ConsumeOptions, Consumer, Delivery, Error, ExchangeKind, FieldTable, FieldValue,
+    Message, Overflow, PublishOptions, QueueArguments, QueueOptions,
+};
+
+/// A fresh fanout dead-letter exchange with one queue bound to it, and a
+/// consumer on that queue.
+struct DeadLetters {
+    exchange: String,
+    queue: String,
+    consumer: Consumer,
+}
+
+impl DeadLetters {
+    async fn new(conn: &dyn Connection) -> Self {
+        let exchange = exchange(conn, "dlx", ExchangeKind::Fanout).await;
+        let queue = queue(conn, "dlq").await;
+        bind(conn, &queue, &exchange, "").await;
+        let consumer = consume(conn, &queue, ConsumeOptions::auto_ack()).await;
+        DeadLetters {
+            exchange,
+            queue,
+            consumer,
+        }
+    }
+
+    /// Queue options dead-lettering to this exchange.
+    fn options(&self) -> QueueOptions {
+        QueueOptions {
+            arguments: QueueArguments {
+                dead_letter_exchange: Some(self.exchange.clone()),
+                ..QueueArguments::default()
+            },
+            ..QueueOptions::default()
+        }
+    }
+
+    async fn recv(&mut self, what: &str) -> Delivery {
+        recv(&mut self.consumer, what).await
+    }
+
+    /// Checks that nothing else was dead-lettered (a marker sent to the
+    /// dead-letter queue is the next delivery) and deletes both.
+    async fn finish(mut self, conn: &dyn Connection) {
+        let marker = super::fresh_name("dl-marker");
+        publish_text(conn, "", &self.queue, &marker).await;
+        let d = self.recv("the marker behind the dead letters").await;
+        assert_eq!(body(&d), marker, "an unexpected message was dead-lettered");
+        self.consumer.cancel().await.expect("cancel");
+        drop(self.consumer);
+        cleanup(conn, &[&self.queue], &[&self.exchange]).await;
+    }
+}
+
+fn applicable(h: &dyn Harness, case: &str, needs_ttl: bool, needs_max_length: bool) -> bool {
+    let caps = h.capabilities();
+    if not_applicable(h, caps.dead_lettering, case, "no dead-letter exchanges") {
+        return false;
+    }
+    if needs_ttl && not_applicable(h, caps.message_ttl, case, "no message TTL") {
+        return false;
+    }
+    if needs_max_length && not_applicable(h, caps.max_length, case, "no max length") {
+        return false;
+    }
+    true
+}
+
+/// The single `x-death` entry of a dead-lettered message, checked for the
+/// fields every entry has and their types.
+fn x_death(d: &Delivery) -> FieldTable {
+    let deaths = d
+        .message
+        .properties
+        .headers
+        .get("x-death")
+        .unwrap_or_else(|| panic!("a dead-lettered message has an x-death header: {d:?}"));
+    let deaths = deaths
+        .as_array()
+        .unwrap_or_else(|| panic!("x-death is an array: {deaths:?}"));
+    assert_eq!(
+        deaths.len(),
+        1,
+        "one x-death entry per queue and reason: {deaths:?}"
+    );
+    let entry = deaths[0]
+        .as_table()
+        .unwrap_or_else(|| panic!("an x-death entry is a table: {:?}", deaths[0]))
+        .clone();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    match entry.get("time") {
+        Some(FieldValue::Timestamp(t)) => assert!(
+            t.abs_diff(now) < 600,
+            "x-death time {t} is the time of death (now is {now})"
+        ),
+        other => panic!("x-death time is a timestamp: {other:?}"),
+    }
+    entry
+}
+
+/// Asserts an `x-death` entry's reason, queue, exchange, routing keys and
+/// count, with RabbitMQ's types.
+fn expect_death(
+    entry: &FieldTable,
+    reason: &str,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+    count: i64,
+) {
+    let s = |v: &str| FieldValue::String(v.to_owned());
+    assert_eq!(
+        entry.get("reason"),
+        Some(&s(reason)),
+        "x-death reason: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("queue"),
+        Some(&s(queue)),
+        "x-death queue: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("exchange"),
+        Some(&s(exchange)),
+        "x-death exchange: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("routing-keys"),
+        Some(&FieldValue::Array(vec![s(key)])),
+        "x-death routing-keys: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("count"),
+        Some(&FieldValue::I64(count)),
+        "x-death count: {entry:?}"
+    );
+}
+
+/// A message rejected without requeue is dead-lettered with its body,
+/// properties and original routing key, and an `x-death` entry: reason
+/// `rejected`, the queue, the exchange it was published to, its routing
+/// keys, count 1 (a 64-bit integer) and the time.
+pub async fn rejected_message_is_dead_lettered_with_x_death(h: &dyn Harness) {
+    if !applicable(
+        h,
+        "rejected_message_is_dead_lettered_with_x_death",
+        false,
+        false,
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let x = exchange(&*conn, "dl-source", ExchangeKind::Direct).await;
+    let q = queue_with(&*conn, "dl-rejecting", dl.options()).await;
+    bind(&*conn, &q, &x, "rk").await;
+    let sent = Message::new("doomed")
+        .with_header("h", "v")
+        .with_content_type("text/plain")
+        .with_message_id("id-1");
+    publish(&*conn, &x, "rk", sent.clone()).await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let d = dl.recv("the dead-lettered message").await;
+    assert_eq!(body(&d), "doomed");
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str(), d.redelivered),
+        (dl.exchange.as_str(), "rk", false),
+        "dead-lettered through the DLX with the original routing key"
+    );
+    let p = &d.message.properties;
+    assert_eq!(p.content_type, sent.properties.content_type);
+    assert_eq!(p.message_id, sent.properties.message_id);
+    assert_eq!(
+        p.headers.get("h"),
+        Some(&FieldValue::from("v")),
+        "headers kept"
+    );
+    let entry = x_death(&d);
+    expect_death(&entry, "rejected", &q, &x, "rk", 1);
+    drop(c);
+    expect_bodies(&*conn, &q, &[]).await;
+    cleanup(&*conn, &[&q], &[&x]).await;
+    dl.finish(&*conn).await;
+}
+
+/// With `x-dead-letter-routing-key`, a dead-lettered message is routed with
+/// that key; `x-death` keeps the original one. Nack without requeue
+/// dead-letters like reject.
+pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
+    if !applicable(h, "dead_letter_routing_key_replaces_the_key", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let dlx = exchange(&*conn, "dlx-direct", ExchangeKind::Direct).await;
+    let dead = queue(&*conn, "dead").await;
+    let other = queue(&*conn, "dead-other").await;
+    bind(&*conn, &dead, &dlx, "dead").await;
+    let mut options = QueueOptions::default();
+    options.arguments.dead_letter_exchange = Some(dlx.clone());
+    options.arguments.dead_letter_routing_key = Some("dead".into());
+    let q = queue_with(&*conn, "dl-rerouting", options).await;
+    bind(&*conn, &other, &dlx, &q).await;
+    publish_text(&*conn, "", &q, "rerouted").await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to nack")
+        .await
+        .nack(false)
+        .await
+        .expect("nack");
+    let mut dc = consume(&*conn, &dead, ConsumeOptions::auto_ack()).await;
+    let d = recv(&mut dc, "the dead-lettered message").await;
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (dlx.as_str(), "dead")
+    );
+    expect_death(&x_death(&d), "rejected", &q, "", &q, 1);
+    drop((c, dc));
+    expect_bodies(&*conn, &other, &[]).await;
+    cleanup(&*conn, &[&q, &dead, &other], &[&dlx]).await;
+}
+
+/// A message dead-lettered again from the same queue for the same reason
+/// keeps one `x-death` entry for them, whose count grows.
+pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
+    if !applicable(h, "x_death_counts_repeated_deaths", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let lx = exchange(&*conn, "dl-loop", ExchangeKind::Fanout).await;
+    let mut options = QueueOptions::default();
+    options.arguments.dead_letter_exchange = Some(lx.clone());
+    let q = queue_with(&*conn, "dl-loop", options).await;
+    bind(&*conn, &q, &lx, "").await;
+    publish_text(&*conn, "", &q, "again and again").await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    let d = recv(&mut c, "first life").await;
+    assert!(!d.message.properties.headers.contains_key("x-death"));
+    d.reject(false).await.expect("reject");
+    let d = recv(&mut c, "second life").await;
+    assert_eq!(d.exchange, lx);
+    assert_eq!(
+        x_death(&d).get("count"),
+        Some(&FieldValue::I64(1)),
+        "count after one death"
+    );
+    d.reject(false).await.expect("reject again");
+    let d = recv(&mut c, "third life").await;
+    let entry = x_death(&d);
+    assert_eq!(entry.get("count"), Some(&FieldValue::I64(2)), "{entry:?}");
+    assert_eq!(entry.get("reason"), Some(&FieldValue::from("rejected")));
+    assert_eq!(entry.get("queue"), Some(&FieldValue::from(q.as_str())));
+    d.ack().await.expect("ack");
+    drop(c);
+    cleanup(&*conn, &[&q], &[&lx]).await;
+}
+
+/// The first dead-lettering adds `x-first-death-reason`,
+/// `x-first-death-queue` and `x-first-death-exchange` (strings), as
+/// RabbitMQ does.
+pub async fn first_death_headers(h: &dyn Harness) {
+    if !applicable(h, "first_death_headers", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let x = exchange(&*conn, "first-death", ExchangeKind::Fanout).await;
+    let q = queue_with(&*conn, "first-death", dl.options()).await;
+    bind(&*conn, &q, &x, "").await;
+    publish_text(&*conn, &x, "k", "first death").await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let d = dl.recv("dead-lettered").await;
+    let headers = &d.message.properties.headers;
+    for (name, want) in [
+        ("x-first-death-reason", "rejected"),
+        ("x-first-death-queue", q.as_str()),
+        ("x-first-death-exchange", x.as_str()),
+    ] {
+        assert_eq!(
+            headers.get(name),
+            Some(&FieldValue::from(want)),
+            "{name} in {headers:?}"
+        );
+    }
+    drop(c);
+    cleanup(&*conn, &[&q], &[&x]).await;
+    dl.finish(&*conn).await;
+}
+
+/// With `x-message-ttl`, a message not consumed in time expires: it is
+/// dead-lettered with reason `expired` and never delivered from its queue.
+pub async fn queue_ttl_expires_messages(h: &dyn Harness) {
+    if !applicable(h, "queue_ttl_expires_messages", true, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let mut options = dl.options();
+    options.arguments.message_ttl = Some(Duration::from_millis(100));
+    let q = queue_with(&*conn, "queue-ttl", options).await;
+    publish_text(&*conn, "", &q, "short-lived").await;
+    let d = dl.recv("the expired message").await;
+    assert_eq!(body(&d), "short-lived");
+    assert_eq!(d.routing_key, q, "dead-lettered with its original key");
+    let entry = x_death(&d);
+    expect_death(&entry, "expired", &q, "", &q, 1);
+    assert!(
+        !entry.contains_key("original-expiration"),
+        "no per-message expiration to record: {entry:?}"
+    );
+    expect_bodies(&*conn, &q, &[]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A message whose `expiration` property (milliseconds) passes expires: it
+/// is dead-lettered with reason `expired`, without its `expiration`
+/// property, which `x-death` keeps as `original-expiration`.
+pub async fn message_ttl_expires_messages(h: &dyn Harness) {
+    if !applicable(h, "message_ttl_expires_messages", true, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let q = queue_with(&*conn, "message-ttl", dl.options()).await;
+    let msg = Message::new("short-lived")
+        .with_expiration_ms(100)
+        .with_header("h", "v");
+    publish(&*conn, "", &q, msg).await;
+    let d = dl.recv("the expired message").await;
+    assert_eq!(body(&d), "short-lived");
+    assert_eq!(
+        d.message.properties.expiration, None,
+        "dead-lettering removes the expiration"
+    );
+    assert_eq!(
+        d.message.properties.headers.get("h"),
+        Some(&FieldValue::from("v"))
+    );
+    let entry = x_death(&d);
+    expect_death(&entry, "expired", &q, "", &q, 1);
+    assert_eq!(
+        entry.get("original-expiration"),
+        Some(&FieldValue::from("100")),
+        "{entry:?}"
+    );
+    expect_bodies(&*conn, &q, &[]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// An expired message is never delivered, with or without a dead-letter
+/// exchange, even when it expires behind a live message: after its TTL has
+/// passed, a consumer sees only the live messages.
+pub async fn expired_message_is_never_delivered(h: &dyn Harness) {
+    if not_applicable(
+        h,
+        h.capabilities().message_ttl,
+        "expired_message_is_never_delivered",
+        "no message TTL",
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let q = queue(&*conn, "expired-dropped").await;
+    publish_text(&*conn, "", &q, "live 1").await;
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new("expiring").with_expiration_ms(50),
+    )
+    .await;
+    publish_text(&*conn, "", &q, "live 2").await;
+    let mut options = QueueOptions::default();
+    options.arguments.message_ttl = Some(Duration::from_millis(50));
+    let q2 = queue_with(&*conn, "expired-queue-ttl", options).await;
+    publish_text(&*conn, "", &q2, "expiring too").await;
+    // Time passing is the condition itself, not a hope that work is done.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    expect_bodies(&*conn, &q, &["live 1", "live 2"]).await;
+    let mut c = consume(&*conn, &q2, ConsumeOptions::auto_ack()).await;
+    publish_text(&*conn, "", &q2, "fresh").await;
+    let d = recv(&mut c, "a fresh message after the expired one").await;
+    assert_eq!(body(&d), "fresh", "the expired message was not delivered");
+    drop(c);
+    cleanup(&*conn, &[&q, &q2], &[]).await;
+}
+
+fn limited(
+    max_length: Option<u64>,
+    max_bytes: Option<u64>,
+    overflow: Option<Overflow>,
+) -> QueueOptions {
+    let mut o = QueueOptions::default();
+    o.arguments.max_length = max_length;
+    o.arguments.max_length_bytes = max_bytes;
+    o.arguments.overflow = overflow;
+    o
+}
+
+/// With `x-max-length` (default overflow `drop-head`), a new message pushes
+/// the oldest out.
+pub async fn max_length_drops_the_oldest(h: &dyn Harness) {
+    if not_applicable(
+        h,
+        h.capabilities().max_length,
+        "max_length_drops_the_oldest",
+        "no max length",
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let q = queue_with(&*conn, "max-length", limited(Some(2), None, None)).await;
+    let explicit = queue_with(
+        &*conn,
+        "max-length-drop-head",
+        limited(Some(2), None, Some(Overflow::DropHead)),
+    )
+    .await;
+    for queue in [&q, &explicit] {
+        for m in ["a", "b", "c"] {
+            publish_text(&*conn, "", queue, m).await;
+        }
+        expect_bodies(&*conn, queue, &["b", "c"]).await;
+    }
+    cleanup(&*conn, &[&q, &explicit], &[]).await;
+}
+
+/// With `x-max-length-bytes`, the oldest messages are dropped until the
+/// ready bodies fit.
+pub async fn max_length_bytes_drops_the_oldest(h: &dyn Harness) {
+    if not_applicable(
+        h,
+        h.capabilities().max_length,
+        "max_length_bytes_drops_the_oldest",
+        "no max length",
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let q = queue_with(&*conn, "max-bytes", limited(None, Some(10), None)).await;
+    for m in ["aaaa", "bbbb", "cccc"] {
+        publish_text(&*conn, "", &q, m).await;
+    }
+    let mut c = consume(&*conn, &q, ConsumeOptions::auto_ack()).await;
+    let got = recv_bodies(&mut c, 2, "what fits in 10 bytes").await;
+    assert_eq!(got, ["bbbb", "cccc"]);
+    // A marker that fits, to show nothing else was left.
+    publish_text(&*conn, "", &q, "end").await;
+    let d = recv(&mut c, "the marker").await;
+    assert_eq!(body(&d), "end");
+    drop(c);
+    cleanup(&*conn, &[&q], &[]).await;
+}
+
+/// On overflow with `drop-head`, the oldest message is dead-lettered with
+/// reason `maxlen` when the queue has a dead-letter exchange.
+pub async fn max_length_dead_letters_the_oldest(h: &dyn Harness) {
+    if !applicable(h, "max_length_dead_letters_the_oldest", false, true) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let mut options = dl.options();
+    options.arguments.max_length = Some(1);
+    let q = queue_with(&*conn, "max-length-dlx", options).await;
+    publish_text(&*conn, "", &q, "old").await;
+    publish_text(&*conn, "", &q, "new").await;
+    let d = dl.recv("the dropped head").await;
+    assert_eq!(body(&d), "old");
+    expect_death(&x_death(&d), "maxlen", &q, "", &q, 1);
+    expect_bodies(&*conn, &q, &["new"]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// With `x-overflow = reject-publish`, a publish to a full queue fails with
+/// [`Error::Nacked`] and the queue keeps its messages; nothing is
+/// dead-lettered. Once there is room, publishing works again.
+pub async fn reject_publish_nacks_the_new_message(h: &dyn Harness) {
+    if not_applicable(
+        h,
+        h.capabilities().max_length,
+        "reject_publish_nacks_the_new_message",
+        "no max length",
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let dl = if h.capabilities().dead_lettering {
+        Some(DeadLetters::new(&*conn).await)
+    } else {
+        None
+    };
+    let mut options = dl.as_ref().map(DeadLetters::options).unwrap_or_default();
+    options.arguments.max_length = Some(1);
+    options.arguments.overflow = Some(Overflow::RejectPublish);
+    let q = queue_with(&*conn, "reject-publish", options).await;
+    publish_text(&*conn, "", &q, "first").await;
+    expect_err!(
+        "publish to a full reject-publish queue",
+        conn.publish("", &q, Message::new("refused"), PublishOptions::default())
+            .await,
+        Error::Nacked(_)
+    );
+    expect_bodies(&*conn, &q, &["first"]).await;
+    publish_text(&*conn, "", &q, "room again").await;
+    expect_bodies(&*conn, &q, &["room again"]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    if let Some(dl) = dl {
+        dl.finish(&*conn).await;
+    }
+}
+
+/// With `x-overflow = reject-publish-dlx`, a publish to a full queue fails
+/// with [`Error::Nacked`] and the refused message is dead-lettered with
+/// reason `maxlen`.
+pub async fn reject_publish_dlx_nacks_and_dead_letters(h: &dyn Harness) {
+    if !applicable(h, "reject_publish_dlx_nacks_and_dead_letters", false, true) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let mut options = dl.options();
+    options.arguments.max_length = Some(1);
+    options.arguments.overflow = Some(Overflow::RejectPublishDlx);
+    let q = queue_with(&*conn, "reject-publish-dlx", options).await;
+    publish_text(&*conn, "", &q, "first").await;
+    expect_err!(
+        "publish to a full reject-publish-dlx queue",
+        conn.publish("", &q, Message::new("refused"), PublishOptions::default())
+            .await,
+        Error::Nacked(_)
+    );
+    let d = dl.recv("the refused message").await;
+    assert_eq!(body(&d), "refused");
+    expect_death(&x_death(&d), "maxlen", &q, "", &q, 1);
+    expect_bodies(&*conn, &q, &["first"]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}

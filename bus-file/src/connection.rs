@@ -1,0 +1,1334 @@
+//! [`FileConnection`]: the transport contract over a folder.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::routing::{headers_match, TopicMatcher};
+use bus_core::{
+    classic_reply_queue, is_reserved_name, Capabilities, ConsumeOptions, Connection, Consumer,
+    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message,
+    Overflow, PublishOptions, QueueArguments, QueueInfo, QueueOptions, QueueType, ReplyQueue,
+    Result, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::commit::Committer;
+use crate::consumer::{self, Claim, Dispatcher};
+use crate::envelope::Envelope;
+use crate::fsys::{self, FileLock};
+use crate::layout::{self, Layout, FORMAT_VERSION};
+use crate::names::{self, check_path_name, MessageName};
+use crate::topology::{self, BindingRecord, ExchangeRecord, FileStamp, QueueRecord, Topology};
+
+/// Settings of a [`FileConnection`], as `#[must_use]` builder methods over
+/// the defaults.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    /// How often folders are listed again in full, as a safety net behind
+    /// file-system events (which can overflow) and to find dead owners'
+    /// claims. Default 1 s.
+    pub rescan_interval: Duration,
+    /// Whether persistent messages bound for durable queues are fsynced
+    /// (file and folder) before their publish resolves. Default true;
+    /// turning it off trades crash durability for speed.
+    pub sync_persistent: bool,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            rescan_interval: Duration::from_secs(1),
+            sync_persistent: true,
+        }
+    }
+}
+
+impl FileOptions {
+    /// Sets [`FileOptions::rescan_interval`].
+    #[must_use]
+    pub fn with_rescan_interval(mut self, every: Duration) -> Self {
+        self.rescan_interval = every;
+        self
+    }
+
+    /// Sets [`FileOptions::sync_persistent`].
+    #[must_use]
+    pub fn with_sync_persistent(mut self, on: bool) -> Self {
+        self.sync_persistent = on;
+        self
+    }
+}
+
+/// A connection to the folder transport: every process that opens the same
+/// root shares its exchanges, queues and messages.
+///
+/// Dropping it closes it (as [`Connection::close`]).
+#[derive(Debug)]
+pub struct FileConnection {
+    inner: Arc<Inner>,
+}
+
+/// The routing view of one topology version.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) topo: Topology,
+    topics: HashMap<String, TopicMatcher<usize>>,
+}
+
+impl Snapshot {
+    fn new(topo: Topology) -> Self {
+        let mut topics: HashMap<String, TopicMatcher<usize>> = HashMap::new();
+        for (i, b) in topo.bindings.iter().enumerate() {
+            if exchange_kind(&topo, &b.exchange) == Some(ExchangeKind::Topic) {
+                topics
+                    .entry(b.exchange.clone())
+                    .or_default()
+                    .insert(&b.routing_key, i);
+            }
+        }
+        Snapshot { topo, topics }
+    }
+
+    /// The queues a message goes to, each once.
+    fn route(&self, exchange: &str, routing_key: &str, headers: &FieldTable) -> Result<Vec<String>> {
+        let mut out = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut current = exchange.to_owned();
+        loop {
+            seen.insert(current.clone());
+            if current.is_empty() {
+                if self.topo.queues.contains_key(routing_key) {
+                    out.insert(routing_key.to_owned());
+                }
+                break;
+            }
+            let Some(kind) = exchange_kind(&self.topo, &current) else {
+                if current == exchange {
+                    return Err(Error::NotFound(format!("no exchange {current:?}")));
+                }
+                break;
+            };
+            let bindings = self.topo.bindings.iter().filter(|b| b.exchange == current);
+            match kind {
+                ExchangeKind::Direct => {
+                    out.extend(bindings.filter(|b| b.routing_key == routing_key).map(|b| b.queue.clone()))
+                }
+                ExchangeKind::Fanout => out.extend(bindings.map(|b| b.queue.clone())),
+                ExchangeKind::Headers => out.extend(
+                    bindings
+                        .filter(|b| headers_match(&b.arguments, headers))
+                        .map(|b| b.queue.clone()),
+                ),
+                ExchangeKind::Topic => {
+                    if let Some(m) = self.topics.get(&current) {
+                        m.for_each_match(routing_key, |&i| {
+                            out.insert(self.topo.bindings[i].queue.clone());
+                        });
+                    }
+                }
+            }
+            // An alternate exchange takes what the exchange could not route.
+            let alternate = self
+                .topo
+                .exchanges
+                .get(&current)
+                .and_then(|x| x.arguments.get("alternate-exchange"))
+                .and_then(FieldValue::as_str)
+                .map(str::to_owned);
+            match alternate {
+                Some(a) if out.is_empty() && !seen.contains(&a) => current = a,
+                _ => break,
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+fn exchange_kind(topo: &Topology, name: &str) -> Option<ExchangeKind> {
+    PREDECLARED_EXCHANGES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+        .or_else(|| topo.exchanges.get(name).map(|x| x.kind))
+}
+
+fn predeclared(name: &str) -> Option<ExchangeKind> {
+    PREDECLARED_EXCHANGES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+}
+
+/// Connections of this process by root, so that a publish wakes this
+/// process's consumers at once instead of waiting for a file-system event.
+fn registry() -> &'static Mutex<Vec<Weak<Inner>>> {
+    static REGISTRY: OnceLock<Mutex<Vec<Weak<Inner>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// The state of one connection, shared with its tasks.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) layout: Layout,
+    pub(crate) owner: String,
+    pub(crate) options: FileOptions,
+    open: AtomicBool,
+    owner_lock: Mutex<Option<FileLock>>,
+    cache: Mutex<Option<(Option<FileStamp>, Arc<Snapshot>)>>,
+    pub(crate) dispatchers: Mutex<HashMap<String, Arc<Dispatcher>>>,
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    committer: Arc<Committer>,
+    pub(crate) janitor_wake: Notify,
+    janitor: Mutex<Option<JoinHandle<()>>>,
+    tmp_seq: AtomicU64,
+    consumer_seq: AtomicU64,
+}
+
+impl FileConnection {
+    /// Opens (creating it if needed) the transport rooted at `root`.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] when the root holds another on-disk format
+    /// version; [`Error::Io`] when the folders cannot be created or locked.
+    pub async fn open(root: impl AsRef<Path>) -> Result<FileConnection> {
+        Self::open_with(root, FileOptions::default()).await
+    }
+
+    /// Opens the transport with explicit settings.
+    ///
+    /// # Errors
+    /// As [`FileConnection::open`].
+    pub async fn open_with(root: impl AsRef<Path>, options: FileOptions) -> Result<FileConnection> {
+        let root = root.as_ref();
+        fsys::create_dir_private(root, fsys::DIR_MODE)?;
+        let root = root.canonicalize()?;
+        let layout = Layout { root };
+        layout.create()?;
+        check_format(&layout)?;
+
+        let owner = names::new_owner_id();
+        // Locked before it has its final name, so no scanner can ever see
+        // the lock file of a live connection unlocked.
+        let tmp_lock = layout.owners().join(format!(".{owner}.lock.tmp"));
+        let lock = FileLock::lock_file(fsys::create_new(&tmp_lock, fsys::FILE_MODE)?)?;
+        fs::rename(&tmp_lock, layout.owner_lock(&owner))?;
+        lock.file().sync_all()?;
+
+        let inner = Arc::new(Inner {
+            layout,
+            owner,
+            options,
+            open: AtomicBool::new(true),
+            owner_lock: Mutex::new(Some(lock)),
+            cache: Mutex::new(None),
+            dispatchers: Mutex::new(HashMap::new()),
+            watcher: Mutex::new(None),
+            committer: Arc::new(Committer::default()),
+            janitor_wake: Notify::new(),
+            janitor: Mutex::new(None),
+            tmp_seq: AtomicU64::new(0),
+            consumer_seq: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&inner);
+        match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_fs_event(ev);
+            }
+        }) {
+            Ok(w) => *inner.watcher.lock().expect("watcher lock") = Some(w),
+            Err(e) => tracing::warn!(error = %e, "no file-system events; relying on rescans"),
+        }
+        {
+            let mut reg = registry().lock().expect("registry lock");
+            reg.retain(|w| w.strong_count() > 0);
+            reg.push(Arc::downgrade(&inner));
+        }
+        let task = tokio::spawn(crate::janitor::run(Arc::downgrade(&inner)));
+        *inner.janitor.lock().expect("janitor lock") = Some(task);
+        Ok(FileConnection { inner })
+    }
+
+    /// The root folder (canonical).
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.inner.layout.root
+    }
+}
+
+fn check_format(layout: &Layout) -> Result<()> {
+    let path = layout.format_file();
+    let text = match fsys::read_regular(&path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if fsys::is_not_found(&e) => {
+            let content = format!("bus-file on-disk format {FORMAT_VERSION}\n");
+            let tmp = layout.tmp().join(format!(".FORMAT.{}", names::process_tag()));
+            fsys::write_atomic(&tmp, &path, content.as_bytes(), fsys::FILE_MODE, true)?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let version = text
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse::<u32>().ok());
+    match version {
+        Some(FORMAT_VERSION) => Ok(()),
+        _ => Err(Error::NotSupported(format!(
+            "{} says {:?}; this library reads format {FORMAT_VERSION}",
+            path.display(),
+            text.trim()
+        ))),
+    }
+}
+
+impl Drop for FileConnection {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+/// Folder-level outcome of a publish into one queue.
+enum Admission {
+    Accept,
+    Refuse { dead_letter: bool },
+}
+
+impl Inner {
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_open() {
+            Ok(())
+        } else {
+            Err(Error::Closed("the file connection is closed".into()))
+        }
+    }
+
+    /// The current topology, re-read only when the file changed.
+    pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        let path = self.layout.topology();
+        let stamp = topology::stamp(&path)?;
+        let mut cache = self.cache.lock().expect("cache lock");
+        if let Some((s, snap)) = cache.as_ref() {
+            if *s == stamp {
+                return Ok(snap.clone());
+            }
+        }
+        let snap = Arc::new(Snapshot::new(topology::read(&path)?));
+        *cache = Some((stamp, snap.clone()));
+        Ok(snap)
+    }
+
+    /// Changes the topology under the root's lock: `f` sees the latest
+    /// version and returns its result and whether it changed anything.
+    pub(crate) fn modify<T>(&self, f: impl FnOnce(&mut Topology) -> Result<(T, bool)>) -> Result<T> {
+        let _lock = FileLock::lock(&self.layout.topology_lock())?;
+        let mut t = topology::read(&self.layout.topology())?;
+        let (out, changed) = f(&mut t)?;
+        if changed {
+            t.generation += 1;
+            topology::write(&self.layout.root, &t)?;
+            *self.cache.lock().expect("cache lock") = None;
+        }
+        Ok(out)
+    }
+
+    /// Whether the connection `owner` is alive: it holds its lock.
+    pub(crate) fn owner_alive(&self, owner: &str) -> bool {
+        if owner == self.owner {
+            return self.is_open();
+        }
+        match FileLock::try_lock(&self.layout.owner_lock(owner)) {
+            Ok(Some(_unlocked)) => false,
+            Ok(None) => true,
+            Err(e) if fsys::is_not_found(&e) => false,
+            Err(_) => true,
+        }
+    }
+
+    fn check_exclusive(&self, name: &str, q: &QueueRecord) -> Result<()> {
+        match &q.exclusive_owner {
+            Some(o) if *o != self.owner => Err(Error::ResourceLocked(format!(
+                "queue {name:?} is exclusive to another connection"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Consumers of a queue whose owners are alive: (owner, exclusive).
+    pub(crate) fn live_consumers(&self, queue: &str) -> Vec<(String, bool)> {
+        layout::list_names(&self.layout.consumers(queue))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| {
+                let (owner, rest) = f.split_once('.')?;
+                Some((owner.to_owned(), rest.ends_with(".x")))
+            })
+            .filter(|(o, _)| self.owner_alive(o))
+            .collect()
+    }
+
+    fn counts(&self, name: &str) -> Result<QueueInfo> {
+        let now = names::now_ms().max(0) as u64;
+        let ready = layout::list_messages(&self.layout.ready(name))?
+            .into_iter()
+            .filter(|(_, m)| m.expires_at_ms.is_none_or(|e| e > now))
+            .count();
+        Ok(QueueInfo {
+            name: name.to_owned(),
+            message_count: u32::try_from(ready).unwrap_or(u32::MAX),
+            consumer_count: u32::try_from(self.live_consumers(name).len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Hands a message that just became ready in `queue` to every
+    /// dispatcher of this process on that queue.
+    pub(crate) fn announce(&self, queue: &str, file: &str) {
+        let reg = registry().lock().expect("registry lock").clone();
+        for w in reg {
+            let Some(other) = w.upgrade() else { continue };
+            if other.layout.root != self.layout.root {
+                continue;
+            }
+            let d = other.dispatchers.lock().expect("dispatchers lock").get(queue).cloned();
+            if let Some(d) = d {
+                d.offer(file);
+            }
+        }
+    }
+
+    /// Ends the local consumers of a queue that no longer exists.
+    pub(crate) fn queue_gone(&self, queue: &str) {
+        let reg = registry().lock().expect("registry lock").clone();
+        for w in reg {
+            let Some(other) = w.upgrade() else { continue };
+            if other.layout.root != self.layout.root {
+                continue;
+            }
+            let d = other.dispatchers.lock().expect("dispatchers lock").remove(queue);
+            if let Some(d) = d {
+                other.unwatch(&d);
+                d.stop();
+            }
+        }
+    }
+
+    fn on_fs_event(&self, ev: notify::Result<notify::Event>) {
+        use notify::event::{EventKind, ModifyKind};
+        let ev = match ev {
+            Ok(ev) if !ev.need_rescan() => ev,
+            _ => {
+                for d in self.dispatchers.lock().expect("dispatchers lock").values() {
+                    d.request_rescan();
+                }
+                return;
+            }
+        };
+        if !matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))) {
+            return;
+        }
+        for path in &ev.paths {
+            let (Some(file), Some(dir)) = (path.file_name(), path.parent()) else {
+                continue;
+            };
+            if dir.file_name().is_none_or(|n| n != "ready") {
+                continue;
+            }
+            let Some(queue) = dir.parent().and_then(Path::file_name).and_then(|q| q.to_str()) else {
+                continue;
+            };
+            let d = self.dispatchers.lock().expect("dispatchers lock").get(queue).cloned();
+            if let (Some(d), Some(file)) = (d, file.to_str()) {
+                d.offer(file);
+            }
+        }
+    }
+
+    pub(crate) fn unwatch(&self, d: &Dispatcher) {
+        use notify::Watcher;
+        if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+            let _ = w.unwatch(&self.layout.ready(&d.queue));
+        }
+    }
+
+    /// The dispatcher of a queue in this connection, started on first use.
+    fn dispatcher(self: &Arc<Self>, name: &str, record: &QueueRecord) -> Result<Arc<Dispatcher>> {
+        let mut map = self.dispatchers.lock().expect("dispatchers lock");
+        if let Some(d) = map.get(name) {
+            if d.queue_id == record.id {
+                return Ok(d.clone());
+            }
+        }
+        fsys::create_dir_private(&self.layout.claim_dir(name, &self.owner), fsys::DIR_MODE)?;
+        let args = QueueArguments::from_table(&record.arguments)?;
+        let d = Arc::new(Dispatcher::new(
+            name.to_owned(),
+            record.id.clone(),
+            args,
+            self.layout.clone(),
+        ));
+        {
+            use notify::Watcher;
+            if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+                if let Err(e) = w.watch(&self.layout.ready(name), notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(queue = name, error = %e, "no file-system events for queue");
+                }
+            }
+        }
+        if let Some(old) = map.insert(name.to_owned(), d.clone()) {
+            old.stop();
+        }
+        tokio::spawn(consumer::run_dispatcher(d.clone(), Arc::downgrade(self)));
+        Ok(d)
+    }
+
+    /// Requeues a claimed message at its original position with the
+    /// redelivered mark.
+    pub(crate) fn requeue(&self, queue: &str, claim: &Claim) {
+        let name = claim.name.redelivered().file_name();
+        match fs::rename(&claim.path, self.layout.ready(queue).join(&name)) {
+            Ok(()) => self.announce(queue, &name),
+            Err(e) if fsys::is_not_found(&e) => {}
+            Err(e) => tracing::warn!(queue, error = %e, "could not requeue a message"),
+        }
+    }
+
+    /// Settles a claimed message negatively without requeue: dead-letters
+    /// it when the queue has a dead-letter exchange, else drops it.
+    pub(crate) fn dead_letter_or_drop<'a>(
+        &'a self,
+        queue: &'a str,
+        args: &'a QueueArguments,
+        claim: &'a Claim,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
+        // Boxed and typed as `dyn Send`: dead-lettering publishes, and
+        // publishing can dead-letter (max-length), a cycle the compiler
+        // cannot see through otherwise.
+        Box::pin(async move {
+            if let Some(dlx) = &args.dead_letter_exchange {
+                let rk = args
+                    .dead_letter_routing_key
+                    .clone()
+                    .unwrap_or_else(|| claim.envelope.routing_key.clone());
+                let message = dead_lettered(&claim.envelope, queue, reason);
+                match self.publish_message(dlx, &rk, message, false).await {
+                    // RabbitMQ drops what it cannot dead-letter to a missing
+                    // exchange; so does this transport.
+                    Ok(()) | Err(Error::NotFound(_)) | Err(Error::Nacked(_)) => {}
+                    Err(e) => {
+                        self.requeue(queue, claim);
+                        return Err(e);
+                    }
+                }
+            }
+            match fs::remove_file(&claim.path) {
+                Ok(()) => Ok(()),
+                Err(e) if fsys::is_not_found(&e) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn admission(&self, queue: &str, args: &QueueArguments, body_len: u64) -> Result<Admission> {
+        if args.max_length.is_none() && args.max_length_bytes.is_none() {
+            return Ok(Admission::Accept);
+        }
+        let overflow = args.overflow.unwrap_or(Overflow::DropHead);
+        if overflow == Overflow::DropHead {
+            return Ok(Admission::Accept);
+        }
+        let ready = layout::list_messages(&self.layout.ready(queue))?;
+        let count = ready.len() as u64;
+        let bytes: u64 = ready.iter().map(|(_, m)| m.body_len).sum();
+        let full = args.max_length.is_some_and(|m| count >= m)
+            || args.max_length_bytes.is_some_and(|m| bytes + body_len > m);
+        Ok(if full {
+            Admission::Refuse {
+                dead_letter: overflow == Overflow::RejectPublishDlx,
+            }
+        } else {
+            Admission::Accept
+        })
+    }
+
+    /// Drops (or dead-letters, reason `maxlen`) the oldest ready messages
+    /// of a `drop-head` queue until it is within its limits.
+    async fn enforce_drop_head(&self, queue: &str, args: &QueueArguments) -> Result<()> {
+        if args.overflow.unwrap_or(Overflow::DropHead) != Overflow::DropHead
+            || (args.max_length.is_none() && args.max_length_bytes.is_none())
+        {
+            return Ok(());
+        }
+        let mut ready = layout::list_messages(&self.layout.ready(queue))?;
+        ready.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut count = ready.len() as u64;
+        let mut bytes: u64 = ready.iter().map(|(_, m)| m.body_len).sum();
+        let over = |count: u64, bytes: u64| {
+            args.max_length.is_some_and(|m| count > m)
+                || args.max_length_bytes.is_some_and(|m| bytes > m)
+        };
+        for (file, name) in ready {
+            if !over(count, bytes) {
+                break;
+            }
+            count -= 1;
+            bytes -= name.body_len;
+            if let Some(claim) = self.claim_file(queue, &file, name)? {
+                self.dead_letter_or_drop(queue, args, &claim, "maxlen").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims a ready message for this connection and reads it. `None` when
+    /// another consumer took it first or it was quarantined.
+    pub(crate) fn claim_file(&self, queue: &str, file: &str, name: MessageName) -> Result<Option<Claim>> {
+        let claim_dir = self.layout.claim_dir(queue, &self.owner);
+        fsys::create_dir_private(&claim_dir, fsys::DIR_MODE)?;
+        let path = claim_dir.join(file);
+        match fs::rename(self.layout.ready(queue).join(file), &path) {
+            Ok(()) => {}
+            Err(e) if fsys::is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(consumer::read_claim(&self.layout, queue, path, name))
+    }
+
+    /// [`Inner::publish_message`] behind a `dyn Send` box, for the
+    /// recursion of dead-lettering a refused publish.
+    fn publish_boxed(
+        &self,
+        exchange: String,
+        routing_key: String,
+        message: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            self.publish_message(&exchange, &routing_key, message, false)
+                .await
+        })
+    }
+
+    /// Publishes a message: routes it, writes it once, links it into every
+    /// queue it goes to, and (for a persistent message bound for a durable
+    /// queue) waits for the group commit.
+    pub(crate) async fn publish_message(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+    ) -> Result<()> {
+        let msg_ttl = message.ttl()?;
+        let snap = self.snapshot()?;
+        if let Some(x) = snap.topo.exchanges.get(exchange) {
+            if x.internal {
+                return Err(Error::AccessRefused(format!(
+                    "cannot publish to internal exchange {exchange:?}"
+                )));
+            }
+        }
+        let targets = snap.route(exchange, routing_key, &message.properties.headers)?;
+        if targets.is_empty() {
+            if mandatory {
+                return Err(Error::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    message: Box::new(message),
+                });
+            }
+            return Ok(());
+        }
+        let now = names::now_ms();
+        let stamp = names::next_stamp();
+        let body_len = message.body.len() as u64;
+        let persistent = message.is_persistent();
+        let priority = message.properties.priority.unwrap_or(0);
+        let envelope = Envelope {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            published_at_ms: now,
+            message,
+        };
+
+        let mut links = Vec::new();
+        let mut refused = Vec::new();
+        let mut durable = false;
+        let mut expiring = false;
+        for q in &targets {
+            let Some(rec) = snap.topo.queues.get(q) else { continue };
+            let args = QueueArguments::from_table(&rec.arguments)?;
+            match self.admission(q, &args, body_len)? {
+                Admission::Accept => {}
+                Admission::Refuse { dead_letter } => {
+                    refused.push((q.clone(), args, dead_letter));
+                    continue;
+                }
+            }
+            let ttl = match (msg_ttl, args.message_ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let expires_at_ms =
+                ttl.map(|t| (now.max(0) as u64).saturating_add(t.as_millis() as u64));
+            expiring |= expires_at_ms.is_some();
+            let rank = match args.max_priority {
+                Some(max) => 255 - priority.min(max),
+                None => 255,
+            };
+            let name = MessageName {
+                rank,
+                stamp,
+                origin: names::process_tag().to_owned(),
+                body_len,
+                expires_at_ms,
+                redelivered: false,
+            };
+            durable |= persistent && rec.durable && self.options.sync_persistent;
+            links.push((q.clone(), name.file_name(), args));
+        }
+
+        let linked = if links.is_empty() {
+            Vec::new()
+        } else {
+            let bytes = envelope.encode();
+            let tmp = self.layout.tmp().join(format!(
+                "{}.{}",
+                self.owner,
+                self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            let dests: Vec<PathBuf> = links
+                .iter()
+                .map(|(q, f, _)| self.layout.ready(q).join(f))
+                .collect();
+            let linked = if bytes.len() < 64 * 1024 && !durable {
+                write_and_link(&tmp, &bytes, false, &dests)?
+            } else {
+                tokio::task::spawn_blocking(move || write_and_link(&tmp, &bytes, durable, &dests))
+                    .await
+                    .map_err(|e| Error::backend("file", true, e.to_string()))??
+            };
+            if durable {
+                let dirs = linked.iter().map(|&i| self.layout.ready(&links[i].0)).collect();
+                self.committer.sync_dirs(dirs).await?;
+            }
+            linked
+        };
+        for &i in &linked {
+            let (q, f, args) = &links[i];
+            self.announce(q, f);
+            self.enforce_drop_head(q, args).await?;
+        }
+        if expiring {
+            self.janitor_wake.notify_one();
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for (q, args, dead_letter) in &refused {
+            if let (true, Some(dlx)) = (*dead_letter, &args.dead_letter_exchange) {
+                let rk = args
+                    .dead_letter_routing_key
+                    .clone()
+                    .unwrap_or_else(|| routing_key.to_owned());
+                let m = dead_lettered(&envelope, q, "maxlen");
+                let _ = self.publish_boxed(dlx.clone(), rk, m).await;
+            }
+        }
+        Err(Error::Nacked(format!(
+            "queue {:?} is full (x-overflow reject-publish)",
+            refused[0].0
+        )))
+    }
+
+    /// Ends the connection: consumers end, their unsettled deliveries go
+    /// back to their queues, exclusive queues are deleted, the owner lock
+    /// is released. Idempotent.
+    fn shutdown(&self) {
+        if !self.open.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(t) = self.janitor.lock().expect("janitor lock").take() {
+            t.abort();
+        }
+        let dispatchers: Vec<_> = self
+            .dispatchers
+            .lock()
+            .expect("dispatchers lock")
+            .drain()
+            .map(|(_, d)| d)
+            .collect();
+        let mut queues_left = BTreeSet::new();
+        for d in dispatchers {
+            for c in d.stop() {
+                c.release(self);
+                queues_left.insert(c.queue.clone());
+            }
+        }
+        for q in queues_left {
+            self.consumer_left(&q);
+        }
+        let owner = self.owner.clone();
+        let deleted = self.modify(|t| {
+            let mine: Vec<String> = t
+                .queues
+                .iter()
+                .filter(|(_, q)| q.exclusive_owner.as_deref() == Some(owner.as_str()))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in &mine {
+                t.remove_queue(n);
+            }
+            let changed = !mine.is_empty();
+            Ok((mine, changed))
+        });
+        for q in deleted.unwrap_or_default() {
+            let _ = self.layout.remove_queue_dir(&q);
+            self.queue_gone(&q);
+        }
+        crate::janitor::release_owner(self, &self.owner);
+        *self.watcher.lock().expect("watcher lock") = None;
+        let _ = fs::remove_file(self.layout.owner_lock(&self.owner));
+        self.owner_lock.lock().expect("owner lock").take();
+        registry()
+            .lock()
+            .expect("registry lock")
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), self));
+    }
+
+    /// A consumer of `queue` went away: an auto-delete queue without live
+    /// consumers left is deleted.
+    pub(crate) fn consumer_left(&self, queue: &str) {
+        let snap = match self.snapshot() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        if !snap.topo.queues.get(queue).is_some_and(|q| q.auto_delete) {
+            return;
+        }
+        let deleted = self.modify(|t| {
+            let auto = t.queues.get(queue).is_some_and(|q| q.auto_delete);
+            if auto && self.live_consumers(queue).is_empty() {
+                t.remove_queue(queue);
+                Ok((true, true))
+            } else {
+                Ok((false, false))
+            }
+        });
+        if let Ok(true) = deleted {
+            let _ = self.layout.remove_queue_dir(queue);
+            self.queue_gone(queue);
+        }
+    }
+
+    pub(crate) fn next_consumer_file(&self, exclusive: bool) -> String {
+        let n = self.consumer_seq.fetch_add(1, Ordering::Relaxed);
+        if exclusive {
+            format!("{}.{n}.x", self.owner)
+        } else {
+            format!("{}.{n}", self.owner)
+        }
+    }
+}
+
+/// Writes the envelope once and links it under its name into each queue
+/// folder: the one step that makes it visible, whole. Returns the indexes
+/// of the destinations it reached (a queue deleted meanwhile is skipped).
+fn write_and_link(tmp: &Path, bytes: &[u8], durable: bool, dests: &[PathBuf]) -> io::Result<Vec<usize>> {
+    let mut f = fsys::create_new(tmp, fsys::FILE_MODE)?;
+    let written = f.write_all(bytes).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+    drop(f);
+    if let Err(e) = written {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    let mut linked = Vec::with_capacity(dests.len());
+    let mut result = Ok(());
+    for (i, dest) in dests.iter().enumerate() {
+        let r = if dests.len() == 1 {
+            fs::rename(tmp, dest)
+        } else {
+            fs::hard_link(tmp, dest).or_else(|e| {
+                // Some file systems have no hard links: a copy per queue.
+                if fsys::is_not_found(&e) {
+                    Err(e)
+                } else {
+                    let copy = tmp.with_extension(format!("copy{i}"));
+                    fsys::write_atomic(&copy, dest, bytes, fsys::FILE_MODE, durable)
+                }
+            })
+        };
+        match r {
+            Ok(()) => linked.push(i),
+            Err(e) if fsys::is_not_found(&e) => {}
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if dests.len() != 1 || linked.is_empty() {
+        let _ = fs::remove_file(tmp);
+    }
+    result.map(|()| linked)
+}
+
+/// The message as it is dead-lettered from `queue`: an `x-death` entry as
+/// RabbitMQ writes it (count, reason, queue, time, exchange, routing-keys,
+/// and original-expiration when the message had one, which is removed),
+/// plus the `x-first-death-*` headers.
+pub(crate) fn dead_lettered(envelope: &Envelope, queue: &str, reason: &str) -> Message {
+    let mut message = envelope.message.clone();
+    let props = &mut message.properties;
+    let now_s = (names::now_ms().max(0) / 1000) as u64;
+    let mut deaths: Vec<FieldValue> = props
+        .headers
+        .get("x-death")
+        .and_then(FieldValue::as_array)
+        .map(<[FieldValue]>::to_vec)
+        .unwrap_or_default();
+    let same = deaths.iter().position(|d| {
+        d.as_table().is_some_and(|t| {
+            t.get("queue").and_then(FieldValue::as_str) == Some(queue)
+                && t.get("reason").and_then(FieldValue::as_str) == Some(reason)
+        })
+    });
+    let entry = match same {
+        Some(i) => {
+            let FieldValue::Table(mut t) = deaths.remove(i) else {
+                unreachable!("position matched a table")
+            };
+            let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(0);
+            t.insert("count".into(), FieldValue::I64(count + 1));
+            t.insert("time".into(), FieldValue::Timestamp(now_s));
+            t
+        }
+        None => {
+            let mut t = FieldTable::new();
+            t.insert("count".into(), FieldValue::I64(1));
+            t.insert("reason".into(), reason.into());
+            t.insert("queue".into(), queue.into());
+            t.insert("time".into(), FieldValue::Timestamp(now_s));
+            t.insert("exchange".into(), envelope.exchange.as_str().into());
+            t.insert(
+                "routing-keys".into(),
+                FieldValue::Array(vec![envelope.routing_key.as_str().into()]),
+            );
+            if let Some(exp) = &props.expiration {
+                t.insert("original-expiration".into(), exp.as_str().into());
+            }
+            t
+        }
+    };
+    props.expiration = None;
+    deaths.insert(0, FieldValue::Table(entry));
+    props.headers.insert("x-death".into(), FieldValue::Array(deaths));
+    for (h, v) in [
+        ("x-first-death-reason", reason),
+        ("x-first-death-queue", queue),
+        ("x-first-death-exchange", envelope.exchange.as_str()),
+    ] {
+        props.headers.entry(h.into()).or_insert_with(|| v.into());
+    }
+    message
+}
+
+fn queue_settings_equal(a: &QueueRecord, b: &QueueRecord) -> bool {
+    let typed = |t: &FieldTable| {
+        QueueArguments::from_table(t).map(|mut a| {
+            a.raw.clear();
+            a
+        })
+    };
+    a.durable == b.durable
+        && a.auto_delete == b.auto_delete
+        && matches!((typed(&a.arguments), typed(&b.arguments)), (Ok(x), Ok(y)) if x == y)
+}
+
+#[async_trait]
+impl Connection for FileConnection {
+    fn capabilities(&self) -> Capabilities {
+        crate::capabilities()
+    }
+
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind, options: ExchangeOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if name == DEFAULT_EXCHANGE {
+            return Err(Error::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        check_path_name("exchange", name)?;
+        if let Some(k) = predeclared(name) {
+            if options.passive {
+                return Ok(());
+            }
+            if k != kind || !options.durable || options.auto_delete || options.internal {
+                return Err(Error::PreconditionFailed(format!(
+                    "inequivalent arguments for predeclared exchange {name:?} ({k}, durable)"
+                )));
+            }
+            return Ok(());
+        }
+        if options.passive {
+            return if inner.snapshot()?.topo.exchanges.contains_key(name) {
+                Ok(())
+            } else {
+                Err(Error::NotFound(format!("no exchange {name:?}")))
+            };
+        }
+        if is_reserved_name(name) {
+            return Err(Error::AccessRefused(format!(
+                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            )));
+        }
+        let rec = ExchangeRecord {
+            kind,
+            durable: options.durable,
+            auto_delete: options.auto_delete,
+            internal: options.internal,
+            arguments: options.arguments,
+        };
+        inner.modify(|t| match t.exchanges.get(name) {
+            Some(existing) if *existing == rec => Ok(((), false)),
+            Some(existing) => Err(Error::PreconditionFailed(format!(
+                "inequivalent arguments for exchange {name:?}: it is {} durable={} auto_delete={} internal={}",
+                existing.kind, existing.durable, existing.auto_delete, existing.internal
+            ))),
+            None => {
+                t.exchanges.insert(name.to_owned(), rec);
+                Ok(((), true))
+            }
+        })
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if name == DEFAULT_EXCHANGE {
+            return Err(Error::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        check_path_name("exchange", name)?;
+        if is_reserved_name(name) {
+            return Err(Error::AccessRefused(format!(
+                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            )));
+        }
+        inner.modify(|t| {
+            if !t.exchanges.contains_key(name) {
+                return Ok(((), false));
+            }
+            if if_unused && t.bindings.iter().any(|b| b.exchange == name) {
+                return Err(Error::PreconditionFailed(format!("exchange {name:?} in use")));
+            }
+            t.exchanges.remove(name);
+            t.bindings.retain(|b| b.exchange != name);
+            Ok(((), true))
+        })
+    }
+
+    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if options.passive {
+            check_path_name("queue", name)?;
+            let snap = inner.snapshot()?;
+            let q = snap
+                .topo
+                .queues
+                .get(name)
+                .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+            if let Some(o) = &q.exclusive_owner {
+                if *o != inner.owner && inner.owner_alive(o) {
+                    return Err(Error::ResourceLocked(format!(
+                        "queue {name:?} is exclusive to another connection"
+                    )));
+                }
+            }
+            return inner.counts(name);
+        }
+        let name = if name.is_empty() {
+            format!("amq.gen-{}", uuid::Uuid::new_v4().simple())
+        } else {
+            check_path_name("queue", name)?;
+            if is_reserved_name(name) {
+                return Err(Error::AccessRefused(format!(
+                    "queue name {name:?} contains reserved prefix 'amq.*'"
+                )));
+            }
+            name.to_owned()
+        };
+        let args = options.arguments.normalized()?;
+        if args.expires.is_some() {
+            return Err(Error::NotSupported(
+                "x-expires (queue expiry) is not offered by the file transport".into(),
+            ));
+        }
+        match args.queue_type {
+            None | Some(QueueType::Classic) => {}
+            Some(other) => {
+                return Err(Error::NotSupported(format!(
+                    "x-queue-type {:?} is not offered by the file transport",
+                    other.as_str()
+                )))
+            }
+        }
+        let rec = QueueRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            durable: options.durable,
+            exclusive_owner: options.exclusive.then(|| inner.owner.clone()),
+            auto_delete: options.auto_delete,
+            arguments: args.to_table(),
+        };
+        let layout = inner.layout.clone();
+        inner.modify(|t| {
+            if let Some(existing) = t.queues.get(&name) {
+                match &existing.exclusive_owner {
+                    Some(o) if *o != inner.owner && inner.owner_alive(o) => {
+                        return Err(Error::ResourceLocked(format!(
+                            "queue {name:?} is exclusive to another connection"
+                        )))
+                    }
+                    Some(o) if *o != inner.owner => {
+                        // Its owner died before anyone reaped it.
+                        t.remove_queue(&name);
+                        layout.remove_queue_dir(&name)?;
+                    }
+                    _ => {
+                        if !queue_settings_equal(existing, &rec) {
+                            return Err(Error::PreconditionFailed(format!(
+                                "inequivalent arguments for queue {name:?}"
+                            )));
+                        }
+                        return Ok(((), false));
+                    }
+                }
+            }
+            // A folder without a topology entry is left from a crash.
+            layout.remove_queue_dir(&name)?;
+            layout.create_queue(&name)?;
+            t.queues.insert(name.clone(), rec);
+            Ok(((), true))
+        })?;
+        inner.counts(&name)
+    }
+
+    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_path_name("queue", name)?;
+        let deleted = inner.modify(|t| {
+            let Some(q) = t.queues.get(name) else {
+                return Ok((None, false));
+            };
+            if let Some(o) = &q.exclusive_owner {
+                if *o != inner.owner && inner.owner_alive(o) {
+                    return Err(Error::ResourceLocked(format!(
+                        "queue {name:?} is exclusive to another connection"
+                    )));
+                }
+            }
+            let info = inner.counts(name)?;
+            if options.if_unused && info.consumer_count > 0 {
+                return Err(Error::PreconditionFailed(format!("queue {name:?} in use")));
+            }
+            if options.if_empty && info.message_count > 0 {
+                return Err(Error::PreconditionFailed(format!("queue {name:?} not empty")));
+            }
+            t.remove_queue(name);
+            inner.layout.remove_queue_dir(name)?;
+            Ok((Some(info.message_count), true))
+        })?;
+        match deleted {
+            Some(n) => {
+                inner.queue_gone(name);
+                Ok(n)
+            }
+            None => Ok(0),
+        }
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u32> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_path_name("queue", name)?;
+        let snap = inner.snapshot()?;
+        let q = snap
+            .topo
+            .queues
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+        inner.check_exclusive(name, q)?;
+        let ready = inner.layout.ready(name);
+        let mut n = 0u32;
+        for (file, _) in layout::list_messages(&ready)? {
+            match fs::remove_file(ready.join(file)) {
+                Ok(()) => n += 1,
+                Err(e) if fsys::is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+
+    async fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_path_name("queue", queue)?;
+        if exchange == DEFAULT_EXCHANGE {
+            return Err(Error::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        check_path_name("exchange", exchange)?;
+        let b = BindingRecord {
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        inner.modify(|t| {
+            let q = t
+                .queues
+                .get(queue)
+                .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?;
+            inner.check_exclusive(queue, q)?;
+            if exchange_kind(t, exchange).is_none() {
+                return Err(Error::NotFound(format!("no exchange {exchange:?}")));
+            }
+            if t.bindings.contains(&b) {
+                return Ok(((), false));
+            }
+            t.bindings.push(b);
+            Ok(((), true))
+        })
+    }
+
+    async fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_path_name("queue", queue)?;
+        if exchange == DEFAULT_EXCHANGE {
+            return Err(Error::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        check_path_name("exchange", exchange)?;
+        let b = BindingRecord {
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        inner.modify(|t| {
+            if let Some(q) = t.queues.get(queue) {
+                inner.check_exclusive(queue, q)?;
+            }
+            let before = t.bindings.len();
+            t.bindings.retain(|x| *x != b);
+            if t.bindings.len() == before {
+                return Ok(((), false));
+            }
+            t.drop_unused_auto_delete_exchange(exchange);
+            Ok(((), true))
+        })
+    }
+
+    async fn publish(&self, exchange: &str, routing_key: &str, message: Message, options: PublishOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if !exchange.is_empty() {
+            check_path_name("exchange", exchange)?;
+        }
+        inner
+            .publish_message(exchange, routing_key, message, options.mandatory)
+            .await
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        check_path_name("queue", queue)?;
+        let snap = inner.snapshot()?;
+        let rec = snap
+            .topo
+            .queues
+            .get(queue)
+            .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?
+            .clone();
+        inner.check_exclusive(queue, &rec)?;
+        let tag = options
+            .consumer_tag
+            .clone()
+            .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
+        if inner
+            .dispatchers
+            .lock()
+            .expect("dispatchers lock")
+            .values()
+            .any(|d| d.has_tag(&tag))
+        {
+            return Err(Error::PreconditionFailed(format!(
+                "consumer tag {tag:?} is already in use on this connection"
+            )));
+        }
+        // Registered under the topology lock so exclusive consumers are
+        // checked against every process at once.
+        let file = inner.next_consumer_file(options.exclusive);
+        let consumer_file = inner.layout.consumers(queue).join(&file);
+        inner.modify(|t| {
+            if !t.queues.get(queue).is_some_and(|q| q.id == rec.id) {
+                return Err(Error::NotFound(format!("no queue {queue:?}")));
+            }
+            let live = inner.live_consumers(queue);
+            if live.iter().any(|(_, x)| *x) {
+                return Err(Error::ResourceLocked(format!(
+                    "queue {queue:?} has an exclusive consumer"
+                )));
+            }
+            if options.exclusive && !live.is_empty() {
+                return Err(Error::ResourceLocked(format!(
+                    "queue {queue:?} has consumers; cannot consume exclusively"
+                )));
+            }
+            fsys::create_new(&consumer_file, fsys::FILE_MODE)?.write_all(tag.as_bytes())?;
+            Ok(((), false))
+        })?;
+        let dispatcher = match inner.dispatcher(queue, &rec) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = fs::remove_file(&consumer_file);
+                return Err(e);
+            }
+        };
+        Ok(consumer::start(inner, &dispatcher, tag, consumer_file, &options))
+    }
+
+    async fn reply_queue(&self) -> Result<ReplyQueue> {
+        classic_reply_queue(self).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.shutdown();
+        Ok(())
+    }
+
+    fn is_open(&self) -> bool {
+        self.inner.is_open()
+    }
+}

@@ -1,0 +1,516 @@
+//! Delivery: one dispatcher per queue and connection claims ready messages
+//! (an atomic rename into the connection's claim folder) and hands them
+//! round-robin to the connection's consumers with free prefetch capacity.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use bus_core::{
+    Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, QueueArguments,
+    Result,
+};
+use futures::Stream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::connection::Inner;
+use crate::envelope::Envelope;
+use crate::fsys::{self, FileLock};
+use crate::layout::{self, Layout};
+use crate::names::{self, MessageName};
+
+/// Deliveries a consumer's stream buffers beyond what it has read.
+const STREAM_BUFFER: usize = 256;
+
+/// A message this connection has claimed: its file in the claim folder and
+/// its content.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    pub(crate) path: PathBuf,
+    pub(crate) name: MessageName,
+    pub(crate) envelope: Envelope,
+}
+
+/// Reads a claimed file; a file that is not a valid message is
+/// quarantined and `None` returned.
+pub(crate) fn read_claim(layout: &Layout, queue: &str, path: PathBuf, name: MessageName) -> Option<Claim> {
+    let decoded = fsys::read_regular(&path)
+        .map_err(|e| format!("unreadable: {e}"))
+        .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()));
+    match decoded {
+        Ok(envelope) => Some(Claim { path, name, envelope }),
+        Err(reason) => {
+            layout::quarantine(layout, queue, &path, &reason);
+            None
+        }
+    }
+}
+
+/// Claims and hands out the messages of one queue for one connection.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    pub(crate) queue: String,
+    pub(crate) queue_id: String,
+    pub(crate) args: QueueArguments,
+    layout: Layout,
+    state: Mutex<DispatchState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct DispatchState {
+    /// Names believed ready, in delivery order (a stale one fails to claim
+    /// and is skipped).
+    ready: BTreeSet<String>,
+    rescan: bool,
+    consumers: Vec<Arc<ConsumerShared>>,
+    next: usize,
+    stopped: bool,
+    /// Held while this dispatcher is the queue's single active consumer.
+    single_active: Option<FileLock>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(queue: String, queue_id: String, args: QueueArguments, layout: Layout) -> Self {
+        Dispatcher {
+            queue,
+            queue_id,
+            args,
+            layout,
+            state: Mutex::new(DispatchState {
+                rescan: true,
+                ..DispatchState::default()
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DispatchState> {
+        self.state.lock().expect("dispatcher lock")
+    }
+
+    /// A message file appeared in the ready folder.
+    pub(crate) fn offer(&self, file: &str) {
+        if MessageName::parse(file).is_some() {
+            self.lock().ready.insert(file.to_owned());
+            self.wake.notify_one();
+        }
+    }
+
+    /// File-system events may have been lost: list the folder again.
+    pub(crate) fn request_rescan(&self) {
+        self.lock().rescan = true;
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn has_tag(&self, tag: &str) -> bool {
+        self.lock().consumers.iter().any(|c| c.tag == tag)
+    }
+
+    /// Stops dispatching and ends every consumer's stream; returns the
+    /// consumers so the caller can requeue what they held.
+    pub(crate) fn stop(&self) -> Vec<Arc<ConsumerShared>> {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.single_active = None;
+        let cs = std::mem::take(&mut st.consumers);
+        drop(st);
+        for c in &cs {
+            c.end_stream();
+        }
+        self.wake.notify_one();
+        cs
+    }
+
+    fn remove_consumer(&self, c: &ConsumerShared) -> bool {
+        let mut st = self.lock();
+        let before = st.consumers.len();
+        st.consumers.retain(|x| !std::ptr::eq(&**x, c));
+        if st.consumers.is_empty() {
+            st.single_active = None;
+        }
+        let removed = st.consumers.len() != before;
+        drop(st);
+        self.wake.notify_one();
+        removed
+    }
+
+    fn rescan(&self, inner: &Inner) {
+        let ready = self.layout.ready(&self.queue);
+        for foreign in layout::list_foreign(&ready).unwrap_or_default() {
+            layout::quarantine(&self.layout, &self.queue, &ready.join(&foreign), "not a message file name");
+        }
+        let listed = match layout::list_messages(&ready) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(queue = self.queue, error = %e, "cannot list queue");
+                return;
+            }
+        };
+        let still_there = inner
+            .snapshot()
+            .map(|s| s.topo.queues.get(&self.queue).is_some_and(|q| q.id == self.queue_id))
+            .unwrap_or(true);
+        if !still_there {
+            inner.queue_gone(&self.queue);
+            return;
+        }
+        let mut st = self.lock();
+        st.ready = listed.into_iter().map(|(f, _)| f).collect();
+    }
+
+    /// Claims and delivers while there are ready messages and consumers
+    /// with capacity. Returns claimed messages that had expired, for the
+    /// caller to dead-letter outside the lock.
+    fn deliver(&self, inner: &Inner) -> Vec<Claim> {
+        let mut expired = Vec::new();
+        let mut st = self.lock();
+        let now = names::now_ms().max(0) as u64;
+        loop {
+            if st.stopped || st.consumers.is_empty() || st.ready.is_empty() {
+                break;
+            }
+            let candidates = if self.args.single_active_consumer {
+                if st.single_active.is_none() {
+                    match FileLock::try_lock_create(&self.layout.sac_lock(&self.queue)) {
+                        Ok(Some(l)) => st.single_active = Some(l),
+                        _ => break,
+                    }
+                }
+                1
+            } else {
+                st.consumers.len()
+            };
+            let n = st.consumers.len();
+            let start = if candidates == 1 { 0 } else { st.next % n };
+            let Some(idx) = (0..candidates)
+                .map(|i| (start + i) % n)
+                .find(|&i| st.consumers[i].has_capacity())
+            else {
+                break;
+            };
+            let Some(file) = st.ready.pop_first() else { break };
+            let Some(name) = MessageName::parse(&file) else { continue };
+            let claim = match inner.claim_file(&self.queue, &file, name) {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(queue = self.queue, error = %e, "claim failed");
+                    continue;
+                }
+            };
+            if claim.name.expires_at_ms.is_some_and(|e| e <= now) {
+                expired.push(claim);
+                continue;
+            }
+            let c = st.consumers[idx].clone();
+            if let Err(claim) = c.hand_over(claim) {
+                // Its stream is gone: the message goes back untouched.
+                let back = self.layout.ready(&self.queue).join(claim.name.file_name());
+                if fs::rename(&claim.path, back).is_ok() {
+                    st.ready.insert(claim.name.file_name());
+                }
+                st.consumers.remove(idx);
+                continue;
+            }
+            st.next = idx + 1;
+        }
+        expired
+    }
+
+    /// The earliest expiry among the names believed ready.
+    fn next_expiry(&self) -> Option<u64> {
+        let st = self.lock();
+        if st.consumers.is_empty() {
+            return None;
+        }
+        st.ready
+            .iter()
+            .filter_map(|f| MessageName::parse(f)?.expires_at_ms)
+            .min()
+    }
+}
+
+/// The dispatcher's task: rescans on a timer or request, delivers when
+/// woken (new message, freed capacity, new consumer).
+pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
+    let mut next_rescan = Instant::now();
+    loop {
+        let notified = d.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let interval = {
+            let Some(inner) = inner.upgrade() else { return };
+            if d.lock().stopped || !inner.is_open() {
+                return;
+            }
+            let due = std::mem::take(&mut d.lock().rescan);
+            if due || Instant::now() >= next_rescan {
+                d.rescan(&inner);
+                next_rescan = Instant::now() + inner.options.rescan_interval;
+            }
+            for claim in d.deliver(&inner) {
+                if let Err(e) = inner.dead_letter_or_drop(&d.queue, &d.args, &claim, "expired").await {
+                    tracing::warn!(queue = d.queue, error = %e, "dead-lettering failed");
+                }
+            }
+            inner.options.rescan_interval
+        };
+        let _ = interval;
+        let wake_at = match d.next_expiry() {
+            Some(ms) => {
+                let now = names::now_ms().max(0) as u64;
+                let at = Instant::now() + std::time::Duration::from_millis(ms.saturating_sub(now));
+                at.min(next_rescan)
+            }
+            None => next_rescan,
+        };
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+}
+
+/// One consumer's state, shared by its stream, its deliveries' acks and
+/// the dispatcher.
+#[derive(Debug)]
+pub(crate) struct ConsumerShared {
+    pub(crate) tag: String,
+    pub(crate) queue: String,
+    consumer_file: PathBuf,
+    prefetch: u16,
+    auto_ack: bool,
+    tx: Mutex<Option<mpsc::Sender<Result<Delivery>>>>,
+    unacked: Mutex<BTreeMap<u64, Claim>>,
+    next_tag: AtomicU64,
+    released: AtomicBool,
+    dispatcher: Weak<Dispatcher>,
+    inner: Weak<Inner>,
+    me: Weak<ConsumerShared>,
+}
+
+impl ConsumerShared {
+    fn has_capacity(&self) -> bool {
+        let tx = self.tx.lock().expect("tx lock");
+        let Some(tx) = tx.as_ref() else { return false };
+        tx.capacity() > 0
+            && (self.auto_ack
+                || self.prefetch == 0
+                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+    }
+
+    /// Sends a claimed message to the stream; gives it back if the stream
+    /// is gone.
+    fn hand_over(&self, claim: Claim) -> std::result::Result<(), Claim> {
+        let tx = self.tx.lock().expect("tx lock").clone();
+        let Some(tx) = tx else { return Err(claim) };
+        let Ok(permit) = tx.try_reserve() else {
+            return Err(claim);
+        };
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
+        let env = &claim.envelope;
+        let acker: Option<Arc<dyn Acknowledger>> = if self.auto_ack {
+            None
+        } else {
+            self.me.upgrade().map(|a| a as Arc<dyn Acknowledger>)
+        };
+        let delivery = Delivery::new(
+            env.message.clone(),
+            env.exchange.clone(),
+            env.routing_key.clone(),
+            claim.name.redelivered,
+            tag,
+            acker,
+        );
+        if self.auto_ack {
+            let _ = fs::remove_file(&claim.path);
+        } else {
+            self.unacked.lock().expect("unacked lock").insert(tag, claim);
+        }
+        permit.send(Ok(delivery));
+        Ok(())
+    }
+
+    fn end_stream(&self) {
+        self.tx.lock().expect("tx lock").take();
+    }
+
+    /// Stops deliveries: the consumer leaves its dispatcher and its
+    /// registration is removed. Deliveries already handed out stay
+    /// settleable.
+    fn cancel(&self) {
+        self.end_stream();
+        let removed = self.dispatcher.upgrade().is_some_and(|d| d.remove_consumer(self));
+        let _ = fs::remove_file(&self.consumer_file);
+        if removed {
+            if let Some(inner) = self.inner.upgrade() {
+                inner.consumer_left(&self.queue);
+            }
+        }
+    }
+
+    /// The consumer is gone for good: everything it held unsettled goes
+    /// back to the queue, redelivered.
+    pub(crate) fn release(&self, inner: &Inner) {
+        self.end_stream();
+        let _ = fs::remove_file(&self.consumer_file);
+        self.released.store(true, Ordering::Release);
+        let held = std::mem::take(&mut *self.unacked.lock().expect("unacked lock"));
+        for claim in held.values() {
+            inner.requeue(&self.queue, claim);
+        }
+    }
+
+    fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Claim>> {
+        let mut unacked = self.unacked.lock().expect("unacked lock");
+        if multiple {
+            let rest = unacked.split_off(&(tag + 1));
+            let taken = std::mem::replace(&mut *unacked, rest);
+            if taken.is_empty() && !self.released.load(Ordering::Acquire) {
+                return Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}")));
+            }
+            Ok(taken.into_values().collect())
+        } else {
+            match unacked.remove(&tag) {
+                Some(c) => Ok(vec![c]),
+                None if self.released.load(Ordering::Acquire) => Err(Error::Closed(
+                    "the consumer is gone; its deliveries were requeued".into(),
+                )),
+                None => Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}"))),
+            }
+        }
+    }
+
+    fn after_settle(&self) {
+        if let Some(d) = self.dispatcher.upgrade() {
+            d.wake();
+        }
+    }
+}
+
+#[async_trait]
+impl Acknowledger for ConsumerShared {
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        for claim in self.take(tag, multiple)? {
+            match fs::remove_file(&claim.path) {
+                Ok(()) => {}
+                Err(e) if fsys::is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.after_settle();
+        Ok(())
+    }
+
+    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+        let claims = self.take(tag, multiple)?;
+        let inner = self
+            .inner
+            .upgrade()
+            .ok_or_else(|| Error::Closed("the file connection is closed".into()))?;
+        let args = self
+            .dispatcher
+            .upgrade()
+            .map(|d| d.args.clone())
+            .unwrap_or_default();
+        let mut result = Ok(());
+        for claim in &claims {
+            if requeue {
+                inner.requeue(&self.queue, claim);
+            } else if let Err(e) = inner.dead_letter_or_drop(&self.queue, &args, claim, "rejected").await {
+                result = Err(e);
+            }
+        }
+        self.after_settle();
+        result
+    }
+}
+
+struct Control {
+    shared: Arc<ConsumerShared>,
+}
+
+#[async_trait]
+impl ConsumerControl for Control {
+    async fn cancel(&self) -> Result<()> {
+        self.shared.cancel();
+        Ok(())
+    }
+}
+
+struct ConsumerStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    shared: Arc<ConsumerShared>,
+}
+
+impl Stream for ConsumerStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let r = self.rx.poll_recv(cx);
+        if matches!(r, Poll::Ready(Some(_))) {
+            // A slot of the stream's buffer freed up.
+            self.shared.after_settle();
+        }
+        r
+    }
+}
+
+impl Drop for ConsumerStream {
+    fn drop(&mut self) {
+        self.shared.cancel();
+        self.rx.close();
+        if let Some(inner) = self.shared.inner.upgrade() {
+            self.shared.release(&inner);
+        }
+    }
+}
+
+/// Registers a consumer with its queue's dispatcher and builds the
+/// [`Consumer`] handed to the user.
+pub(crate) fn start(
+    inner: &Arc<Inner>,
+    dispatcher: &Arc<Dispatcher>,
+    tag: String,
+    consumer_file: PathBuf,
+    options: &ConsumeOptions,
+) -> Consumer {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let shared = Arc::new_cyclic(|me| ConsumerShared {
+        tag: tag.clone(),
+        queue: dispatcher.queue.clone(),
+        consumer_file,
+        prefetch: options.prefetch,
+        auto_ack: options.auto_ack,
+        tx: Mutex::new(Some(tx)),
+        unacked: Mutex::new(BTreeMap::new()),
+        next_tag: AtomicU64::new(0),
+        released: AtomicBool::new(false),
+        dispatcher: Arc::downgrade(dispatcher),
+        inner: Arc::downgrade(inner),
+        me: me.clone(),
+    });
+    dispatcher.lock().consumers.push(shared.clone());
+    dispatcher.wake();
+    let stream = ConsumerStream {
+        rx,
+        shared: shared.clone(),
+    };
+    Consumer::new(
+        tag,
+        dispatcher.queue.clone(),
+        Box::pin(stream),
+        Arc::new(Control { shared }),
+    )
+}

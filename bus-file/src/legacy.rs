@@ -1,0 +1,1 @@
+//! Legacy folder mode (being built).

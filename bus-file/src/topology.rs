@@ -1,0 +1,276 @@
+//! The shared topology (exchanges, queues, bindings) in the `topology` file
+//! of the root, changed only under the `topology.lock` flock and replaced
+//! atomically, so every process reads a whole, consistent version.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use bus_core::{ExchangeKind, FieldTable};
+
+use crate::codec::{crc32, DecodeError, Reader, Writer};
+use crate::fsys;
+
+const MAGIC: &[u8; 4] = b"BUST";
+const VERSION: u8 = 1;
+
+/// A declared exchange.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ExchangeRecord {
+    pub(crate) kind: ExchangeKind,
+    pub(crate) durable: bool,
+    pub(crate) auto_delete: bool,
+    pub(crate) internal: bool,
+    pub(crate) arguments: FieldTable,
+}
+
+/// A declared queue.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct QueueRecord {
+    /// Tells a queue from a later one of the same name.
+    pub(crate) id: String,
+    pub(crate) durable: bool,
+    /// The owner id of the connection an exclusive queue belongs to.
+    pub(crate) exclusive_owner: Option<String>,
+    pub(crate) auto_delete: bool,
+    /// The `x-` arguments as a table (`QueueArguments::to_table`).
+    pub(crate) arguments: FieldTable,
+}
+
+/// A binding of a queue to an exchange.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct BindingRecord {
+    pub(crate) exchange: String,
+    pub(crate) queue: String,
+    pub(crate) routing_key: String,
+    pub(crate) arguments: FieldTable,
+}
+
+/// The whole topology.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Topology {
+    pub(crate) generation: u64,
+    pub(crate) exchanges: BTreeMap<String, ExchangeRecord>,
+    pub(crate) queues: BTreeMap<String, QueueRecord>,
+    pub(crate) bindings: Vec<BindingRecord>,
+}
+
+fn kind_byte(k: ExchangeKind) -> u8 {
+    match k {
+        ExchangeKind::Direct => 0,
+        ExchangeKind::Fanout => 1,
+        ExchangeKind::Topic => 2,
+        ExchangeKind::Headers => 3,
+    }
+}
+
+impl Topology {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.buf.extend_from_slice(MAGIC);
+        w.u8(VERSION);
+        w.u64(self.generation);
+        w.u32(self.exchanges.len() as u32);
+        for (name, x) in &self.exchanges {
+            w.str(name);
+            w.u8(kind_byte(x.kind));
+            w.bool(x.durable);
+            w.bool(x.auto_delete);
+            w.bool(x.internal);
+            w.table(&x.arguments);
+        }
+        w.u32(self.queues.len() as u32);
+        for (name, q) in &self.queues {
+            w.str(name);
+            w.str(&q.id);
+            w.bool(q.durable);
+            w.opt_str(q.exclusive_owner.as_deref());
+            w.bool(q.auto_delete);
+            w.table(&q.arguments);
+        }
+        w.u32(self.bindings.len() as u32);
+        for b in &self.bindings {
+            w.str(&b.exchange);
+            w.str(&b.queue);
+            w.str(&b.routing_key);
+            w.table(&b.arguments);
+        }
+        let crc = crc32(&w.buf);
+        w.u32(crc);
+        w.buf
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Topology, DecodeError> {
+        if bytes.len() < 9 || &bytes[..4] != MAGIC {
+            return Err(DecodeError("not a topology file".into()));
+        }
+        if bytes[4] != VERSION {
+            return Err(DecodeError(format!(
+                "topology version {} is not supported",
+                bytes[4]
+            )));
+        }
+        let (content, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32(content) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(DecodeError("topology checksum mismatch".into()));
+        }
+        let mut r = Reader::new(&content[5..]);
+        let mut t = Topology {
+            generation: r.u64()?,
+            ..Topology::default()
+        };
+        for _ in 0..r.u32()? {
+            let name = r.string()?;
+            let kind = match r.u8()? {
+                0 => ExchangeKind::Direct,
+                1 => ExchangeKind::Fanout,
+                2 => ExchangeKind::Topic,
+                3 => ExchangeKind::Headers,
+                b => return Err(DecodeError(format!("unknown exchange kind {b}"))),
+            };
+            let x = ExchangeRecord {
+                kind,
+                durable: r.bool()?,
+                auto_delete: r.bool()?,
+                internal: r.bool()?,
+                arguments: r.table(0)?,
+            };
+            t.exchanges.insert(name, x);
+        }
+        for _ in 0..r.u32()? {
+            let name = r.string()?;
+            let q = QueueRecord {
+                id: r.string()?,
+                durable: r.bool()?,
+                exclusive_owner: r.opt_string()?,
+                auto_delete: r.bool()?,
+                arguments: r.table(0)?,
+            };
+            t.queues.insert(name, q);
+        }
+        for _ in 0..r.u32()? {
+            t.bindings.push(BindingRecord {
+                exchange: r.string()?,
+                queue: r.string()?,
+                routing_key: r.string()?,
+                arguments: r.table(0)?,
+            });
+        }
+        if r.remaining() != 0 {
+            return Err(DecodeError("trailing bytes in topology".into()));
+        }
+        Ok(t)
+    }
+
+    /// Removes a queue and its bindings, then auto-delete exchanges left
+    /// without bindings. Returns whether the queue was there.
+    pub(crate) fn remove_queue(&mut self, name: &str) -> bool {
+        let had = self.queues.remove(name).is_some();
+        let before: Vec<String> = self
+            .bindings
+            .iter()
+            .filter(|b| b.queue == name)
+            .map(|b| b.exchange.clone())
+            .collect();
+        self.bindings.retain(|b| b.queue != name);
+        for x in before {
+            self.drop_unused_auto_delete_exchange(&x);
+        }
+        had
+    }
+
+    /// Deletes an auto-delete exchange that has no bindings left.
+    pub(crate) fn drop_unused_auto_delete_exchange(&mut self, exchange: &str) {
+        let unused = !self.bindings.iter().any(|b| b.exchange == exchange);
+        if unused && self.exchanges.get(exchange).is_some_and(|x| x.auto_delete) {
+            self.exchanges.remove(exchange);
+        }
+    }
+}
+
+/// Identifies one version of the topology file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    ino: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    size: u64,
+}
+
+/// Stats the topology file; `None` when there is none yet.
+pub(crate) fn stamp(path: &Path) -> io::Result<Option<FileStamp>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(FileStamp {
+            ino: m.ino(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            size: m.size(),
+        })),
+        Err(e) if fsys::is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the topology file; an empty topology when there is none yet.
+pub(crate) fn read(path: &Path) -> io::Result<Topology> {
+    match fsys::read_regular(path) {
+        Ok(bytes) => Topology::decode(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if fsys::is_not_found(&e) => Ok(Topology::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the topology file durably (the caller holds the lock).
+pub(crate) fn write(root: &Path, t: &Topology) -> io::Result<()> {
+    let tmp = root.join("tmp").join(format!("topology.{}", crate::names::process_tag()));
+    fsys::write_atomic(&tmp, &root.join("topology"), &t.encode(), fsys::FILE_MODE, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_round_trips() {
+        let mut t = Topology {
+            generation: 7,
+            ..Topology::default()
+        };
+        t.exchanges.insert(
+            "x".into(),
+            ExchangeRecord {
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::new(),
+            },
+        );
+        t.queues.insert(
+            "q".into(),
+            QueueRecord {
+                id: "1".into(),
+                durable: false,
+                exclusive_owner: Some("o1".into()),
+                auto_delete: true,
+                arguments: [("x-max-length".to_string(), 5i64.into())].into(),
+            },
+        );
+        t.bindings.push(BindingRecord {
+            exchange: "x".into(),
+            queue: "q".into(),
+            routing_key: "a.#".into(),
+            arguments: FieldTable::new(),
+        });
+        assert_eq!(Topology::decode(&t.encode()).unwrap(), t);
+        let mut bad = t.encode();
+        bad[10] ^= 1;
+        assert!(Topology::decode(&bad).is_err());
+    }
+}

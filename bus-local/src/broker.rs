@@ -1,0 +1,976 @@
+//! The broker: topology (exchanges, queues, bindings) and the paths between
+//! them (publish, dead-lettering, timers, deletion).
+//!
+//! Locking: the topology sits under one `RwLock`, held only to look up,
+//! route or change topology, never while a queue is locked; each queue has
+//! its own mutex, taken after the topology lock is released. So publishes
+//! to unrelated queues only share a read lock for routing, and no lock is
+//! ever held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bus_core::{
+    is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
+    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments, QueueInfo,
+    QueueOptions, QueueType, Result, PREDECLARED_EXCHANGES,
+};
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use crate::connection::ConnInner;
+use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
+use crate::dead_letter::{header_routes, is_cycle, DeadLetter, Reason};
+use crate::exchange::{alternate_exchange, Binding, Exchange};
+use crate::queue::{Effects, Envelope, NewConsumer, Queue, QueueState, Settle};
+
+const DEFAULT_EXCHANGE_REFUSED: &str = "operation not permitted on the default exchange";
+
+#[derive(Default)]
+struct Topology {
+    exchanges: HashMap<String, Exchange>,
+    queues: HashMap<String, Arc<Queue>>,
+}
+
+impl Topology {
+    /// The queues `keys` reach through `exchange`, in queue creation order,
+    /// each once. `None` if the exchange does not exist.
+    fn route(
+        &self,
+        exchange: &str,
+        keys: &[String],
+        headers: &FieldTable,
+    ) -> Option<Vec<Arc<Queue>>> {
+        let mut out = Vec::new();
+        if exchange.is_empty() {
+            out.extend(keys.iter().filter_map(|k| self.queues.get(k).cloned()));
+        } else {
+            let mut x = self.exchanges.get(exchange)?;
+            let mut visited = vec![exchange];
+            loop {
+                for key in keys {
+                    x.route(key, headers, &mut out);
+                }
+                // Unrouted messages follow the alternate exchange chain,
+                // stopping at a cycle as RabbitMQ does.
+                let next = match &x.alternate {
+                    Some(ae) if out.is_empty() && !visited.contains(&ae.as_str()) => ae,
+                    _ => break,
+                };
+                match self.exchanges.get(next) {
+                    Some(ax) => {
+                        visited.push(next);
+                        x = ax;
+                    }
+                    None => break,
+                }
+            }
+        }
+        out.sort_by_key(|q| q.seq);
+        out.dedup_by_key(|q| q.seq);
+        Some(out)
+    }
+}
+
+/// The shared state behind a [`LocalBroker`](crate::LocalBroker).
+pub(crate) struct BrokerInner {
+    pub(crate) name: Option<String>,
+    topology: RwLock<Topology>,
+    ids: AtomicU64,
+    pub(crate) activity: Arc<Activity>,
+    /// The runtime timers were last started on, for code that runs outside
+    /// one (drops).
+    runtime: Mutex<Option<Handle>>,
+    recording: AtomicBool,
+    records: Mutex<HashMap<String, Vec<(String, Message)>>>,
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bits = uuid::Uuid::new_v4().as_u128();
+    // 22 characters of 6 bits, like RabbitMQ's `amq.gen-` names.
+    (0..22)
+        .map(|i| char::from(ALPHABET[((bits >> (i * 6)) & 63) as usize]))
+        .collect()
+}
+
+fn not_found_queue(name: &str) -> Error {
+    Error::NotFound(format!("no queue '{name}'"))
+}
+
+fn not_found_exchange(name: &str) -> Error {
+    Error::NotFound(format!("no exchange '{name}'"))
+}
+
+fn locked(name: &str) -> Error {
+    Error::ResourceLocked(format!(
+        "cannot obtain exclusive access to locked queue '{name}': it is exclusive to another \
+         connection, or the exclusive flag differs from its declaration"
+    ))
+}
+
+fn check_routing_key(key: &str) -> Result<()> {
+    if key.len() > bus_core::MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "routing key is {} bytes long; at most {} are allowed",
+            key.len(),
+            bus_core::MAX_NAME_LEN
+        )));
+    }
+    Ok(())
+}
+
+fn inequivalent(what: &str, name: &str, arg: &str, received: &str, current: &str) -> Error {
+    Error::PreconditionFailed(format!(
+        "inequivalent arg '{arg}' for {what} '{name}': received {received} but current is {current}"
+    ))
+}
+
+fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+    match v {
+        Some(v) => format!("{v:?}"),
+        None => "none".into(),
+    }
+}
+
+/// Compares the arguments RabbitMQ checks on redeclaration; others (unknown
+/// `x-` arguments) are ignored, as RabbitMQ ignores them.
+fn check_equivalent_args(name: &str, have: &QueueArguments, want: &QueueArguments) -> Result<()> {
+    macro_rules! same {
+        ($field:ident, $arg:literal) => {
+            if have.$field != want.$field {
+                return Err(inequivalent(
+                    "queue",
+                    name,
+                    $arg,
+                    &show(&want.$field),
+                    &show(&have.$field),
+                ));
+            }
+        };
+    }
+    same!(message_ttl, "x-message-ttl");
+    same!(expires, "x-expires");
+    same!(max_length, "x-max-length");
+    same!(max_length_bytes, "x-max-length-bytes");
+    same!(overflow, "x-overflow");
+    same!(dead_letter_exchange, "x-dead-letter-exchange");
+    same!(dead_letter_routing_key, "x-dead-letter-routing-key");
+    same!(max_priority, "x-max-priority");
+    if have.single_active_consumer != want.single_active_consumer {
+        return Err(inequivalent(
+            "queue",
+            name,
+            "x-single-active-consumer",
+            &want.single_active_consumer.to_string(),
+            &have.single_active_consumer.to_string(),
+        ));
+    }
+    // RabbitMQ takes a missing x-queue-type for the current type of a
+    // classic queue, but not of a quorum one.
+    let kind = |t: Option<QueueType>| t.unwrap_or(QueueType::Classic);
+    if kind(have.queue_type) != kind(want.queue_type) {
+        return Err(inequivalent(
+            "queue",
+            name,
+            "x-queue-type",
+            &show(&want.queue_type),
+            &show(&have.queue_type),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses what RabbitMQ 3.10 refuses for a queue type.
+fn check_queue_type(name: &str, options: &QueueOptions, args: &QueueArguments) -> Result<()> {
+    match args.queue_type {
+        None | Some(QueueType::Classic) => Ok(()),
+        Some(QueueType::Stream) => Err(Error::NotSupported(format!(
+            "queue '{name}': stream queues are not supported by the in-process broker"
+        ))),
+        Some(QueueType::Quorum) => {
+            let refused = if !options.durable {
+                Some("invalid property 'non-durable'")
+            } else if options.exclusive {
+                Some("invalid property 'exclusive-owner'")
+            } else if options.auto_delete {
+                Some("invalid property 'auto-delete'")
+            } else if args.max_priority.is_some() {
+                Some("invalid arg 'x-max-priority'")
+            } else {
+                None
+            };
+            match refused {
+                Some(why) => Err(Error::PreconditionFailed(format!(
+                    "{why} for quorum queue '{name}'"
+                ))),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+impl BrokerInner {
+    pub(crate) fn new(name: Option<String>) -> Self {
+        let mut topology = Topology::default();
+        for (name, kind) in PREDECLARED_EXCHANGES {
+            topology.exchanges.insert(
+                name.to_owned(),
+                Exchange::new(kind, true, false, false, None),
+            );
+        }
+        BrokerInner {
+            name,
+            topology: RwLock::new(topology),
+            ids: AtomicU64::new(1),
+            activity: Arc::default(),
+            runtime: Mutex::new(None),
+            recording: AtomicBool::new(false),
+            records: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Topology> {
+        self.topology.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Topology> {
+        self.topology.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- finishing queue operations ------------------------------------
+
+    /// Ends an operation on a locked queue: arms its timer, releases the
+    /// lock, then does what the operation left for the broker.
+    fn complete(
+        self: &Arc<Self>,
+        queue: &Arc<Queue>,
+        mut st: MutexGuard<'_, QueueState>,
+        fx: Effects,
+    ) {
+        self.schedule(queue, &mut st);
+        drop(st);
+        let mut work = VecDeque::new();
+        self.absorb(queue, fx, &mut work);
+        while let Some(dead) = work.pop_front() {
+            self.route_dead_letter(dead, &mut work);
+        }
+    }
+
+    fn absorb(self: &Arc<Self>, queue: &Arc<Queue>, fx: Effects, work: &mut VecDeque<DeadLetter>) {
+        work.extend(fx.dead);
+        if fx.delete {
+            self.remove_queue(queue);
+        }
+    }
+
+    fn route_dead_letter(self: &Arc<Self>, dead: DeadLetter, work: &mut VecDeque<DeadLetter>) {
+        let env = dead.envelope;
+        self.record(&env.exchange, &env.routing_keys[0], &env.message);
+        let targets = self.read().route(
+            &env.exchange,
+            &env.routing_keys,
+            &env.message.properties.headers,
+        );
+        // A missing dead-letter exchange drops the message, as in RabbitMQ.
+        let Some(mut targets) = targets else { return };
+        if dead.reason != Reason::Rejected {
+            targets.retain(|q| !is_cycle(&q.name, &env.message.properties.headers));
+        }
+        let env = Arc::new(env);
+        let now = Instant::now();
+        for queue in targets {
+            let mut fx = Effects::default();
+            let mut st = queue.lock();
+            queue.publish(&mut st, &env, None, now, &mut fx);
+            self.schedule(&queue, &mut st);
+            drop(st);
+            self.absorb(&queue, fx, work);
+        }
+    }
+
+    // ---- timers ----------------------------------------------------------
+
+    /// Makes sure a timer task wakes the queue at its next deadline (a
+    /// message expiring, or the queue itself under `x-expires`). Timers run
+    /// on tokio's clock, so a paused test clock drives them.
+    fn schedule(self: &Arc<Self>, queue: &Arc<Queue>, st: &mut QueueState) {
+        if st.deleted {
+            return;
+        }
+        let Some(deadline) = queue.next_deadline(st) else {
+            return;
+        };
+        // An armed timer already in the past belongs to a runtime that is
+        // gone (a named broker outlives a test's runtime) or is about to
+        // run: arming again is harmless, the generation retires the stale
+        // one.
+        if st
+            .timer
+            .is_some_and(|armed| armed <= deadline && armed > Instant::now())
+        {
+            return;
+        }
+        let mut runtime = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = match Handle::try_current() {
+            Ok(h) => {
+                *runtime = Some(h.clone());
+                h
+            }
+            Err(_) => match runtime.as_ref() {
+                Some(h) => h.clone(),
+                // No runtime yet: the next call on the queue arms it.
+                None => return,
+            },
+        };
+        drop(runtime);
+        st.timer_gen += 1;
+        st.timer = Some(deadline);
+        let generation = st.timer_gen;
+        let broker = Arc::downgrade(self);
+        let weak_queue = Arc::downgrade(queue);
+        handle.spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            if let (Some(broker), Some(queue)) = (broker.upgrade(), weak_queue.upgrade()) {
+                broker.on_timer(&queue, generation);
+            }
+        });
+    }
+
+    fn on_timer(self: &Arc<Self>, queue: &Arc<Queue>, generation: u64) {
+        let mut st = queue.lock();
+        if st.timer_gen != generation || st.deleted {
+            return;
+        }
+        st.timer = None;
+        let mut fx = Effects::default();
+        queue.tick(&mut st, Instant::now(), &mut fx);
+        self.complete(queue, st, fx);
+    }
+
+    // ---- lookups ---------------------------------------------------------
+
+    /// The queue of that name, unless it is gone or its `x-expires` has
+    /// passed (then it is deleted now, whether or not its timer ran).
+    fn lookup_queue(self: &Arc<Self>, name: &str) -> Option<Arc<Queue>> {
+        let queue = self.read().queues.get(name).cloned()?;
+        if queue.args.expires.is_some() {
+            let expired = queue.idle_expired(&queue.lock(), Instant::now());
+            if expired {
+                self.remove_queue(&queue);
+                return None;
+            }
+        }
+        Some(queue)
+    }
+
+    fn check_owner(queue: &Queue, conn: u64) -> Result<()> {
+        match queue.owner {
+            Some(owner) if owner != conn => Err(locked(&queue.name)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Brings a queue up to date (expired messages out, consumers fed) and
+    /// reads its counts.
+    fn queue_info(self: &Arc<Self>, queue: &Arc<Queue>, touch: bool) -> QueueInfo {
+        let now = Instant::now();
+        let mut st = queue.lock();
+        if touch {
+            Queue::touch(&mut st, now);
+        }
+        let mut fx = Effects::default();
+        queue.tick(&mut st, now, &mut fx);
+        let info = QueueInfo {
+            name: queue.name.clone(),
+            message_count: u32::try_from(Queue::ready_count(&st)).unwrap_or(u32::MAX),
+            consumer_count: u32::try_from(Queue::consumer_count(&st)).unwrap_or(u32::MAX),
+        };
+        self.complete(queue, st, fx);
+        info
+    }
+
+    pub(crate) fn queue_depth(self: &Arc<Self>, name: &str) -> Option<usize> {
+        let queue = self.lookup_queue(name)?;
+        let info = self.queue_info(&queue, false);
+        Some(info.message_count as usize)
+    }
+
+    pub(crate) fn unacked_count(self: &Arc<Self>, name: &str) -> Option<usize> {
+        let queue = self.lookup_queue(name)?;
+        let st = queue.lock();
+        Some(Queue::unacked_count(&st))
+    }
+
+    // ---- exchanges -------------------------------------------------------
+
+    pub(crate) fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        options: &ExchangeOptions,
+    ) -> Result<()> {
+        validate_name("exchange", name)?;
+        if name.is_empty() {
+            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+        }
+        if options.passive {
+            return match self.read().exchanges.contains_key(name) {
+                true => Ok(()),
+                false => Err(not_found_exchange(name)),
+            };
+        }
+        let alternate = alternate_exchange(name, &options.arguments)?;
+        let mut topo = self.write();
+        if let Some(x) = topo.exchanges.get(name) {
+            let check = |arg: &str, have: bool, want: bool| {
+                if have == want {
+                    Ok(())
+                } else {
+                    Err(inequivalent(
+                        "exchange",
+                        name,
+                        arg,
+                        &format!("'{want}'"),
+                        &format!("'{have}'"),
+                    ))
+                }
+            };
+            if x.kind != kind {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "type",
+                    &format!("'{kind}'"),
+                    &format!("'{}'", x.kind),
+                ));
+            }
+            check("durable", x.durable, options.durable)?;
+            check("auto_delete", x.auto_delete, options.auto_delete)?;
+            check("internal", x.internal, options.internal)?;
+            if x.alternate != alternate {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "alternate-exchange",
+                    &show(&alternate),
+                    &show(&x.alternate),
+                ));
+            }
+            return Ok(());
+        }
+        if is_reserved_name(name) {
+            return Err(Error::AccessRefused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        topo.exchanges.insert(
+            name.to_owned(),
+            Exchange::new(
+                kind,
+                options.durable,
+                options.auto_delete,
+                options.internal,
+                alternate,
+            ),
+        );
+        Ok(())
+    }
+
+    pub(crate) fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        validate_name("exchange", name)?;
+        if name.is_empty() {
+            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+        }
+        if is_reserved_name(name) {
+            return Err(Error::AccessRefused(format!(
+                "deletion of system exchange '{name}' not allowed"
+            )));
+        }
+        let mut topo = self.write();
+        let Some(x) = topo.exchanges.get(name) else {
+            return Ok(());
+        };
+        if if_unused && x.binding_count() > 0 {
+            return Err(Error::PreconditionFailed(format!(
+                "exchange '{name}' in use"
+            )));
+        }
+        topo.exchanges.remove(name);
+        Ok(())
+    }
+
+    // ---- queues ----------------------------------------------------------
+
+    /// Declares or checks a queue. Returns its counts, and the queue when
+    /// this call created it exclusive (the connection must track it).
+    pub(crate) fn declare_queue(
+        self: &Arc<Self>,
+        conn: u64,
+        name: &str,
+        options: &QueueOptions,
+    ) -> Result<(QueueInfo, Option<Arc<Queue>>)> {
+        validate_name("queue", name)?;
+        if options.passive {
+            let queue = self
+                .lookup_queue(name)
+                .ok_or_else(|| not_found_queue(name))?;
+            Self::check_owner(&queue, conn)?;
+            return Ok((self.queue_info(&queue, true), None));
+        }
+        let args = options.arguments.normalized()?;
+        if !name.is_empty() && is_reserved_name(name) {
+            return Err(Error::AccessRefused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let owner = options.exclusive.then_some(conn);
+        if !name.is_empty() {
+            if let Some(queue) = self.lookup_queue(name) {
+                return self.redeclare(&queue, options, owner, &args);
+            }
+        }
+        check_queue_type(name, options, &args)?;
+        let now = Instant::now();
+        let mut topo = self.write();
+        let name = if name.is_empty() {
+            loop {
+                let candidate = format!("amq.gen-{}", random_suffix());
+                if !topo.queues.contains_key(&candidate) {
+                    break candidate;
+                }
+            }
+        } else {
+            if let Some(queue) = topo.queues.get(name).cloned() {
+                // Declared by someone else since the lookup.
+                drop(topo);
+                return self.redeclare(&queue, options, owner, &args);
+            }
+            name.to_owned()
+        };
+        let queue = Arc::new(Queue::new(
+            name.clone(),
+            self.next_id(),
+            options.durable,
+            options.auto_delete,
+            owner,
+            args,
+            now,
+        ));
+        topo.queues.insert(name.clone(), queue.clone());
+        drop(topo);
+        let st = queue.lock();
+        self.complete(&queue, st, Effects::default());
+        let info = QueueInfo {
+            name,
+            message_count: 0,
+            consumer_count: 0,
+        };
+        Ok((info, owner.map(|_| queue)))
+    }
+
+    fn redeclare(
+        self: &Arc<Self>,
+        queue: &Arc<Queue>,
+        options: &QueueOptions,
+        owner: Option<u64>,
+        args: &QueueArguments,
+    ) -> Result<(QueueInfo, Option<Arc<Queue>>)> {
+        let name = &queue.name;
+        let flag = |arg: &str, have: bool, want: bool| {
+            if have == want {
+                Ok(())
+            } else {
+                Err(inequivalent(
+                    "queue",
+                    name,
+                    arg,
+                    &format!("'{want}'"),
+                    &format!("'{have}'"),
+                ))
+            }
+        };
+        flag("durable", queue.durable, options.durable)?;
+        flag("auto_delete", queue.auto_delete, options.auto_delete)?;
+        if queue.owner != owner {
+            return Err(locked(name));
+        }
+        check_equivalent_args(name, &queue.args, args)?;
+        Ok((self.queue_info(queue, true), None))
+    }
+
+    pub(crate) fn delete_queue(
+        self: &Arc<Self>,
+        conn: u64,
+        name: &str,
+        options: DeleteQueueOptions,
+    ) -> Result<u32> {
+        validate_name("queue", name)?;
+        let Some(queue) = self.lookup_queue(name) else {
+            return Ok(0);
+        };
+        Self::check_owner(&queue, conn)?;
+        {
+            let st = queue.lock();
+            if options.if_unused && Queue::consumer_count(&st) > 0 {
+                return Err(Error::PreconditionFailed(format!("queue '{name}' in use")));
+            }
+            if options.if_empty && Queue::ready_count(&st) > 0 {
+                return Err(Error::PreconditionFailed(format!(
+                    "queue '{name}' not empty"
+                )));
+            }
+        }
+        Ok(u32::try_from(self.remove_queue(&queue)).unwrap_or(u32::MAX))
+    }
+
+    /// Deletes a queue: out of the topology and every exchange (auto-delete
+    /// exchanges left without bindings go too), messages dropped, consumers
+    /// ended. Returns the ready count; 0 if it was gone already.
+    pub(crate) fn remove_queue(&self, queue: &Arc<Queue>) -> usize {
+        {
+            let mut topo = self.write();
+            match topo.queues.get(&queue.name) {
+                Some(q) if Arc::ptr_eq(q, queue) => {
+                    topo.queues.remove(&queue.name);
+                }
+                _ => return 0,
+            }
+            let mut emptied = Vec::new();
+            for (name, x) in &mut topo.exchanges {
+                if x.unbind_queue(queue) && x.auto_delete && x.binding_count() == 0 {
+                    emptied.push(name.clone());
+                }
+            }
+            for name in emptied {
+                topo.exchanges.remove(&name);
+            }
+        }
+        let mut st = queue.lock();
+        Queue::mark_deleted(&mut st)
+    }
+
+    pub(crate) fn purge_queue(self: &Arc<Self>, conn: u64, name: &str) -> Result<u32> {
+        validate_name("queue", name)?;
+        let queue = self
+            .lookup_queue(name)
+            .ok_or_else(|| not_found_queue(name))?;
+        Self::check_owner(&queue, conn)?;
+        let mut st = queue.lock();
+        let n = Queue::purge(&mut st);
+        self.complete(&queue, st, Effects::default());
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    // ---- bindings --------------------------------------------------------
+
+    pub(crate) fn bind(
+        self: &Arc<Self>,
+        conn: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("queue", queue)?;
+        validate_name("exchange", exchange)?;
+        check_routing_key(key)?;
+        if exchange.is_empty() {
+            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+        }
+        let q = self
+            .lookup_queue(queue)
+            .ok_or_else(|| not_found_queue(queue))?;
+        Self::check_owner(&q, conn)?;
+        let mut topo = self.write();
+        if !topo.queues.get(queue).is_some_and(|x| Arc::ptr_eq(x, &q)) {
+            return Err(not_found_queue(queue));
+        }
+        let x = topo
+            .exchanges
+            .get_mut(exchange)
+            .ok_or_else(|| not_found_exchange(exchange))?;
+        x.check_binding(exchange, &arguments)?;
+        x.bind(
+            key,
+            Binding {
+                queue: q,
+                arguments,
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn unbind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("queue", queue)?;
+        validate_name("exchange", exchange)?;
+        check_routing_key(key)?;
+        if exchange.is_empty() {
+            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+        }
+        // A missing queue, exchange or binding is not an error in RabbitMQ.
+        let mut topo = self.write();
+        let Some(q) = topo.queues.get(queue).cloned() else {
+            return Ok(());
+        };
+        let Some(x) = topo.exchanges.get_mut(exchange) else {
+            return Ok(());
+        };
+        let binding = Binding {
+            queue: q,
+            arguments,
+        };
+        if x.unbind(key, &binding) && x.auto_delete && x.binding_count() == 0 {
+            topo.exchanges.remove(exchange);
+        }
+        Ok(())
+    }
+
+    // ---- publishing ------------------------------------------------------
+
+    fn record(&self, exchange: &str, routing_key: &str, message: &Message) {
+        if !self.recording.load(Ordering::Acquire) {
+            return;
+        }
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = records.get_mut(exchange) {
+            list.push((routing_key.to_owned(), message.clone()));
+        }
+    }
+
+    pub(crate) fn record_exchange(&self, exchange: &str) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.entry(exchange.to_owned()).or_default();
+        self.recording.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn published(&self, exchange: &str) -> Vec<(String, Message)> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.get(exchange).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn publish(
+        self: &Arc<Self>,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+    ) -> Result<()> {
+        validate_name("exchange", exchange)?;
+        check_routing_key(routing_key)?;
+        let headers = &message.properties.headers;
+        let mut keys = vec![routing_key.to_owned()];
+        keys.extend(header_routes(headers).map(str::to_owned));
+        let targets = {
+            let topo = self.read();
+            if !exchange.is_empty() {
+                match topo.exchanges.get(exchange) {
+                    None => return Err(not_found_exchange(exchange)),
+                    Some(x) if x.internal => {
+                        return Err(Error::AccessRefused(format!(
+                            "cannot publish to internal exchange '{exchange}'"
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+            topo.route(exchange, &keys, headers)
+                .ok_or_else(|| not_found_exchange(exchange))?
+        };
+        let message_ttl = message.ttl()?;
+        for name in ["CC", "BCC"] {
+            match message.properties.headers.get(name) {
+                None | Some(FieldValue::Array(_)) => {}
+                Some(other) => {
+                    return Err(Error::PreconditionFailed(format!(
+                        "invalid message: header {name} must be an array of routing keys, got {}",
+                        other.type_name()
+                    )))
+                }
+            }
+        }
+        self.record(exchange, routing_key, &message);
+        if targets.is_empty() {
+            if mandatory {
+                return Err(Error::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    message: Box::new(message),
+                });
+            }
+            return Ok(());
+        }
+        let mut message = message;
+        // BCC routes but is never seen by consumers.
+        message.properties.headers.remove("BCC");
+        let envelope = Arc::new(Envelope {
+            message,
+            exchange: exchange.to_owned(),
+            routing_keys: keys,
+        });
+        let now = Instant::now();
+        let mut refused = None;
+        let mut work = VecDeque::new();
+        for queue in &targets {
+            let mut fx = Effects::default();
+            let mut st = queue.lock();
+            if !queue.publish(&mut st, &envelope, message_ttl, now, &mut fx) && refused.is_none() {
+                refused = Some(queue.name.clone());
+            }
+            self.schedule(queue, &mut st);
+            drop(st);
+            self.absorb(queue, fx, &mut work);
+        }
+        while let Some(dead) = work.pop_front() {
+            self.route_dead_letter(dead, &mut work);
+        }
+        match refused {
+            Some(queue) => Err(Error::Nacked(format!(
+                "queue '{queue}' is full and refuses new messages (x-overflow)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    // ---- consumers -------------------------------------------------------
+
+    pub(crate) fn consume(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInner>,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer> {
+        validate_name("queue", queue)?;
+        let q = self
+            .lookup_queue(queue)
+            .ok_or_else(|| not_found_queue(queue))?;
+        Self::check_owner(&q, conn.id)?;
+        let priority = match options.arguments.get("x-priority") {
+            None => 0,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                Error::PreconditionFailed(format!(
+                    "invalid consumer argument 'x-priority': expected an integer, got {}",
+                    v.type_name()
+                ))
+            })?,
+        };
+        if let Some(FieldValue::String(_)) = options.arguments.get("x-stream-offset") {
+            return Err(Error::NotSupported("stream offsets".into()));
+        }
+        let tag = options
+            .consumer_tag
+            .clone()
+            .unwrap_or_else(|| format!("amq.ctag-{}", random_suffix()));
+        let shared = Arc::new(ConsumerShared::new(
+            self.next_id(),
+            Arc::downgrade(&q),
+            Arc::downgrade(conn),
+            self.activity.clone(),
+        ));
+        let acker = Arc::new(Settler {
+            shared: shared.clone(),
+            broker: Arc::downgrade(self),
+        });
+        let now = Instant::now();
+        let mut fx = Effects::default();
+        let mut st = q.lock();
+        if st.deleted {
+            return Err(not_found_queue(queue));
+        }
+        q.add_consumer(
+            &mut st,
+            NewConsumer {
+                shared: shared.clone(),
+                acker,
+                prefetch: options.prefetch,
+                auto_ack: options.auto_ack,
+                exclusive: options.exclusive,
+                priority,
+            },
+            now,
+            &mut fx,
+        )?;
+        conn.register_consumer(shared.clone());
+        self.complete(&q, st, fx);
+        let control = Arc::new(Control {
+            shared: shared.clone(),
+            broker: Arc::downgrade(self),
+        });
+        let stream = DeliveryStream {
+            shared,
+            broker: self.clone(),
+        };
+        Ok(Consumer::new(
+            tag,
+            queue.to_owned(),
+            Box::pin(stream),
+            control,
+        ))
+    }
+
+    pub(crate) fn settle(
+        self: &Arc<Self>,
+        consumer: &ConsumerShared,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<()> {
+        // The queue is gone: its messages went with it, nothing to settle.
+        let Some(queue) = consumer.queue.upgrade() else {
+            return Ok(());
+        };
+        let mut st = queue.lock();
+        if st.deleted {
+            return Ok(());
+        }
+        let mut fx = Effects::default();
+        queue.settle(
+            &mut st,
+            consumer.id,
+            tag,
+            multiple,
+            how,
+            Instant::now(),
+            &mut fx,
+        )?;
+        self.complete(&queue, st, fx);
+        Ok(())
+    }
+
+    pub(crate) fn cancel_consumer(self: &Arc<Self>, consumer: &ConsumerShared) {
+        if let Some(queue) = consumer.queue.upgrade() {
+            let mut st = queue.lock();
+            let mut fx = Effects::default();
+            queue.cancel_consumer(&mut st, consumer.id, Instant::now(), &mut fx);
+            self.complete(&queue, st, fx);
+        } else {
+            consumer.end(false);
+        }
+    }
+
+    /// Removes a consumer for good (stream dropped or connection closed):
+    /// its unsettled deliveries are requeued.
+    pub(crate) fn drop_consumer(self: &Arc<Self>, consumer: &ConsumerShared) {
+        if let Some(conn) = consumer.conn.upgrade() {
+            conn.unregister_consumer(consumer.id);
+        }
+        consumer.end(true);
+        if let Some(queue) = consumer.queue.upgrade() {
+            let mut st = queue.lock();
+            let mut fx = Effects::default();
+            queue.remove_consumer(&mut st, consumer.id, Instant::now(), &mut fx);
+            self.complete(&queue, st, fx);
+        }
+    }
+}

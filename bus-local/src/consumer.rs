@@ -1,0 +1,226 @@
+//! The consumer side: the buffer a queue pushes deliveries into, the stream
+//! that reads it, and the handles that settle and cancel.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+
+use async_trait::async_trait;
+use bus_core::{Acknowledger, ConsumerControl, Delivery, Error, Result};
+use futures::Stream;
+use tokio::sync::Notify;
+
+use crate::broker::BrokerInner;
+use crate::connection::ConnInner;
+use crate::queue::{Queue, Settle};
+
+/// Broker-wide count of deliveries handed to consumers but not yet read
+/// from their streams: what [`LocalBroker::wait_idle`](crate::LocalBroker::wait_idle)
+/// waits on.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    buffered: AtomicUsize,
+    /// Bumped on every hand-over, so an idle check can tell that something
+    /// happened while it yielded.
+    handed: AtomicU64,
+    idle: Notify,
+}
+
+impl Activity {
+    fn added(&self) {
+        self.buffered.fetch_add(1, Ordering::AcqRel);
+        self.handed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn removed(&self, n: usize) {
+        if n > 0 && self.buffered.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves once every delivery handed over has been read, and nothing
+    /// new was handed over while other tasks had a turn to run.
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.buffered.load(Ordering::Acquire) == 0 {
+                let handed = self.handed.load(Ordering::Acquire);
+                tokio::task::yield_now().await;
+                if self.buffered.load(Ordering::Acquire) == 0
+                    && self.handed.load(Ordering::Acquire) == handed
+                {
+                    return;
+                }
+                continue;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inbox {
+    buffer: VecDeque<Delivery>,
+    ended: bool,
+    waker: Option<Waker>,
+}
+
+/// What a consumer's stream, its settle handle and its queue share.
+pub(crate) struct ConsumerShared {
+    /// Broker-unique; orders consumers deterministically.
+    pub(crate) id: u64,
+    pub(crate) queue: Weak<Queue>,
+    pub(crate) conn: Weak<ConnInner>,
+    activity: Arc<Activity>,
+    inbox: Mutex<Inbox>,
+}
+
+impl ConsumerShared {
+    pub(crate) fn new(
+        id: u64,
+        queue: Weak<Queue>,
+        conn: Weak<ConnInner>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        ConsumerShared {
+            id,
+            queue,
+            conn,
+            activity,
+            inbox: Mutex::new(Inbox::default()),
+        }
+    }
+
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a delivery over. The queue only does so within the consumer's
+    /// prefetch, so the buffer stays bounded by it.
+    pub(crate) fn push(&self, delivery: Delivery) {
+        let waker = {
+            let mut inbox = self.inbox();
+            inbox.buffer.push_back(delivery);
+            inbox.waker.take()
+        };
+        self.activity.added();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ends the stream. With `discard`, deliveries not read yet are dropped
+    /// (their messages were requeued); otherwise the stream yields them
+    /// first.
+    pub(crate) fn end(&self, discard: bool) {
+        let (dropped, waker) = {
+            let mut inbox = self.inbox();
+            inbox.ended = true;
+            let dropped = if discard {
+                std::mem::take(&mut inbox.buffer)
+            } else {
+                VecDeque::new()
+            };
+            (dropped, inbox.waker.take())
+        };
+        self.activity.removed(dropped.len());
+        drop(dropped);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let mut inbox = self.inbox();
+        if let Some(d) = inbox.buffer.pop_front() {
+            drop(inbox);
+            self.activity.removed(1);
+            return Poll::Ready(Some(d));
+        }
+        if inbox.ended {
+            return Poll::Ready(None);
+        }
+        inbox.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub(crate) fn connection_open(&self) -> bool {
+        self.conn.upgrade().is_some_and(|c| c.is_open())
+    }
+}
+
+/// The stream half of a consumer. Dropping it removes the consumer and
+/// requeues what it had not settled.
+pub(crate) struct DeliveryStream {
+    pub(crate) shared: Arc<ConsumerShared>,
+    pub(crate) broker: Arc<BrokerInner>,
+}
+
+impl Stream for DeliveryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.shared.poll_next(cx).map(|d| d.map(Ok))
+    }
+}
+
+impl Drop for DeliveryStream {
+    fn drop(&mut self) {
+        self.broker.drop_consumer(&self.shared);
+    }
+}
+
+/// Settles the deliveries of one consumer.
+pub(crate) struct Settler {
+    pub(crate) shared: Arc<ConsumerShared>,
+    pub(crate) broker: Weak<BrokerInner>,
+}
+
+impl Settler {
+    fn settle(&self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
+        let broker = self
+            .broker
+            .upgrade()
+            .ok_or_else(|| Error::Closed("the broker is gone".into()))?;
+        broker.settle(&self.shared, tag, multiple, how)
+    }
+}
+
+#[async_trait]
+impl Acknowledger for Settler {
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        self.settle(tag, multiple, Settle::Ack)
+    }
+
+    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+        let how = if requeue {
+            Settle::Requeue
+        } else {
+            Settle::Reject
+        };
+        self.settle(tag, multiple, how)
+    }
+}
+
+/// Cancels one consumer.
+pub(crate) struct Control {
+    pub(crate) shared: Arc<ConsumerShared>,
+    pub(crate) broker: Weak<BrokerInner>,
+}
+
+#[async_trait]
+impl ConsumerControl for Control {
+    async fn cancel(&self) -> Result<()> {
+        if !self.shared.connection_open() {
+            return Err(Error::Closed("the connection is closed".into()));
+        }
+        if let Some(broker) = self.broker.upgrade() {
+            broker.cancel_consumer(&self.shared);
+        }
+        Ok(())
+    }
+}
