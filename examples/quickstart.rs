@@ -151,7 +151,10 @@ async fn main() -> Result<()> {
         } else {
             ""
         };
-        println!("asr        job {:>3}: {:<22} by {}{note}", t.job, t.text, t.worker);
+        println!(
+            "asr        job {:>3}: {:<22} by {}{note}",
+            t.job, t.text, t.worker
+        );
     }
     for s in speakers {
         let s = s?;
@@ -162,7 +165,9 @@ async fn main() -> Result<()> {
         );
     }
     let served_elsewhere = served_elsewhere.ok_or_else(|| {
-        Error::Closed(format!("job {held}, held by the dead worker, got no result"))
+        Error::Closed(format!(
+            "job {held}, held by the dead worker, got no result"
+        ))
     })?;
     for worker in workers {
         worker.shutdown().await?;

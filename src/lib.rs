@@ -36,6 +36,18 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
         "amqp" | "amqps" => Err(Error::NotSupported(format!(
             "the {scheme}:// transport is compiled out: enable the `amqp` feature of `bus`"
         ))),
+        #[cfg(feature = "file")]
+        "file" => {
+            // file:///abs/path or file://localhost/abs/path, as RFC 8089.
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            if !path.starts_with('/') {
+                return Err(Error::InvalidArgument(format!(
+                    "{url:?}: expected file:///absolute/path (a local absolute path)"
+                )));
+            }
+            Ok(Arc::new(bus_file::FileConnection::open(path).await?))
+        }
+        #[cfg(not(feature = "file"))]
         "file" => Err(Error::NotSupported(
             "the file:// transport is compiled out: enable the `file` feature of `bus`".into(),
         )),

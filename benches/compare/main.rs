@@ -15,6 +15,8 @@
 
 mod support;
 
+mod amqp;
+mod file;
 mod local;
 
 use support::Report;
@@ -28,6 +30,10 @@ fn main() {
         support::rss_child(n);
         return;
     }
+    if let Some((mode, dir, count, gap)) = file::writer_request() {
+        file::writer(&mode, &dir, count, gap);
+        return;
+    }
     let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let mut report = Report::default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -37,6 +43,8 @@ fn main() {
         .expect("a tokio runtime");
     rt.block_on(async {
         local::run(&wanted, &mut report).await;
+        file::run(&wanted, &mut report).await;
+        amqp::run(&wanted, &mut report).await;
     });
     report.print_table();
 }

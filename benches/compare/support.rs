@@ -136,6 +136,170 @@ where
     done as f64 / start.elapsed().as_secs_f64()
 }
 
+/// What one side of a scenario did in its measured time: items processed,
+/// wall time and this process's CPU time (user + system, every thread).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Measured {
+    pub items: u64,
+    pub wall: Duration,
+    pub cpu: Duration,
+}
+
+impl Measured {
+    /// Items per second of wall time.
+    pub fn per_sec(&self) -> f64 {
+        self.items as f64 / self.wall.as_secs_f64()
+    }
+
+    /// Microseconds of CPU time per item.
+    pub fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.items as f64
+    }
+
+    fn add(&mut self, other: Measured) {
+        self.items += other.items;
+        self.wall += other.wall;
+        self.cpu += other.cpu;
+    }
+}
+
+/// A measurement in progress: wall and CPU time since [`Span::start`].
+pub struct Span {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Span {
+    pub fn start() -> Span {
+        Span {
+            cpu: cpu_time(),
+            wall: Instant::now(),
+        }
+    }
+
+    /// Ends the span, crediting it with `items`.
+    pub fn stop(self, items: u64) -> Measured {
+        let wall = self.wall.elapsed();
+        Measured {
+            items,
+            wall,
+            cpu: cpu_time() - self.cpu,
+        }
+    }
+}
+
+/// Measures `work`, which processes `n` items, as a whole.
+pub async fn timed(n: u64, work: impl std::future::Future<Output = ()>) -> Measured {
+    let span = Span::start();
+    work.await;
+    span.stop(n)
+}
+
+/// Runs batches until their measured time reaches `budget`.
+async fn run_for<F, Fut>(n: u64, batch: &mut F, budget: Duration) -> Measured
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Measured>,
+{
+    let mut total = Measured::default();
+    while total.wall < budget {
+        total.add(batch(n).await);
+    }
+    total
+}
+
+/// Measures two sides of a comparison. Each batch processes `n` items and
+/// reports what it measured (use [`timed`] for a whole batch, or a
+/// [`Span`] around the part that counts, leaving set-up such as pre-filling
+/// a queue out). After a warm-up of each side (a fifth of the run time),
+/// the sides take turns, two rounds of half the run time each, so that a
+/// machine whose speed drifts (other work, thermal limits) weighs on both.
+pub async fn side_by_side<A, AF, B, BF>(n: u64, mut ours: A, mut baseline: B) -> (Measured, Measured)
+where
+    A: FnMut(u64) -> AF,
+    AF: std::future::Future<Output = Measured>,
+    B: FnMut(u64) -> BF,
+    BF: std::future::Future<Output = Measured>,
+{
+    let total = run_time();
+    run_for(n, &mut ours, total / 5).await;
+    run_for(n, &mut baseline, total / 5).await;
+    let mut o = Measured::default();
+    let mut b = Measured::default();
+    for _ in 0..2 {
+        o.add(run_for(n, &mut ours, total / 2).await);
+        b.add(run_for(n, &mut baseline, total / 2).await);
+    }
+    (o, b)
+}
+
+/// Measures one side alone (its baseline is measured elsewhere, e.g. by
+/// another process): a warm-up of a fifth of the run time, then the run
+/// time.
+pub async fn alone<F, Fut>(n: u64, mut batch: F) -> Measured
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Measured>,
+{
+    let total = run_time();
+    run_for(n, &mut batch, total / 5).await;
+    run_for(n, &mut batch, total).await
+}
+
+/// A scratch folder for the file scenarios, removed when dropped. Under the
+/// system's temporary folder unless that is a tmpfs, where fsync costs
+/// nothing and the durable scenarios would measure nothing: then under
+/// `/var/tmp`. `BENCH_DIR` overrides both.
+pub fn scratch_dir(what: &str) -> tempfile::TempDir {
+    let base = match std::env::var_os("BENCH_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => {
+            let tmp = std::env::temp_dir();
+            if is_tmpfs(&tmp) {
+                std::path::PathBuf::from("/var/tmp")
+            } else {
+                tmp
+            }
+        }
+    };
+    assert!(
+        !is_tmpfs(&base),
+        "{} is a tmpfs, where fsync is free: set BENCH_DIR to a folder on a disk",
+        base.display()
+    );
+    tempfile::Builder::new()
+        .prefix(&format!("bus-bench-{what}-"))
+        .tempdir_in(&base)
+        .unwrap_or_else(|e| panic!("cannot create a scratch folder in {}: {e}", base.display()))
+}
+
+fn is_tmpfs(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs reads the NUL-terminated path and writes into the
+    // struct we pass.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut fs) };
+    rc == 0 && fs.f_type as i64 == TMPFS_MAGIC
+}
+
+/// The broker of the AMQP scenarios: `AMQP_ADDR`, as scripts/test-all sets
+/// it, or the local RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The `p`-th percentile (0-100) of `samples`, nearest rank.
+pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    assert!(!samples.is_empty(), "no samples");
+    samples.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
 /// User + system CPU time this process has used so far.
 pub fn cpu_time() -> Duration {
     // SAFETY: getrusage writes into the struct we pass and reads nothing else.

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{
-    classic_reply_queue, is_reserved_name, validate_name, Capabilities, ConsumeOptions,
-    Connection, Consumer, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    Message, PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
+    classic_reply_queue, is_reserved_name, validate_name, Capabilities, Connection, ConsumeOptions,
+    Consumer, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message,
+    PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -208,7 +208,11 @@ impl Shared {
                 ch.clone()
             }
             _ => {
-                let ch = link.conn.create_channel().await.map_err(|e| self.fail(&e))?;
+                let ch = link
+                    .conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| self.fail(&e))?;
                 *slot = Some((link.generation, ch.clone()));
                 ch
             }
@@ -235,7 +239,11 @@ impl Shared {
                 match &channel {
                     Some(ch) if ch.status().connected() => ch.clone(),
                     _ => {
-                        let ch = link.conn.create_channel().await.map_err(|e| map_error(&e))?;
+                        let ch = link
+                            .conn
+                            .create_channel()
+                            .await
+                            .map_err(|e| map_error(&e))?;
                         channel = Some(ch.clone());
                         ch
                     }
@@ -439,7 +447,10 @@ async fn supervise(
                     events = new_events;
                     let host = link.host.to_string();
                     if shared.is_closed() {
-                        let _ = link.conn.close(200, "closed by the application".into()).await;
+                        let _ = link
+                            .conn
+                            .close(200, "closed by the application".into())
+                            .await;
                         return;
                     }
                     shared.state.send_replace(LinkState::Up(link));
@@ -727,7 +738,8 @@ impl Connection for AmqpConnection {
         let args = table_to_amqp(&arguments)?;
         self.shared
             .topology_op(move |ch| async move {
-                ch.queue_bind(q, x, k, QueueBindOptions::default(), args).await
+                ch.queue_bind(q, x, k, QueueBindOptions::default(), args)
+                    .await
             })
             .await?;
         lock(&self.shared.journal).record_binding(BindingRecord {
@@ -834,7 +846,11 @@ impl Connection for AmqpConnection {
         });
         self.shared.poke();
         if let LinkState::Up(link) = previous {
-            if let Err(e) = link.conn.close(200, "closed by the application".into()).await {
+            if let Err(e) = link
+                .conn
+                .close(200, "closed by the application".into())
+                .await
+            {
                 tracing::debug!(error = %e, "closing the connection");
             }
         }

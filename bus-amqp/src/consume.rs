@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use bus_core::{
-    Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, Result,
-};
+use bus_core::{Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, Result};
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -192,7 +190,11 @@ async fn open(
         shared.resolve_queue(&spec.queue)
     };
     let queue = short("queue name", &queue)?;
-    let channel = link.conn.create_channel().await.map_err(|e| shared.fail(&e))?;
+    let channel = link
+        .conn
+        .create_channel()
+        .await
+        .map_err(|e| shared.fail(&e))?;
     let started = async {
         if spec.is_direct_reply() {
             channel
@@ -318,7 +320,12 @@ impl ConsumerTask {
             .unwrap_or_else(PoisonError::into_inner) = channel;
     }
 
-    async fn run(mut self, mut link: Link, mut channel: lapin::Channel, mut consumer: lapin::Consumer) {
+    async fn run(
+        mut self,
+        mut link: Link,
+        mut channel: lapin::Channel,
+        mut consumer: lapin::Consumer,
+    ) {
         let mut offset = 0u64;
         let mut highest = 0u64;
         loop {

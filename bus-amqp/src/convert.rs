@@ -160,7 +160,11 @@ pub(crate) fn properties_from_amqp(b: &BasicProperties) -> Properties {
     Properties {
         content_type: string(b.content_type()),
         content_encoding: string(b.content_encoding()),
-        headers: b.headers().as_ref().map(table_from_amqp).unwrap_or_default(),
+        headers: b
+            .headers()
+            .as_ref()
+            .map(table_from_amqp)
+            .unwrap_or_default(),
         delivery_mode: b.delivery_mode().map(DeliveryMode::from_u8),
         priority: *b.priority(),
         correlation_id: string(b.correlation_id()),
@@ -244,8 +248,7 @@ pub(crate) fn map_error(e: &lapin::Error) -> Error {
         lapin::ErrorKind::MissingHeartbeatError => {
             Error::ConnectionLost("the broker missed its heartbeats".into())
         }
-        lapin::ErrorKind::InvalidConnectionState(_)
-        | lapin::ErrorKind::RuntimeShutdownError(_) => {
+        lapin::ErrorKind::InvalidConnectionState(_) | lapin::ErrorKind::RuntimeShutdownError(_) => {
             Error::ConnectionLost(format!("the connection is not usable: {e}"))
         }
         lapin::ErrorKind::InvalidChannelState(..) | lapin::ErrorKind::InvalidChannel(_) => {
@@ -263,7 +266,10 @@ mod tests {
 
     fn every_value() -> FieldTable {
         let nested: FieldTable = [
-            ("deep".to_string(), FieldValue::Array(vec![FieldValue::Void, 1u8.into()])),
+            (
+                "deep".to_string(),
+                FieldValue::Array(vec![FieldValue::Void, 1u8.into()]),
+            ),
             ("s".to_string(), "x".into()),
         ]
         .into();
@@ -278,12 +284,21 @@ mod tests {
             ("i64", FieldValue::I64(i64::MIN)),
             ("f32", FieldValue::F32(1.5)),
             ("f64", FieldValue::F64(-2.25)),
-            ("dec", FieldValue::Decimal { scale: 2, value: 12345 }),
+            (
+                "dec",
+                FieldValue::Decimal {
+                    scale: 2,
+                    value: 12345,
+                },
+            ),
             ("str", "héllo ✓".into()),
             ("bytes", FieldValue::Bytes(Bytes::from_static(b"\x00\xff"))),
             ("ts", FieldValue::Timestamp(1_700_000_000)),
             ("table", FieldValue::Table(nested)),
-            ("array", FieldValue::Array(vec!["a".into(), FieldValue::I64(2)])),
+            (
+                "array",
+                FieldValue::Array(vec!["a".into(), FieldValue::I64(2)]),
+            ),
             ("void", FieldValue::Void),
         ]
         .into_iter()
@@ -339,18 +354,36 @@ mod tests {
             correlation_id: Some("c".repeat(256)),
             ..Properties::default()
         };
-        assert!(matches!(properties_to_amqp(&p), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            properties_to_amqp(&p),
+            Err(Error::InvalidArgument(_))
+        ));
         let t: FieldTable = [("k".repeat(300), FieldValue::Void)].into();
         assert!(matches!(table_to_amqp(&t), Err(Error::InvalidArgument(_))));
     }
 
     #[test]
     fn reply_codes_map_to_bus_errors() {
-        assert!(matches!(error_from_code(404, "x".into()), Error::NotFound(_)));
-        assert!(matches!(error_from_code(406, "x".into()), Error::PreconditionFailed(_)));
-        assert!(matches!(error_from_code(405, "x".into()), Error::ResourceLocked(_)));
-        assert!(matches!(error_from_code(403, "x".into()), Error::AccessRefused(_)));
-        assert!(matches!(error_from_code(320, "x".into()), Error::ConnectionLost(_)));
+        assert!(matches!(
+            error_from_code(404, "x".into()),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            error_from_code(406, "x".into()),
+            Error::PreconditionFailed(_)
+        ));
+        assert!(matches!(
+            error_from_code(405, "x".into()),
+            Error::ResourceLocked(_)
+        ));
+        assert!(matches!(
+            error_from_code(403, "x".into()),
+            Error::AccessRefused(_)
+        ));
+        assert!(matches!(
+            error_from_code(320, "x".into()),
+            Error::ConnectionLost(_)
+        ));
         assert!(!error_from_code(541, "x".into()).is_temporary());
     }
 }

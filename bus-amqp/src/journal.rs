@@ -52,7 +52,12 @@ impl Journal {
             .map_or_else(|| current.to_owned(), |(k, _)| k.clone())
     }
 
-    pub(crate) fn record_exchange(&mut self, name: &str, kind: ExchangeKind, options: ExchangeOptions) {
+    pub(crate) fn record_exchange(
+        &mut self,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) {
         self.exchanges.insert(name.to_owned(), (kind, options));
     }
 
@@ -69,11 +74,8 @@ impl Journal {
         } else {
             self.handle_of(requested)
         };
-        let server_named = requested.is_empty()
-            || self
-                .queues
-                .get(&handle)
-                .is_some_and(|q| q.server_named);
+        let server_named =
+            requested.is_empty() || self.queues.get(&handle).is_some_and(|q| q.server_named);
         self.queues.insert(
             handle,
             QueueRecord {
@@ -87,7 +89,8 @@ impl Journal {
     pub(crate) fn forget_queue(&mut self, name: &str) {
         let handle = self.handle_of(name);
         self.queues.remove(&handle);
-        self.bindings.retain(|b| b.queue != handle && b.queue != name);
+        self.bindings
+            .retain(|b| b.queue != handle && b.queue != name);
     }
 
     pub(crate) fn record_binding(&mut self, b: BindingRecord) {

@@ -37,9 +37,14 @@ impl fmt::Debug for Link {
 pub(crate) enum LinkState {
     Up(Link),
     /// Lost; recovery is under way.
-    Down { reason: String },
+    Down {
+        reason: String,
+    },
     /// Closed by the application (`by_user`) or given up on.
-    Closed { by_user: bool, reason: String },
+    Closed {
+        by_user: bool,
+        reason: String,
+    },
 }
 
 /// SASL PLAIN with credentials that live only here, so that they never go
@@ -76,8 +81,7 @@ pub(crate) async fn connect_any(
     let mut failures = Vec::new();
     let mut last = None;
     for host in &url.hosts {
-        match tokio::time::timeout(options.connect_timeout, connect_one(url, options, host)).await
-        {
+        match tokio::time::timeout(options.connect_timeout, connect_one(url, options, host)).await {
             Ok(Ok(conn)) => {
                 let events = Box::pin(conn.events_listener());
                 tracing::info!(host = %host, generation, "connected to the broker");
@@ -97,7 +101,10 @@ pub(crate) async fn connect_any(
             }
             Err(_) => {
                 let e = Error::Timeout(options.connect_timeout);
-                failures.push(format!("{host}: no answer within {:?}", options.connect_timeout));
+                failures.push(format!(
+                    "{host}: no answer within {:?}",
+                    options.connect_timeout
+                ));
                 last = Some(e);
             }
         }
@@ -119,7 +126,11 @@ pub(crate) async fn connect_any(
     })
 }
 
-async fn connect_one(url: &AmqpUrl, options: &AmqpOptions, host: &BrokerHost) -> Result<lapin::Connection> {
+async fn connect_one(
+    url: &AmqpUrl,
+    options: &AmqpOptions,
+    host: &BrokerHost,
+) -> Result<lapin::Connection> {
     let heartbeat = url
         .heartbeat
         .unwrap_or_else(|| u16::try_from(options.heartbeat.as_secs()).unwrap_or(u16::MAX));
@@ -163,18 +174,15 @@ async fn connect_one(url: &AmqpUrl, options: &AmqpOptions, host: &BrokerHost) ->
         cert_chain: options.tls_ca_pem.clone(),
     };
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
-        Error::NotSupported(format!(
-            "the AMQP transport needs a tokio runtime: {e}"
-        ))
+        Error::NotSupported(format!("the AMQP transport needs a tokio runtime: {e}"))
     })?;
     lapin::Connection::connect_uri_with_config(uri, props, tls, runtime)
         .await
         .map_err(|e| match broker_close(&e) {
             // 530 NOT_ALLOWED is how RabbitMQ refuses a missing virtual host.
-            Some(c) if c.code == 530 => Error::NotFound(format!(
-                "virtual host {:?}: {}",
-                url.vhost, c.text
-            )),
+            Some(c) if c.code == 530 => {
+                Error::NotFound(format!("virtual host {:?}: {}", url.vhost, c.text))
+            }
             Some(c) => error_from_code(c.code, c.text),
             None => match e.kind() {
                 lapin::ErrorKind::IOError(io) => Error::ConnectionLost(io.to_string()),

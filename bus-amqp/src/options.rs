@@ -61,7 +61,9 @@ impl ReconnectPolicy {
         if attempt == 0 {
             return Duration::ZERO;
         }
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(31))
+            .unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 }
@@ -162,7 +164,10 @@ impl AmqpOptions {
 
     /// Adds cluster nodes to try after the URL's hosts.
     #[must_use]
-    pub fn with_hosts<H: Into<String>>(mut self, hosts: impl IntoIterator<Item = (H, u16)>) -> Self {
+    pub fn with_hosts<H: Into<String>>(
+        mut self,
+        hosts: impl IntoIterator<Item = (H, u16)>,
+    ) -> Self {
         self.hosts
             .extend(hosts.into_iter().map(|(h, p)| BrokerHost::new(h, p)));
         self

@@ -36,7 +36,11 @@ impl ChannelSource {
                         return Ok((*generation, ch.clone()));
                     }
                 }
-                let ch = link.conn.create_channel().await.map_err(|e| shared.fail(&e))?;
+                let ch = link
+                    .conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| shared.fail(&e))?;
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(|e| shared.fail(&e))?;
@@ -56,9 +60,7 @@ impl ChannelSource {
                             return Err(shared.closed_error());
                         }
                         if rx.changed().await.is_err() {
-                            return Err(Error::Closed(
-                                "the reply queue's consumer is gone".into(),
-                            ));
+                            return Err(Error::Closed("the reply queue's consumer is gone".into()));
                         }
                     }
                 };
@@ -234,6 +236,14 @@ impl Publisher for ReplyPublisher {
         message: Message,
         options: PublishOptions,
     ) -> Result<()> {
-        publish_via(&self.shared, &self.source, exchange, routing_key, message, options).await
+        publish_via(
+            &self.shared,
+            &self.source,
+            exchange,
+            routing_key,
+            message,
+            options,
+        )
+        .await
     }
 }

@@ -81,7 +81,12 @@ fn decode(part: &str, what: &str, redacted: &str) -> Result<String> {
     percent_decode_str(part)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| invalid(redacted, format!("the {what} is not UTF-8 once percent-decoded")))
+        .map_err(|_| {
+            invalid(
+                redacted,
+                format!("the {what} is not UTF-8 once percent-decoded"),
+            )
+        })
 }
 
 fn parse_host(spec: &str, default_port: u16, redacted: &str) -> Result<BrokerHost> {
@@ -108,11 +113,12 @@ fn parse_host(spec: &str, default_port: u16, redacted: &str) -> Result<BrokerHos
     }
     let port = match port {
         None | Some("") => default_port,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| invalid(redacted, format!("port {p:?} is not a number from 1 to 65535")))?,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+            invalid(
+                redacted,
+                format!("port {p:?} is not a number from 1 to 65535"),
+            )
+        })?,
     };
     Ok(BrokerHost {
         host: decode(&host, "host", redacted)?,
@@ -220,10 +226,14 @@ impl AmqpUrl {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let number = |what: &str| {
                 v.parse::<u64>().map_err(|_| {
-                    invalid(&redacted, format!("query parameter {what} needs a number, got {v:?}"))
+                    invalid(
+                        &redacted,
+                        format!("query parameter {what} needs a number, got {v:?}"),
+                    )
                 })
             };
-            let too_big = |what: &str| invalid(&redacted, format!("query parameter {what} is too large"));
+            let too_big =
+                |what: &str| invalid(&redacted, format!("query parameter {what} is too large"));
             match k {
                 "heartbeat" => {
                     parsed.heartbeat = Some(u16::try_from(number(k)?).map_err(|_| too_big(k))?)
@@ -296,8 +306,8 @@ mod tests {
 
     #[test]
     fn full_url_is_parsed() {
-        let u = AmqpUrl::parse("amqp://us%40er:p%3Ass@broker.example:5673/%2f?heartbeat=5")
-            .unwrap();
+        let u =
+            AmqpUrl::parse("amqp://us%40er:p%3Ass@broker.example:5673/%2f?heartbeat=5").unwrap();
         assert!(!u.tls);
         assert_eq!(u.hosts, vec![BrokerHost::new("broker.example", 5673)]);
         assert_eq!(u.username, "us@er");
@@ -310,10 +320,16 @@ mod tests {
     fn defaults_follow_the_rabbitmq_uri_spec() {
         let u = AmqpUrl::parse("amqp://localhost").unwrap();
         assert_eq!(u.hosts, vec![BrokerHost::new("localhost", 5672)]);
-        assert_eq!((u.username.as_str(), u.password.as_str()), ("guest", "guest"));
+        assert_eq!(
+            (u.username.as_str(), u.password.as_str()),
+            ("guest", "guest")
+        );
         assert_eq!(u.vhost, "/");
         assert_eq!(AmqpUrl::parse("amqp://localhost/").unwrap().vhost, "");
-        assert_eq!(AmqpUrl::parse("amqp://localhost/prod").unwrap().vhost, "prod");
+        assert_eq!(
+            AmqpUrl::parse("amqp://localhost/prod").unwrap().vhost,
+            "prod"
+        );
         let s = AmqpUrl::parse("amqps://h").unwrap();
         assert!(s.tls);
         assert_eq!(s.hosts[0].port, 5671);

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_amqp::{AmqpOptions, ReconnectPolicy, RecoveryEvent};
-use bus_core::{ConsumeOptions, Connection, ConnectionExt, DeleteQueueOptions, Message, QueueOptions};
+use bus_core::{
+    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, Message, QueueOptions,
+};
 use futures::StreamExt;
 use support::*;
 
@@ -25,7 +27,9 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
         let _ = std::process::Command::new("rabbitmqctl")
             .args(["await_startup", "--timeout", "60"])
             .output();
@@ -50,7 +54,9 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
     .await;
     let mut events = conn.events();
     let q = fresh("durable");
-    conn.declare_queue(&q, QueueOptions::durable()).await.unwrap();
+    conn.declare_queue(&q, QueueOptions::durable())
+        .await
+        .unwrap();
 
     // Counts confirms, so that the test waits on them rather than on time.
     let (confirmed_so_far, mut confirms) = tokio::sync::watch::channel(0u32);
@@ -69,7 +75,9 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
                     let q = q.clone();
                     let confirmed_so_far = confirmed_so_far.clone();
                     async move {
-                        let r = conn.send_to_queue(&q, Message::new(i.to_string()).persistent()).await;
+                        let r = conn
+                            .send_to_queue(&q, Message::new(i.to_string()).persistent())
+                            .await;
                         if r.is_ok() {
                             confirmed_so_far.send_modify(|n| *n += 1);
                         }
@@ -81,49 +89,97 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
                 .await
         })
     };
-    within(60, "300 confirms", confirms.wait_for(|n| *n >= 300)).await.unwrap();
+    within(60, "300 confirms", confirms.wait_for(|n| *n >= 300))
+        .await
+        .unwrap();
     let guard = RestartGuard;
     let stopped = tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]));
-    wait_event(&mut events, "Disconnected", |e| matches!(e, RecoveryEvent::Disconnected { .. })).await;
+    wait_event(&mut events, "Disconnected", |e| {
+        matches!(e, RecoveryEvent::Disconnected { .. })
+    })
+    .await;
     within(120, "stop_app", stopped).await.unwrap();
-    within(120, "start_app", tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"])))
-        .await
-        .unwrap();
+    within(
+        120,
+        "start_app",
+        tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"])),
+    )
+    .await
+    .unwrap();
     drop(guard);
-    wait_event(&mut events, "Reconnected", |e| matches!(e, RecoveryEvent::Reconnected { .. })).await;
+    wait_event(&mut events, "Reconnected", |e| {
+        matches!(e, RecoveryEvent::Reconnected { .. })
+    })
+    .await;
     let after_restart = *confirms.borrow() + 300;
-    within(60, "publishes after the restart", confirms.wait_for(|n| *n >= after_restart))
-        .await
-        .unwrap();
+    within(
+        60,
+        "publishes after the restart",
+        confirms.wait_for(|n| *n >= after_restart),
+    )
+    .await
+    .unwrap();
     stop.store(true, Ordering::Relaxed);
 
     let outcomes = within(180, "the publisher", publishing).await.unwrap();
-    assert!(outcomes.len() < MESSAGES as usize, "publishing went on to the end");
+    assert!(
+        outcomes.len() < MESSAGES as usize,
+        "publishing went on to the end"
+    );
     let mut failed = 0;
     for (i, r) in &outcomes {
         if let Err(e) = r {
             failed += 1;
-            assert!(e.is_temporary(), "message {i} failed with a permanent error: {e}");
+            assert!(
+                e.is_temporary(),
+                "message {i} failed with a permanent error: {e}"
+            );
         }
     }
-    let confirmed: Vec<u32> = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
+    let confirmed: Vec<u32> = outcomes
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| *i)
+        .collect();
     assert!(failed > 0, "the restart should have failed some publishes");
-    assert!(confirmed.len() > 600, "publishing goes on after the restart");
+    assert!(
+        confirmed.len() > 600,
+        "publishing goes on after the restart"
+    );
 
     // Every confirmed message survived the restart and is consumed exactly
     // once; what was reported failed may or may not have arrived.
     let total = conn.inspect_queue(&q).await.unwrap().message_count;
-    let mut consumer = conn.consume(&q, ConsumeOptions::prefetch(200)).await.unwrap();
+    let mut consumer = conn
+        .consume(&q, ConsumeOptions::prefetch(200))
+        .await
+        .unwrap();
     let mut got: BTreeMap<u32, u32> = BTreeMap::new();
     for _ in 0..total {
-        let d = within(30, "a message", consumer.next()).await.unwrap().unwrap();
-        *got.entry(std::str::from_utf8(&d.message.body).unwrap().parse().unwrap()).or_default() += 1;
+        let d = within(30, "a message", consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
+        *got.entry(
+            std::str::from_utf8(&d.message.body)
+                .unwrap()
+                .parse()
+                .unwrap(),
+        )
+        .or_default() += 1;
         d.ack().await.unwrap();
     }
     for i in &confirmed {
-        assert_eq!(got.get(i), Some(&1), "confirmed message {i} consumed {:?} times", got.get(i));
+        assert_eq!(
+            got.get(i),
+            Some(&1),
+            "confirmed message {i} consumed {:?} times",
+            got.get(i)
+        );
     }
     assert!(got.values().all(|n| *n == 1), "a message was stored twice");
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
-    Bytes, ConsumeOptions, Connection, ConnectionExt, DeleteQueueOptions, DeliveryMode, Error,
+    Bytes, Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, DeliveryMode, Error,
     ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties,
     PublishOptions, QueueArguments, QueueOptions, QueueType,
 };
@@ -17,8 +17,14 @@ use support::*;
 
 fn every_header_type() -> FieldTable {
     let nested: FieldTable = [
-        ("list".to_string(), FieldValue::Array(vec![FieldValue::Void, FieldValue::U8(1), "s".into()])),
-        ("deeper".to_string(), FieldValue::Table([("x".to_string(), FieldValue::I16(-3))].into())),
+        (
+            "list".to_string(),
+            FieldValue::Array(vec![FieldValue::Void, FieldValue::U8(1), "s".into()]),
+        ),
+        (
+            "deeper".to_string(),
+            FieldValue::Table([("x".to_string(), FieldValue::I16(-3))].into()),
+        ),
     ]
     .into();
     [
@@ -32,13 +38,29 @@ fn every_header_type() -> FieldTable {
         ("i64", FieldValue::I64(i64::MIN)),
         ("f32", FieldValue::F32(1.5)),
         ("f64", FieldValue::F64(-2.25)),
-        ("decimal", FieldValue::Decimal { scale: 2, value: 12_345 }),
+        (
+            "decimal",
+            FieldValue::Decimal {
+                scale: 2,
+                value: 12_345,
+            },
+        ),
         ("string", "héllo ✓ 世界".into()),
         ("empty", "".into()),
-        ("bytes", FieldValue::Bytes(Bytes::from_static(b"\x00\xff\x10"))),
+        (
+            "bytes",
+            FieldValue::Bytes(Bytes::from_static(b"\x00\xff\x10")),
+        ),
         ("timestamp", FieldValue::Timestamp(1_700_000_000)),
         ("table", FieldValue::Table(nested)),
-        ("array", FieldValue::Array(vec!["a".into(), FieldValue::I64(2), FieldValue::Bool(false)])),
+        (
+            "array",
+            FieldValue::Array(vec![
+                "a".into(),
+                FieldValue::I64(2),
+                FieldValue::Bool(false),
+            ]),
+        ),
         ("void", FieldValue::Void),
     ]
     .into_iter()
@@ -49,7 +71,11 @@ fn every_header_type() -> FieldTable {
 #[tokio::test]
 async fn every_property_and_header_type_round_trips_through_the_broker() {
     let conn = connect().await;
-    let q = conn.declare_queue("", QueueOptions::exclusive()).await.unwrap().name;
+    let q = conn
+        .declare_queue("", QueueOptions::exclusive())
+        .await
+        .unwrap()
+        .name;
     let props = Properties {
         content_type: Some("application/msgpack".into()),
         content_encoding: Some("identity".into()),
@@ -65,18 +91,31 @@ async fn every_property_and_header_type_round_trips_through_the_broker() {
         user_id: Some("guest".into()),
         app_id: Some("bus-amqp-tests".into()),
     };
-    let big = Bytes::from((0..5 * 1024 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let big = Bytes::from(
+        (0..5 * 1024 * 1024)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let sent = [
-        Message { body: Bytes::from_static(b"hello"), properties: props.clone() },
+        Message {
+            body: Bytes::from_static(b"hello"),
+            properties: props.clone(),
+        },
         Message::new(Bytes::new()),
-        Message { body: big, properties: Properties::default() },
+        Message {
+            body: big,
+            properties: Properties::default(),
+        },
     ];
     for m in &sent {
         conn.send_to_queue(&q, m.clone()).await.unwrap();
     }
     let mut consumer = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
     for m in &sent {
-        let d = within(10, "a delivery", consumer.next()).await.unwrap().unwrap();
+        let d = within(10, "a delivery", consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(d.message.properties, m.properties);
         assert_eq!(d.message.body, m.body);
         assert_eq!(d.exchange, "");
@@ -88,11 +127,18 @@ async fn every_property_and_header_type_round_trips_through_the_broker() {
 #[tokio::test]
 async fn many_publishes_in_flight_each_resolve_on_their_own_confirm() {
     let conn = connect().await;
-    let q = conn.declare_queue("", QueueOptions::exclusive()).await.unwrap().name;
+    let q = conn
+        .declare_queue("", QueueOptions::exclusive())
+        .await
+        .unwrap()
+        .name;
     let publishes = (0..500u32).map(|i| {
         let conn = conn.clone();
         let q = q.clone();
-        async move { conn.send_to_queue(&q, Message::new(i.to_be_bytes().to_vec())).await }
+        async move {
+            conn.send_to_queue(&q, Message::new(i.to_be_bytes().to_vec()))
+                .await
+        }
     });
     let results = within(30, "500 confirms", futures::future::join_all(publishes)).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -104,41 +150,71 @@ async fn many_publishes_in_flight_each_resolve_on_their_own_confirm() {
 async fn a_refused_declaration_does_not_break_the_connection_for_others() {
     let conn = connect().await;
     let q = fresh("isolation");
-    conn.declare_queue(&q, QueueOptions::default()).await.unwrap();
-    let mut consumer = conn.consume(&q, ConsumeOptions::prefetch(10)).await.unwrap();
+    conn.declare_queue(&q, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = conn
+        .consume(&q, ConsumeOptions::prefetch(10))
+        .await
+        .unwrap();
     // Redeclaring with other settings: the broker closes the channel with 406.
-    let e = conn.declare_queue(&q, QueueOptions::durable()).await.unwrap_err();
+    let e = conn
+        .declare_queue(&q, QueueOptions::durable())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::PreconditionFailed(_)), "{e}");
     // Passive declaration of a missing queue: 404.
     let e = conn.inspect_queue(&fresh("missing")).await.unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
     // Reserved names: 403.
-    let e = conn.declare_queue("amq.mine", QueueOptions::default()).await.unwrap_err();
+    let e = conn
+        .declare_queue("amq.mine", QueueOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::AccessRefused(_)), "{e}");
     // Publishing to a missing exchange: 404, and nothing else is disturbed.
     let e = conn
-        .publish(&fresh("no-exchange"), "k", Message::new("x"), PublishOptions::default())
+        .publish(
+            &fresh("no-exchange"),
+            "k",
+            Message::new("x"),
+            PublishOptions::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
     // The consumer, the publisher and topology all still work.
-    conn.send_to_queue(&q, Message::new("still here")).await.unwrap();
-    let d = within(10, "a delivery", consumer.next()).await.unwrap().unwrap();
+    conn.send_to_queue(&q, Message::new("still here"))
+        .await
+        .unwrap();
+    let d = within(10, "a delivery", consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d.message.body, "still here");
     d.ack().await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().consumer_count, 1);
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn exclusive_queues_of_another_connection_are_locked() {
     let owner = connect().await;
     let other = connect().await;
-    let q = owner.declare_queue("", QueueOptions::exclusive()).await.unwrap().name;
+    let q = owner
+        .declare_queue("", QueueOptions::exclusive())
+        .await
+        .unwrap()
+        .name;
     let e = other.inspect_queue(&q).await.unwrap_err();
     assert!(matches!(e, Error::ResourceLocked(_)), "{e}");
-    let e = other.consume(&q, ConsumeOptions::default()).await.unwrap_err();
+    let e = other
+        .consume(&q, ConsumeOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::ResourceLocked(_)), "{e}");
     // The other connection is still usable.
     assert!(other.exchange_exists("amq.direct").await.unwrap());
@@ -148,18 +224,32 @@ async fn exclusive_queues_of_another_connection_are_locked() {
 async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
     let conn = connect().await;
     let x = fresh("x");
-    conn.declare_exchange(&x, ExchangeKind::Direct, ExchangeOptions::default()).await.unwrap();
+    conn.declare_exchange(&x, ExchangeKind::Direct, ExchangeOptions::default())
+        .await
+        .unwrap();
     let m = Message::new("lost").with_message_id("id-1");
-    let e = conn.publish(&x, "nobody", m.clone(), PublishOptions::mandatory()).await.unwrap_err();
+    let e = conn
+        .publish(&x, "nobody", m.clone(), PublishOptions::mandatory())
+        .await
+        .unwrap_err();
     match e {
-        Error::Unroutable { exchange, routing_key, message } => {
-            assert_eq!((exchange.as_str(), routing_key.as_str()), (x.as_str(), "nobody"));
+        Error::Unroutable {
+            exchange,
+            routing_key,
+            message,
+        } => {
+            assert_eq!(
+                (exchange.as_str(), routing_key.as_str()),
+                (x.as_str(), "nobody")
+            );
             assert_eq!(*message, m);
         }
         other => panic!("expected Unroutable, got {other}"),
     }
     // Not mandatory: dropped, and that is success.
-    conn.publish(&x, "nobody", m, PublishOptions::default()).await.unwrap();
+    conn.publish(&x, "nobody", m, PublishOptions::default())
+        .await
+        .unwrap();
 
     let q = fresh("full");
     let options = QueueOptions {
@@ -175,18 +265,30 @@ async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
     let e = conn.send_to_queue(&q, Message::new("2")).await.unwrap_err();
     assert!(matches!(e, Error::Nacked(_)), "{e}");
     assert!(e.is_temporary());
-    conn.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
     conn.delete_exchange(&x, false).await.unwrap();
 }
 
 #[tokio::test]
 async fn invalid_expiration_and_foreign_user_id_are_refused_without_harm() {
     let conn = connect().await;
-    let q = conn.declare_queue("", QueueOptions::exclusive()).await.unwrap().name;
+    let q = conn
+        .declare_queue("", QueueOptions::exclusive())
+        .await
+        .unwrap()
+        .name;
     let mut bad = Message::new("x");
     bad.properties.expiration = Some("soon".into());
-    assert!(matches!(conn.send_to_queue(&q, bad).await, Err(Error::PreconditionFailed(_))));
-    let e = conn.send_to_queue(&q, Message::new("x").with_user_id("mallory")).await.unwrap_err();
+    assert!(matches!(
+        conn.send_to_queue(&q, bad).await,
+        Err(Error::PreconditionFailed(_))
+    ));
+    let e = conn
+        .send_to_queue(&q, Message::new("x").with_user_id("mallory"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::PreconditionFailed(_)), "{e}");
     conn.send_to_queue(&q, Message::new("ok")).await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().message_count, 1);
@@ -195,17 +297,31 @@ async fn invalid_expiration_and_foreign_user_id_are_refused_without_harm() {
 #[tokio::test]
 async fn manual_acks_nacks_and_prefetch() {
     let conn = connect().await;
-    let q = conn.declare_queue("", QueueOptions::exclusive()).await.unwrap().name;
+    let q = conn
+        .declare_queue("", QueueOptions::exclusive())
+        .await
+        .unwrap()
+        .name;
     for i in 0..4 {
-        conn.send_to_queue(&q, Message::new(format!("m{i}"))).await.unwrap();
+        conn.send_to_queue(&q, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
     }
-    let mut c = conn.consume(&q, ConsumeOptions::prefetch(2).with_tag("tagged")).await.unwrap();
+    let mut c = conn
+        .consume(&q, ConsumeOptions::prefetch(2).with_tag("tagged"))
+        .await
+        .unwrap();
     assert_eq!(c.tag(), "tagged");
     let d0 = within(10, "m0", c.next()).await.unwrap().unwrap();
     let d1 = within(10, "m1", c.next()).await.unwrap().unwrap();
-    assert_eq!((&d0.message.body[..], &d1.message.body[..]), (&b"m0"[..], &b"m1"[..]));
+    assert_eq!(
+        (&d0.message.body[..], &d1.message.body[..]),
+        (&b"m0"[..], &b"m1"[..])
+    );
     // Prefetch 2: nothing more until one is settled.
-    assert!(tokio::time::timeout(Duration::from_millis(300), c.next()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(300), c.next())
+        .await
+        .is_err());
     d1.ack_multiple().await.unwrap();
     // Two free slots: m2 and m3 are both in flight now.
     let d2 = within(10, "m2", c.next()).await.unwrap().unwrap();
@@ -227,34 +343,62 @@ async fn direct_reply_to_round_trip() {
     let server = connect().await;
     let client = connect().await;
     let q = fresh("rpc");
-    server.declare_queue(&q, QueueOptions::default()).await.unwrap();
-    let mut requests = server.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
+    server
+        .declare_queue(&q, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut requests = server
+        .consume(&q, ConsumeOptions::prefetch(1))
+        .await
+        .unwrap();
     let replies = client.reply_queue().await.unwrap();
     assert_eq!(replies.address, "amq.rabbitmq.reply-to");
     assert!(client.capabilities().direct_reply);
-    let publisher = replies.publisher.clone().expect("direct reply-to needs its publisher");
+    let publisher = replies
+        .publisher
+        .clone()
+        .expect("direct reply-to needs its publisher");
     let mut reply_consumer = replies.consumer;
     publisher
         .publish(
             "",
             &q,
-            Message::new("ping").with_reply_to(&replies.address).with_correlation_id("c1"),
+            Message::new("ping")
+                .with_reply_to(&replies.address)
+                .with_correlation_id("c1"),
             PublishOptions::default(),
         )
         .await
         .unwrap();
-    let req = within(10, "the request", requests.next()).await.unwrap().unwrap();
+    let req = within(10, "the request", requests.next())
+        .await
+        .unwrap()
+        .unwrap();
     let reply_to = req.message.properties.reply_to.clone().unwrap();
     assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
     server
-        .publish("", &reply_to, Message::new("pong").with_correlation_id("c1"), PublishOptions::default())
+        .publish(
+            "",
+            &reply_to,
+            Message::new("pong").with_correlation_id("c1"),
+            PublishOptions::default(),
+        )
         .await
         .unwrap();
     req.ack().await.unwrap();
-    let reply = within(10, "the reply", reply_consumer.next()).await.unwrap().unwrap();
+    let reply = within(10, "the reply", reply_consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.message.body, "pong");
-    assert_eq!(reply.message.properties.correlation_id.as_deref(), Some("c1"));
-    server.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
+    assert_eq!(
+        reply.message.properties.correlation_id.as_deref(),
+        Some("c1")
+    );
+    server
+        .delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -262,7 +406,11 @@ async fn classic_reply_mode_uses_an_exclusive_server_named_queue() {
     let conn = connect_with(AmqpOptions::default().with_reply_mode(ReplyMode::Classic)).await;
     assert!(!conn.capabilities().direct_reply);
     let replies = conn.reply_queue().await.unwrap();
-    assert!(replies.address.starts_with("amq.gen-"), "{}", replies.address);
+    assert!(
+        replies.address.starts_with("amq.gen-"),
+        "{}",
+        replies.address
+    );
     assert!(replies.publisher.is_none());
     let other = connect().await;
     let e = other.inspect_queue(&replies.address).await.unwrap_err();
@@ -275,7 +423,10 @@ async fn quorum_queues_work() {
     let q = fresh("quorum");
     let options = QueueOptions {
         durable: true,
-        arguments: QueueArguments { queue_type: Some(QueueType::Quorum), ..QueueArguments::default() },
+        arguments: QueueArguments {
+            queue_type: Some(QueueType::Quorum),
+            ..QueueArguments::default()
+        },
         ..QueueOptions::default()
     };
     conn.declare_queue(&q, options.clone()).await.unwrap();
@@ -285,20 +436,27 @@ async fn quorum_queues_work() {
         .declare_queue(
             &fresh("quorum-transient"),
             QueueOptions {
-                arguments: QueueArguments { queue_type: Some(QueueType::Quorum), ..QueueArguments::default() },
+                arguments: QueueArguments {
+                    queue_type: Some(QueueType::Quorum),
+                    ..QueueArguments::default()
+                },
                 ..QueueOptions::default()
             },
         )
         .await
         .unwrap_err();
     assert!(matches!(e, Error::PreconditionFailed(_)), "{e}");
-    conn.send_to_queue(&q, Message::new("replicated").persistent()).await.unwrap();
+    conn.send_to_queue(&q, Message::new("replicated").persistent())
+        .await
+        .unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
     let d = within(10, "a delivery", c.next()).await.unwrap().unwrap();
     assert_eq!(d.message.body, "replicated");
     d.ack().await.unwrap();
     drop(c);
-    conn.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -308,14 +466,19 @@ async fn connects_to_the_first_host_that_answers() {
     let closed_port = listener.local_addr().unwrap().port();
     drop(listener);
     let url = format!("amqp://guest:guest@127.0.0.1:{closed_port},127.0.0.1:5672/%2f");
-    let conn = within(20, "connecting", AmqpConnection::connect(&url)).await.unwrap();
+    let conn = within(20, "connecting", AmqpConnection::connect(&url))
+        .await
+        .unwrap();
     assert_eq!(conn.current_host().as_deref(), Some("127.0.0.1:5672"));
     assert!(conn.exchange_exists("amq.topic").await.unwrap());
     // Hosts in the options come after the URL's.
     let url = format!("amqp://guest:guest@127.0.0.1:{closed_port}/%2f");
-    let conn = AmqpConnection::connect_with(&url, AmqpOptions::default().with_hosts([("127.0.0.1", 5672)]))
-        .await
-        .unwrap();
+    let conn = AmqpConnection::connect_with(
+        &url,
+        AmqpOptions::default().with_hosts([("127.0.0.1", 5672)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(conn.current_host().as_deref(), Some("127.0.0.1:5672"));
 }
 
@@ -325,23 +488,34 @@ async fn credentials_never_show_in_errors_or_debug() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::AccessRefused(_)), "{e}");
-    assert!(!format!("{e} {e:?}").contains("not-the-password-xyz"), "{e:?}");
-    let e = AmqpConnection::connect("amqp://guest:secret-xyz@127.0.0.1:1/%2f").await.unwrap_err();
+    assert!(
+        !format!("{e} {e:?}").contains("not-the-password-xyz"),
+        "{e:?}"
+    );
+    let e = AmqpConnection::connect("amqp://guest:secret-xyz@127.0.0.1:1/%2f")
+        .await
+        .unwrap_err();
     assert!(e.is_temporary(), "{e}");
     assert!(!format!("{e} {e:?}").contains("secret-xyz"), "{e:?}");
     let conn = connect().await;
     let shown = format!("{conn:?}");
     assert!(!shown.contains("guest"), "{shown}");
-    let e = AmqpConnection::connect(&format!("amqp://guest:guest@127.0.0.1:5672/{}", fresh("vhost")))
-        .await
-        .unwrap_err();
+    let e = AmqpConnection::connect(&format!(
+        "amqp://guest:guest@127.0.0.1:5672/{}",
+        fresh("vhost")
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
 }
 
 #[tokio::test]
 async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
     let conn = connect().await;
-    let private = QueueOptions { exclusive: true, ..QueueOptions::default() };
+    let private = QueueOptions {
+        exclusive: true,
+        ..QueueOptions::default()
+    };
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("once")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
@@ -350,7 +524,10 @@ async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
     let e = d.ack().await.unwrap_err();
     assert!(matches!(e, Error::Closed(_)), "{e}");
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
-    let d = within(10, "the redelivery", c.next()).await.unwrap().unwrap();
+    let d = within(10, "the redelivery", c.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(d.redelivered);
     d.ack().await.unwrap();
 }
@@ -358,17 +535,44 @@ async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
 #[tokio::test]
 async fn a_cancelled_consumer_ends_but_its_deliveries_can_be_settled() {
     let conn: Arc<dyn Connection> = connect().await;
-    let private = QueueOptions { exclusive: true, ..QueueOptions::default() };
+    let private = QueueOptions {
+        exclusive: true,
+        ..QueueOptions::default()
+    };
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("a")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
     let d = within(10, "a delivery", c.next()).await.unwrap().unwrap();
     c.cancel().await.unwrap();
-    assert!(within(10, "the end of the stream", c.next()).await.is_none());
+    assert!(within(10, "the end of the stream", c.next())
+        .await
+        .is_none());
     d.ack().await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().message_count, 0);
     // Deleting a queue ends its consumers' streams.
     let mut c = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
-    conn.delete_queue(&q, DeleteQueueOptions::default()).await.unwrap();
-    assert!(within(10, "the end of the stream", c.next()).await.is_none());
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+    assert!(within(10, "the end of the stream", c.next())
+        .await
+        .is_none());
+}
+
+#[tokio::test]
+async fn amqps_speaks_tls_and_fails_cleanly_against_a_plain_port() {
+    // The plain AMQP port does not answer a TLS handshake: a clear error,
+    // no panic (a crypto provider is built in), no credentials shown.
+    let e = within(
+        30,
+        "the TLS attempt",
+        AmqpConnection::connect_with(
+            "amqps://guest:tls-secret-xyz@127.0.0.1:5672/%2f",
+            AmqpOptions::default().with_connect_timeout(Duration::from_secs(5)),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("tls-secret-xyz"), "{e:?}");
+    assert!(e.is_temporary(), "{e}");
 }

@@ -8,6 +8,7 @@
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod bridge;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;

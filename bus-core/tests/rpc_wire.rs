@@ -47,7 +47,8 @@ fn job() -> Job {
 /// msgpack.packb({'id': 12, 'audio': b'RIFF\x00\xff', 'language': 'en',
 ///   'params': {'beam': 4, 'temperature': 0.5}, 'tags': ['a', 'b'],
 ///   'offset': -3, 'big': 300}).hex()
-const JOB_FROM_PYTHON: &str = "87a269640ca5617564696fc4065249464600ffa86c616e6775616765a2656ea6706172616d7382a4\
+const JOB_FROM_PYTHON: &str =
+    "87a269640ca5617564696fc4065249464600ffa86c616e6775616765a2656ea6706172616d7382a4\
 6265616d04ab74656d7065726174757265cb3fe0000000000000a47461677392a161a162a66f6666\
 736574fda3626967cd012c";
 
@@ -175,7 +176,9 @@ fn a_reply_says_json_by_its_content_type() {
 
 #[test]
 fn a_request_is_encoded_as_python_writes_it() {
-    let request = Format::MsgPack.to_message(&job()).expect("encode a request");
+    let request = Format::MsgPack
+        .to_message(&job())
+        .expect("encode a request");
     assert_eq!(
         request.properties.content_type, None,
         "msgpack requests carry no content type, as legacy ones"
@@ -207,11 +210,12 @@ fn structs_are_maps_with_string_keys_and_bytes_are_bin() {
         audio: Vec<u8>,
     }
     let unmarked = Format::MsgPack
-        .encode(&Unmarked {
-            audio: vec![1, 2],
-        })
+        .encode(&Unmarked { audio: vec![1, 2] })
         .unwrap();
-    assert_eq!(unmarked, [0x81, 0xa5, b'a', b'u', b'd', b'i', b'o', 0x92, 1, 2]);
+    assert_eq!(
+        unmarked,
+        [0x81, 0xa5, b'a', b'u', b'd', b'i', b'o', 0x92, 1, 2]
+    );
 }
 
 #[test]

@@ -238,15 +238,25 @@ impl FileConnection {
             tmp_seq: AtomicU64::new(0),
             consumer_seq: AtomicU64::new(0),
         });
-        let weak = Arc::downgrade(&inner);
+        // The watcher's callback runs on notify's own thread, which
+        // `watch`/`unwatch` wait on: it only forwards events, and a task
+        // handles them, so no lock of ours is ever taken on that thread.
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Some(inner) = weak.upgrade() {
-                inner.on_fs_event(ev);
-            }
+            let _ = events_tx.send(ev);
         }) {
             Ok(w) => *inner.watcher.lock().expect("watcher lock") = Some(w),
             Err(e) => tracing::warn!(error = %e, "no file-system events; relying on rescans"),
         }
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(ev) = events_rx.recv().await {
+                match weak.upgrade() {
+                    Some(inner) => inner.on_fs_event(ev),
+                    None => return,
+                }
+            }
+        });
         {
             let mut reg = registry().lock().expect("registry lock");
             reg.retain(|w| w.strong_count() > 0);
@@ -1297,12 +1307,13 @@ impl Connection for FileConnection {
             }
             let live = inner.live_consumers(queue);
             if live.iter().any(|(_, x)| *x) {
-                return Err(Error::ResourceLocked(format!(
-                    "queue {queue:?} has an exclusive consumer"
+                // RabbitMQ answers ACCESS_REFUSED ("in exclusive use").
+                return Err(Error::AccessRefused(format!(
+                    "queue {queue:?} is in exclusive use by a consumer"
                 )));
             }
             if options.exclusive && !live.is_empty() {
-                return Err(Error::ResourceLocked(format!(
+                return Err(Error::AccessRefused(format!(
                     "queue {queue:?} has consumers; cannot consume exclusively"
                 )));
             }

@@ -90,7 +90,7 @@ impl Layout {
     /// Removes a queue's folder: renamed into the trash first (one atomic
     /// step, after which no claim or publish can land in it), then deleted.
     pub(crate) fn remove_queue_dir(&self, q: &str) -> io::Result<()> {
-        let aside = self.trash().join(format!("{q}.{}", uuid::Uuid::new_v4().simple()));
+        let aside = self.trash().join(uuid::Uuid::new_v4().simple().to_string());
         match fs::rename(self.queue(q), &aside) {
             Ok(()) => fsys::remove_tree(&aside),
             Err(e) if fsys::is_not_found(&e) => Ok(()),

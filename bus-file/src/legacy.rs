@@ -1,1 +1,776 @@
-//! Legacy folder mode (being built).
+//! Legacy folder mode: the folder integration of programs that know nothing
+//! of this library (contract 2 of the legacy system).
+//!
+//! * [`Inbox`]: an input folder where a legacy producer drops one plain
+//!   file per request, consumed as a [`Consumer`] of [`Delivery`]s. A file
+//!   is taken only once it is complete by the configured [`Readiness`] rule.
+//!   Ack finishes it ([`Consumed`]: delete, or move to a done folder);
+//!   nack or reject without requeue moves it to the failed folder with a
+//!   `<name>.error` file beside it ([`Inbox::fail`] sets the text); nack with
+//!   requeue puts it back. Several consumers, in one process or several,
+//!   share an inbox: each file is claimed by an atomic rename into
+//!   `.bus/claims/<owner>/`, so exactly one gets it, and the claims of a
+//!   process that dies go back to the folder (an `flock` proves it is gone).
+//! * [`ResultWriter`]: writes one result per request into a result folder,
+//!   named with the request's stem (`in/job42.wav` → `out/job42.json`),
+//!   atomically (a hidden temporary name, fsync, rename), so a legacy reader
+//!   never sees half a file. It is also a [`Publisher`], so a [`bridge`]
+//!   can move results from a queue into the folder.
+//! * [`LegacyRpc`]: a call writes a request file and waits for the result
+//!   file with the same stem.
+//!
+//! Names that start with a dot, and names ending in `.done`, `.tmp` or
+//! `.part`, are never taken as requests; sub-folders (like `done/` and
+//! `failed/`) are ignored.
+//!
+//! [`bridge`]: bus_core::bridge
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{
+    Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message, Publisher,
+    PublishOptions, Result,
+};
+use futures::Stream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::fsys::{self, FileLock};
+use crate::names;
+
+/// When a file in an input folder counts as complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// The writer renames finished files into the folder, so every visible
+    /// file is complete.
+    RenamedIn,
+    /// A marker `<name>.done` appears once `<name>` is complete; the marker
+    /// is removed with the file.
+    DoneMarker,
+    /// The file's size and modification time have not changed for this
+    /// long (measured on tokio's clock).
+    Stable(Duration),
+}
+
+/// What happens to an input once it was processed (acked).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Consumed {
+    /// It is deleted.
+    Delete,
+    /// It is moved into this folder (created if missing).
+    MoveTo(PathBuf),
+}
+
+/// Header carrying the input file's name on every inbox delivery, and
+/// read by [`ResultWriter`] to name a result.
+pub const FILE_HEADER: &str = "x-legacy-file";
+
+const IGNORED_SUFFIXES: [&str; 3] = [".done", ".tmp", ".part"];
+
+fn is_candidate(name: &str) -> bool {
+    !name.starts_with('.') && !IGNORED_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// An input folder of plain files, consumed as deliveries.
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    shared: Arc<InboxShared>,
+}
+
+#[derive(Debug)]
+struct InboxShared {
+    dir: PathBuf,
+    readiness: Readiness,
+    consumed: Consumed,
+    failed: PathBuf,
+    rescan: Duration,
+    reasons: Mutex<HashMap<String, String>>,
+}
+
+impl Inbox {
+    /// An inbox on `dir` with the defaults: files ready once stable for
+    /// 2 s, consumed inputs moved to `dir/done/`, failed ones to
+    /// `dir/failed/`, a rescan every second.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        Inbox {
+            shared: Arc::new(InboxShared {
+                readiness: Readiness::Stable(Duration::from_secs(2)),
+                consumed: Consumed::MoveTo(dir.join("done")),
+                failed: dir.join("failed"),
+                rescan: Duration::from_secs(1),
+                reasons: Mutex::new(HashMap::new()),
+                dir,
+            }),
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut InboxShared)) -> Self {
+        let s = Arc::get_mut(&mut self.shared).expect("configure an inbox before consuming");
+        f(s);
+        self
+    }
+
+    /// Sets the readiness rule.
+    #[must_use]
+    pub fn with_readiness(self, r: Readiness) -> Self {
+        self.with(|s| s.readiness = r)
+    }
+
+    /// Sets what happens to processed inputs.
+    #[must_use]
+    pub fn with_consumed(self, c: Consumed) -> Self {
+        self.with(|s| s.consumed = c)
+    }
+
+    /// Sets the folder failed inputs move to.
+    #[must_use]
+    pub fn with_failed_dir(self, dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        self.with(|s| s.failed = dir)
+    }
+
+    /// Sets how often the folder is listed again (events are the fast path).
+    #[must_use]
+    pub fn with_rescan_interval(self, every: Duration) -> Self {
+        self.with(|s| s.rescan = every)
+    }
+
+    /// The input folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Rejects a delivery of this inbox as failed with `reason`: the input
+    /// moves to the failed folder and `<name>.error` beside it says why.
+    ///
+    /// # Errors
+    /// As [`Delivery::reject`].
+    pub async fn fail(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        if let Some(name) = delivery
+            .message
+            .properties
+            .headers
+            .get(FILE_HEADER)
+            .and_then(FieldValue::as_str)
+        {
+            self.shared
+                .reasons
+                .lock()
+                .expect("reasons lock")
+                .insert(name.to_owned(), reason.to_owned());
+        }
+        delivery.reject(false).await
+    }
+
+    /// Starts consuming the folder: a stream of one delivery per ready
+    /// file, in name order, at most `prefetch` unsettled at once (0: no
+    /// limit).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the folders cannot be created or locked.
+    pub async fn consume(&self, prefetch: u16) -> Result<Consumer> {
+        let s = &self.shared;
+        let bus = s.dir.join(".bus");
+        for d in [&s.dir, &bus, &bus.join("owners"), &bus.join("claims"), &s.failed] {
+            fsys::create_dir_private(d, fsys::DIR_MODE)?;
+        }
+        if let Consumed::MoveTo(d) = &s.consumed {
+            fsys::create_dir_private(d, fsys::DIR_MODE)?;
+        }
+        let owner = names::new_owner_id();
+        let tmp_lock = bus.join("owners").join(format!(".{owner}.tmp"));
+        let lock = FileLock::lock_file(fsys::create_new(&tmp_lock, fsys::FILE_MODE)?)?;
+        fs::rename(&tmp_lock, bus.join("owners").join(format!("{owner}.lock")))?;
+        let claims = bus.join("claims").join(&owner);
+        fsys::create_dir_private(&claims, fsys::DIR_MODE)?;
+
+        let (tx, rx) = mpsc::channel(64);
+        let state = Arc::new(InboxConsumer {
+            inbox: self.shared.clone(),
+            owner,
+            claims,
+            prefetch,
+            tx: Mutex::new(Some(tx)),
+            unacked: Mutex::new(HashMap::new()),
+            next_tag: AtomicU64::new(0),
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+            requeued: Mutex::new(HashSet::new()),
+            _lock: lock,
+        });
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = watch(&s.dir, events_tx);
+        tokio::spawn(run_inbox(state.clone(), events_rx, watcher));
+        let tag = format!("inbox-{}", state.owner);
+        Ok(Consumer::new(
+            tag,
+            s.dir.display().to_string(),
+            Box::pin(InboxStream {
+                rx,
+                state: state.clone(),
+            }),
+            Arc::new(InboxControl { state }),
+        ))
+    }
+}
+
+/// Starts a watcher whose events only wake a task (never locks on
+/// notify's thread); `None` when events are unavailable (rescans remain).
+fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = tx.send(());
+    })
+    .ok()?;
+    w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
+    Some(w)
+}
+
+#[derive(Debug)]
+struct Held {
+    name: String,
+}
+
+#[derive(Debug)]
+struct InboxConsumer {
+    inbox: Arc<InboxShared>,
+    owner: String,
+    claims: PathBuf,
+    prefetch: u16,
+    tx: Mutex<Option<mpsc::Sender<Result<Delivery>>>>,
+    unacked: Mutex<HashMap<u64, Held>>,
+    next_tag: AtomicU64,
+    wake: Notify,
+    stopped: AtomicBool,
+    /// Files this consumer put back, delivered again as redelivered.
+    requeued: Mutex<HashSet<String>>,
+    _lock: FileLock,
+}
+
+/// What a scan knows of a file not yet ready.
+#[derive(Debug)]
+struct Seen {
+    size: u64,
+    mtime_ns: i64,
+    since: Instant,
+}
+
+async fn run_inbox(
+    c: Arc<InboxConsumer>,
+    mut events: mpsc::UnboundedReceiver<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+) {
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    loop {
+        if c.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        reap_dead(&c.inbox.dir);
+        let next = c.scan(&mut seen);
+        let wait = next.map_or(c.inbox.rescan, |d| d.min(c.inbox.rescan));
+        tokio::select! {
+            _ = c.wake.notified() => {}
+            Some(()) = events.recv() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Gives back the claims of inbox consumers whose process died.
+fn reap_dead(dir: &Path) {
+    let bus = dir.join(".bus");
+    for owner in crate::layout::list_names(&bus.join("claims")).unwrap_or_default() {
+        let lock = bus.join("owners").join(format!("{owner}.lock"));
+        let dead = match FileLock::try_lock(&lock) {
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+            Err(e) => fsys::is_not_found(&e),
+        };
+        if !dead {
+            continue;
+        }
+        let claims = bus.join("claims").join(&owner);
+        for f in crate::layout::list_names(&claims).unwrap_or_default() {
+            let _ = fs::rename(claims.join(&f), dir.join(&f));
+        }
+        let _ = fs::remove_dir(&claims);
+        let _ = fs::remove_file(&lock);
+    }
+}
+
+impl InboxConsumer {
+    fn capacity(&self) -> bool {
+        let tx = self.tx.lock().expect("tx lock");
+        let Some(tx) = tx.as_ref() else { return false };
+        tx.capacity() > 0
+            && (self.prefetch == 0
+                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+    }
+
+    /// Lists the folder, claims ready files and delivers them; returns how
+    /// long until a file being watched for stability may be ready.
+    fn scan(
+        self: &Arc<Self>,
+        seen: &mut HashMap<String, Seen>,
+    ) -> Option<Duration> {
+        let dir = &self.inbox.dir;
+        let mut names = crate::layout::list_names(dir).unwrap_or_default();
+        names.retain(|n| is_candidate(n));
+        names.sort();
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        seen.retain(|n, _| names.contains(n));
+        for name in names {
+            if !self.capacity() {
+                break;
+            }
+            let path = dir.join(&name);
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if !meta.file_type().is_file() {
+                continue;
+            }
+            let ready = match &self.inbox.readiness {
+                Readiness::RenamedIn => true,
+                Readiness::DoneMarker => dir.join(format!("{name}.done")).exists(),
+                Readiness::Stable(d) => {
+                    let size = meta.len();
+                    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                    let entry = seen.entry(name.clone()).or_insert(Seen {
+                        size,
+                        mtime_ns,
+                        since: now,
+                    });
+                    if entry.size != size || entry.mtime_ns != mtime_ns {
+                        *entry = Seen {
+                            size,
+                            mtime_ns,
+                            since: now,
+                        };
+                    }
+                    let stable_for = now - entry.since;
+                    if stable_for >= *d {
+                        true
+                    } else {
+                        let left = *d - stable_for;
+                        next = Some(next.map_or(left, |n| n.min(left)));
+                        false
+                    }
+                }
+            };
+            if !ready {
+                continue;
+            }
+            seen.remove(&name);
+            let claimed = self.claims.join(&name);
+            match fs::rename(&path, &claimed) {
+                Ok(()) => {}
+                Err(_) => continue,
+            }
+            let body = match fsys::read_regular(&claimed) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail_file(&name, &format!("unreadable: {e}"));
+                    continue;
+                }
+            };
+            let was = self.requeued.lock().expect("requeued lock").remove(&name);
+            self.deliver(name, body, meta.mtime().max(0) as u64, was);
+        }
+        next
+    }
+
+    fn deliver(self: &Arc<Self>, name: String, body: Vec<u8>, mtime: u64, redelivered: bool) {
+        let tx = self.tx.lock().expect("tx lock").clone();
+        let Some(Ok(permit)) = tx.as_ref().map(mpsc::Sender::try_reserve) else {
+            let _ = fs::rename(self.claims.join(&name), self.inbox.dir.join(&name));
+            return;
+        };
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
+        let size = body.len() as i64;
+        let message = Message::new(body)
+            .with_message_id(name.clone())
+            .with_timestamp(mtime)
+            .with_header(FILE_HEADER, name.as_str())
+            .with_header("x-legacy-size", size);
+        self.unacked.lock().expect("unacked lock").insert(
+            tag,
+            Held { name: name.clone() },
+        );
+        let acker: Arc<dyn Acknowledger> = Arc::new(InboxAcker(self.clone()));
+        permit.send(Ok(Delivery::new(
+            message,
+            String::new(),
+            name,
+            redelivered,
+            tag,
+            Some(acker),
+        )));
+    }
+
+    fn finish(&self, name: &str) -> io::Result<()> {
+        let claimed = self.claims.join(name);
+        match &self.inbox.consumed {
+            Consumed::Delete => fs::remove_file(&claimed)?,
+            Consumed::MoveTo(d) => fs::rename(&claimed, d.join(name))?,
+        }
+        let _ = fs::remove_file(self.inbox.dir.join(format!("{name}.done")));
+        Ok(())
+    }
+
+    fn fail_file(&self, name: &str, reason: &str) {
+        let failed = &self.inbox.failed;
+        let note = failed.join(format!("{name}.error"));
+        let tmp = failed.join(format!(".{name}.error.tmp"));
+        let _ = fsys::write_atomic(&tmp, &note, reason.as_bytes(), fsys::FILE_MODE, true);
+        if let Err(e) = fs::rename(self.claims.join(name), failed.join(name)) {
+            tracing::warn!(file = name, error = %e, "could not move a failed input");
+        }
+        let _ = fs::remove_file(self.inbox.dir.join(format!("{name}.done")));
+    }
+
+    fn requeue(&self, held: &Held) {
+        self.requeued
+            .lock()
+            .expect("requeued lock")
+            .insert(held.name.clone());
+        let _ = fs::rename(self.claims.join(&held.name), self.inbox.dir.join(&held.name));
+        self.wake.notify_one();
+    }
+
+    fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Held>> {
+        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let tags: Vec<u64> = if multiple {
+            unacked.keys().copied().filter(|t| *t <= tag).collect()
+        } else {
+            vec![tag]
+        };
+        let mut out = Vec::new();
+        for t in tags {
+            match unacked.remove(&t) {
+                Some(h) => out.push(h),
+                None if self.stopped.load(Ordering::Acquire) => {
+                    return Err(Error::Closed("the inbox consumer is gone".into()))
+                }
+                None => return Err(Error::PreconditionFailed(format!("unknown delivery tag {t}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn stop(&self, requeue: bool) {
+        self.stopped.store(true, Ordering::Release);
+        self.tx.lock().expect("tx lock").take();
+        if requeue {
+            let held: Vec<Held> = self.unacked.lock().expect("unacked lock").drain().map(|(_, h)| h).collect();
+            for h in &held {
+                self.requeue(h);
+            }
+            let _ = fs::remove_dir(&self.claims);
+            let lock = self.inbox.dir.join(".bus").join("owners").join(format!("{}.lock", self.owner));
+            let _ = fs::remove_file(lock);
+        }
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct InboxAcker(Arc<InboxConsumer>);
+
+#[async_trait]
+impl Acknowledger for InboxAcker {
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        for h in self.0.take(tag, multiple)? {
+            self.0.finish(&h.name)?;
+        }
+        self.0.wake.notify_one();
+        Ok(())
+    }
+
+    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+        for h in self.0.take(tag, multiple)? {
+            if requeue {
+                self.0.requeue(&h);
+            } else {
+                let reason = self
+                    .0
+                    .inbox
+                    .reasons
+                    .lock()
+                    .expect("reasons lock")
+                    .remove(&h.name)
+                    .unwrap_or_else(|| "rejected by the consumer".to_owned());
+                self.0.fail_file(&h.name, &reason);
+            }
+        }
+        self.0.wake.notify_one();
+        Ok(())
+    }
+}
+
+struct InboxControl {
+    state: Arc<InboxConsumer>,
+}
+
+#[async_trait]
+impl ConsumerControl for InboxControl {
+    async fn cancel(&self) -> Result<()> {
+        self.state.stop(false);
+        Ok(())
+    }
+}
+
+struct InboxStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    state: Arc<InboxConsumer>,
+}
+
+impl Stream for InboxStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let r = self.rx.poll_recv(cx);
+        if matches!(r, Poll::Ready(Some(_))) {
+            self.state.wake.notify_one();
+        }
+        r
+    }
+}
+
+impl Drop for InboxStream {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.state.stop(true);
+    }
+}
+
+/// Writes results into a result folder atomically, named after their
+/// request's stem.
+#[derive(Clone, Debug)]
+pub struct ResultWriter {
+    dir: PathBuf,
+    extension: String,
+}
+
+impl ResultWriter {
+    /// A writer into `dir` (created private if missing) whose results get
+    /// the extension `extension` (without a dot; empty for none).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the folder cannot be created.
+    pub fn new(dir: impl Into<PathBuf>, extension: &str) -> Result<Self> {
+        let dir = dir.into();
+        fsys::create_dir_private(&dir, fsys::DIR_MODE)?;
+        Ok(ResultWriter {
+            dir,
+            extension: extension.trim_start_matches('.').to_owned(),
+        })
+    }
+
+    /// The result file name for a request file name: its stem and this
+    /// writer's extension.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a name that is not a plain file name.
+    pub fn result_name(&self, request: &str) -> Result<String> {
+        check_file_name(request)?;
+        let stem = Path::new(request)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(request);
+        Ok(if self.extension.is_empty() {
+            stem.to_owned()
+        } else {
+            format!("{stem}.{}", self.extension)
+        })
+    }
+
+    /// Writes the result of request `request` (a file name such as
+    /// `job42.wav`): to a hidden temporary name, fsynced, then renamed to
+    /// `<stem>.<extension>`. Returns the result's path.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a name that is not a plain file name;
+    /// [`Error::Io`] when writing fails (nothing partial is left visible).
+    pub async fn write(&self, request: &str, content: &[u8]) -> Result<PathBuf> {
+        let name = self.result_name(request)?;
+        let dest = self.dir.join(&name);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let content = content.to_vec();
+        let d = dest.clone();
+        tokio::task::spawn_blocking(move || fsys::write_atomic(&tmp, &d, &content, fsys::FILE_MODE, true))
+            .await
+            .map_err(|e| Error::backend("file", true, e.to_string()))??;
+        Ok(dest)
+    }
+}
+
+/// Refuses names that are not one plain file name inside a folder.
+fn check_file_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 200
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{name:?} is not a plain file name (no separators, no leading dot, at most 200 bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// A result arriving from a queue becomes a result file: named from the
+/// [`FILE_HEADER`] header (the request's file name), else the message id,
+/// else the routing key. The exchange is ignored.
+#[async_trait]
+impl Publisher for ResultWriter {
+    async fn publish(&self, _exchange: &str, routing_key: &str, message: Message, _options: PublishOptions) -> Result<()> {
+        let p = &message.properties;
+        let name = p
+            .headers
+            .get(FILE_HEADER)
+            .and_then(FieldValue::as_str)
+            .map(str::to_owned)
+            .or_else(|| p.message_id.clone())
+            .unwrap_or_else(|| routing_key.to_owned());
+        self.write(&name, &message.body).await.map(|_| ())
+    }
+}
+
+/// Request/reply over legacy folders: a call writes a request file
+/// (atomically) into the request folder and waits for the result file with
+/// the same stem in the result folder.
+#[derive(Clone, Debug)]
+pub struct LegacyRpc {
+    requests: PathBuf,
+    results: PathBuf,
+    readiness: Readiness,
+    timeout: Duration,
+    poll: Duration,
+}
+
+impl LegacyRpc {
+    /// Calls through `requests` and `results`, with the legacy timeout
+    /// (180 s) and results taken once stable for 1 s.
+    pub fn new(requests: impl Into<PathBuf>, results: impl Into<PathBuf>) -> Self {
+        LegacyRpc {
+            requests: requests.into(),
+            results: results.into(),
+            readiness: Readiness::Stable(Duration::from_secs(1)),
+            timeout: Duration::from_secs(180),
+            poll: Duration::from_millis(250),
+        }
+    }
+
+    /// Sets the readiness rule for result files.
+    #[must_use]
+    pub fn with_readiness(mut self, r: Readiness) -> Self {
+        self.readiness = r;
+        self
+    }
+
+    /// Sets the per-call timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sets how often the result folder is looked at besides its events.
+    #[must_use]
+    pub fn with_poll_interval(mut self, every: Duration) -> Self {
+        self.poll = every;
+        self
+    }
+
+    /// Writes `content` as request file `name` and returns the content of
+    /// the result with the same stem, which is then deleted.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when no complete result appears in time (the
+    /// request file stays for the legacy side); [`Error::InvalidArgument`]
+    /// for a name that is not a plain file name; [`Error::Io`].
+    pub async fn call(&self, name: &str, content: &[u8]) -> Result<Vec<u8>> {
+        check_file_name(name)?;
+        fsys::create_dir_private(&self.requests, fsys::DIR_MODE)?;
+        fsys::create_dir_private(&self.results, fsys::DIR_MODE)?;
+        let stem = Path::new(name)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(name)
+            .to_owned();
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let _watcher = watch(&self.results, tx);
+        let tmp = self
+            .requests
+            .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        fsys::write_atomic(&tmp, &self.requests.join(name), content, fsys::FILE_MODE, true)?;
+
+        let deadline = Instant::now() + self.timeout;
+        let mut seen: Option<(String, u64, i64, Instant)> = None;
+        loop {
+            let now = Instant::now();
+            if let Some((file, ready)) = self.find_result(&stem, &mut seen, now) {
+                if ready {
+                    let path = self.results.join(&file);
+                    let body = fsys::read_regular(&path)?;
+                    let _ = fs::remove_file(&path);
+                    let _ = fs::remove_file(self.results.join(format!("{file}.done")));
+                    return Ok(body);
+                }
+            }
+            if now >= deadline {
+                return Err(Error::Timeout(self.timeout));
+            }
+            let mut wait = self.poll.min(deadline - now);
+            if let (Readiness::Stable(d), Some((_, _, _, since))) = (&self.readiness, &seen) {
+                wait = wait.min((*since + *d).saturating_duration_since(now));
+            }
+            tokio::select! {
+                Some(()) = events.recv() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn find_result(&self, stem: &str, seen: &mut Option<(String, u64, i64, Instant)>, now: Instant) -> Option<(String, bool)> {
+        let mut names = crate::layout::list_names(&self.results).ok()?;
+        names.retain(|n| is_candidate(n) && Path::new(n).file_stem().and_then(|s| s.to_str()) == Some(stem));
+        names.sort();
+        let file = names.into_iter().next()?;
+        let meta = fs::symlink_metadata(self.results.join(&file)).ok()?;
+        if !meta.file_type().is_file() {
+            return None;
+        }
+        let ready = match &self.readiness {
+            Readiness::RenamedIn => true,
+            Readiness::DoneMarker => self.results.join(format!("{file}.done")).exists(),
+            Readiness::Stable(d) => {
+                let size = meta.len();
+                let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                match seen {
+                    Some((f, s, m, since)) if *f == file && *s == size && *m == mtime => now - *since >= *d,
+                    _ => {
+                        *seen = Some((file.clone(), size, mtime, now));
+                        d.is_zero()
+                    }
+                }
+            }
+        };
+        Some((file, ready))
+    }
+}

@@ -62,7 +62,13 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 
 /// The broker's pids of the connections whose client-given name is `name`.
 pub fn connection_pids(name: &str) -> Vec<String> {
-    let out = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
     out.lines()
         .filter(|l| l.contains(&format!("{{\"connection_name\",\"{name}\"}}")))
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
@@ -72,7 +78,11 @@ pub fn connection_pids(name: &str) -> Vec<String> {
 /// Has the broker close the connection named `name` (as an operator would).
 pub fn close_connection(name: &str) {
     let pids = connection_pids(name);
-    assert_eq!(pids.len(), 1, "expected one connection named {name}, found {pids:?}");
+    assert_eq!(
+        pids.len(),
+        1,
+        "expected one connection named {name}, found {pids:?}"
+    );
     rabbitmqctl(&["close_connection", &pids[0], "closed by a test"]);
 }
 
@@ -96,5 +106,7 @@ pub async fn wait_event(
 
 /// Deletes a queue at the end of a test.
 pub async fn cleanup_queue(conn: &dyn Connection, name: &str) {
-    let _ = conn.delete_queue(name, bus_core::DeleteQueueOptions::default()).await;
+    let _ = conn
+        .delete_queue(name, bus_core::DeleteQueueOptions::default())
+        .await;
 }

@@ -327,7 +327,10 @@ pub async fn remote_error(h: &dyn Harness) {
                 async move {
                     match job.language.as_str() {
                         "boom" => Err(format!("model exploded on job {}", job.id)),
-                        "panic" => panic!("tensor shape mismatch in job {}", job.id),
+                        "panic" => panic!(
+                            "tensor shape mismatch in job {} (a deliberate panic)",
+                            job.id
+                        ),
                         _ => Ok(transcribe(&job, "asr")),
                     }
                 }

@@ -17,16 +17,21 @@
 //! thread they run on.
 //!
 //! ```no_run
+//! use std::sync::Arc;
 //! use bus_core::rpc::blocking::{BlockingRpcClient, BlockingRpcServer};
-//! # fn example(
-//! #     connect: impl Fn() -> futures::future::BoxFuture<'static, bus_core::Result<std::sync::Arc<dyn bus_core::Connection>>>,
-//! # ) -> bus_core::Result<()> {
-//! // A worker thread owning its model: serves until shut down.
-//! let server = BlockingRpcServer::builder("upper").connect(connect.clone())?;
+//!
+//! // Opens a connection, e.g. `bus::connect("amqp://127.0.0.1")`.
+//! async fn open() -> bus_core::Result<Arc<dyn bus_core::Connection>> {
+//!     # unimplemented!()
+//! }
+//!
+//! # fn main() -> bus_core::Result<()> {
+//! let server = BlockingRpcServer::builder("upper").connect(open)?;
 //! std::thread::scope(|s| {
+//!     // A worker thread, which could own a model: serves until shut down.
 //!     s.spawn(|| server.serve(|text: String| Ok::<_, String>(text.to_uppercase())));
 //!
-//!     let client = BlockingRpcClient::connect(connect)?;
+//!     let client = BlockingRpcClient::connect(open)?;
 //!     let reply: String = client.call("upper", "hello")?;
 //!     assert_eq!(reply, "HELLO");
 //!     server.shutdown()
@@ -188,7 +193,12 @@ impl BlockingRpcClient {
     ///
     /// # Errors
     /// As [`RpcClient::call`].
-    pub fn call_with<Req, Resp>(&self, queue: &str, request: &Req, options: CallOptions) -> Result<Resp>
+    pub fn call_with<Req, Resp>(
+        &self,
+        queue: &str,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<Resp>
     where
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
@@ -212,7 +222,12 @@ impl BlockingRpcClient {
     ///
     /// # Errors
     /// As [`RpcClient::call`].
-    pub fn call_raw_with(&self, queue: &str, request: Message, options: CallOptions) -> Result<Message> {
+    pub fn call_raw_with(
+        &self,
+        queue: &str,
+        request: Message,
+        options: CallOptions,
+    ) -> Result<Message> {
         let client = self.client.clone();
         let queue = queue.to_owned();
         self.background
@@ -410,11 +425,13 @@ impl BlockingRpcServer {
         E: fmt::Display,
         F: FnMut(Message) -> std::result::Result<Message, E>,
     {
-        self.serve_outcomes(|message| match catch_unwind(AssertUnwindSafe(|| handler(message))) {
-            Ok(Ok(reply)) => Outcome::Reply(reply),
-            Ok(Err(e)) => Outcome::Failed(e.to_string()),
-            Err(panic) => Outcome::Failed(panic_message(&*panic)),
-        })
+        self.serve_outcomes(
+            |message| match catch_unwind(AssertUnwindSafe(|| handler(message))) {
+                Ok(Ok(reply)) => Outcome::Reply(Box::new(reply)),
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(panic) => Outcome::Failed(panic_message(&*panic)),
+            },
+        )
     }
 
     fn serve_outcomes(&self, mut handle: impl FnMut(Message) -> Outcome) -> Result<()> {

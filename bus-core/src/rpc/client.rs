@@ -12,7 +12,6 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
-use tokio::time::Instant;
 
 use super::codec::{decode_message, remote_error, Format};
 use crate::error::{Error, Result};
@@ -266,10 +265,9 @@ impl RpcClient {
         options: CallOptions,
     ) -> Result<Message> {
         let timeout = options.timeout.unwrap_or(self.inner.options.timeout);
-        // The deadline covers publishing as well as waiting: the caller gets
-        // an answer by `timeout` whatever holds the call up.
-        let deadline = Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, self.exchange(queue, request, timeout)).await {
+        // The timeout covers publishing as well as waiting: the caller gets
+        // an answer by then whatever holds the call up.
+        match tokio::time::timeout(timeout, self.exchange(queue, request, timeout)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout(timeout)),
         }
@@ -301,7 +299,12 @@ impl RpcClient {
             .to_message(request)
     }
 
-    async fn exchange(&self, queue: &str, mut request: Message, timeout: Duration) -> Result<Message> {
+    async fn exchange(
+        &self,
+        queue: &str,
+        mut request: Message,
+        timeout: Duration,
+    ) -> Result<Message> {
         let link = self.link().await?;
         let id = uuid::Uuid::new_v4().to_string();
         let reply = link.routes.register(&id)?;
@@ -314,7 +317,9 @@ impl RpcClient {
         let props = &mut request.properties;
         props.correlation_id = Some(id.clone());
         props.reply_to = Some(link.address.clone());
-        props.expiration = Some(timeout.as_millis().to_string());
+        // RabbitMQ refuses expirations much above 2^32 - 1 ms (49 days).
+        let expiration = timeout.as_millis().min(u128::from(u32::MAX));
+        props.expiration = Some(expiration.to_string());
         let options = PublishOptions {
             mandatory: self.inner.mandatory,
         };
@@ -437,8 +442,9 @@ impl ReplyLink {
         } else {
             conn.reply_queue().await?
         };
-        let declared =
-            (classic || !conn.capabilities().direct_reply) && !queue.address.starts_with("amq.");
+        // RabbitMQ's direct reply-to is a pseudo-queue, nothing to delete.
+        let declared = (classic || !conn.capabilities().direct_reply)
+            && !queue.address.starts_with("amq.rabbitmq.reply-to");
         let publisher = queue
             .publisher
             .unwrap_or_else(|| Arc::new(conn.clone()) as Arc<dyn Publisher>);
@@ -507,4 +513,81 @@ async fn read_replies(mut consumer: Consumer, routes: Arc<Routes>, late: Arc<Ato
         }
     };
     routes.fail_all(&reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes() -> Routes {
+        Routes {
+            waiting: Mutex::new(Some(HashMap::new())),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_legacy_ones() {
+        let options = RpcClientOptions::default();
+        assert_eq!(options.timeout, Duration::from_secs(180));
+        assert_eq!(options.format, Format::MsgPack);
+        assert!(!options.classic_reply_queue);
+    }
+
+    #[test]
+    fn a_reply_goes_to_its_call_only() {
+        let routes = routes();
+        let mut first = routes.register("first").unwrap();
+        let mut second = routes.register("second").unwrap();
+        assert!(routes.complete("second", Message::new("for second")));
+        assert!(first.try_recv().is_err(), "the first call got nothing");
+        let reply = second.try_recv().unwrap().unwrap();
+        assert_eq!(&reply.body[..], b"for second");
+        assert!(
+            !routes.complete("second", Message::new("again")),
+            "a second reply to one call is late"
+        );
+        assert!(!routes.complete("unknown", Message::new("stray")));
+        assert_eq!(routes.len(), 1);
+    }
+
+    #[test]
+    fn a_slot_is_freed_when_its_call_ends() {
+        let routes = routes();
+        let _reply = routes.register("call").unwrap();
+        {
+            let _slot = Slot {
+                routes: &routes,
+                id: "call",
+            };
+            assert_eq!(routes.len(), 1);
+        }
+        assert_eq!(routes.len(), 0);
+        assert!(!routes.complete("call", Message::new("late")));
+    }
+
+    #[test]
+    fn a_reply_for_a_cancelled_call_is_late() {
+        let routes = routes();
+        drop(routes.register("cancelled").unwrap());
+        assert!(!routes.complete("cancelled", Message::new("late")));
+    }
+
+    #[test]
+    fn an_ended_consumer_fails_every_call_in_flight() {
+        let routes = routes();
+        let mut a = routes.register("a").unwrap();
+        let mut b = routes.register("b").unwrap();
+        routes.fail_all("connection reset");
+        for rx in [&mut a, &mut b] {
+            assert!(matches!(
+                rx.try_recv().unwrap(),
+                Err(Error::ConnectionLost(m)) if m == "connection reset"
+            ));
+        }
+        assert!(!routes.is_open());
+        assert!(matches!(
+            routes.register("c"),
+            Err(Error::ConnectionLost(_))
+        ));
+    }
 }

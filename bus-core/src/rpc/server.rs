@@ -16,13 +16,13 @@ use super::codec::{error_reply, Format};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
-use crate::transport::{ConsumeOptions, Connection, Consumer, Delivery, PublishOptions};
+use crate::transport::{Connection, ConsumeOptions, Consumer, Delivery, PublishOptions};
 use crate::DEFAULT_EXCHANGE;
 
 /// What handling one request came to.
 pub(crate) enum Outcome {
     /// Send this reply.
-    Reply(Message),
+    Reply(Box<Message>),
     /// The request body could not be decoded.
     Undecodable(String),
     /// The handler failed or panicked.
@@ -133,7 +133,7 @@ impl RpcServerBuilder {
             AssertUnwindSafe(async move { handler(request).await })
                 .catch_unwind()
                 .map(|result| match result {
-                    Ok(Ok(reply)) => Outcome::Reply(reply),
+                    Ok(Ok(reply)) => Outcome::Reply(Box::new(reply)),
                     Ok(Err(e)) => Outcome::Failed(e.to_string()),
                     Err(panic) => Outcome::Failed(panic_message(&*panic)),
                 })
@@ -189,7 +189,7 @@ impl RpcServerBuilder {
             let handler = handler.clone();
             tokio::task::spawn_blocking(move || handler(request))
                 .map(|result| match result {
-                    Ok(Ok(reply)) => Outcome::Reply(reply),
+                    Ok(Ok(reply)) => Outcome::Reply(Box::new(reply)),
                     Ok(Err(e)) => Outcome::Failed(e.to_string()),
                     Err(join) => Outcome::Failed(join_failure(join)),
                 })
@@ -236,7 +236,9 @@ impl RpcServerBuilder {
     }
 }
 
-pub(crate) fn decode<Req: DeserializeOwned>(request: &Message) -> std::result::Result<(Format, Req), Outcome> {
+pub(crate) fn decode<Req: DeserializeOwned>(
+    request: &Message,
+) -> std::result::Result<(Format, Req), Outcome> {
     let format = Format::of(request).map_err(|e| Outcome::Undecodable(e.to_string()))?;
     let request = format
         .decode(&request.body)
@@ -246,7 +248,7 @@ pub(crate) fn decode<Req: DeserializeOwned>(request: &Message) -> std::result::R
 
 pub(crate) fn encode<Resp: Serialize>(format: Format, response: &Resp) -> Outcome {
     match format.to_message(response) {
-        Ok(reply) => Outcome::Reply(reply),
+        Ok(reply) => Outcome::Reply(Box::new(reply)),
         Err(e) => Outcome::Failed(format!("the handler's response cannot be sent: {e}")),
     }
 }
@@ -429,7 +431,7 @@ impl Serving {
         let correlation_id = properties.correlation_id.clone();
         let format = Format::of(&delivery.message).unwrap_or_default();
         let mut reply = match (self.handler)(delivery.message.clone()).await {
-            Outcome::Reply(reply) => reply,
+            Outcome::Reply(reply) => *reply,
             Outcome::Failed(text) => error_reply(&text, format),
             Outcome::Undecodable(text) if self.dead_letters => {
                 tracing::warn!(error = %text, "dead-lettering an undecodable request");
@@ -452,7 +454,12 @@ impl Serving {
             reply.properties.correlation_id = correlation_id;
             if let Err(e) = self
                 .conn
-                .publish(DEFAULT_EXCHANGE, &reply_to, reply, PublishOptions::default())
+                .publish(
+                    DEFAULT_EXCHANGE,
+                    &reply_to,
+                    reply,
+                    PublishOptions::default(),
+                )
                 .await
             {
                 tracing::warn!(reply_to, error = %e, "could not publish an RPC reply");
