@@ -77,9 +77,9 @@ async fn call(queue: &str, json: &str) -> Result<Json, Failure> {
     };
     let text = if json == "-" {
         let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| Failure::Other(format!("cannot read the request from standard input: {e}")))?;
+        std::io::stdin().read_to_string(&mut text).map_err(|e| {
+            Failure::Other(format!("cannot read the request from standard input: {e}"))
+        })?;
         text
     } else {
         json.to_owned()
@@ -91,7 +91,11 @@ async fn call(queue: &str, json: &str) -> Result<Json, Failure> {
     let conn = bus::connect(&url).await.map_err(failure)?;
     let client = RpcClient::new(conn.clone()).await.map_err(failure)?;
     let reply = client
-        .call_with::<_, JsonReply>(queue, &Request(&request), CallOptions::new().timeout(timeout))
+        .call_with::<_, JsonReply>(
+            queue,
+            &Request(&request),
+            CallOptions::new().timeout(timeout),
+        )
         .await
         .map_err(failure);
     // The reply is in hand or the call failed either way: closing is
@@ -155,7 +159,10 @@ fn as_bytes(value: &Json) -> Option<&str> {
 fn from_hex(hex: &str) -> Result<Vec<u8>, String> {
     let digits = hex.as_bytes();
     if digits.len() % 2 != 0 {
-        return Err(format!("{{\"$bytes\": ...}} needs an even number of hex digits, got {}", digits.len()));
+        return Err(format!(
+            "{{\"$bytes\": ...}} needs an even number of hex digits, got {}",
+            digits.len()
+        ));
     }
     digits
         .chunks(2)

@@ -39,7 +39,10 @@ struct Broker {
 
 impl Broker {
     fn connect() -> Broker {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // A worker thread of its own keeps the connection's heartbeats going
+        // while the test waits on other programs.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
@@ -64,8 +67,22 @@ impl Broker {
     }
 }
 
-fn fresh_queue(what: &str) -> String {
-    format!("bus-examples-test.{what}.{}", uuid::Uuid::new_v4().simple())
+/// Deletes the test's queue if the test fails before its own clean-up.
+struct QueueGuard(String);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_queue", &self.0])
+                .output();
+        }
+    }
+}
+
+fn fresh_queue(what: &str) -> (String, QueueGuard) {
+    let queue = format!("bus-examples-test.{what}.{}", uuid::Uuid::new_v4().simple());
+    (queue.clone(), QueueGuard(queue))
 }
 
 // ---------------------------------------------------------- the examples
@@ -105,9 +122,9 @@ fn examples() -> &'static Examples {
             }
         }
         let mut take = |name: &str| {
-            executables
-                .remove(name)
-                .unwrap_or_else(|| panic!("cargo build did not report the {name} example's executable"))
+            executables.remove(name).unwrap_or_else(|| {
+                panic!("cargo build did not report the {name} example's executable")
+            })
         };
         Examples {
             rpc_server: take("rpc_server"),
@@ -268,9 +285,7 @@ fn example(path: &Path) -> Command {
 /// Runs the legacy Python caller once and returns the reply it printed.
 fn python_call(queue: &str, request: &Json) -> Json {
     let mut command = python("legacy_client.py");
-    command
-        .args([queue, "-"])
-        .env("RPC_TIMEOUT_SECS", "30");
+    command.args([queue, "-"]).env("RPC_TIMEOUT_SECS", "30");
     let out = run(command, Some(&request.to_string()), 60, "the Python caller");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -307,7 +322,7 @@ fn rich_request() -> Json {
 #[test]
 fn python_caller_calls_the_rpc_server_example() {
     let broker = Broker::connect();
-    let queue = fresh_queue("rpc-server");
+    let (queue, _guard) = fresh_queue("rpc-server");
     let server = Running::start("the rpc_server example", {
         let mut command = example(&examples().rpc_server);
         command.arg(&queue);
@@ -318,7 +333,10 @@ fn python_caller_calls_the_rpc_server_example() {
         serving.starts_with(&format!("serving {queue:?} on amqp://***@")),
         "{serving:?}"
     );
-    assert!(!serving.contains("guest:"), "credentials printed: {serving:?}");
+    assert!(
+        !serving.contains("guest:"),
+        "credentials printed: {serving:?}"
+    );
 
     let request = rich_request();
     assert_eq!(
@@ -328,9 +346,13 @@ fn python_caller_calls_the_rpc_server_example() {
     assert!(server
         .next_line(10, "its line for request 1")
         .starts_with("request 1: "));
-    for (n, plain) in [json!({ "x": 12 }), json!("not a map"), json!([1, { "echo": 2 }])]
-        .into_iter()
-        .enumerate()
+    for (n, plain) in [
+        json!({ "x": 12 }),
+        json!("not a map"),
+        json!([1, { "echo": 2 }]),
+    ]
+    .into_iter()
+    .enumerate()
     {
         assert_eq!(
             python_call(&queue, &plain),
@@ -338,7 +360,10 @@ fn python_caller_calls_the_rpc_server_example() {
             "{plain}"
         );
         let line = server.next_line(10, "its line for a request");
-        assert!(line.starts_with(&format!("request {}: ", n + 2)), "{line:?}");
+        assert!(
+            line.starts_with(&format!("request {}: ", n + 2)),
+            "{line:?}"
+        );
     }
     assert_eq!(
         python_call(&queue, &json!({ "echo": null })),
@@ -359,13 +384,17 @@ fn python_caller_calls_the_rpc_server_example() {
 #[test]
 fn rpc_client_example_calls_a_python_worker() {
     let broker = Broker::connect();
-    let queue = fresh_queue("rpc-client");
+    let (queue, _guard) = fresh_queue("rpc-client");
     let worker = Running::start("the Python worker", {
         let mut command = python("legacy_server.py");
         command.arg(&queue);
         command
     });
-    assert_eq!(worker.next_line(30, "its ready line"), "ready", "{PYTHON_HINT}");
+    assert_eq!(
+        worker.next_line(30, "its ready line"),
+        "ready",
+        "{PYTHON_HINT}"
+    );
 
     let request = rich_request();
     let mut command = example(&examples().rpc_client);
@@ -387,7 +416,11 @@ fn rpc_client_example_calls_a_python_worker() {
 
     let seen: Json = serde_json::from_str(&worker.next_line(10, "its served line")).unwrap();
     assert_eq!(seen["content_type"], Json::Null, "{seen}");
-    assert_eq!(seen["correlation_id"].as_str().map(str::len), Some(36), "{seen}");
+    assert_eq!(
+        seen["correlation_id"].as_str().map(str::len),
+        Some(36),
+        "{seen}"
+    );
     drop(worker);
     broker.delete_queue(&queue);
 }
@@ -395,7 +428,7 @@ fn rpc_client_example_calls_a_python_worker() {
 #[test]
 fn rpc_client_example_fails_clearly() {
     let broker = Broker::connect();
-    let queue = fresh_queue("rpc-client-fails");
+    let (queue, _guard) = fresh_queue("rpc-client-fails");
     let client = &examples().rpc_client;
 
     // No such queue: the request is unroutable.
@@ -415,7 +448,10 @@ fn rpc_client_example_fails_clearly() {
     let out = run(command, None, 60, "the rpc_client example");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("no reply") && stderr.contains(&queue), "{stderr}");
+    assert!(
+        stderr.contains("no reply") && stderr.contains(&queue),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty());
 
     // Not JSON.

@@ -83,8 +83,7 @@ fn broker_down(url: &str, e: &dyn std::fmt::Display) -> ! {
 }
 
 async fn connect_ours(url: &str, name: &str) -> Arc<dyn Connection> {
-    match AmqpConnection::connect_with(url, AmqpOptions::default().with_connection_name(name))
-        .await
+    match AmqpConnection::connect_with(url, AmqpOptions::default().with_connection_name(name)).await
     {
         Ok(c) => Arc::new(c),
         Err(e) => broker_down(url, &e),
@@ -133,7 +132,10 @@ async fn bounded_queue_raw(ch: &lapin::Channel, name: &str) {
         .await
         .expect("delete queue");
     let mut args = FieldTable::default();
-    args.insert(short("x-max-length"), AMQPValue::LongLongInt(MAX_LENGTH as i64));
+    args.insert(
+        short("x-max-length"),
+        AMQPValue::LongLongInt(MAX_LENGTH as i64),
+    );
     args.insert(
         short("x-overflow"),
         AMQPValue::LongString(LongString::from("drop-head")),
@@ -212,7 +214,14 @@ async fn publish(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
     let note = format!(
         "publisher confirms, {WINDOW} in flight, {BODY}-byte bodies, queue x-max-length {MAX_LENGTH} drop-head"
     );
-    report.throughput("amqp-publish", o.per_sec(), "lapin", b.per_sec(), "msg/s", &note);
+    report.throughput(
+        "amqp-publish",
+        o.per_sec(),
+        "lapin",
+        b.per_sec(),
+        "msg/s",
+        &note,
+    );
     report.cost(
         "amqp-publish-cpu",
         o.cpu_us(),
@@ -233,7 +242,11 @@ async fn consume(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
             .await
             .expect("delete queue");
         filler
-            .queue_declare(short(q), QueueDeclareOptions::default(), FieldTable::default())
+            .queue_declare(
+                short(q),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("declare queue");
     }
@@ -304,7 +317,14 @@ async fn consume(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
     let note = format!(
         "consume and ack one by one, prefetch {WINDOW}, {BODY}-byte bodies, queue pre-filled with {batch} (untimed)"
     );
-    report.throughput("amqp-consume", o.per_sec(), "lapin", b.per_sec(), "msg/s", &note);
+    report.throughput(
+        "amqp-consume",
+        o.per_sec(),
+        "lapin",
+        b.per_sec(),
+        "msg/s",
+        &note,
+    );
     report.cost(
         "amqp-consume-cpu",
         o.cpu_us(),
@@ -437,9 +457,13 @@ impl RawServer {
         ch.queue_delete(short(queue), QueueDeleteOptions::default())
             .await
             .expect("delete queue");
-        ch.queue_declare(short(queue), QueueDeclareOptions::default(), FieldTable::default())
-            .await
-            .expect("declare queue");
+        ch.queue_declare(
+            short(queue),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare queue");
         ch.basic_qos(RPC_IN_FLIGHT as u16, BasicQosOptions::default())
             .await
             .expect("qos");

@@ -38,9 +38,12 @@ fn body() -> Bytes {
 }
 
 async fn open(root: &Path) -> Arc<dyn Connection> {
-    let conn = FileConnection::open(root)
-        .await
-        .unwrap_or_else(|e| panic!("cannot open the folder transport at {}: {e}", root.display()));
+    let conn = FileConnection::open(root).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot open the folder transport at {}: {e}",
+            root.display()
+        )
+    });
     conn.declare_queue(QUEUE, QueueOptions::durable())
         .await
         .expect("declare queue");
@@ -99,7 +102,9 @@ fn name(i: u64) -> String {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("a blocking task")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a blocking task")
 }
 
 async fn durable(publishers: u64, report: &mut Report) {
@@ -163,10 +168,19 @@ async fn durable(publishers: u64, report: &mut Report) {
     } else {
         (
             format!("file-publish-durable-{publishers}"),
-            format!("{publishers} concurrent publishers (group commit) against the raw loop run by one"),
+            format!(
+                "{publishers} concurrent publishers (group commit) against the raw loop run by one"
+            ),
         )
     };
-    report.throughput(&scenario, o.per_sec(), "raw-fsync-loop", b.per_sec(), "msg/s", note);
+    report.throughput(
+        &scenario,
+        o.per_sec(),
+        "raw-fsync-loop",
+        b.per_sec(),
+        "msg/s",
+        note,
+    );
 }
 
 async fn consume(report: &mut Report) {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bus::rpc::{RpcClient, RpcServer};
 use bus::{
-    Bytes, ConnectionExt, ConsumeOptions, Connection, ExchangeKind, ExchangeOptions, FieldTable,
+    Bytes, Connection, ConnectionExt, ConsumeOptions, ExchangeKind, ExchangeOptions, FieldTable,
     Message, Overflow, PublishOptions, QueueArguments, QueueOptions,
 };
 use futures::StreamExt;
@@ -135,9 +135,14 @@ async fn topic_rate(bindings: usize) -> f64 {
             1 => format!("region{}.svc{i}.#", i % 100),
             _ => format!("*.svc{i}.done"),
         };
-        conn.bind_queue(&format!("q{}", i % queues), "events", &pattern, FieldTable::new())
-            .await
-            .expect("bind");
+        conn.bind_queue(
+            &format!("q{}", i % queues),
+            "events",
+            &pattern,
+            FieldTable::new(),
+        )
+        .await
+        .expect("bind");
     }
     let keys: Vec<String> = (0..bindings)
         .map(|i| format!("region{}.svc{i}.done", i % 100))

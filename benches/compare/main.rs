@@ -34,7 +34,8 @@ fn main() {
         file::writer(&mode, &dir, count, gap);
         return;
     }
-    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let mut report = Report::default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -214,7 +214,11 @@ where
 /// a queue out). After a warm-up of each side (a fifth of the run time),
 /// the sides take turns, two rounds of half the run time each, so that a
 /// machine whose speed drifts (other work, thermal limits) weighs on both.
-pub async fn side_by_side<A, AF, B, BF>(n: u64, mut ours: A, mut baseline: B) -> (Measured, Measured)
+pub async fn side_by_side<A, AF, B, BF>(
+    n: u64,
+    mut ours: A,
+    mut baseline: B,
+) -> (Measured, Measured)
 where
     A: FnMut(u64) -> AF,
     AF: std::future::Future<Output = Measured>,

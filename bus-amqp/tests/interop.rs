@@ -163,7 +163,11 @@ fn wire_value<T: Serialize>(value: &T) -> rmpv::Value {
 fn read_wire(mut bytes: &[u8]) -> rmpv::Value {
     let value = rmpv::decode::read_value(&mut bytes)
         .unwrap_or_else(|e| panic!("the body is not msgpack: {e}"));
-    assert!(bytes.is_empty(), "{} bytes after the msgpack value", bytes.len());
+    assert!(
+        bytes.is_empty(),
+        "{} bytes after the msgpack value",
+        bytes.len()
+    );
     value
 }
 
@@ -253,7 +257,9 @@ impl PythonServer {
             lines,
             stderr,
         };
-        let ready = server.next_line("the Python worker to consume its queue").await;
+        let ready = server
+            .next_line("the Python worker to consume its queue")
+            .await;
         assert_eq!(ready, "ready", "the Python worker said {ready:?}");
         server
     }
@@ -435,7 +441,11 @@ async fn rust_client_calls_python_worker(
     }
     correlation_ids.sort();
     correlation_ids.dedup();
-    assert_eq!(correlation_ids.len(), 4, "each call has its own correlation id");
+    assert_eq!(
+        correlation_ids.len(),
+        4,
+        "each call has its own correlation id"
+    );
 
     worker.stop().await;
     delete_queue(&*conn, &queue).await;
@@ -612,7 +622,9 @@ async fn python_and_rust_workers_share_a_queue(first: FirstDeclarer) {
     let (mut python, rust) = match first {
         FirstDeclarer::Python => {
             let python = PythonServer::start(&queue).await;
-            let rust = start_rust().await.expect("the Rust server declares the queue as the Python one did");
+            let rust = start_rust()
+                .await
+                .expect("the Rust server declares the queue as the Python one did");
             (python, rust)
         }
         FirstDeclarer::Rust => {

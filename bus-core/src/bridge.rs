@@ -26,8 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::error::Result;
-use crate::transport::{Consumer, Delivery, PublishOptions, Publisher};
+use crate::{Consumer, Delivery, PublishOptions, Publisher, Result};
 
 /// How a bridge picks the routing key of what it forwards.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,9 +71,12 @@ impl Bridge {
     /// A bridge publishing to `exchange` through `destination`, keeping
     /// each message's routing key, mandatory (a message no queue takes is
     /// an error, not a silent drop), retrying temporary failures after 1 s.
-    pub fn new(destination: Arc<dyn Publisher>, exchange: impl Into<String>) -> Self {
+    ///
+    /// `destination` is any publisher: an `Arc` of a connection of any
+    /// transport, or a transport's own publisher (a legacy result writer).
+    pub fn new(destination: impl Publisher, exchange: impl Into<String>) -> Self {
         Bridge {
-            destination,
+            destination: Arc::new(destination),
             exchange: exchange.into(),
             routing_key: RoutingKey::Keep,
             mandatory: true,

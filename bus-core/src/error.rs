@@ -21,31 +21,46 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
 
-    /// The entity exists with other settings, an argument has the wrong type
-    /// or value, or the operation's condition does not hold (AMQP
+    /// The entity exists with other settings, an argument or property has
+    /// the wrong type or value (a queue argument, a consumer's `x-priority`,
+    /// a message's `expiration`), or the operation's condition does not hold
+    /// (`if_unused`, `if_empty`, a delivery settled twice) (AMQP
     /// `PRECONDITION_FAILED`, 406).
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
 
-    /// The queue is exclusive to another connection, or its exclusive flag
-    /// differs from the declaration (AMQP `RESOURCE_LOCKED`, 405).
+    /// The queue is exclusive to another connection (declaring, inspecting,
+    /// deleting, purging, binding or consuming it is refused), or a
+    /// redeclaration's exclusive flag differs from the queue's (AMQP
+    /// `RESOURCE_LOCKED`, 405).
+    ///
+    /// An exclusive *consumer* is a different matter: see
+    /// [`Error::AccessRefused`].
     #[error("resource locked: {0}")]
     ResourceLocked(String),
 
-    /// The name is reserved (`amq.` prefix), the queue is in exclusive use
-    /// by a consumer, or the credentials do not allow the operation (AMQP
-    /// `ACCESS_REFUSED`, 403).
+    /// The operation is not allowed (AMQP `ACCESS_REFUSED`, 403): a new name
+    /// in the reserved `amq.` namespace; declaring, deleting or binding to
+    /// the default exchange `""`; deleting a pre-declared exchange;
+    /// publishing to an internal exchange; consuming from a queue that has
+    /// an exclusive consumer, or asking for an exclusive consumer on a
+    /// queue that has consumers (RabbitMQ: "in exclusive use"); or
+    /// credentials that do not allow it.
     #[error("access refused: {0}")]
     AccessRefused(String),
 
-    /// The input was refused before anything was changed: a name that is too
-    /// long or could escape a folder, a value out of range.
+    /// The input was refused before anything was changed: a name or routing
+    /// key longer than 255 bytes, a name with a NUL character (see
+    /// [`validate_name`](crate::validate_name)) or one that could escape a
+    /// folder, a value out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
     /// A mandatory publish matched no queue (AMQP `basic.return` with
     /// `NO_ROUTE`, 312). The message is handed back.
-    #[error("unroutable: no queue bound to exchange {exchange:?} matches routing key {routing_key:?}")]
+    #[error(
+        "unroutable: no queue bound to exchange {exchange:?} matches routing key {routing_key:?}"
+    )]
     Unroutable {
         /// The exchange the message was published to.
         exchange: String,
@@ -115,9 +130,10 @@ impl Error {
     /// connection once it recovers or on a new one.
     ///
     /// Temporary: lost connections, time-outs, refused publishes (a full queue
-    /// may drain), locked resources (their owner may go away), I/O errors that
-    /// the OS reports as transient, and backend errors marked so. Everything
-    /// else describes the request itself and fails again unchanged.
+    /// may drain), locked resources (the connection owning an exclusive
+    /// queue may go away), I/O errors that the OS reports as transient, and
+    /// backend errors marked so. Everything else describes the request
+    /// itself and fails again unchanged.
     #[must_use]
     pub fn is_temporary(&self) -> bool {
         match self {

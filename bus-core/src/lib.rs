@@ -11,6 +11,7 @@
 pub mod bridge;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod delivery;
 mod error;
 mod message;
 pub mod routing;
@@ -19,17 +20,17 @@ mod topology;
 mod transport;
 mod value;
 
+pub use delivery::{Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream};
 pub use error::{Error, Result};
 pub use message::{DeliveryMode, Message, Properties};
 pub use topology::{
-    is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions,
-    Overflow, QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE,
-    MAX_NAME_LEN, PREDECLARED_EXCHANGES,
+    is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions, Overflow,
+    QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL,
+    PREDECLARED_EXCHANGES,
 };
 pub use transport::{
-    classic_reply_queue, Acknowledger, Capabilities, ConnectionExt, ConsumeOptions, Consumer,
-    ConsumerControl, Connection, Delivery, DeliveryStream, Publisher, PublishOptions,
-    ReplyQueue,
+    classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishOptions,
+    Publisher, ReplyQueue,
 };
 pub use value::{FieldTable, FieldValue};
 

@@ -1,7 +1,14 @@
 //! Messages: a body of bytes and the AMQP basic properties.
 
-use bytes::Bytes;
+use std::time::Duration;
 
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::rpc::{decode_message, Format};
+use crate::topology::MAX_TTL;
 use crate::value::{FieldTable, FieldValue};
 
 /// Whether a message should survive a broker restart.
@@ -48,12 +55,16 @@ pub struct Properties {
     /// Transient or persistent.
     pub delivery_mode: Option<DeliveryMode>,
     /// Priority, 0 to 9 by convention; used by queues with `x-max-priority`.
+    /// A priority above the queue's maximum counts as the maximum; in a
+    /// queue without priorities it is carried but has no effect.
     pub priority: Option<u8>,
     /// Correlates a reply with its request.
     pub correlation_id: Option<String>,
     /// The queue replies should go to.
     pub reply_to: Option<String>,
-    /// Per-message TTL: a string of milliseconds, as AMQP carries it.
+    /// Per-message TTL: a string of milliseconds, as AMQP carries it, at
+    /// most [`MAX_TTL`](crate::MAX_TTL). Publishing anything else fails with
+    /// `PreconditionFailed`, as RabbitMQ refuses it. See [`Message::ttl`].
     pub expiration: Option<String>,
     /// Application message identifier.
     pub message_id: Option<String>,
@@ -151,10 +162,19 @@ impl Message {
         self
     }
 
-    /// Sets the per-message TTL in milliseconds.
+    /// Sets the per-message TTL in milliseconds. A value above
+    /// [`MAX_TTL`](crate::MAX_TTL) makes the publish fail.
     #[must_use]
     pub fn with_expiration_ms(mut self, ms: u64) -> Self {
         self.properties.expiration = Some(ms.to_string());
+        self
+    }
+
+    /// Sets the per-message TTL, rounded down to whole milliseconds. A TTL
+    /// above [`MAX_TTL`](crate::MAX_TTL) makes the publish fail.
+    #[must_use]
+    pub fn with_expiration(mut self, ttl: Duration) -> Self {
+        self.properties.expiration = Some(ttl.as_millis().to_string());
         self
     }
 
@@ -193,6 +213,12 @@ impl Message {
         self
     }
 
+    /// The header of that name, if the message has it.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&FieldValue> {
+        self.properties.headers.get(name)
+    }
+
     /// Whether the message is persistent.
     #[must_use]
     pub fn is_persistent(&self) -> bool {
@@ -202,20 +228,136 @@ impl Message {
     /// The per-message TTL, parsed from `expiration`.
     ///
     /// # Errors
-    /// [`Error::PreconditionFailed`](crate::Error::PreconditionFailed) when
-    /// `expiration` is set but is not a non-negative integer, which is how
-    /// RabbitMQ refuses it.
-    pub fn ttl(&self) -> crate::Result<Option<std::time::Duration>> {
-        match &self.properties.expiration {
-            None => Ok(None),
-            Some(s) => s
-                .parse::<u64>()
-                .map(|ms| Some(std::time::Duration::from_millis(ms)))
-                .map_err(|_| {
-                    crate::Error::PreconditionFailed(format!(
-                        "invalid expiration {s:?}: expected a string of milliseconds"
-                    ))
-                }),
+    /// [`Error::PreconditionFailed`] when `expiration` is set but is not a
+    /// non-negative integer of at most [`MAX_TTL`](crate::MAX_TTL)
+    /// milliseconds, which is how RabbitMQ refuses it.
+    pub fn ttl(&self) -> Result<Option<Duration>> {
+        let Some(s) = &self.properties.expiration else {
+            return Ok(None);
+        };
+        let invalid =
+            |why: &str| Error::PreconditionFailed(format!("invalid expiration {s:?}: {why}"));
+        let too_large = || {
+            invalid(&format!(
+                "more than the {} ms (10 years) RabbitMQ allows",
+                MAX_TTL.as_millis()
+            ))
+        };
+        let ms: u64 = s
+            .parse()
+            .map_err(|e: std::num::ParseIntError| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => too_large(),
+                _ => invalid("expected a string of milliseconds"),
+            })?;
+        let ttl = Duration::from_millis(ms);
+        if ttl > MAX_TTL {
+            return Err(too_large());
         }
+        Ok(Some(ttl))
+    }
+
+    /// A message whose body is `value` in JSON, with content type
+    /// `application/json`.
+    ///
+    /// # Errors
+    /// [`Error::Codec`] when `value` cannot be written as JSON (a map with
+    /// non-string keys, a failing `Serialize` impl).
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Format::Json.to_message(value)
+    }
+
+    /// A message whose body is `value` in msgpack, as the legacy peers
+    /// write it: structs as maps with string keys, `serde_bytes` fields as
+    /// the bin type, and no content type (which means msgpack to
+    /// [`Message::decode`] and to the legacy peers).
+    ///
+    /// # Errors
+    /// [`Error::Codec`] when `value` cannot be written as msgpack.
+    pub fn msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Format::MsgPack.to_message(value)
+    }
+
+    /// Decodes the body in the format the content type names: msgpack when
+    /// there is none (or `application/msgpack`), JSON for
+    /// `application/json`.
+    ///
+    /// # Errors
+    /// [`Error::Codec`] for any other content type, or a body that does not
+    /// decode as `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        decode_message(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Job {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        audio: Vec<u8>,
+    }
+
+    #[test]
+    fn json_and_msgpack_bodies_decode_back() {
+        let job = Job {
+            id: 7,
+            audio: vec![0, 255],
+        };
+        let json = Message::json(&job).unwrap();
+        assert_eq!(
+            json.properties.content_type.as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(json.decode::<Job>().unwrap(), job);
+        let packed = Message::msgpack(&job).unwrap();
+        assert_eq!(packed.properties.content_type, None);
+        assert_eq!(packed.decode::<Job>().unwrap(), job);
+        let e = json
+            .with_content_type("text/plain")
+            .decode::<Job>()
+            .unwrap_err();
+        assert!(matches!(e, Error::Codec(m) if m.contains("text/plain")));
+    }
+
+    #[test]
+    fn expiration_is_checked_as_rabbitmq_does() {
+        let ttl = |m: Message| m.ttl();
+        assert_eq!(ttl(Message::new("")).unwrap(), None);
+        assert_eq!(
+            ttl(Message::new("").with_expiration(Duration::from_micros(1500))).unwrap(),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(
+            ttl(Message::new("").with_expiration(MAX_TTL)).unwrap(),
+            Some(MAX_TTL)
+        );
+        for bad in [
+            Message::new("").with_expiration(MAX_TTL + Duration::from_millis(1)),
+            Message::new("").with_expiration(Duration::MAX),
+            Message::new("").with_expiration_ms(u64::MAX),
+            Message {
+                body: Bytes::new(),
+                properties: Properties {
+                    expiration: Some("-1".into()),
+                    ..Properties::default()
+                },
+            },
+        ] {
+            let e = ttl(bad).unwrap_err();
+            assert!(
+                matches!(&e, Error::PreconditionFailed(m) if m.contains("invalid expiration")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_reads_one_header() {
+        let m = Message::new("").with_header("attempt", 3i32);
+        assert_eq!(m.header("attempt"), Some(&FieldValue::I32(3)));
+        assert_eq!(m.header("missing"), None);
     }
 }

@@ -10,6 +10,11 @@ use crate::value::{FieldTable, FieldValue};
 /// The longest exchange or queue name AMQP can carry (a short string).
 pub const MAX_NAME_LEN: usize = 255;
 
+/// The longest TTL or expiry RabbitMQ accepts, in `x-message-ttl`,
+/// `x-expires` and a message's `expiration`: 10 years (315 360 000 000 ms).
+/// Longer ones are refused with [`Error::PreconditionFailed`].
+pub const MAX_TTL: Duration = Duration::from_millis(315_360_000_000);
+
 /// The default exchange: routes to the queue named by the routing key.
 pub const DEFAULT_EXCHANGE: &str = "";
 
@@ -158,9 +163,11 @@ impl QueueType {
 /// the wrong type the way RabbitMQ does (`PRECONDITION_FAILED`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueArguments {
-    /// `x-message-ttl`: messages older than this are expired.
+    /// `x-message-ttl`: messages older than this are expired. Whole
+    /// milliseconds, at most [`MAX_TTL`].
     pub message_ttl: Option<Duration>,
     /// `x-expires`: the queue is deleted after being unused this long.
+    /// Whole milliseconds, more than zero and at most [`MAX_TTL`].
     pub expires: Option<Duration>,
     /// `x-max-length`: most ready messages the queue holds.
     pub max_length: Option<u64>,
@@ -186,23 +193,34 @@ pub struct QueueArguments {
 }
 
 fn duration_ms(name: &str, v: &FieldValue) -> Result<Duration> {
-    match v.as_i64() {
-        Some(ms) if ms >= 0 => Ok(Duration::from_millis(ms as u64)),
-        _ => Err(Error::PreconditionFailed(format!(
-            "invalid arg '{name}': expected a non-negative integer of milliseconds, got {} {v}",
-            v.type_name()
-        ))),
+    let ms = v
+        .as_i64()
+        .and_then(|ms| u64::try_from(ms).ok())
+        .ok_or_else(|| {
+            Error::PreconditionFailed(format!(
+                "invalid arg '{name}': expected a non-negative integer of milliseconds, got {} {v}",
+                v.type_name()
+            ))
+        })?;
+    let d = Duration::from_millis(ms);
+    if d > MAX_TTL {
+        return Err(Error::PreconditionFailed(format!(
+            "invalid arg '{name}': {ms} ms is more than the {} ms (10 years) RabbitMQ allows",
+            MAX_TTL.as_millis()
+        )));
     }
+    Ok(d)
 }
 
 fn non_negative(name: &str, v: &FieldValue) -> Result<u64> {
-    match v.as_i64() {
-        Some(n) if n >= 0 => Ok(n as u64),
-        _ => Err(Error::PreconditionFailed(format!(
-            "invalid arg '{name}': expected a non-negative integer, got {} {v}",
-            v.type_name()
-        ))),
-    }
+    v.as_i64()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| {
+            Error::PreconditionFailed(format!(
+                "invalid arg '{name}': expected a non-negative integer, got {} {v}",
+                v.type_name()
+            ))
+        })
 }
 
 fn string_arg<'a>(name: &str, v: &'a FieldValue) -> Result<&'a str> {
@@ -259,7 +277,8 @@ impl QueueArguments {
     ///
     /// # Errors
     /// [`Error::PreconditionFailed`] when a known argument has the wrong type
-    /// or an out-of-range value, naming the argument.
+    /// or an out-of-range value (a negative length, a TTL above [`MAX_TTL`],
+    /// an `x-max-priority` above 255), naming the argument.
     pub fn from_table(table: &FieldTable) -> Result<Self> {
         let mut a = QueueArguments::default();
         for (k, v) in table {
@@ -411,15 +430,23 @@ pub struct QueueInfo {
     pub consumer_count: u32,
 }
 
-/// Checks an exchange or queue name as AMQP and RabbitMQ would before any
-/// change is made: at most 255 bytes, no NUL.
+/// Checks an exchange or queue name before any change is made: at most
+/// [`MAX_NAME_LEN`] bytes (the AMQP limit) and no NUL character.
+///
+/// `what` names the kind of entity (`"queue"`, `"exchange"`) in the error.
+///
+/// Refusing NUL is a deliberate difference from RabbitMQ, which accepts it:
+/// a NUL cannot be part of a file name (the folder transport names files
+/// after queues), and in a queue name it is surely a bug on the caller's
+/// side. Every transport refuses it, so code tested on one is portable.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] naming the problem.
+/// [`Error::InvalidArgument`] naming the entity and the problem.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
     if name.len() > MAX_NAME_LEN {
+        let start: String = name.chars().take(32).collect();
         return Err(Error::InvalidArgument(format!(
-            "{what} name is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            "{what} name {start:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
             name.len()
         )));
     }
@@ -471,10 +498,37 @@ mod tests {
     }
 
     #[test]
+    fn ttls_are_limited_to_ten_years_as_in_rabbitmq() {
+        let max = i64::try_from(MAX_TTL.as_millis()).unwrap();
+        for arg in ["x-message-ttl", "x-expires"] {
+            let t: FieldTable = [(arg.to_string(), FieldValue::I64(max))].into();
+            assert!(QueueArguments::from_table(&t).is_ok(), "{arg}");
+            for too_long in [max + 1, i64::MAX] {
+                let t: FieldTable = [(arg.to_string(), FieldValue::I64(too_long))].into();
+                let e = QueueArguments::from_table(&t).unwrap_err();
+                assert!(
+                    matches!(&e, Error::PreconditionFailed(m) if m.contains(arg) && m.contains("10 years")),
+                    "{e}"
+                );
+            }
+        }
+        let too_long = QueueArguments {
+            message_ttl: Some(Duration::MAX),
+            ..QueueArguments::default()
+        };
+        assert!(too_long.normalized().is_err());
+    }
+
+    #[test]
     fn names_are_checked() {
         assert!(validate_name("queue", &"q".repeat(255)).is_ok());
         assert!(validate_name("queue", &"q".repeat(256)).is_err());
         assert!(validate_name("queue", "a\0b").is_err());
+        let e = validate_name("exchange", &"x".repeat(300)).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.starts_with("exchange name \"xxx") && m.contains("300")),
+            "{e}"
+        );
         assert!(is_reserved_name("amq.gen-1"));
         assert!(!is_reserved_name("amqx"));
     }

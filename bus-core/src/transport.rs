@@ -2,17 +2,16 @@
 //! implements, and what services program against.
 
 use std::fmt;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use futures::Stream;
 
+use crate::delivery::Consumer;
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::topology::{DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo, QueueOptions};
+use crate::topology::{
+    DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo, QueueOptions, DEFAULT_EXCHANGE,
+};
 use crate::value::FieldTable;
 
 /// What a transport supports. Callers and the conformance suite read it; a
@@ -77,11 +76,17 @@ impl PublishOptions {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConsumeOptions {
     /// The most unacked deliveries this consumer holds at once; 0 means
-    /// unlimited.
+    /// unlimited. Ignored by auto-ack consumers, as in RabbitMQ.
     pub prefetch: u16,
-    /// Deliveries count as acked when sent; [`Delivery::ack`] is then a no-op.
+    /// Deliveries count as acked when sent; [`Delivery::ack`](crate::Delivery::ack) is
+    /// then a no-op and [`Delivery::nack`](crate::Delivery::nack) an error.
     pub auto_ack: bool,
-    /// Be the queue's only consumer (`ACCESS_REFUSED` if it has others).
+    /// Be the queue's only consumer. Refused with
+    /// [`Error::AccessRefused`] when the queue has consumers already, and
+    /// while it lasts every other consumer is refused the same way
+    /// (RabbitMQ: "queue ... in exclusive use", 403). Not to be confused
+    /// with an exclusive *queue*, whose other connections get
+    /// [`Error::ResourceLocked`].
     pub exclusive: bool,
     /// A tag to identify the consumer; generated when `None`.
     pub consumer_tag: Option<String>,
@@ -158,9 +163,12 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// it when `options.passive`, and reports its name and counts.
     ///
     /// # Errors
-    /// `PreconditionFailed` if it exists with other settings;
-    /// `ResourceLocked` if it is exclusive to another connection; `NotFound`
-    /// for a passive declare of a missing one; `AccessRefused` for `amq.`.
+    /// `PreconditionFailed` if it exists with other settings (durable,
+    /// auto-delete, arguments) or an argument has the wrong type or value;
+    /// `ResourceLocked` if it is exclusive to another connection, or its
+    /// exclusive flag differs from this declaration; `NotFound` for a
+    /// passive declare of a missing one; `AccessRefused` for a new `amq.`
+    /// name.
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo>;
 
     /// Deletes a queue; its messages are gone, its consumers are cancelled
@@ -174,6 +182,10 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
 
     /// Removes the ready messages of a queue (not the unacked ones) and
     /// returns how many there were.
+    ///
+    /// # Errors
+    /// `NotFound` for a missing queue (unlike deletion, as in RabbitMQ);
+    /// `ResourceLocked` for an exclusive queue of another connection.
     async fn purge_queue(&self, name: &str) -> Result<u32>;
 
     /// Binds a queue to an exchange. Binding the same queue, exchange, key
@@ -181,7 +193,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// `NotFound` if either is missing; `AccessRefused` for the default
-    /// exchange.
+    /// exchange; `ResourceLocked` for an exclusive queue of another
+    /// connection; `PreconditionFailed` for binding arguments the exchange
+    /// refuses (an unknown `x-match`).
     async fn bind_queue(
         &self,
         queue: &str,
@@ -191,6 +205,12 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     ) -> Result<()>;
 
     /// Removes a binding; routing through it stops at once.
+    ///
+    /// Removing a binding, queue or exchange that does not exist succeeds,
+    /// as in RabbitMQ.
+    ///
+    /// # Errors
+    /// `AccessRefused` for the default exchange.
     async fn unbind_queue(
         &self,
         queue: &str,
@@ -204,9 +224,11 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// in a durable queue, on disk).
     ///
     /// # Errors
-    /// `NotFound` for a missing exchange; [`Error::Unroutable`] for a
-    /// mandatory message no queue took; `Nacked` when the transport refused
-    /// it; `ConnectionLost` when the outcome is unknown.
+    /// `NotFound` for a missing exchange; `AccessRefused` for an internal
+    /// one; `PreconditionFailed` for an `expiration` that is not a number of
+    /// milliseconds up to [`MAX_TTL`](crate::MAX_TTL); [`Error::Unroutable`]
+    /// for a mandatory message no queue took; `Nacked` when the transport
+    /// refused it; `ConnectionLost` when the outcome is unknown.
     async fn publish(
         &self,
         exchange: &str,
@@ -221,7 +243,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// `NotFound` for a missing queue; `ResourceLocked` for an exclusive
     /// queue of another connection; `AccessRefused` when the queue has an
     /// exclusive consumer, or when an exclusive consumer is asked for and the
-    /// queue has consumers (RabbitMQ: "in exclusive use", 403).
+    /// queue has consumers (RabbitMQ: "in exclusive use", 403);
+    /// `PreconditionFailed` for a consumer argument of the wrong type (an
+    /// `x-priority` that is not an integer).
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer>;
 
     /// Opens a private queue for replies, consumed with auto-ack.
@@ -242,13 +266,28 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
 /// Conveniences over any [`Connection`].
 #[async_trait]
 pub trait ConnectionExt: Connection {
-    /// Passive queue declaration: the queue's counts, `NotFound` if missing.
+    /// Passive queue declaration: the queue's counts.
+    ///
+    /// # Errors
+    /// `NotFound` if the queue is missing; `ResourceLocked` if it is
+    /// exclusive to another connection.
     async fn inspect_queue(&self, name: &str) -> Result<QueueInfo> {
         self.declare_queue(name, QueueOptions::passive()).await
     }
 
     /// Whether an exchange exists (a passive declaration).
+    ///
+    /// The default exchange `""` always exists: this answers `true` for it
+    /// without asking the transport, where RabbitMQ would refuse the passive
+    /// declaration (`ACCESS_REFUSED`).
+    ///
+    /// # Errors
+    /// Whatever the passive declaration reports other than `NotFound`
+    /// (`Closed`, `ConnectionLost`, an invalid name).
     async fn exchange_exists(&self, name: &str) -> Result<bool> {
+        if name == DEFAULT_EXCHANGE {
+            return Ok(true);
+        }
         match self
             .declare_exchange(name, ExchangeKind::Direct, ExchangeOptions::passive())
             .await
@@ -259,7 +298,11 @@ pub trait ConnectionExt: Connection {
         }
     }
 
-    /// Publishes through the default exchange straight to a queue.
+    /// Publishes through the default exchange straight to a queue (not
+    /// mandatory: a message for a missing queue is dropped, as in AMQP).
+    ///
+    /// # Errors
+    /// As [`Connection::publish`].
     async fn send_to_queue(&self, queue: &str, message: Message) -> Result<()> {
         self.publish("", queue, message, PublishOptions::default())
             .await
@@ -267,237 +310,6 @@ pub trait ConnectionExt: Connection {
 }
 
 impl<C: Connection + ?Sized> ConnectionExt for C {}
-
-/// Settles deliveries for one transport. Implemented by transports; users
-/// call the methods on [`Delivery`] instead.
-#[async_trait]
-pub trait Acknowledger: Send + Sync + 'static {
-    /// Acks `tag`, and every earlier unsettled tag of the same consumer when
-    /// `multiple`.
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()>;
-    /// Nacks `tag` (and earlier ones when `multiple`), requeueing or
-    /// dead-lettering them.
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()>;
-}
-
-/// One message handed to a consumer, with what it needs to settle it.
-pub struct Delivery {
-    /// The message as published.
-    pub message: Message,
-    /// The exchange it was published to (`""` for the default one).
-    pub exchange: String,
-    /// The routing key it was published with.
-    pub routing_key: String,
-    /// Whether it was delivered before and not acked.
-    pub redelivered: bool,
-    /// Identifies the delivery within its consumer.
-    pub delivery_tag: u64,
-    settled: AtomicBool,
-    acker: Option<Arc<dyn Acknowledger>>,
-}
-
-impl fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delivery")
-            .field("exchange", &self.exchange)
-            .field("routing_key", &self.routing_key)
-            .field("redelivered", &self.redelivered)
-            .field("delivery_tag", &self.delivery_tag)
-            .field("body_len", &self.message.body.len())
-            .field("properties", &self.message.properties)
-            .finish()
-    }
-}
-
-impl Delivery {
-    /// Builds a delivery. `acker` is `None` for auto-ack consumers, whose
-    /// deliveries are settled already.
-    pub fn new(
-        message: Message,
-        exchange: String,
-        routing_key: String,
-        redelivered: bool,
-        delivery_tag: u64,
-        acker: Option<Arc<dyn Acknowledger>>,
-    ) -> Self {
-        Delivery {
-            settled: AtomicBool::new(acker.is_none()),
-            message,
-            exchange,
-            routing_key,
-            redelivered,
-            delivery_tag,
-            acker,
-        }
-    }
-
-    fn take(&self) -> Result<Option<&Arc<dyn Acknowledger>>> {
-        match &self.acker {
-            None => Ok(None),
-            Some(a) => {
-                if self.settled.swap(true, Ordering::AcqRel) {
-                    Err(Error::PreconditionFailed(format!(
-                        "delivery {} was already settled",
-                        self.delivery_tag
-                    )))
-                } else {
-                    Ok(Some(a))
-                }
-            }
-        }
-    }
-
-    /// Acknowledges the delivery: the message is removed from its queue.
-    /// A no-op for auto-ack deliveries.
-    ///
-    /// # Errors
-    /// `PreconditionFailed` if this delivery was settled already; `Closed` or
-    /// `ConnectionLost` if its consumer is gone (the message was requeued).
-    pub async fn ack(&self) -> Result<()> {
-        match self.take()? {
-            Some(a) => a.ack(self.delivery_tag, false).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Acknowledges this delivery and every earlier unsettled one of the same
-    /// consumer.
-    ///
-    /// # Errors
-    /// As [`Delivery::ack`].
-    pub async fn ack_multiple(&self) -> Result<()> {
-        match self.take()? {
-            Some(a) => a.ack(self.delivery_tag, true).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Negatively acknowledges the delivery: requeued at its original
-    /// position with `redelivered` set when `requeue`, else dead-lettered (or
-    /// dropped when the queue has no dead-letter exchange).
-    ///
-    /// # Errors
-    /// As [`Delivery::ack`]; `PreconditionFailed` for auto-ack deliveries.
-    pub async fn nack(&self, requeue: bool) -> Result<()> {
-        match self.take()? {
-            Some(a) => a.nack(self.delivery_tag, false, requeue).await,
-            None => Err(Error::PreconditionFailed(
-                "an auto-ack delivery cannot be nacked".into(),
-            )),
-        }
-    }
-
-    /// Nacks this delivery and every earlier unsettled one of the same
-    /// consumer.
-    ///
-    /// # Errors
-    /// As [`Delivery::nack`].
-    pub async fn nack_multiple(&self, requeue: bool) -> Result<()> {
-        match self.take()? {
-            Some(a) => a.nack(self.delivery_tag, true, requeue).await,
-            None => Err(Error::PreconditionFailed(
-                "an auto-ack delivery cannot be nacked".into(),
-            )),
-        }
-    }
-
-    /// Rejects the delivery (AMQP `basic.reject`); the same as
-    /// [`Delivery::nack`] for one message.
-    ///
-    /// # Errors
-    /// As [`Delivery::nack`].
-    pub async fn reject(&self, requeue: bool) -> Result<()> {
-        self.nack(requeue).await
-    }
-
-    /// Whether the delivery has been settled (or needed no settling).
-    #[must_use]
-    pub fn is_settled(&self) -> bool {
-        self.settled.load(Ordering::Acquire)
-    }
-}
-
-/// Stops a consumer. Implemented by transports.
-#[async_trait]
-pub trait ConsumerControl: Send + Sync + 'static {
-    /// Stops new deliveries. Deliveries already handed out can still be
-    /// settled.
-    async fn cancel(&self) -> Result<()>;
-}
-
-/// The boxed stream a transport hands to [`Consumer::new`].
-pub type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery>> + Send + 'static>>;
-
-/// A consumer: a [`Stream`] of deliveries from one queue.
-///
-/// The stream ends when the consumer is cancelled, its queue is deleted or
-/// its connection is closed; a transport that lost its connection for good
-/// yields the error first. Dropping the consumer cancels it and requeues the
-/// deliveries it had not settled.
-pub struct Consumer {
-    tag: String,
-    queue: String,
-    stream: DeliveryStream,
-    control: Arc<dyn ConsumerControl>,
-}
-
-impl fmt::Debug for Consumer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Consumer")
-            .field("tag", &self.tag)
-            .field("queue", &self.queue)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Consumer {
-    /// Builds a consumer from a transport's stream and control.
-    pub fn new(
-        tag: String,
-        queue: String,
-        stream: DeliveryStream,
-        control: Arc<dyn ConsumerControl>,
-    ) -> Self {
-        Consumer {
-            tag,
-            queue,
-            stream,
-            control,
-        }
-    }
-
-    /// The consumer tag.
-    #[must_use]
-    pub fn tag(&self) -> &str {
-        &self.tag
-    }
-
-    /// The queue consumed from.
-    #[must_use]
-    pub fn queue(&self) -> &str {
-        &self.queue
-    }
-
-    /// Stops new deliveries; the stream ends once those already sent are
-    /// read. Deliveries already received can still be settled.
-    ///
-    /// # Errors
-    /// `Closed` or `ConnectionLost` if the connection is gone.
-    // Not an `async fn`: its future must not borrow the consumer, whose
-    // stream is not `Sync`, so that a task cancelling it stays `Send`.
-    pub fn cancel(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
-        let control = self.control.clone();
-        async move { control.cancel().await }
-    }
-}
-
-impl Stream for Consumer {
-    type Item = Result<Delivery>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.stream.as_mut().poll_next(cx)
-    }
-}
 
 /// Sends messages. Connections do; a [`ReplyQueue`] may carry its own.
 #[async_trait]

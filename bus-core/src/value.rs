@@ -70,7 +70,8 @@ impl FieldValue {
         }
     }
 
-    /// The value as an `i64` when it is any integer type that fits.
+    /// The value as an `i64` when it is any integer type (or a timestamp)
+    /// that fits.
     #[must_use]
     pub fn as_i64(&self) -> Option<i64> {
         Some(match *self {
@@ -84,6 +85,25 @@ impl FieldValue {
             FieldValue::Timestamp(v) => return i64::try_from(v).ok(),
             _ => return None,
         })
+    }
+
+    /// The bytes inside a [`FieldValue::Bytes`], else `None`.
+    #[must_use]
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        match self {
+            FieldValue::Bytes(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The value as an `f64` when it is a float of either width.
+    #[must_use]
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            FieldValue::F32(v) => Some(v.into()),
+            FieldValue::F64(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// The boolean inside a [`FieldValue::Bool`], else `None`.
@@ -170,5 +190,30 @@ from_impls! {
 impl From<Vec<u8>> for FieldValue {
     fn from(v: Vec<u8>) -> Self {
         FieldValue::Bytes(Bytes::from(v))
+    }
+}
+
+impl From<&[u8]> for FieldValue {
+    fn from(v: &[u8]) -> Self {
+        FieldValue::Bytes(Bytes::copy_from_slice(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accessors_read_only_their_own_type() {
+        assert_eq!(
+            FieldValue::from(&b"ab"[..]).as_bytes().map(|b| &b[..]),
+            Some(&b"ab"[..])
+        );
+        assert_eq!(FieldValue::from("ab").as_bytes(), None);
+        assert_eq!(FieldValue::F32(1.5).as_f64(), Some(1.5));
+        assert_eq!(FieldValue::F64(-2.0).as_f64(), Some(-2.0));
+        assert_eq!(FieldValue::I32(1).as_f64(), None);
+        assert_eq!(FieldValue::U32(7).as_i64(), Some(7));
+        assert_eq!(FieldValue::Timestamp(u64::MAX).as_i64(), None);
     }
 }

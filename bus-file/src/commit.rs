@@ -58,7 +58,8 @@ impl Committer {
                 }
                 std::mem::take(&mut st.pending)
             };
-            let dirs: BTreeSet<PathBuf> = batch.iter().flat_map(|(d, _)| d.iter().cloned()).collect();
+            let dirs: BTreeSet<PathBuf> =
+                batch.iter().flat_map(|(d, _)| d.iter().cloned()).collect();
             let result = tokio::task::spawn_blocking(move || {
                 for d in &dirs {
                     match fsys::sync_dir(d) {

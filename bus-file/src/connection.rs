@@ -1,11 +1,11 @@
 //! [`FileConnection`]: the transport contract over a folder.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::fs;
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::routing::{headers_match, TopicMatcher};
 use bus_core::{
-    classic_reply_queue, is_reserved_name, Capabilities, ConsumeOptions, Connection, Consumer,
+    classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
     DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message,
     Overflow, PublishOptions, QueueArguments, QueueInfo, QueueOptions, QueueType, ReplyQueue,
     Result, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
@@ -99,7 +99,12 @@ impl Snapshot {
     }
 
     /// The queues a message goes to, each once.
-    fn route(&self, exchange: &str, routing_key: &str, headers: &FieldTable) -> Result<Vec<String>> {
+    fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: &FieldTable,
+    ) -> Result<Vec<String>> {
         let mut out = BTreeSet::new();
         let mut seen = BTreeSet::new();
         let mut current = exchange.to_owned();
@@ -119,9 +124,11 @@ impl Snapshot {
             };
             let bindings = self.topo.bindings.iter().filter(|b| b.exchange == current);
             match kind {
-                ExchangeKind::Direct => {
-                    out.extend(bindings.filter(|b| b.routing_key == routing_key).map(|b| b.queue.clone()))
-                }
+                ExchangeKind::Direct => out.extend(
+                    bindings
+                        .filter(|b| b.routing_key == routing_key)
+                        .map(|b| b.queue.clone()),
+                ),
                 ExchangeKind::Fanout => out.extend(bindings.map(|b| b.queue.clone())),
                 ExchangeKind::Headers => out.extend(
                     bindings
@@ -280,7 +287,9 @@ fn check_format(layout: &Layout) -> Result<()> {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) if fsys::is_not_found(&e) => {
             let content = format!("bus-file on-disk format {FORMAT_VERSION}\n");
-            let tmp = layout.tmp().join(format!(".FORMAT.{}", names::process_tag()));
+            let tmp = layout
+                .tmp()
+                .join(format!(".FORMAT.{}", names::process_tag()));
             fsys::write_atomic(&tmp, &path, content.as_bytes(), fsys::FILE_MODE, true)?;
             return Ok(());
         }
@@ -343,7 +352,10 @@ impl Inner {
 
     /// Changes the topology under the root's lock: `f` sees the latest
     /// version and returns its result and whether it changed anything.
-    pub(crate) fn modify<T>(&self, f: impl FnOnce(&mut Topology) -> Result<(T, bool)>) -> Result<T> {
+    pub(crate) fn modify<T>(
+        &self,
+        f: impl FnOnce(&mut Topology) -> Result<(T, bool)>,
+    ) -> Result<T> {
         let _lock = FileLock::lock(&self.layout.topology_lock())?;
         let mut t = topology::read(&self.layout.topology())?;
         let (out, changed) = f(&mut t)?;
@@ -412,7 +424,12 @@ impl Inner {
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other.dispatchers.lock().expect("dispatchers lock").get(queue).cloned();
+            let d = other
+                .dispatchers
+                .lock()
+                .expect("dispatchers lock")
+                .get(queue)
+                .cloned();
             if let Some(d) = d {
                 d.offer(file);
             }
@@ -427,7 +444,11 @@ impl Inner {
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other.dispatchers.lock().expect("dispatchers lock").remove(queue);
+            let d = other
+                .dispatchers
+                .lock()
+                .expect("dispatchers lock")
+                .remove(queue);
             if let Some(d) = d {
                 other.unwatch(&d);
                 d.stop();
@@ -446,7 +467,10 @@ impl Inner {
                 return;
             }
         };
-        if !matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))) {
+        if !matches!(
+            ev.kind,
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+        ) {
             return;
         }
         for path in &ev.paths {
@@ -456,10 +480,19 @@ impl Inner {
             if dir.file_name().is_none_or(|n| n != "ready") {
                 continue;
             }
-            let Some(queue) = dir.parent().and_then(Path::file_name).and_then(|q| q.to_str()) else {
+            let Some(queue) = dir
+                .parent()
+                .and_then(Path::file_name)
+                .and_then(|q| q.to_str())
+            else {
                 continue;
             };
-            let d = self.dispatchers.lock().expect("dispatchers lock").get(queue).cloned();
+            let d = self
+                .dispatchers
+                .lock()
+                .expect("dispatchers lock")
+                .get(queue)
+                .cloned();
             if let (Some(d), Some(file)) = (d, file.to_str()) {
                 d.offer(file);
             }
@@ -492,7 +525,10 @@ impl Inner {
         {
             use notify::Watcher;
             if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
-                if let Err(e) = w.watch(&self.layout.ready(name), notify::RecursiveMode::NonRecursive) {
+                if let Err(e) = w.watch(
+                    &self.layout.ready(name),
+                    notify::RecursiveMode::NonRecursive,
+                ) {
                     tracing::warn!(queue = name, error = %e, "no file-system events for queue");
                 }
             }
@@ -597,7 +633,8 @@ impl Inner {
             count -= 1;
             bytes -= name.body_len;
             if let Some(claim) = self.claim_file(queue, &file, name)? {
-                self.dead_letter_or_drop(queue, args, &claim, "maxlen").await?;
+                self.dead_letter_or_drop(queue, args, &claim, "maxlen")
+                    .await?;
             }
         }
         Ok(())
@@ -605,7 +642,12 @@ impl Inner {
 
     /// Claims a ready message for this connection and reads it. `None` when
     /// another consumer took it first or it was quarantined.
-    pub(crate) fn claim_file(&self, queue: &str, file: &str, name: MessageName) -> Result<Option<Claim>> {
+    pub(crate) fn claim_file(
+        &self,
+        queue: &str,
+        file: &str,
+        name: MessageName,
+    ) -> Result<Option<Claim>> {
         let claim_dir = self.layout.claim_dir(queue, &self.owner);
         fsys::create_dir_private(&claim_dir, fsys::DIR_MODE)?;
         let path = claim_dir.join(file);
@@ -678,7 +720,9 @@ impl Inner {
         let mut durable = false;
         let mut expiring = false;
         for q in &targets {
-            let Some(rec) = snap.topo.queues.get(q) else { continue };
+            let Some(rec) = snap.topo.queues.get(q) else {
+                continue;
+            };
             let args = QueueArguments::from_table(&rec.arguments)?;
             match self.admission(q, &args, body_len)? {
                 Admission::Accept => {}
@@ -731,7 +775,10 @@ impl Inner {
                     .map_err(|e| Error::backend("file", true, e.to_string()))??
             };
             if durable {
-                let dirs = linked.iter().map(|&i| self.layout.ready(&links[i].0)).collect();
+                let dirs = linked
+                    .iter()
+                    .map(|&i| self.layout.ready(&links[i].0))
+                    .collect();
                 self.committer.sync_dirs(dirs).await?;
             }
             linked
@@ -856,9 +903,16 @@ impl Inner {
 /// Writes the envelope once and links it under its name into each queue
 /// folder: the one step that makes it visible, whole. Returns the indexes
 /// of the destinations it reached (a queue deleted meanwhile is skipped).
-fn write_and_link(tmp: &Path, bytes: &[u8], durable: bool, dests: &[PathBuf]) -> io::Result<Vec<usize>> {
+fn write_and_link(
+    tmp: &Path,
+    bytes: &[u8],
+    durable: bool,
+    dests: &[PathBuf],
+) -> io::Result<Vec<usize>> {
     let mut f = fsys::create_new(tmp, fsys::FILE_MODE)?;
-    let written = f.write_all(bytes).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
     if let Err(e) = written {
         let _ = fs::remove_file(tmp);
@@ -944,7 +998,9 @@ pub(crate) fn dead_lettered(envelope: &Envelope, queue: &str, reason: &str) -> M
     };
     props.expiration = None;
     deaths.insert(0, FieldValue::Table(entry));
-    props.headers.insert("x-death".into(), FieldValue::Array(deaths));
+    props
+        .headers
+        .insert("x-death".into(), FieldValue::Array(deaths));
     for (h, v) in [
         ("x-first-death-reason", reason),
         ("x-first-death-queue", queue),
@@ -973,7 +1029,12 @@ impl Connection for FileConnection {
         crate::capabilities()
     }
 
-    async fn declare_exchange(&self, name: &str, kind: ExchangeKind, options: ExchangeOptions) -> Result<()> {
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
@@ -1044,7 +1105,9 @@ impl Connection for FileConnection {
                 return Ok(((), false));
             }
             if if_unused && t.bindings.iter().any(|b| b.exchange == name) {
-                return Err(Error::PreconditionFailed(format!("exchange {name:?} in use")));
+                return Err(Error::PreconditionFailed(format!(
+                    "exchange {name:?} in use"
+                )));
             }
             t.exchanges.remove(name);
             t.bindings.retain(|b| b.exchange != name);
@@ -1158,7 +1221,9 @@ impl Connection for FileConnection {
                 return Err(Error::PreconditionFailed(format!("queue {name:?} in use")));
             }
             if options.if_empty && info.message_count > 0 {
-                return Err(Error::PreconditionFailed(format!("queue {name:?} not empty")));
+                return Err(Error::PreconditionFailed(format!(
+                    "queue {name:?} not empty"
+                )));
             }
             t.remove_queue(name);
             inner.layout.remove_queue_dir(name)?;
@@ -1196,7 +1261,13 @@ impl Connection for FileConnection {
         Ok(n)
     }
 
-    async fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable) -> Result<()> {
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
         check_path_name("queue", queue)?;
@@ -1229,7 +1300,13 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable) -> Result<()> {
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
         check_path_name("queue", queue)?;
@@ -1259,7 +1336,13 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn publish(&self, exchange: &str, routing_key: &str, message: Message, options: PublishOptions) -> Result<()> {
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        options: PublishOptions,
+    ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
         if !exchange.is_empty() {
@@ -1302,7 +1385,7 @@ impl Connection for FileConnection {
         let file = inner.next_consumer_file(options.exclusive);
         let consumer_file = inner.layout.consumers(queue).join(&file);
         inner.modify(|t| {
-            if !t.queues.get(queue).is_some_and(|q| q.id == rec.id) {
+            if t.queues.get(queue).is_none_or(|q| q.id != rec.id) {
                 return Err(Error::NotFound(format!("no queue {queue:?}")));
             }
             let live = inner.live_consumers(queue);
@@ -1327,7 +1410,13 @@ impl Connection for FileConnection {
                 return Err(e);
             }
         };
-        Ok(consumer::start(inner, &dispatcher, tag, consumer_file, &options))
+        Ok(consumer::start(
+            inner,
+            &dispatcher,
+            tag,
+            consumer_file,
+            &options,
+        ))
     }
 
     async fn reply_queue(&self) -> Result<ReplyQueue> {

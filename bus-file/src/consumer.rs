@@ -39,12 +39,21 @@ pub(crate) struct Claim {
 
 /// Reads a claimed file; a file that is not a valid message is
 /// quarantined and `None` returned.
-pub(crate) fn read_claim(layout: &Layout, queue: &str, path: PathBuf, name: MessageName) -> Option<Claim> {
+pub(crate) fn read_claim(
+    layout: &Layout,
+    queue: &str,
+    path: PathBuf,
+    name: MessageName,
+) -> Option<Claim> {
     let decoded = fsys::read_regular(&path)
         .map_err(|e| format!("unreadable: {e}"))
         .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()));
     match decoded {
-        Ok(envelope) => Some(Claim { path, name, envelope }),
+        Ok(envelope) => Some(Claim {
+            path,
+            name,
+            envelope,
+        }),
         Err(reason) => {
             layout::quarantine(layout, queue, &path, &reason);
             None
@@ -77,7 +86,12 @@ struct DispatchState {
 }
 
 impl Dispatcher {
-    pub(crate) fn new(queue: String, queue_id: String, args: QueueArguments, layout: Layout) -> Self {
+    pub(crate) fn new(
+        queue: String,
+        queue_id: String,
+        args: QueueArguments,
+        layout: Layout,
+    ) -> Self {
         Dispatcher {
             queue,
             queue_id,
@@ -148,7 +162,12 @@ impl Dispatcher {
     fn rescan(&self, inner: &Inner) {
         let ready = self.layout.ready(&self.queue);
         for foreign in layout::list_foreign(&ready).unwrap_or_default() {
-            layout::quarantine(&self.layout, &self.queue, &ready.join(&foreign), "not a message file name");
+            layout::quarantine(
+                &self.layout,
+                &self.queue,
+                &ready.join(&foreign),
+                "not a message file name",
+            );
         }
         let listed = match layout::list_messages(&ready) {
             Ok(l) => l,
@@ -159,7 +178,12 @@ impl Dispatcher {
         };
         let still_there = inner
             .snapshot()
-            .map(|s| s.topo.queues.get(&self.queue).is_some_and(|q| q.id == self.queue_id))
+            .map(|s| {
+                s.topo
+                    .queues
+                    .get(&self.queue)
+                    .is_some_and(|q| q.id == self.queue_id)
+            })
             .unwrap_or(true);
         if !still_there {
             inner.queue_gone(&self.queue);
@@ -199,8 +223,12 @@ impl Dispatcher {
             else {
                 break;
             };
-            let Some(file) = st.ready.pop_first() else { break };
-            let Some(name) = MessageName::parse(&file) else { continue };
+            let Some(file) = st.ready.pop_first() else {
+                break;
+            };
+            let Some(name) = MessageName::parse(&file) else {
+                continue;
+            };
             let claim = match inner.claim_file(&self.queue, &file, name) {
                 Ok(Some(c)) => c,
                 Ok(None) => continue,
@@ -214,7 +242,7 @@ impl Dispatcher {
                 continue;
             }
             let c = st.consumers[idx].clone();
-            if let Err(claim) = c.hand_over(claim) {
+            if let Some(claim) = c.hand_over(claim) {
                 // Its stream is gone: the message goes back untouched.
                 let back = self.layout.ready(&self.queue).join(claim.name.file_name());
                 if fs::rename(&claim.path, back).is_ok() {
@@ -260,7 +288,10 @@ pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
                 next_rescan = Instant::now() + inner.options.rescan_interval;
             }
             for claim in d.deliver(&inner) {
-                if let Err(e) = inner.dead_letter_or_drop(&d.queue, &d.args, &claim, "expired").await {
+                if let Err(e) = inner
+                    .dead_letter_or_drop(&d.queue, &d.args, &claim, "expired")
+                    .await
+                {
                     tracing::warn!(queue = d.queue, error = %e, "dead-lettering failed");
                 }
             }
@@ -310,13 +341,13 @@ impl ConsumerShared {
                 || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
     }
 
-    /// Sends a claimed message to the stream; gives it back if the stream
-    /// is gone.
-    fn hand_over(&self, claim: Claim) -> std::result::Result<(), Claim> {
+    /// Sends a claimed message to the stream; gives it back (`Some`) if the
+    /// stream is gone.
+    fn hand_over(&self, claim: Claim) -> Option<Claim> {
         let tx = self.tx.lock().expect("tx lock").clone();
-        let Some(tx) = tx else { return Err(claim) };
+        let Some(tx) = tx else { return Some(claim) };
         let Ok(permit) = tx.try_reserve() else {
-            return Err(claim);
+            return Some(claim);
         };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
         let env = &claim.envelope;
@@ -336,10 +367,13 @@ impl ConsumerShared {
         if self.auto_ack {
             let _ = fs::remove_file(&claim.path);
         } else {
-            self.unacked.lock().expect("unacked lock").insert(tag, claim);
+            self.unacked
+                .lock()
+                .expect("unacked lock")
+                .insert(tag, claim);
         }
         permit.send(Ok(delivery));
-        Ok(())
+        None
     }
 
     fn end_stream(&self) {
@@ -351,7 +385,10 @@ impl ConsumerShared {
     /// settleable.
     fn cancel(&self) {
         self.end_stream();
-        let removed = self.dispatcher.upgrade().is_some_and(|d| d.remove_consumer(self));
+        let removed = self
+            .dispatcher
+            .upgrade()
+            .is_some_and(|d| d.remove_consumer(self));
         let _ = fs::remove_file(&self.consumer_file);
         if removed {
             if let Some(inner) = self.inner.upgrade() {
@@ -378,7 +415,9 @@ impl ConsumerShared {
             let rest = unacked.split_off(&(tag + 1));
             let taken = std::mem::replace(&mut *unacked, rest);
             if taken.is_empty() && !self.released.load(Ordering::Acquire) {
-                return Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}")));
+                return Err(Error::PreconditionFailed(format!(
+                    "unknown delivery tag {tag}"
+                )));
             }
             Ok(taken.into_values().collect())
         } else {
@@ -387,7 +426,9 @@ impl ConsumerShared {
                 None if self.released.load(Ordering::Acquire) => Err(Error::Closed(
                     "the consumer is gone; its deliveries were requeued".into(),
                 )),
-                None => Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}"))),
+                None => Err(Error::PreconditionFailed(format!(
+                    "unknown delivery tag {tag}"
+                ))),
             }
         }
     }
@@ -428,7 +469,10 @@ impl Acknowledger for ConsumerShared {
         for claim in &claims {
             if requeue {
                 inner.requeue(&self.queue, claim);
-            } else if let Err(e) = inner.dead_letter_or_drop(&self.queue, &args, claim, "rejected").await {
+            } else if let Err(e) = inner
+                .dead_letter_or_drop(&self.queue, &args, claim, "rejected")
+                .await
+            {
                 result = Err(e);
             }
         }

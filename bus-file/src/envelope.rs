@@ -95,7 +95,10 @@ fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         )));
     }
     if bytes[5] != 0 {
-        return Err(DecodeError(format!("unknown envelope flags {:#04x}", bytes[5])));
+        return Err(DecodeError(format!(
+            "unknown envelope flags {:#04x}",
+            bytes[5]
+        )));
     }
     let (content, crc_bytes) = bytes.split_at(bytes.len() - 4);
     let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
@@ -219,7 +222,10 @@ mod tests {
     fn every_truncation_and_every_single_bit_flip_is_refused() {
         let bytes = sample().encode();
         for n in 0..bytes.len() {
-            assert!(Envelope::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+            assert!(
+                Envelope::decode(&bytes[..n]).is_err(),
+                "prefix of {n} bytes"
+            );
         }
         for i in 0..bytes.len() {
             for bit in 0..8 {

@@ -16,7 +16,11 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 /// Creates a folder (and missing parents) private to the user; an existing
 /// one is fine unless it is a symlink, which could lead out of the root.
 pub(crate) fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
-    match fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
@@ -76,13 +80,9 @@ pub(crate) fn write_atomic(
 ) -> io::Result<()> {
     let _ = fs::remove_file(tmp);
     let mut f = create_new(tmp, mode)?;
-    let written = f.write_all(bytes).and_then(|()| {
-        if durable {
-            f.sync_all()
-        } else {
-            Ok(())
-        }
-    });
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
     if let Err(e) = written.and_then(|()| fs::rename(tmp, dest)) {
         let _ = fs::remove_file(tmp);

@@ -62,7 +62,10 @@ async fn expire(inner: &Inner) -> Option<Duration> {
         let args = QueueArguments::from_table(&rec.arguments).unwrap_or_default();
         for (file, name) in due {
             if let Ok(Some(claim)) = inner.claim_file(queue, &file, name) {
-                if let Err(e) = inner.dead_letter_or_drop(queue, &args, &claim, "expired").await {
+                if let Err(e) = inner
+                    .dead_letter_or_drop(queue, &args, &claim, "expired")
+                    .await
+                {
                     tracing::warn!(queue, error = %e, "dead-lettering an expired message failed");
                 }
             }
@@ -79,7 +82,9 @@ pub(crate) fn reap_dead_owners(inner: &Inner) {
         if file.starts_with('.') {
             continue;
         }
-        let Some(owner) = file.strip_suffix(".lock") else { continue };
+        let Some(owner) = file.strip_suffix(".lock") else {
+            continue;
+        };
         if owner == inner.owner {
             continue;
         }
@@ -100,7 +105,9 @@ pub(crate) fn reap_dead_owners(inner: &Inner) {
             }
         }
         for f in layout::list_names(&inner.layout.consumers(&queue)).unwrap_or_default() {
-            let Some((owner, _)) = f.split_once('.') else { continue };
+            let Some((owner, _)) = f.split_once('.') else {
+                continue;
+            };
             if owner != inner.owner && !inner.layout.owner_lock(owner).exists() {
                 let _ = fs::remove_file(inner.layout.consumers(&queue).join(&f));
                 inner.consumer_left(&queue);
@@ -113,7 +120,11 @@ pub(crate) fn reap_dead_owners(inner: &Inner) {
             .topo
             .queues
             .iter()
-            .filter(|(_, q)| q.exclusive_owner.as_deref().is_some_and(|o| !inner.owner_alive(o)))
+            .filter(|(_, q)| {
+                q.exclusive_owner
+                    .as_deref()
+                    .is_some_and(|o| !inner.owner_alive(o))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for q in orphans {

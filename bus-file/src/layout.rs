@@ -173,9 +173,7 @@ pub(crate) fn quarantine(layout: &Layout, queue: &str, path: &Path, reason: &str
     let dest = layout.quarantine().join(&name);
     match fs::rename(path, &dest) {
         Ok(()) => {
-            let note = format!(
-                "queue: {queue}\nfile: {file}\nreason: {reason}\n",
-            );
+            let note = format!("queue: {queue}\nfile: {file}\nreason: {reason}\n",);
             let tmp = layout.tmp().join(format!(".{name}.reason"));
             let _ = fsys::write_atomic(
                 &tmp,
@@ -184,7 +182,12 @@ pub(crate) fn quarantine(layout: &Layout, queue: &str, path: &Path, reason: &str
                 fsys::FILE_MODE,
                 false,
             );
-            tracing::warn!(queue, file, reason, "quarantined a file that is not a valid message");
+            tracing::warn!(
+                queue,
+                file,
+                reason,
+                "quarantined a file that is not a valid message"
+            );
         }
         Err(e) if fsys::is_not_found(&e) => {}
         Err(e) => tracing::warn!(queue, file, error = %e, "could not quarantine"),

@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{
-    Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message, Publisher,
-    PublishOptions, Result,
+    Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message, PublishOptions,
+    Publisher, Result,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
@@ -183,7 +183,13 @@ impl Inbox {
     pub async fn consume(&self, prefetch: u16) -> Result<Consumer> {
         let s = &self.shared;
         let bus = s.dir.join(".bus");
-        for d in [&s.dir, &bus, &bus.join("owners"), &bus.join("claims"), &s.failed] {
+        for d in [
+            &s.dir,
+            &bus,
+            &bus.join("owners"),
+            &bus.join("claims"),
+            &s.failed,
+        ] {
             fsys::create_dir_private(d, fsys::DIR_MODE)?;
         }
         if let Consumed::MoveTo(d) = &s.consumed {
@@ -321,10 +327,7 @@ impl InboxConsumer {
 
     /// Lists the folder, claims ready files and delivers them; returns how
     /// long until a file being watched for stability may be ready.
-    fn scan(
-        self: &Arc<Self>,
-        seen: &mut HashMap<String, Seen>,
-    ) -> Option<Duration> {
+    fn scan(self: &Arc<Self>, seen: &mut HashMap<String, Seen>) -> Option<Duration> {
         let dir = &self.inbox.dir;
         let mut names = crate::layout::list_names(dir).unwrap_or_default();
         names.retain(|n| is_candidate(n));
@@ -337,7 +340,9 @@ impl InboxConsumer {
                 break;
             }
             let path = dir.join(&name);
-            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
             if !meta.file_type().is_file() {
                 continue;
             }
@@ -404,10 +409,10 @@ impl InboxConsumer {
             .with_timestamp(mtime)
             .with_header(FILE_HEADER, name.as_str())
             .with_header("x-legacy-size", size);
-        self.unacked.lock().expect("unacked lock").insert(
-            tag,
-            Held { name: name.clone() },
-        );
+        self.unacked
+            .lock()
+            .expect("unacked lock")
+            .insert(tag, Held { name: name.clone() });
         let acker: Arc<dyn Acknowledger> = Arc::new(InboxAcker(self.clone()));
         permit.send(Ok(Delivery::new(
             message,
@@ -445,7 +450,10 @@ impl InboxConsumer {
             .lock()
             .expect("requeued lock")
             .insert(held.name.clone());
-        let _ = fs::rename(self.claims.join(&held.name), self.inbox.dir.join(&held.name));
+        let _ = fs::rename(
+            self.claims.join(&held.name),
+            self.inbox.dir.join(&held.name),
+        );
         self.wake.notify_one();
     }
 
@@ -463,7 +471,11 @@ impl InboxConsumer {
                 None if self.stopped.load(Ordering::Acquire) => {
                     return Err(Error::Closed("the inbox consumer is gone".into()))
                 }
-                None => return Err(Error::PreconditionFailed(format!("unknown delivery tag {t}"))),
+                None => {
+                    return Err(Error::PreconditionFailed(format!(
+                        "unknown delivery tag {t}"
+                    )))
+                }
             }
         }
         Ok(out)
@@ -473,12 +485,23 @@ impl InboxConsumer {
         self.stopped.store(true, Ordering::Release);
         self.tx.lock().expect("tx lock").take();
         if requeue {
-            let held: Vec<Held> = self.unacked.lock().expect("unacked lock").drain().map(|(_, h)| h).collect();
+            let held: Vec<Held> = self
+                .unacked
+                .lock()
+                .expect("unacked lock")
+                .drain()
+                .map(|(_, h)| h)
+                .collect();
             for h in &held {
                 self.requeue(h);
             }
             let _ = fs::remove_dir(&self.claims);
-            let lock = self.inbox.dir.join(".bus").join("owners").join(format!("{}.lock", self.owner));
+            let lock = self
+                .inbox
+                .dir
+                .join(".bus")
+                .join("owners")
+                .join(format!("{}.lock", self.owner));
             let _ = fs::remove_file(lock);
         }
         self.wake.notify_one();
@@ -611,9 +634,11 @@ impl ResultWriter {
             .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
         let content = content.to_vec();
         let d = dest.clone();
-        tokio::task::spawn_blocking(move || fsys::write_atomic(&tmp, &d, &content, fsys::FILE_MODE, true))
-            .await
-            .map_err(|e| Error::backend("file", true, e.to_string()))??;
+        tokio::task::spawn_blocking(move || {
+            fsys::write_atomic(&tmp, &d, &content, fsys::FILE_MODE, true)
+        })
+        .await
+        .map_err(|e| Error::backend("file", true, e.to_string()))??;
         Ok(dest)
     }
 }
@@ -638,7 +663,13 @@ fn check_file_name(name: &str) -> Result<()> {
 /// else the routing key. The exchange is ignored.
 #[async_trait]
 impl Publisher for ResultWriter {
-    async fn publish(&self, _exchange: &str, routing_key: &str, message: Message, _options: PublishOptions) -> Result<()> {
+    async fn publish(
+        &self,
+        _exchange: &str,
+        routing_key: &str,
+        message: Message,
+        _options: PublishOptions,
+    ) -> Result<()> {
         let p = &message.properties;
         let name = p
             .headers
@@ -718,7 +749,13 @@ impl LegacyRpc {
         let tmp = self
             .requests
             .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        fsys::write_atomic(&tmp, &self.requests.join(name), content, fsys::FILE_MODE, true)?;
+        fsys::write_atomic(
+            &tmp,
+            &self.requests.join(name),
+            content,
+            fsys::FILE_MODE,
+            true,
+        )?;
 
         let deadline = Instant::now() + self.timeout;
         let mut seen: Option<(String, u64, i64, Instant)> = None;
@@ -747,9 +784,16 @@ impl LegacyRpc {
         }
     }
 
-    fn find_result(&self, stem: &str, seen: &mut Option<(String, u64, i64, Instant)>, now: Instant) -> Option<(String, bool)> {
+    fn find_result(
+        &self,
+        stem: &str,
+        seen: &mut Option<(String, u64, i64, Instant)>,
+        now: Instant,
+    ) -> Option<(String, bool)> {
         let mut names = crate::layout::list_names(&self.results).ok()?;
-        names.retain(|n| is_candidate(n) && Path::new(n).file_stem().and_then(|s| s.to_str()) == Some(stem));
+        names.retain(|n| {
+            is_candidate(n) && Path::new(n).file_stem().and_then(|s| s.to_str()) == Some(stem)
+        });
         names.sort();
         let file = names.into_iter().next()?;
         let meta = fs::symlink_metadata(self.results.join(&file)).ok()?;
@@ -763,7 +807,9 @@ impl LegacyRpc {
                 let size = meta.len();
                 let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
                 match seen {
-                    Some((f, s, m, since)) if *f == file && *s == size && *m == mtime => now - *since >= *d,
+                    Some((f, s, m, since)) if *f == file && *s == size && *m == mtime => {
+                        now - *since >= *d
+                    }
                     _ => {
                         *seen = Some((file.clone(), size, mtime, now));
                         d.is_zero()

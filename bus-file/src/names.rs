@@ -172,7 +172,10 @@ mod tests {
     fn path_names_cannot_escape() {
         for bad in ["..", ".", "a/b", "../x", ".hidden", "a\\b", "a\0b"] {
             assert!(
-                matches!(check_path_name("queue", bad), Err(Error::InvalidArgument(_))),
+                matches!(
+                    check_path_name("queue", bad),
+                    Err(Error::InvalidArgument(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -206,7 +209,10 @@ mod tests {
         };
         let mut v = vec![later.file_name(), r.file_name(), urgent.file_name()];
         v.sort();
-        assert_eq!(v, vec![urgent.file_name(), r.file_name(), later.file_name()]);
+        assert_eq!(
+            v,
+            vec![urgent.file_name(), r.file_name(), later.file_name()]
+        );
         assert_eq!(MessageName::parse("garbage"), None);
         assert_eq!(MessageName::parse("255-1-x-1"), None);
     }

@@ -228,8 +228,16 @@ pub(crate) fn read(path: &Path) -> io::Result<Topology> {
 
 /// Replaces the topology file durably (the caller holds the lock).
 pub(crate) fn write(root: &Path, t: &Topology) -> io::Result<()> {
-    let tmp = root.join("tmp").join(format!("topology.{}", crate::names::process_tag()));
-    fsys::write_atomic(&tmp, &root.join("topology"), &t.encode(), fsys::FILE_MODE, true)
+    let tmp = root
+        .join("tmp")
+        .join(format!("topology.{}", crate::names::process_tag()));
+    fsys::write_atomic(
+        &tmp,
+        &root.join("topology"),
+        &t.encode(),
+        fsys::FILE_MODE,
+        true,
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bus_core::{ConsumeOptions, Connection, ConnectionExt, Message, QueueOptions};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions};
 use bus_file::{Envelope, FileConnection, FileOptions};
 use futures::StreamExt;
 
@@ -69,16 +69,27 @@ async fn killed_publishers_never_leave_a_partial_message() {
         let queue = format!("crash-pub-{round}");
         let size = (4096 + round * 65536).to_string();
         let mut child = helper(&["publish", &root_s, &queue, "100000", &size]);
-        let lines = if round == 0 { Vec::new() } else { read_lines(&mut child, round * 3 - 2) };
+        let lines = if round == 0 {
+            Vec::new()
+        } else {
+            read_lines(&mut child, round * 3 - 2)
+        };
         kill(&mut child);
         confirmed.push(
             lines
                 .iter()
-                .map(|l| l.strip_prefix("P ").expect("a P line").parse().expect("an index"))
+                .map(|l| {
+                    l.strip_prefix("P ")
+                        .expect("a P line")
+                        .parse()
+                        .expect("an index")
+                })
                 .collect(),
         );
     }
-    let conn = FileConnection::open_with(root.path(), options()).await.expect("open");
+    let conn = FileConnection::open_with(root.path(), options())
+        .await
+        .expect("open");
     for (round, confirmed) in confirmed.iter().enumerate() {
         let queue = format!("crash-pub-{round}");
         let ready = root.path().join("queues").join(&queue).join("ready");
@@ -90,24 +101,41 @@ async fn killed_publishers_never_leave_a_partial_message() {
                 .unwrap_or_else(|e| panic!("{} is not a whole message: {e}", f.display()));
             let body = String::from_utf8(env.message.body.to_vec()).expect("text body");
             let (i, filler) = body.split_once(':').expect("index:filler");
-            assert!(filler.bytes().all(|b| b == b'x'), "body intact in {}", f.display());
+            assert!(
+                filler.bytes().all(|b| b == b'x'),
+                "body intact in {}",
+                f.display()
+            );
             assert_eq!(body.len(), 4096 + round * 65536, "full length");
             present.push(i.parse::<u64>().expect("index"));
         }
         present.sort_unstable();
         // Confirmed means on disk: each confirmed message is there, and
         // what is there is a prefix of the publish sequence (one publisher,
-        // in order; at most one unconfirmed message beyond the confirmed).
+        // in order; it may have confirmed more than was read before the
+        // kill).
         for i in confirmed {
-            assert!(present.binary_search(i).is_ok(), "round {round}: confirmed message {i} is missing");
+            assert!(
+                present.binary_search(i).is_ok(),
+                "round {round}: confirmed message {i} is missing"
+            );
         }
         let expected: Vec<u64> = (0..present.len() as u64).collect();
-        assert_eq!(present, expected, "round {round}: messages form the publish sequence");
-        assert!(present.len() <= confirmed.len() + 1 + 1, "round {round}: {} present, {} confirmed", present.len(), confirmed.len());
-        let info = conn.inspect_queue(&queue).await.expect("inspect");
-        assert_eq!(info.message_count as usize, present.len());
+        assert_eq!(
+            present, expected,
+            "round {round}: messages form the publish sequence"
+        );
+        match conn.inspect_queue(&queue).await {
+            Ok(info) => assert_eq!(info.message_count as usize, present.len()),
+            // Killed before it declared its queue.
+            Err(bus_core::Error::NotFound(_)) => assert!(present.is_empty()),
+            Err(e) => panic!("inspect {queue}: {e:?}"),
+        }
     }
-    assert!(files_in(&root.path().join("quarantine")).is_empty(), "nothing was quarantined");
+    assert!(
+        files_in(&root.path().join("quarantine")).is_empty(),
+        "nothing was quarantined"
+    );
     conn.close().await.expect("close");
 }
 
@@ -115,17 +143,32 @@ async fn killed_publishers_never_leave_a_partial_message() {
 async fn a_killed_consumer_has_its_message_redelivered() {
     let root = tempfile::tempdir().expect("temp dir");
     let root_s = root.path().to_str().expect("utf-8 path").to_owned();
-    let conn = FileConnection::open_with(root.path(), options()).await.expect("open");
-    conn.declare_queue("crash-consume", QueueOptions::durable()).await.expect("declare");
-    conn.send_to_queue("crash-consume", Message::new(&b"the job"[..]).persistent()).await.expect("publish");
+    let conn = FileConnection::open_with(root.path(), options())
+        .await
+        .expect("open");
+    conn.declare_queue("crash-consume", QueueOptions::durable())
+        .await
+        .expect("declare");
+    conn.send_to_queue("crash-consume", Message::new(&b"the job"[..]).persistent())
+        .await
+        .expect("publish");
 
     let mut child = helper(&["hold", &root_s, "crash-consume"]);
     assert_eq!(read_lines(&mut child, 1), vec!["GOT the job".to_owned()]);
     // Claimed by the helper: not ready for anyone else while it lives.
-    assert_eq!(conn.inspect_queue("crash-consume").await.expect("inspect").message_count, 0);
+    assert_eq!(
+        conn.inspect_queue("crash-consume")
+            .await
+            .expect("inspect")
+            .message_count,
+        0
+    );
     kill(&mut child);
 
-    let mut c = conn.consume("crash-consume", ConsumeOptions::prefetch(1)).await.expect("consume");
+    let mut c = conn
+        .consume("crash-consume", ConsumeOptions::prefetch(1))
+        .await
+        .expect("consume");
     let d = tokio::time::timeout(WAIT, c.next())
         .await
         .expect("redelivered after the holder died")
@@ -142,8 +185,10 @@ async fn four_processes_ack_twenty_thousand_messages_exactly_once() {
     const N: usize = 20_000;
     let root = tempfile::tempdir().expect("temp dir");
     let root_s = root.path().to_str().expect("utf-8 path").to_owned();
-    let conn = std::sync::Arc::new(FileConnection::open_with(root.path(), options()).await.expect("open"));
-    conn.declare_queue("compete", QueueOptions::default()).await.expect("declare");
+    let conn = std::sync::Arc::new(FileConnection::open(root.path()).await.expect("open"));
+    conn.declare_queue("compete", QueueOptions::default())
+        .await
+        .expect("declare");
     // Published first (four concurrent publishers), so that when a
     // consumer finds the queue empty, everything was taken by someone.
     let mut publishers = Vec::new();
@@ -151,14 +196,18 @@ async fn four_processes_ack_twenty_thousand_messages_exactly_once() {
         let conn = conn.clone();
         publishers.push(tokio::spawn(async move {
             for i in (p..N).step_by(4) {
-                conn.send_to_queue("compete", Message::new(format!("m{i}"))).await.expect("publish");
+                conn.send_to_queue("compete", Message::new(format!("m{i}")))
+                    .await
+                    .expect("publish");
             }
         }));
     }
     for p in publishers {
         p.await.expect("publisher task");
     }
-    let children: Vec<Child> = (0..4).map(|_| helper(&["compete", &root_s, "compete"])).collect();
+    let children: Vec<Child> = (0..4)
+        .map(|_| helper(&["compete", &root_s, "compete"]))
+        .collect();
     let outputs = tokio::task::spawn_blocking(move || {
         children
             .into_iter()
@@ -185,11 +234,31 @@ async fn four_processes_ack_twenty_thousand_messages_exactly_once() {
         per_process.push(n);
     }
     let twice: Vec<_> = seen.iter().filter(|(_, &c)| c != 1).collect();
-    assert!(twice.is_empty(), "acked more than once: {:?}", &twice[..twice.len().min(10)]);
-    let missing: Vec<_> = (0..N).map(|i| format!("m{i}")).filter(|b| !seen.contains_key(b)).collect();
-    assert!(missing.is_empty(), "never acked: {:?}", &missing[..missing.len().min(10)]);
+    assert!(
+        twice.is_empty(),
+        "acked more than once: {:?}",
+        &twice[..twice.len().min(10)]
+    );
+    let missing: Vec<_> = (0..N)
+        .map(|i| format!("m{i}"))
+        .filter(|b| !seen.contains_key(b))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "never acked: {:?}",
+        &missing[..missing.len().min(10)]
+    );
     assert_eq!(seen.len(), N);
-    assert_eq!(conn.inspect_queue("compete").await.expect("inspect").message_count, 0);
-    assert!(per_process.iter().filter(|&&n| n > 0).count() >= 2, "work was shared: {per_process:?}");
+    assert_eq!(
+        conn.inspect_queue("compete")
+            .await
+            .expect("inspect")
+            .message_count,
+        0
+    );
+    assert!(
+        per_process.iter().filter(|&&n| n > 0).count() >= 2,
+        "work was shared: {per_process:?}"
+    );
     conn.close().await.expect("close");
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
     ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments, QueueInfo,
-    QueueOptions, QueueType, Result, PREDECLARED_EXCHANGES,
+    QueueOptions, Result, PREDECLARED_EXCHANGES,
 };
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -22,10 +22,12 @@ use tokio::time::Instant;
 use crate::connection::ConnInner;
 use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
 use crate::dead_letter::{header_routes, is_cycle, DeadLetter, Reason};
+use crate::declaration::{
+    check_equivalent_args, check_exchange_redeclare, check_queue_flags, check_queue_type,
+    queue_arguments,
+};
 use crate::exchange::{alternate_exchange, Binding, Exchange};
 use crate::queue::{Effects, Envelope, NewConsumer, Queue, QueueState, Settle};
-
-const DEFAULT_EXCHANGE_REFUSED: &str = "operation not permitted on the default exchange";
 
 #[derive(Default)]
 struct Topology {
@@ -110,10 +112,19 @@ fn locked(name: &str) -> Error {
     ))
 }
 
-fn check_routing_key(key: &str) -> Result<()> {
+/// RabbitMQ's refusal of any explicit operation on the default exchange,
+/// saying which one was attempted.
+fn default_exchange_refused(operation: &str) -> Error {
+    Error::AccessRefused(format!(
+        "{operation}: operation not permitted on the default exchange"
+    ))
+}
+
+fn check_routing_key(exchange: &str, key: &str) -> Result<()> {
     if key.len() > bus_core::MAX_NAME_LEN {
+        let start: String = key.chars().take(32).collect();
         return Err(Error::InvalidArgument(format!(
-            "routing key is {} bytes long; at most {} are allowed",
+            "routing key {start:?}... for exchange '{exchange}' is {} bytes long; at most {} are allowed",
             key.len(),
             bus_core::MAX_NAME_LEN
         )));
@@ -121,94 +132,17 @@ fn check_routing_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-fn inequivalent(what: &str, name: &str, arg: &str, received: &str, current: &str) -> Error {
-    Error::PreconditionFailed(format!(
-        "inequivalent arg '{arg}' for {what} '{name}': received {received} but current is {current}"
-    ))
-}
-
-fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
-    match v {
-        Some(v) => format!("{v:?}"),
-        None => "none".into(),
-    }
-}
-
-/// Compares the arguments RabbitMQ checks on redeclaration; others (unknown
-/// `x-` arguments) are ignored, as RabbitMQ ignores them.
-fn check_equivalent_args(name: &str, have: &QueueArguments, want: &QueueArguments) -> Result<()> {
-    macro_rules! same {
-        ($field:ident, $arg:literal) => {
-            if have.$field != want.$field {
-                return Err(inequivalent(
-                    "queue",
-                    name,
-                    $arg,
-                    &show(&want.$field),
-                    &show(&have.$field),
-                ));
-            }
-        };
-    }
-    same!(message_ttl, "x-message-ttl");
-    same!(expires, "x-expires");
-    same!(max_length, "x-max-length");
-    same!(max_length_bytes, "x-max-length-bytes");
-    same!(overflow, "x-overflow");
-    same!(dead_letter_exchange, "x-dead-letter-exchange");
-    same!(dead_letter_routing_key, "x-dead-letter-routing-key");
-    same!(max_priority, "x-max-priority");
-    if have.single_active_consumer != want.single_active_consumer {
-        return Err(inequivalent(
-            "queue",
-            name,
-            "x-single-active-consumer",
-            &want.single_active_consumer.to_string(),
-            &have.single_active_consumer.to_string(),
-        ));
-    }
-    // RabbitMQ takes a missing x-queue-type for the current type of a
-    // classic queue, but not of a quorum one.
-    let kind = |t: Option<QueueType>| t.unwrap_or(QueueType::Classic);
-    if kind(have.queue_type) != kind(want.queue_type) {
-        return Err(inequivalent(
-            "queue",
-            name,
-            "x-queue-type",
-            &show(&want.queue_type),
-            &show(&have.queue_type),
-        ));
+/// The checks binding and unbinding share, before any lookup.
+fn check_binding_names(operation: &str, queue: &str, exchange: &str, key: &str) -> Result<()> {
+    validate_name("queue", queue)?;
+    validate_name("exchange", exchange)?;
+    check_routing_key(exchange, key)?;
+    if exchange.is_empty() {
+        return Err(default_exchange_refused(&format!(
+            "{operation} queue '{queue}'"
+        )));
     }
     Ok(())
-}
-
-/// Refuses what RabbitMQ 3.10 refuses for a queue type.
-fn check_queue_type(name: &str, options: &QueueOptions, args: &QueueArguments) -> Result<()> {
-    match args.queue_type {
-        None | Some(QueueType::Classic) => Ok(()),
-        Some(QueueType::Stream) => Err(Error::NotSupported(format!(
-            "queue '{name}': stream queues are not supported by the in-process broker"
-        ))),
-        Some(QueueType::Quorum) => {
-            let refused = if !options.durable {
-                Some("invalid property 'non-durable'")
-            } else if options.exclusive {
-                Some("invalid property 'exclusive-owner'")
-            } else if options.auto_delete {
-                Some("invalid property 'auto-delete'")
-            } else if args.max_priority.is_some() {
-                Some("invalid arg 'x-max-priority'")
-            } else {
-                None
-            };
-            match refused {
-                Some(why) => Err(Error::PreconditionFailed(format!(
-                    "{why} for quorum queue '{name}'"
-                ))),
-                None => Ok(()),
-            }
-        }
-    }
 }
 
 impl BrokerInner {
@@ -271,7 +205,8 @@ impl BrokerInner {
 
     fn route_dead_letter(self: &Arc<Self>, dead: DeadLetter, work: &mut VecDeque<DeadLetter>) {
         let env = dead.envelope;
-        self.record(&env.exchange, &env.routing_keys[0], &env.message);
+        let routing_key = env.routing_keys.first().map_or("", String::as_str);
+        self.record(&env.exchange, routing_key, &env.message);
         let targets = self.read().route(
             &env.exchange,
             &env.routing_keys,
@@ -417,7 +352,7 @@ impl BrokerInner {
     ) -> Result<()> {
         validate_name("exchange", name)?;
         if name.is_empty() {
-            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+            return Err(default_exchange_refused("declare exchange ''"));
         }
         if options.passive {
             return match self.read().exchanges.contains_key(name) {
@@ -428,41 +363,7 @@ impl BrokerInner {
         let alternate = alternate_exchange(name, &options.arguments)?;
         let mut topo = self.write();
         if let Some(x) = topo.exchanges.get(name) {
-            let check = |arg: &str, have: bool, want: bool| {
-                if have == want {
-                    Ok(())
-                } else {
-                    Err(inequivalent(
-                        "exchange",
-                        name,
-                        arg,
-                        &format!("'{want}'"),
-                        &format!("'{have}'"),
-                    ))
-                }
-            };
-            if x.kind != kind {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "type",
-                    &format!("'{kind}'"),
-                    &format!("'{}'", x.kind),
-                ));
-            }
-            check("durable", x.durable, options.durable)?;
-            check("auto_delete", x.auto_delete, options.auto_delete)?;
-            check("internal", x.internal, options.internal)?;
-            if x.alternate != alternate {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "alternate-exchange",
-                    &show(&alternate),
-                    &show(&x.alternate),
-                ));
-            }
-            return Ok(());
+            return check_exchange_redeclare(name, x, kind, options, &alternate);
         }
         if is_reserved_name(name) {
             return Err(Error::AccessRefused(format!(
@@ -485,7 +386,7 @@ impl BrokerInner {
     pub(crate) fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
         validate_name("exchange", name)?;
         if name.is_empty() {
-            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
+            return Err(default_exchange_refused("delete exchange ''"));
         }
         if is_reserved_name(name) {
             return Err(Error::AccessRefused(format!(
@@ -523,7 +424,7 @@ impl BrokerInner {
             Self::check_owner(&queue, conn)?;
             return Ok((self.queue_info(&queue, true), None));
         }
-        let args = options.arguments.normalized()?;
+        let args = queue_arguments(name, options)?;
         if !name.is_empty() && is_reserved_name(name) {
             return Err(Error::AccessRefused(format!(
                 "queue name '{name}' contains reserved prefix 'amq.*'"
@@ -581,26 +482,11 @@ impl BrokerInner {
         owner: Option<u64>,
         args: &QueueArguments,
     ) -> Result<(QueueInfo, Option<Arc<Queue>>)> {
-        let name = &queue.name;
-        let flag = |arg: &str, have: bool, want: bool| {
-            if have == want {
-                Ok(())
-            } else {
-                Err(inequivalent(
-                    "queue",
-                    name,
-                    arg,
-                    &format!("'{want}'"),
-                    &format!("'{have}'"),
-                ))
-            }
-        };
-        flag("durable", queue.durable, options.durable)?;
-        flag("auto_delete", queue.auto_delete, options.auto_delete)?;
+        check_queue_flags(queue, options)?;
         if queue.owner != owner {
-            return Err(locked(name));
+            return Err(locked(&queue.name));
         }
-        check_equivalent_args(name, &queue.args, args)?;
+        check_equivalent_args(&queue.name, &queue.args, args)?;
         Ok((self.queue_info(queue, true), None))
     }
 
@@ -677,12 +563,7 @@ impl BrokerInner {
         key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        validate_name("queue", queue)?;
-        validate_name("exchange", exchange)?;
-        check_routing_key(key)?;
-        if exchange.is_empty() {
-            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
-        }
+        check_binding_names("bind", queue, exchange, key)?;
         let q = self
             .lookup_queue(queue)
             .ok_or_else(|| not_found_queue(queue))?;
@@ -713,12 +594,7 @@ impl BrokerInner {
         key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        validate_name("queue", queue)?;
-        validate_name("exchange", exchange)?;
-        check_routing_key(key)?;
-        if exchange.is_empty() {
-            return Err(Error::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
-        }
+        check_binding_names("unbind", queue, exchange, key)?;
         // A missing queue, exchange or binding is not an error in RabbitMQ.
         let mut topo = self.write();
         let Some(q) = topo.queues.get(queue).cloned() else {
@@ -768,7 +644,7 @@ impl BrokerInner {
         mandatory: bool,
     ) -> Result<()> {
         validate_name("exchange", exchange)?;
-        check_routing_key(routing_key)?;
+        check_routing_key(exchange, routing_key)?;
         let headers = &message.properties.headers;
         let mut keys = vec![routing_key.to_owned()];
         keys.extend(header_routes(headers).map(str::to_owned));
@@ -860,13 +736,17 @@ impl BrokerInner {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| {
                 Error::PreconditionFailed(format!(
-                    "invalid consumer argument 'x-priority': expected an integer, got {}",
+                    "invalid arg 'x-priority' for a consumer of queue '{queue}': expected an \
+                     integer, got {} {v}",
                     v.type_name()
                 ))
             })?,
         };
         if let Some(FieldValue::String(_)) = options.arguments.get("x-stream-offset") {
-            return Err(Error::NotSupported("stream offsets".into()));
+            return Err(Error::NotSupported(format!(
+                "consumer argument 'x-stream-offset' on queue '{queue}': the in-process broker \
+                 has no stream queues"
+            )));
         }
         let tag = options
             .consumer_tag

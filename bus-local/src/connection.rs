@@ -110,7 +110,10 @@ impl LocalConnection {
         if self.inner.is_open() {
             Ok(&self.inner.broker)
         } else {
-            Err(Error::Closed("the connection is closed".into()))
+            Err(Error::Closed(format!(
+                "local connection {} is closed; open a new one with LocalBroker::connect",
+                self.inner.id
+            )))
         }
     }
 

@@ -148,6 +148,13 @@ impl ConsumerShared {
         Poll::Pending
     }
 
+    /// The name of the queue consumed from, for error messages.
+    pub(crate) fn queue_name(&self) -> String {
+        self.queue
+            .upgrade()
+            .map_or_else(|| "(deleted)".to_owned(), |q| q.name.clone())
+    }
+
     pub(crate) fn connection_open(&self) -> bool {
         self.conn.upgrade().is_some_and(|c| c.is_open())
     }
@@ -182,10 +189,12 @@ pub(crate) struct Settler {
 
 impl Settler {
     fn settle(&self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
-        let broker = self
-            .broker
-            .upgrade()
-            .ok_or_else(|| Error::Closed("the broker is gone".into()))?;
+        let broker = self.broker.upgrade().ok_or_else(|| {
+            Error::Closed(format!(
+                "cannot settle delivery {tag} of a consumer of queue '{}': the broker is gone",
+                self.shared.queue_name()
+            ))
+        })?;
         broker.settle(&self.shared, tag, multiple, how)
     }
 }
@@ -216,7 +225,10 @@ pub(crate) struct Control {
 impl ConsumerControl for Control {
     async fn cancel(&self) -> Result<()> {
         if !self.shared.connection_open() {
-            return Err(Error::Closed("the connection is closed".into()));
+            return Err(Error::Closed(format!(
+                "cannot cancel a consumer of queue '{}': its connection is closed",
+                self.shared.queue_name()
+            )));
         }
         if let Some(broker) = self.broker.upgrade() {
             broker.cancel_consumer(&self.shared);

@@ -95,12 +95,17 @@
 //! - No direct reply-to: [`Connection::reply_queue`](bus_core::Connection::reply_queue)
 //!   declares an exclusive server-named queue.
 //! - No exchange-to-exchange bindings.
+//! - Queue and exchange names with a NUL character are refused
+//!   ([`bus_core::Error::InvalidArgument`]), as every transport of this
+//!   library refuses them (see [`bus_core::validate_name`]); RabbitMQ
+//!   accepts them.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod broker;
 mod connection;
 mod consumer;
 mod dead_letter;
+mod declaration;
 mod exchange;
 mod queue;
 

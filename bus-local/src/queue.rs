@@ -602,7 +602,10 @@ impl Queue {
             )));
         }
         let (single, earlier) = if multiple {
-            let later = slot.unacked.split_off(&(tag + 1));
+            let later = match tag.checked_add(1) {
+                Some(next) => slot.unacked.split_off(&next),
+                None => BTreeMap::new(),
+            };
             (None, std::mem::replace(&mut slot.unacked, later))
         } else {
             (slot.unacked.remove(&tag), BTreeMap::new())

@@ -4,12 +4,9 @@
 //! a message naming what went wrong; together they pin the behaviours of the
 //! library's message semantics (RabbitMQ 3.10 is the reference: every case
 //! holds on a real broker). The [`conformance_tests!`](crate::conformance_tests)
-//! macro expands the suite into one test per case for a transport:
-//!
-//! ```ignore
-//! // In a transport crate's tests/conformance.rs:
-//! bus_core::conformance_tests!(MyHarness::new(), #[tokio::test(start_paused = true)]);
-//! ```
+//! macro expands the suite into one test per case for a transport, invoked
+//! from the transport crate's `tests/conformance.rs` (its documentation
+//! shows a complete harness).
 //!
 //! Every case works on fresh names ([`fresh_name`]) and deletes what it
 //! created when it passes, so cases can run concurrently against one broker.
@@ -78,14 +75,28 @@ pub fn fresh_name(prefix: &str) -> String {
 /// The invoking crate needs `bus-core` with the `conformance` feature and
 /// whatever the attributes name (usually `tokio` with `macros` and `rt`).
 ///
-/// ```ignore
-/// struct LocalHarness(bus_local::LocalBroker);
-/// // impl bus_core::conformance::Harness for LocalHarness { ... }
+/// ```no_run
+/// use std::sync::Arc;
 ///
-/// bus_core::conformance_tests!(
-///     LocalHarness(bus_local::LocalBroker::new()),
-///     #[tokio::test(start_paused = true)]
-/// );
+/// use bus_core::conformance::Harness;
+/// use bus_core::{Capabilities, Connection};
+///
+/// /// Connections to the transport under test.
+/// struct MyHarness;
+///
+/// #[async_trait::async_trait]
+/// impl Harness for MyHarness {
+///     async fn connect(&self) -> Arc<dyn Connection> {
+///         unimplemented!("open a new connection to the transport under test")
+///     }
+///
+///     fn capabilities(&self) -> Capabilities {
+///         Capabilities::default()
+///     }
+/// }
+///
+/// bus_core::conformance_tests!(MyHarness, #[tokio::test(start_paused = true)]);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {

@@ -14,10 +14,12 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use super::codec::{decode_message, remote_error, Format};
+use crate::delivery::Consumer;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::DeleteQueueOptions;
-use crate::transport::{classic_reply_queue, Connection, Consumer, PublishOptions, Publisher};
+use crate::topology::MAX_TTL;
+use crate::transport::{classic_reply_queue, Connection, PublishOptions, Publisher};
 use crate::DEFAULT_EXCHANGE;
 
 /// How long a call waits for its reply unless told otherwise: 180 s, the
@@ -115,7 +117,8 @@ impl CallOptions {
 ///
 /// Requests are published mandatory where the transport supports it, carry
 /// `reply_to`, `correlation_id` and an `expiration` equal to the call's
-/// timeout, so that work nobody waits for any more can be dropped.
+/// timeout (at most [`MAX_TTL`](crate::MAX_TTL)), so that work nobody waits
+/// for any more can be dropped.
 ///
 /// Errors a call reports:
 /// - [`Error::Timeout`] when no reply came in time; the call's slot is freed
@@ -317,9 +320,9 @@ impl RpcClient {
         let props = &mut request.properties;
         props.correlation_id = Some(id.clone());
         props.reply_to = Some(link.address.clone());
-        // RabbitMQ refuses expirations much above 2^32 - 1 ms (49 days).
-        let expiration = timeout.as_millis().min(u128::from(u32::MAX));
-        props.expiration = Some(expiration.to_string());
+        // A longer timeout than a broker accepts as an expiration still
+        // waits that long; the request just lives for the longest TTL.
+        props.expiration = Some(timeout.min(MAX_TTL).as_millis().to_string());
         let options = PublishOptions {
             mandatory: self.inner.mandatory,
         };

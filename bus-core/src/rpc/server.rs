@@ -13,10 +13,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::codec::{error_reply, Format};
+use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
-use crate::transport::{Connection, ConsumeOptions, Consumer, Delivery, PublishOptions};
+use crate::transport::{Connection, ConsumeOptions, PublishOptions};
 use crate::DEFAULT_EXCHANGE;
 
 /// What handling one request came to.
@@ -200,12 +201,16 @@ impl RpcServerBuilder {
 
     pub(crate) async fn start(self, handler: Handler) -> Result<RpcServer> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::NotSupported("an RpcServer must be started inside a tokio runtime".into())
+            Error::NotSupported(format!(
+                "RPC server for queue '{}' must be started inside a tokio runtime",
+                self.queue
+            ))
         })?;
         if self.concurrency == 0 {
-            return Err(Error::InvalidArgument(
-                "an RPC server's concurrency must be at least 1".into(),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "RPC server for queue '{}': concurrency must be at least 1, got 0",
+                self.queue
+            )));
         }
         let info = self
             .conn

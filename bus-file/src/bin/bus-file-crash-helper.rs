@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use bus_core::{ConsumeOptions, Connection, ConnectionExt, Message, QueueOptions};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions};
 use bus_file::{FileConnection, FileOptions};
 use futures::StreamExt;
 
@@ -35,7 +35,13 @@ async fn run(args: &[String]) -> bus_core::Result<()> {
     let mode = args.get(1).ok_or_else(usage)?;
     let root = args.get(2).ok_or_else(usage)?;
     let queue = args.get(3).ok_or_else(usage)?;
-    let options = FileOptions::default().with_rescan_interval(Duration::from_millis(100));
+    // Quick rescans for the small cases; the default for the big queue,
+    // where each rescan lists thousands of files.
+    let options = if mode == "compete" {
+        FileOptions::default()
+    } else {
+        FileOptions::default().with_rescan_interval(Duration::from_millis(100))
+    };
     let conn = FileConnection::open_with(root, options).await?;
     let mut out = std::io::stdout().lock();
     match mode.as_str() {

@@ -1,0 +1,279 @@
+//! The consumer side of the transport contract: a [`Consumer`] is a stream
+//! of [`Delivery`]s, each settled by its own `ack` / `nack` / `reject`.
+//! Transports implement [`Acknowledger`] and [`ConsumerControl`] behind them.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures::Stream;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::message::{Message, Properties};
+
+/// Settles deliveries for one transport. Implemented by transports; users
+/// call the methods on [`Delivery`] instead.
+#[async_trait]
+pub trait Acknowledger: Send + Sync + 'static {
+    /// Acks `tag`, and every earlier unsettled tag of the same consumer when
+    /// `multiple`.
+    async fn ack(&self, tag: u64, multiple: bool) -> Result<()>;
+    /// Nacks `tag` (and earlier ones when `multiple`), requeueing or
+    /// dead-lettering them.
+    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()>;
+}
+
+/// One message handed to a consumer, with what it needs to settle it.
+pub struct Delivery {
+    /// The message as published.
+    pub message: Message,
+    /// The exchange it was published to (`""` for the default one).
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Whether it was delivered before and not acked.
+    pub redelivered: bool,
+    /// Identifies the delivery within its consumer.
+    pub delivery_tag: u64,
+    settled: AtomicBool,
+    acker: Option<Arc<dyn Acknowledger>>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_tag", &self.delivery_tag)
+            .field("body_len", &self.message.body.len())
+            .field("properties", &self.message.properties)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery. `acker` is `None` for auto-ack consumers, whose
+    /// deliveries are settled already.
+    pub fn new(
+        message: Message,
+        exchange: String,
+        routing_key: String,
+        redelivered: bool,
+        delivery_tag: u64,
+        acker: Option<Arc<dyn Acknowledger>>,
+    ) -> Self {
+        Delivery {
+            settled: AtomicBool::new(acker.is_none()),
+            message,
+            exchange,
+            routing_key,
+            redelivered,
+            delivery_tag,
+            acker,
+        }
+    }
+
+    /// Claims the right to settle: `None` for an auto-ack delivery (settled
+    /// on arrival), an error when it was settled already.
+    fn claim(&self) -> Result<Option<&Arc<dyn Acknowledger>>> {
+        let Some(acker) = &self.acker else {
+            return Ok(None);
+        };
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Err(Error::PreconditionFailed(format!(
+                "{} was already settled",
+                self.describe()
+            )));
+        }
+        Ok(Some(acker))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "delivery {} (exchange '{}', routing key '{}')",
+            self.delivery_tag, self.exchange, self.routing_key
+        )
+    }
+
+    async fn settle_ack(&self, multiple: bool) -> Result<()> {
+        match self.claim()? {
+            Some(acker) => acker.ack(self.delivery_tag, multiple).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn settle_nack(&self, multiple: bool, requeue: bool) -> Result<()> {
+        match self.claim()? {
+            Some(acker) => acker.nack(self.delivery_tag, multiple, requeue).await,
+            None => Err(Error::PreconditionFailed(format!(
+                "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
+                self.describe()
+            ))),
+        }
+    }
+
+    /// Acknowledges the delivery: the message is removed from its queue.
+    /// A no-op for auto-ack deliveries.
+    ///
+    /// # Errors
+    /// `PreconditionFailed` if this delivery was settled already; `Closed` or
+    /// `ConnectionLost` if its consumer is gone (the message was requeued).
+    pub async fn ack(&self) -> Result<()> {
+        self.settle_ack(false).await
+    }
+
+    /// Acknowledges this delivery and every earlier unsettled one of the same
+    /// consumer. The earlier deliveries' own handles are not told: settling
+    /// one of them afterwards fails with `PreconditionFailed`.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn ack_multiple(&self) -> Result<()> {
+        self.settle_ack(true).await
+    }
+
+    /// Negatively acknowledges the delivery: requeued at its original
+    /// position with `redelivered` set when `requeue`, else dead-lettered (or
+    /// dropped when the queue has no dead-letter exchange).
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`]; `PreconditionFailed` for auto-ack deliveries.
+    pub async fn nack(&self, requeue: bool) -> Result<()> {
+        self.settle_nack(false, requeue).await
+    }
+
+    /// Nacks this delivery and every earlier unsettled one of the same
+    /// consumer, as [`Delivery::ack_multiple`] acks them.
+    ///
+    /// # Errors
+    /// As [`Delivery::nack`].
+    pub async fn nack_multiple(&self, requeue: bool) -> Result<()> {
+        self.settle_nack(true, requeue).await
+    }
+
+    /// Rejects the delivery (AMQP `basic.reject`); the same as
+    /// [`Delivery::nack`] for one message.
+    ///
+    /// # Errors
+    /// As [`Delivery::nack`].
+    pub async fn reject(&self, requeue: bool) -> Result<()> {
+        self.nack(requeue).await
+    }
+
+    /// The message body.
+    #[must_use]
+    pub fn body(&self) -> &Bytes {
+        &self.message.body
+    }
+
+    /// The message's basic properties.
+    #[must_use]
+    pub fn properties(&self) -> &Properties {
+        &self.message.properties
+    }
+
+    /// Decodes the body in the format its content type names, as
+    /// [`Message::decode`] does.
+    ///
+    /// # Errors
+    /// [`Error::Codec`] for an unknown content type or a body that does not
+    /// decode as `T`. The delivery is not settled either way.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        self.message.decode()
+    }
+
+    /// Whether the delivery has been settled (or needed no settling).
+    #[must_use]
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+}
+
+/// Stops a consumer. Implemented by transports.
+#[async_trait]
+pub trait ConsumerControl: Send + Sync + 'static {
+    /// Stops new deliveries. Deliveries already handed out can still be
+    /// settled.
+    async fn cancel(&self) -> Result<()>;
+}
+
+/// The boxed stream a transport hands to [`Consumer::new`].
+pub type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery>> + Send + 'static>>;
+
+/// A consumer: a [`Stream`] of deliveries from one queue.
+///
+/// The stream ends when the consumer is cancelled, its queue is deleted or
+/// its connection is closed; a transport that lost its connection for good
+/// yields the error first. Dropping the consumer cancels it and requeues the
+/// deliveries it had not settled.
+pub struct Consumer {
+    tag: String,
+    queue: String,
+    stream: DeliveryStream,
+    control: Arc<dyn ConsumerControl>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tag", &self.tag)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Builds a consumer from a transport's stream and control.
+    pub fn new(
+        tag: String,
+        queue: String,
+        stream: DeliveryStream,
+        control: Arc<dyn ConsumerControl>,
+    ) -> Self {
+        Consumer {
+            tag,
+            queue,
+            stream,
+            control,
+        }
+    }
+
+    /// The consumer tag.
+    #[must_use]
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The queue consumed from.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Stops new deliveries; the stream ends once those already sent are
+    /// read. Deliveries already received can still be settled.
+    ///
+    /// # Errors
+    /// `Closed` or `ConnectionLost` if the connection is gone.
+    // Not an `async fn`: its future must not borrow the consumer, whose
+    // stream is not `Sync`, so that a task cancelling it stays `Send`.
+    pub fn cancel(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let control = self.control.clone();
+        async move { control.cancel().await }
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
