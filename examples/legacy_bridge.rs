@@ -37,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     conn.declare_queue(REQUESTS, QueueOptions::durable())
         .await?;
     conn.declare_queue(RESULTS, QueueOptions::durable()).await?;
-    println!("bridging {input} -> {url} -> {output}");
+    println!("bridging {input} -> {} -> {output}", bus::redact_url(&url));
 
     // Folder -> queue: each input is acked (moved to IN/done/) only after
     // the broker confirmed its message.

@@ -82,7 +82,7 @@ fn identify(job: SpeechJob, worker: &str) -> Speaker {
 #[tokio::main]
 async fn main() -> Result<()> {
     let url = std::env::var("BUS_URL").unwrap_or_else(|_| "memory://quickstart".to_owned());
-    println!("bus: {url}");
+    println!("bus: {}", bus::redact_url(&url));
 
     // asr-1 takes a job, says so, and then its host dies mid-inference.
     let (took, mut took_rx) = mpsc::unbounded_channel();

@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bus::rpc::RpcServer;
@@ -63,12 +63,31 @@ async fn serve(queue: &str) -> bus::Result<()> {
         .await?;
     println!(
         "serving {queue:?} on {}; Ctrl-C stops",
-        without_credentials(&url)
+        bus::redact_url(&url)
     );
 
-    stop_requested().await?;
-    println!("stopping: finishing the requests in hand");
-    server.shutdown().await?;
+    // Stop on Ctrl-C or SIGTERM, and notice too if the server ends on its
+    // own (its queue deleted, its connection given up).
+    let stop = server.shutdown_handle();
+    let asked = Arc::new(AtomicBool::new(false));
+    let signal = tokio::spawn({
+        let asked = asked.clone();
+        async move {
+            let outcome = stop_requested().await;
+            println!("stopping: finishing the requests in hand");
+            asked.store(true, Ordering::SeqCst);
+            stop.shutdown();
+            outcome
+        }
+    });
+    server.wait().await?;
+    if !asked.load(Ordering::SeqCst) {
+        signal.abort();
+        return Err(bus::Error::Closed("the server stopped on its own".into()));
+    }
+    signal
+        .await
+        .map_err(|e| bus::Error::Closed(format!("the signal watcher failed: {e}")))??;
     conn.close().await?;
     println!(
         "stopped after serving {} requests",
@@ -94,20 +113,6 @@ async fn stop_requested() -> bus::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await.map_err(signal_error)
-    }
-}
-
-/// The URL to print: what a log may show, without user and password.
-fn without_credentials(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('/').unwrap_or((rest, "")) {
-            (authority, path) if authority.contains('@') => {
-                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-                format!("{scheme}://***@{host}/{path}")
-            }
-            _ => url.to_owned(),
-        },
-        None => url.to_owned(),
     }
 }
 

@@ -7,8 +7,7 @@
 use std::collections::BTreeMap;
 
 use bus::{
-    ConnectionExt, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
-    QueueOptions,
+    ConnectionExt, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions, QueueOptions,
 };
 
 #[tokio::main]

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bus::{ConsumeOptions, Connection, ConnectionExt, Message, QueueOptions};
+use bus::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -19,8 +19,15 @@ const JOBS: usize = 9;
 
 /// What a worker reports to the main task.
 enum Event {
-    Done { worker: &'static str, job: String, redelivered: bool },
-    GaveUp { worker: &'static str, job: String },
+    Done {
+        worker: &'static str,
+        job: String,
+        redelivered: bool,
+    },
+    GaveUp {
+        worker: &'static str,
+        job: String,
+    },
 }
 
 #[tokio::main]
@@ -29,13 +36,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = format!("jobs-{}", std::process::id());
 
     let producer = bus::connect(&url).await?;
-    producer.declare_queue(&queue, QueueOptions::default()).await?;
+    producer
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
 
     let (events, mut rx) = mpsc::unbounded_channel();
     let mut workers = Vec::new();
     for name in ["w1", "w2", "w3"] {
         let conn = bus::connect(&url).await?;
-        workers.push(tokio::spawn(worker(name, conn, queue.clone(), events.clone())));
+        workers.push(tokio::spawn(worker(
+            name,
+            conn,
+            queue.clone(),
+            events.clone(),
+        )));
     }
     drop(events);
 
@@ -51,7 +65,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut redelivered = 0;
     while done.len() < JOBS {
         match rx.recv().await {
-            Some(Event::Done { worker, job, redelivered: again }) => {
+            Some(Event::Done {
+                worker,
+                job,
+                redelivered: again,
+            }) => {
                 if again {
                     redelivered += 1;
                     println!("{worker}: finished {job} (redelivered after a nack)");

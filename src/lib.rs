@@ -8,11 +8,23 @@ pub use bus_core::*;
 /// The in-process broker, always available.
 pub use bus_local as local;
 
+/// The RabbitMQ transport (feature `amqp`).
+#[cfg(feature = "amqp")]
+pub use bus_amqp as amqp;
+
+/// The folder transport and the legacy folder integration (feature `file`).
+#[cfg(feature = "file")]
+pub use bus_file as file;
+
 /// Opens a connection to the transport a URL names.
 ///
 /// | scheme | transport | feature |
 /// |---|---|---|
 /// | `memory://NAME` | in-process broker; connections with the same `NAME` share one broker in this process | always on |
+/// | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ; several `host:port` separated by commas for a cluster (the first that answers) | `amqp` |
+/// | `file:///absolute/path` | a folder shared by every process that opens it | `file` |
+///
+/// Credentials in the URL never appear in errors.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a URL without a scheme or with an unknown
@@ -22,7 +34,8 @@ pub use bus_local as local;
 pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         Error::InvalidArgument(format!(
-            "{url:?} is not a bus URL: expected SCHEME://..., e.g. memory://test"
+            "{:?} is not a bus URL: expected SCHEME://..., e.g. memory://test",
+            redact_url(url)
         ))
     })?;
     match scheme {
@@ -33,9 +46,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => Ok(Arc::new(bus_amqp::AmqpConnection::connect(url).await?)),
         #[cfg(not(feature = "amqp"))]
-        "amqp" | "amqps" => Err(Error::NotSupported(format!(
-            "the {scheme}:// transport is compiled out: enable the `amqp` feature of `bus`"
-        ))),
+        "amqp" | "amqps" => Err(compiled_out(scheme, "amqp")),
         #[cfg(feature = "file")]
         "file" => {
             // file:///abs/path or file://localhost/abs/path, as RFC 8089.
@@ -48,11 +59,95 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
             Ok(Arc::new(bus_file::FileConnection::open(path).await?))
         }
         #[cfg(not(feature = "file"))]
-        "file" => Err(Error::NotSupported(
-            "the file:// transport is compiled out: enable the `file` feature of `bus`".into(),
-        )),
+        "file" => Err(compiled_out(scheme, "file")),
         other => Err(Error::InvalidArgument(format!(
-            "unknown transport scheme {other:?} in {url:?}: expected memory://, amqp://, amqps:// or file://"
+            "unknown transport scheme {other:?} in {:?}: expected memory://, amqp://, amqps:// or file://",
+            redact_url(url)
         ))),
+    }
+}
+
+/// The error for a known scheme whose transport was not compiled in.
+#[cfg_attr(all(feature = "amqp", feature = "file"), allow(dead_code))]
+fn compiled_out(scheme: &str, feature: &str) -> Error {
+    Error::NotSupported(format!(
+        "the {scheme}:// transport is compiled out: enable the `{feature}` feature of `bus`"
+    ))
+}
+
+/// The URL with any `user:password@` part replaced by `***@`: what to print
+/// or log instead of a bus URL, which may carry credentials.
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some(parts) => parts,
+        None => ("", url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let shown = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_owned(),
+    };
+    if scheme.is_empty() && !url.contains("://") {
+        shown
+    } else {
+        format!("{scheme}://{shown}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_urls_with_one_name_share_a_broker() {
+        let a = connect("memory://facade-test").await.unwrap();
+        let b = connect("memory://facade-test/").await.unwrap();
+        a.declare_queue("shared", QueueOptions::default())
+            .await
+            .unwrap();
+        a.send_to_queue("shared", Message::new(&b"x"[..]))
+            .await
+            .unwrap();
+        assert_eq!(b.inspect_queue("shared").await.unwrap().message_count, 1);
+        let other = connect("memory://facade-other").await.unwrap();
+        assert!(matches!(
+            other.inspect_queue("shared").await,
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_urls_are_clear_errors_without_credentials() {
+        match connect("amqq://user:secret@host/").await {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains("amqq"), "{m}");
+                assert!(!m.contains("secret"), "{m}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        match connect("no-scheme:secret@x").await {
+            Err(Error::InvalidArgument(m)) => assert!(!m.contains("secret"), "{m}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn redaction_hides_user_info_only() {
+        assert_eq!(redact_url("amqp://u:p@h:5672/%2f"), "amqp://***@h:5672/%2f");
+        assert_eq!(redact_url("amqp://h:5672/a@b"), "amqp://h:5672/a@b");
+        assert_eq!(redact_url("memory://x"), "memory://x");
+        assert_eq!(redact_url("u:p@h"), "***@h");
+    }
+
+    #[test]
+    fn a_compiled_out_transport_names_its_feature() {
+        match compiled_out("amqps", "amqp") {
+            Error::NotSupported(m) => {
+                assert!(m.contains("amqps://"), "{m}");
+                assert!(m.contains("`amqp` feature"), "{m}");
+            }
+            other => panic!("expected NotSupported, got {other:?}"),
+        }
     }
 }

@@ -45,7 +45,12 @@ fn body() -> Bytes {
 
 /// Publishes `n` messages and consumes them with acks on one fresh broker:
 /// the work measured by `local-throughput`, also used by the memory child.
+/// The producer keeps at most `BACKLOG` messages ahead of the consumer, as
+/// the baseline's bounded channel does: otherwise a producer that outruns
+/// the consumer piles up the whole run in the queue, and the memory check
+/// would measure that backlog instead of a leak.
 pub async fn pump(n: u64) {
+    const BACKLOG: usize = 2 * PREFETCH as usize;
     let broker = bus::local::LocalBroker::new();
     let conn: Arc<dyn Connection> = Arc::new(broker.connect());
     let queue = conn
@@ -57,12 +62,15 @@ pub async fn pump(n: u64) {
         .consume(&queue, ConsumeOptions::prefetch(PREFETCH))
         .await
         .expect("consume");
+    let room = Arc::new(tokio::sync::Semaphore::new(BACKLOG));
     let producer = {
         let conn = conn.clone();
         let queue = queue.clone();
+        let room = room.clone();
         tokio::spawn(async move {
             let body = body();
             for _ in 0..n {
+                room.acquire().await.expect("open").forget();
                 conn.send_to_queue(&queue, Message::new(body.clone()))
                     .await
                     .expect("publish");
@@ -72,6 +80,7 @@ pub async fn pump(n: u64) {
     for _ in 0..n {
         let d = consumer.next().await.expect("a delivery").expect("ok");
         d.ack().await.expect("ack");
+        room.add_permits(1);
     }
     producer.await.expect("producer");
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bus_amqp::{AmqpOptions, ReplyMode};
-use bus_core::rpc::{decode_message, Format, RpcClient, RpcClientOptions, RpcServer};
+use bus_core::rpc::{decode_message, Format, RpcClient, RpcClientOptions, RpcServer, ERROR_HEADER};
 use bus_core::{Connection, DeleteQueueOptions, Error};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -319,6 +319,16 @@ impl ClientRun {
         let line = self.stdout.trim();
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
     }
+
+    /// The reply's properties that were set, as the caller printed them.
+    fn reply_properties(&self) -> serde_json::Map<String, serde_json::Value> {
+        let line = self
+            .stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("reply properties: "))
+            .unwrap_or_else(|| panic!("no reply properties in {:?}", self.stderr));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"))
+    }
 }
 
 /// Runs the legacy caller once: `request` to `queue`.
@@ -551,6 +561,17 @@ async fn python_caller_calls_a_rust_server_with_a_typed_handler() {
         let run = python_call(&queue, &json_of(&wire_value(&job(id)))).await;
         let reply = run.reply();
         assert_eq!(reply, json_of(&wire_value(&demo_reply(job(id)))));
+        // As the legacy workers answer: the correlation id and nothing else.
+        let properties = run.reply_properties();
+        assert_eq!(
+            properties.keys().collect::<Vec<_>>(),
+            ["correlation_id"],
+            "{properties:?}"
+        );
+        assert_eq!(
+            properties["correlation_id"].as_str().map(str::len),
+            Some(36)
+        );
         // And what the typed handler decoded is the job, field for field.
         let request = within(5, "the handler's request", seen.recv()).await;
         assert_eq!(request, Some(job(id)));
@@ -577,6 +598,14 @@ async fn rust_handler_errors_reach_a_python_caller_as_a_map() {
     assert_eq!(
         run.reply(),
         json!({ "error": "model exploded on job 3 — ünïcødé" })
+    );
+    // The header a Rust caller turns into Error::Remote; the legacy caller
+    // ignores it.
+    let properties = run.reply_properties();
+    assert_eq!(
+        properties["headers"][ERROR_HEADER],
+        json!("model exploded on job 3 — ünïcødé"),
+        "{properties:?}"
     );
 
     // A request the typed handler cannot take gets an error map too.

@@ -240,7 +240,7 @@ async fn pathological_topic_patterns_route_quickly() {
         .unwrap();
     }
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );

@@ -13,7 +13,8 @@ JSON is the request ("-" reads it from standard input, for requests larger
 than a command line may be); an object {"$bytes": "<hex>"} in it stands for
 binary data (msgpack bin, Python bytes). Prints the reply as one line of JSON,
 binary data written back the same way, and exits 0; exits 2 when no reply
-came in time.
+came in time. The reply's properties that are set go to standard error as
+one line, "reply properties: {...}", for those who check the protocol.
 """
 import json
 import os
@@ -62,10 +63,12 @@ class RpcClient:
         )
         self.corr_id = None
         self.response = None
+        self.properties = None
 
     def on_response(self, ch, method, props, body):
         if props.correlation_id == self.corr_id:
             self.response = body
+            self.properties = props
 
     def call(self, queue, args, timeout):
         self.response = None
@@ -100,6 +103,12 @@ def main():
     if reply is None:
         print("no reply from %s within %g s" % (queue, timeout), file=sys.stderr)
         sys.exit(2)
+    props = client.properties
+    names = ("content_type", "content_encoding", "headers", "delivery_mode", "priority",
+             "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
+             "user_id", "app_id", "cluster_id")
+    shown = {n: getattr(props, n) for n in names if getattr(props, n) is not None}
+    print("reply properties: " + json.dumps(to_json(shown), default=str), file=sys.stderr)
     print(json.dumps(to_json(reply)), flush=True)
 
 

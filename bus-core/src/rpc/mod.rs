@@ -64,4 +64,4 @@ pub use codec::{
     decode_message, error_reply, remote_error, Format, ERROR_HEADER, JSON_CONTENT_TYPE,
     MSGPACK_CONTENT_TYPE,
 };
-pub use server::{RpcServer, RpcServerBuilder};
+pub use server::{RpcServer, RpcServerBuilder, ShutdownHandle};

@@ -342,6 +342,16 @@ impl RpcServer {
         self.stop.clone()
     }
 
+    /// A handle that asks the server to stop gracefully from anywhere (a
+    /// signal handler, another task), while this one waits on
+    /// [`RpcServer::wait`].
+    #[must_use]
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
     /// Whether the server has stopped.
     #[must_use]
     pub fn is_finished(&self) -> bool {
@@ -355,6 +365,21 @@ impl RpcServer {
                 Err(Error::Closed(format!("the RPC server's task failed: {e}")))
             }),
         }
+    }
+}
+
+/// Asks an [`RpcServer`] to stop: it takes no new requests, finishes and
+/// answers those in hand, and then [`RpcServer::wait`] returns. Cheap to
+/// clone; asking twice is harmless.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Signals the server to stop; returns at once.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
     }
 }
 
