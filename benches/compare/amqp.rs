@@ -422,7 +422,7 @@ async fn rpc(url: &str, seq: bool, par: bool, report: &mut Report) {
         )
         .await;
         let note = format!(
-            "{in_flight} call(s) in flight, msgpack, direct reply-to, confirms and mandatory on requests and replies, server prefetch {RPC_IN_FLIGHT}; each side its own client and server in this process"
+            "{in_flight} call(s) in flight, msgpack, direct reply-to, confirms on requests (mandatory) and replies, server prefetch {RPC_IN_FLIGHT}; each side its own client and server in this process"
         );
         report.throughput(name, o.per_sec(), "lapin", b.per_sec(), "calls/s", &note);
         report.cost(

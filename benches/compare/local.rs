@@ -87,7 +87,7 @@ pub async fn pump(n: u64) {
 
 async fn throughput(report: &mut Report) {
     let batch = 20_000;
-    let ours = support::rate(batch, |n| pump(n)).await;
+    let ours = support::rate(batch, pump).await;
     let baseline = support::rate(batch, |n| async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PREFETCH as usize);
         let producer = tokio::spawn(async move {

@@ -208,12 +208,15 @@ where
     total
 }
 
+/// How many turns each side of [`side_by_side`] takes.
+pub const ROUNDS: u32 = 4;
+
 /// Measures two sides of a comparison. Each batch processes `n` items and
 /// reports what it measured (use [`timed`] for a whole batch, or a
 /// [`Span`] around the part that counts, leaving set-up such as pre-filling
 /// a queue out). After a warm-up of each side (a fifth of the run time),
-/// the sides take turns, two rounds of half the run time each, so that a
-/// machine whose speed drifts (other work, thermal limits) weighs on both.
+/// the sides take turns, [`ROUNDS`] rounds each, so that a machine whose
+/// speed drifts (other work, a shared disk) weighs on both.
 pub async fn side_by_side<A, AF, B, BF>(
     n: u64,
     mut ours: A,
@@ -230,9 +233,9 @@ where
     run_for(n, &mut baseline, total / 5).await;
     let mut o = Measured::default();
     let mut b = Measured::default();
-    for _ in 0..2 {
-        o.add(run_for(n, &mut ours, total / 2).await);
-        b.add(run_for(n, &mut baseline, total / 2).await);
+    for _ in 0..ROUNDS {
+        o.add(run_for(n, &mut ours, total / ROUNDS).await);
+        b.add(run_for(n, &mut baseline, total / ROUNDS).await);
     }
     (o, b)
 }

@@ -81,6 +81,11 @@ impl Proxy {
     async fn start() -> Proxy {
         let url = AmqpUrl::parse(&amqp_addr()).expect("AMQP_ADDR is a valid AMQP URL");
         let broker = url.hosts[0].clone();
+        Self::start_to(broker, url).await
+    }
+
+    /// A proxy to `target`; `url` is what [`Proxy::connect`] connects with.
+    async fn start_to(target: BrokerHost, url: AmqpUrl) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (state, _) = watch::channel(ProxyState {
@@ -88,7 +93,7 @@ impl Proxy {
             resets: 0,
         });
         let state = Arc::new(state);
-        let accepting = tokio::spawn(accept(listener, broker, state.clone()));
+        let accepting = tokio::spawn(accept(listener, target, state.clone()));
         Proxy {
             port,
             url,
@@ -198,6 +203,10 @@ async fn relay(client: TcpStream, broker: BrokerHost, mut state: watch::Receiver
     if was_cut {
         reset_on_close(client_rx.as_ref());
         reset_on_close(broker_rx.as_ref());
+        // Dropping a write half would send FIN first: the peers must see
+        // the reset and nothing else.
+        client_tx.forget();
+        broker_tx.forget();
     }
 }
 
@@ -395,6 +404,8 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
         let mut silent_since = Instant::now();
         let mut noticed_after = Duration::ZERO;
         let mut after_recovery = 0u32;
+        let mut generation_before = 0;
+        let mut disconnect_reason = String::new();
         while phase != Phase::Recovered || seen.times.len() < TOTAL as usize {
             tokio::select! {
                 item = consumer.next() => {
@@ -404,6 +415,7 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
                     seen.take(d).await;
                     match phase {
                         Phase::Streaming if seen.times.len() >= (BATCH / 2) as usize => {
+                            generation_before = conn.generation();
                             proxy.set(Mode::Blackhole);
                             silent_since = Instant::now();
                             phase = Phase::Silent;
@@ -416,17 +428,16 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
                 event = events.recv() => {
                     match (phase, event.expect("the recovery events")) {
                         (Phase::Silent, RecoveryEvent::Disconnected { reason }) => {
+                            disconnect_reason = reason;
+                            // The reason is not checked here: it does not
+                            // always name the heartbeat (see
+                            // known_issue_the_disconnect_reason_of_a_silent_network_may_not_name_the_heartbeat).
                             noticed_after = silent_since.elapsed();
-                            // Sockets stayed open: only the heartbeat can tell.
-                            assert!(
-                                reason.contains("heartbeat"),
-                                "the silence was noticed by something else: {reason}"
-                            );
                             proxy.set(Mode::Pass);
                             phase = Phase::Reconnecting;
                         }
                         (Phase::Reconnecting, RecoveryEvent::Reconnected { generation, .. }) => {
-                            assert_eq!(generation, 2);
+                            assert_eq!(generation, generation_before + 1);
                             phase = Phase::Recovered;
                             batches.push(publish_batch(direct.clone(), q.clone(), 2 * BATCH..TOTAL));
                         }
@@ -466,13 +477,15 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
             "every published message was received"
         );
         assert!(after_recovery > 0, "the stream went on after the reconnection");
+        // Sockets stayed open and nothing got through: only the heartbeat
+        // could tell, after two intervals of silence.
         assert!(
-            noticed_after < HEARTBEAT * 8,
+            noticed_after >= HEARTBEAT && noticed_after < HEARTBEAT * 8,
             "the silence took {noticed_after:?} to notice with a {HEARTBEAT:?} heartbeat"
         );
         assert_eq!(direct.inspect_queue(&q).await.unwrap().message_count, 0);
         eprintln!(
-            "silence noticed after {noticed_after:?}; {} deliveries for {TOTAL} messages, {} redelivered, {} acks lost with the link",
+            "silence noticed after {noticed_after:?} ({disconnect_reason}); {} deliveries for {TOTAL} messages, {} redelivered, {} acks lost with the link",
             seen.times.values().sum::<u32>(),
             seen.redelivered,
             seen.lost_acks
@@ -489,12 +502,79 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
     direct.close().await.unwrap();
 }
 
+/// KNOWN ISSUE (see /work/notes/amqp-network-cut.md): when a silent
+/// network is noticed by the heartbeat, `RecoveryEvent::Disconnected`
+/// should say so, but now and then (about one silence in 30 to 40 here)
+/// the supervisor reports "the connection is no longer open" instead: it
+/// found the link down through a poke or its one-second check before it
+/// took lapin's error event, and that path keeps no cause. Recovery itself
+/// is unaffected. Fails intermittently until the supervisor is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_issue_the_disconnect_reason_of_a_silent_network_may_not_name_the_heartbeat() {
+    const SILENCES: usize = 6;
+    let direct = connect().await;
+    let q = fresh("cut-reason");
+    let cleanup = QueueCleanup::new(&[&q]);
+    within(TEST_SECS, "the whole test", async {
+        let proxy = Proxy::start().await;
+        direct
+            .declare_queue(&q, QueueOptions::default())
+            .await
+            .unwrap();
+        let conn = proxy.connect(&fresh("cut-reason")).await;
+        let mut events = conn.events();
+        // A consumer, as any service has: its end pokes the supervisor.
+        let consumer = conn
+            .consume(&q, ConsumeOptions::prefetch(10))
+            .await
+            .unwrap();
+        let mut reasons = Vec::new();
+        for _ in 0..SILENCES {
+            proxy.set(Mode::Blackhole);
+            let RecoveryEvent::Disconnected { reason } =
+                wait_event(&mut events, "Disconnected", |e| {
+                    matches!(e, RecoveryEvent::Disconnected { .. })
+                })
+                .await
+            else {
+                unreachable!()
+            };
+            reasons.push(reason);
+            proxy.set(Mode::Pass);
+            wait_event(&mut events, "ConsumerResumed", |e| {
+                matches!(e, RecoveryEvent::ConsumerResumed { .. })
+            })
+            .await;
+        }
+        drop(consumer);
+        conn.close().await.unwrap();
+        direct
+            .delete_queue(&q, DeleteQueueOptions::default())
+            .await
+            .unwrap();
+        let vague: Vec<_> = reasons
+            .iter()
+            .filter(|r| !r.contains("heartbeat"))
+            .collect();
+        assert!(
+            vague.is_empty(),
+            "{} of {SILENCES} silences were reported without naming the heartbeat: {vague:?}",
+            vague.len()
+        );
+    })
+    .await;
+    cleanup.disarm();
+    direct.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
-// 2. A reset while publishing with confirms
+// 2. A cut while publishing with confirms
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_while_publishing_never_reports_a_false_success() {
+/// Publishes with confirms through the proxy while it cuts the link:
+/// every publish is confirmed (and then in the queue) or fails with a
+/// temporary error.
+async fn publishing_across_a_cut(cut_with: Mode) {
     const MAX: u32 = 100_000;
     let direct = connect().await;
     let q = fresh("cut-confirms");
@@ -538,16 +618,18 @@ async fn a_reset_while_publishing_never_reports_a_false_success() {
             })
         };
         confirms.wait_for(|n| *n >= 300).await.unwrap();
-        proxy.set(Mode::Reset);
+        proxy.set(cut_with);
         wait_event(&mut events, "Disconnected", |e| {
             matches!(e, RecoveryEvent::Disconnected { .. })
         })
         .await;
-        // The network refuses for a while: at least one attempt fails.
-        wait_event(&mut events, "ReconnectFailed", |e| {
-            matches!(e, RecoveryEvent::ReconnectFailed { .. })
-        })
-        .await;
+        if cut_with == Mode::Reset {
+            // The network refuses for a while: at least one attempt fails.
+            wait_event(&mut events, "ReconnectFailed", |e| {
+                matches!(e, RecoveryEvent::ReconnectFailed { .. })
+            })
+            .await;
+        }
         proxy.set(Mode::Pass);
         wait_event(&mut events, "Reconnected", |e| {
             matches!(e, RecoveryEvent::Reconnected { .. })
@@ -606,7 +688,7 @@ async fn a_reset_while_publishing_never_reports_a_false_success() {
         );
         assert!(confirmed.len() <= found.len() && found.len() <= attempted.len());
         eprintln!(
-            "{} attempted, {} confirmed, {failed} failed (temporary), {} in the queue",
+            "{cut_with:?}: {} attempted, {} confirmed, {failed} failed (temporary), {} in the queue",
             attempted.len(),
             confirmed.len(),
             found.len()
@@ -620,6 +702,16 @@ async fn a_reset_while_publishing_never_reports_a_false_success() {
     .await;
     cleanup.disarm();
     direct.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_while_publishing_never_reports_a_false_success() {
+    publishing_across_a_cut(Mode::Reset).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_while_publishing_never_reports_a_false_success() {
+    publishing_across_a_cut(Mode::Blackhole).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -689,8 +781,14 @@ async fn rpc_calls_across_a_cut(cut_with: Mode) {
         }
         let cut_at = Instant::now();
         proxy.set(cut_with);
-        for call in calls {
-            let (r, ended) = call.await.unwrap();
+        let outcomes = within(
+            FAIL_FAST.as_secs() * 2,
+            "the calls in flight to fail",
+            futures::future::join_all(calls),
+        )
+        .await;
+        for outcome in outcomes {
+            let (r, ended) = outcome.unwrap();
             match r {
                 Err(Error::ConnectionLost(_)) => {}
                 other => panic!("a call in flight across the cut ended with {other:?}"),
@@ -759,23 +857,12 @@ async fn the_proxy_holds_bytes_while_silent_and_resets_on_demand() {
                 });
             }
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (state, _) = watch::channel(ProxyState {
-            mode: Mode::Pass,
-            resets: 0,
-        });
-        let state = Arc::new(state);
-        let proxy = Proxy {
-            port,
-            url: AmqpUrl::parse(&amqp_addr()).unwrap(),
-            accepting: tokio::spawn(accept(
-                listener,
-                BrokerHost::new(echo_addr.ip().to_string(), echo_addr.port()),
-                state.clone(),
-            )),
-            state,
-        };
+        let proxy = Proxy::start_to(
+            BrokerHost::new(echo_addr.ip().to_string(), echo_addr.port()),
+            AmqpUrl::parse(&amqp_addr()).unwrap(),
+        )
+        .await;
+        let port = proxy.port;
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut buf = [0u8; 5];
         s.write_all(b"hello").await.unwrap();
@@ -802,8 +889,11 @@ async fn the_proxy_holds_bytes_while_silent_and_resets_on_demand() {
             matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
             "{r:?}"
         );
-        let mut refused = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let r = refused.read(&mut buf).await;
+        // A new connection is reset too: at once, or at its first read.
+        let r = match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(mut refused) => refused.read(&mut buf).await,
+            Err(e) => Err(e),
+        };
         assert!(
             matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
             "{r:?}"
