@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use crate::events::RecoveryEvent;
 use crate::journal::{BindingRecord, Journal};
 use crate::link::{connect_any, Link, LinkState};
 use crate::options::{AmqpOptions, ReplyMode};
-use crate::publish::{publish_via, ChannelSource, LinkedChannel, ReplyPublisher};
+use crate::publish::{publish_via, ChannelSource, LinkedChannel, OwnChannel, ReplyPublisher};
 use crate::url::AmqpUrl;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,6 +54,10 @@ pub(crate) struct Shared {
     known_exchanges: Mutex<(u64, HashSet<String>)>,
     /// Wakes the supervisor to check the link now.
     poke: Arc<Notify>,
+    /// Whether a recovery ever gave a queue a new name: until then every
+    /// queue's current name is the one the application holds, and names
+    /// need no look-up.
+    renamed: AtomicBool,
 }
 
 impl Shared {
@@ -89,6 +94,11 @@ impl Shared {
                 return Err(Error::Closed("the connection is gone".into()));
             }
         }
+    }
+
+    /// Follows the link state.
+    pub(crate) fn subscribe_state(&self) -> watch::Receiver<LinkState> {
+        self.state.subscribe()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -135,7 +145,28 @@ impl Shared {
     }
 
     pub(crate) fn resolve_queue(&self, name: &str) -> String {
+        if !self.renamed.load(Ordering::Acquire) {
+            return name.to_owned();
+        }
         lock(&self.journal).resolve(name)
+    }
+
+    /// The current name of the queue the application names `name`, when a
+    /// recovery renamed it.
+    pub(crate) fn renamed_queue(&self, name: &str) -> Option<String> {
+        if !self.renamed.load(Ordering::Acquire) {
+            return None;
+        }
+        let current = lock(&self.journal).resolve(name);
+        (current != name).then_some(current)
+    }
+
+    /// The generation of the link, when it is up.
+    pub(crate) fn up_generation(&self) -> Option<u64> {
+        match &*self.state.borrow() {
+            LinkState::Up(link) => Some(link.generation),
+            _ => None,
+        }
     }
 
     pub(crate) fn queue_is_exclusive(&self, name: &str) -> bool {
@@ -170,6 +201,18 @@ impl Shared {
         if name.is_empty() || is_reserved_name(name) {
             return Ok(());
         }
+        if self
+            .up_generation()
+            .is_some_and(|generation| self.exchange_known(generation, name))
+        {
+            return Ok(());
+        }
+        // Out of line: the passive declare would otherwise make every
+        // publish's future several times larger.
+        Box::pin(self.check_exchange(name)).await
+    }
+
+    async fn check_exchange(&self, name: &str) -> Result<()> {
         let link = self.link().await?;
         if self.exchange_known(link.generation, name) {
             return Ok(());
@@ -302,6 +345,9 @@ impl Shared {
         }
         {
             let mut j = lock(&self.journal);
+            if !renames.is_empty() {
+                self.renamed.store(true, Ordering::Release);
+            }
             for (handle, new) in &renames {
                 j.rename(handle, new);
             }
@@ -540,7 +586,8 @@ impl AmqpConnection {
             events: events_tx,
             journal: Mutex::new(Journal::default()),
             topology: tokio::sync::Mutex::new(None),
-            publisher: ChannelSource::Own(tokio::sync::Mutex::new(None)),
+            publisher: ChannelSource::Own(OwnChannel::default()),
+            renamed: AtomicBool::new(false),
             known_exchanges: Mutex::new((0, HashSet::new())),
             poke: poke.clone(),
         });

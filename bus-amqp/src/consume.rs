@@ -1,5 +1,6 @@
-//! Consumers: each on its own channel, fed into the application's stream
-//! by a task that starts the consumer again after a reconnection.
+//! Consumers: each on its own channel. The application's stream reads the
+//! lapin consumer itself (no task hop per delivery); a task per consumer
+//! starts it again after a loss and hands the new one to the stream.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +19,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::connection::Shared;
 use crate::convert::{is_connection_error, message_from_amqp, short, table_to_amqp};
 use crate::events::RecoveryEvent;
-use crate::link::Link;
-use crate::publish::LinkedChannel;
+use crate::link::{Link, LinkState};
+use crate::publish::ReplySlot;
 
 /// The queue name that makes RabbitMQ's direct reply-to consumer.
 pub(crate) const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -32,7 +33,7 @@ pub(crate) struct ConsumerSpec {
     pub(crate) options: ConsumeOptions,
     /// For a direct reply-to consumer: where its channel (in confirm mode)
     /// is published for the requests.
-    pub(crate) reply_slot: Option<watch::Sender<LinkedChannel>>,
+    pub(crate) reply_slot: Option<watch::Sender<ReplySlot>>,
 }
 
 impl ConsumerSpec {
@@ -135,16 +136,59 @@ impl Acknowledger for ChannelAcker {
     }
 }
 
-/// What the task hands to the application's end: a delivery with the
-/// channel it must be settled on (none for auto-ack), or an error.
+/// What the task hands to the application's end.
 enum Item {
-    Delivery(Box<Delivery>, Option<lapin::Channel>),
+    /// The consumer was started again on a new channel.
+    Resumed(Box<Resumption>),
     Error(Error),
 }
 
+/// A consumer started again: its epoch, channel and lapin consumer.
+struct Resumption {
+    epoch: u64,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+/// How one lapin consumer (one epoch of the application's consumer) ended,
+/// as the application's end saw it.
+struct EpochEnded {
+    epoch: u64,
+    ended: Ended,
+}
+
+/// The lapin consumer the application's end reads from directly, so that
+/// a delivery goes from lapin to the application without a task hop.
+struct Active {
+    epoch: u64,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+    acker: Option<Arc<dyn Acknowledger>>,
+    offset: u64,
+    /// The lapin error the consumer ended with, if any.
+    failure: Option<lapin::Error>,
+}
+
 /// The application's end: deliveries in order; dropping it stops the task.
+///
+/// It polls the current lapin consumer itself. The task starts the consumer
+/// again after a loss (noticed here, or by the task from the link state
+/// while the application is not reading) and hands the new one over.
 struct DeliveryReceiver {
+    control: Arc<Control>,
+    spec_tag: String,
+    auto_ack: bool,
+    active: Option<Active>,
+    /// An item taken from the task while the current consumer was still
+    /// being drained.
+    stashed: Option<Item>,
     rx: mpsc::UnboundedReceiver<Item>,
+    /// Tells the task how each epoch ended.
+    reports: mpsc::UnboundedSender<EpochEnded>,
+    /// The highest tag handed out so far: the next channel's tags start
+    /// above it.
+    highest: u64,
+    finished: bool,
     _dropped: oneshot::Sender<()>,
     /// Set at once on drop, so that settling a delivery of a dropped
     /// consumer fails even before its task has closed the channel.
@@ -157,21 +201,143 @@ impl Drop for DeliveryReceiver {
     }
 }
 
+impl DeliveryReceiver {
+    fn adopt(&mut self, epoch: u64, channel: lapin::Channel, consumer: lapin::Consumer) {
+        let offset = self.highest;
+        let acker: Option<Arc<dyn Acknowledger>> = if self.auto_ack {
+            None
+        } else {
+            Some(Arc::new(ChannelAcker {
+                channel: channel.clone(),
+                offset,
+                tag: self.spec_tag.clone(),
+                dropped: self.owner_dropped.clone(),
+            }))
+        };
+        self.active = Some(Active {
+            epoch,
+            channel,
+            consumer,
+            acker,
+            offset,
+            failure: None,
+        });
+    }
+
+    /// The current lapin consumer ended: say how to the task.
+    fn end_active(&mut self) -> Ended {
+        let Some(active) = self.active.take() else {
+            return Ended::Finished;
+        };
+        let shared = &self.control.shared;
+        let lost = active.failure.is_some() || !active.channel.status().connected();
+        let ended = if *self.control.cancelled.borrow() || shared.is_closed() || !lost {
+            Ended::Finished
+        } else {
+            let connection = active.failure.as_ref().is_none_or(is_connection_error);
+            let reason = active
+                .failure
+                .map_or_else(|| "channel closed".to_owned(), |e| e.to_string());
+            if connection {
+                shared.poke();
+            }
+            Ended::Lost { reason, connection }
+        };
+        let _ = self.reports.send(EpochEnded {
+            epoch: active.epoch,
+            ended: ended.clone(),
+        });
+        ended
+    }
+
+    fn delivery(&mut self, d: lapin::message::Delivery) -> Option<Delivery> {
+        let active = self.active.as_ref()?;
+        let tag = active.offset + d.delivery_tag;
+        self.highest = self.highest.max(tag);
+        // A delivery of a channel that died can no longer be settled, and
+        // the broker has requeued it: the application would only process
+        // it twice.
+        if active.acker.is_some() && !active.channel.status().connected() {
+            return None;
+        }
+        let message = message_from_amqp(d.data, &d.properties);
+        Some(Delivery::new(
+            message,
+            String::from(d.exchange),
+            String::from(d.routing_key),
+            d.redelivered,
+            tag,
+            active.acker.clone(),
+        ))
+    }
+}
+
 impl Stream for DeliveryReceiver {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            match self.rx.poll_recv(cx) {
-                // A delivery still waiting here when its channel died can no
-                // longer be settled, and the broker has requeued it: the
-                // application would only process it twice.
-                Poll::Ready(Some(Item::Delivery(_, Some(channel))))
-                    if !channel.status().connected() => {}
-                Poll::Ready(Some(Item::Delivery(d, _))) => return Poll::Ready(Some(Ok(*d))),
-                Poll::Ready(Some(Item::Error(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            if let Some(active) = &mut this.active {
+                match active.consumer.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(d))) => {
+                        if let Some(delivery) = this.delivery(d) {
+                            return Poll::Ready(Some(Ok(delivery)));
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        active.failure = Some(e);
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        if matches!(this.end_active(), Ended::Finished) {
+                            this.finished = true;
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    Poll::Pending => {
+                        if this.stashed.is_none() {
+                            match this.rx.poll_recv(cx) {
+                                Poll::Ready(Some(item)) => this.stashed = Some(item),
+                                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                        // The task has moved on (the link is gone): once the
+                        // dead channel has nothing more buffered, leave it.
+                        if active.channel.status().connected() {
+                            return Poll::Pending;
+                        }
+                        this.end_active();
+                        continue;
+                    }
+                }
+            }
+            let item = match this.stashed.take() {
+                Some(item) => item,
+                None => match this.rx.poll_recv(cx) {
+                    Poll::Ready(Some(item)) => item,
+                    Poll::Ready(None) => {
+                        this.finished = true;
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            match item {
+                Item::Resumed(resumed) => {
+                    let Resumption {
+                        epoch,
+                        channel,
+                        consumer,
+                    } = *resumed;
+                    this.adopt(epoch, channel, consumer);
+                }
+                Item::Error(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
@@ -245,9 +411,10 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     let link = shared.link().await?;
     let (channel, consumer) = open(&shared, &link, &spec).await?;
     if let Some(slot) = &spec.reply_slot {
-        slot.send_replace(Some((link.generation, channel.clone())));
+        slot.send_replace(Some((link.generation, Arc::new(channel.clone()))));
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let (cancelled, _) = watch::channel(false);
     let control = Arc::new(Control {
@@ -258,26 +425,33 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     });
     let tag = spec.tag.clone();
     let queue = spec.queue.clone();
+    let auto_ack = spec.options.auto_ack;
     let owner_dropped = Arc::new(AtomicBool::new(false));
+    let mut receiver = DeliveryReceiver {
+        control: control.clone(),
+        spec_tag: spec.tag.clone(),
+        auto_ack,
+        active: None,
+        stashed: None,
+        rx,
+        reports: reports_tx,
+        highest: 0,
+        finished: false,
+        _dropped: dropped_tx,
+        owner_dropped: owner_dropped.clone(),
+    };
+    receiver.adopt(0, channel.clone(), consumer);
     let task = ConsumerTask {
         shared,
         spec,
         control: control.clone(),
         tx: Some(tx),
+        reports: reports_rx,
         dropped: dropped_rx,
-        owner_dropped: owner_dropped.clone(),
+        owner_dropped,
     };
-    tokio::spawn(task.run(link, channel, consumer));
-    Ok(Consumer::new(
-        tag,
-        queue,
-        Box::pin(DeliveryReceiver {
-            rx,
-            _dropped: dropped_tx,
-            owner_dropped,
-        }),
-        control,
-    ))
+    tokio::spawn(task.run(link, channel));
+    Ok(Consumer::new(tag, queue, Box::pin(receiver), control))
 }
 
 struct ConsumerTask {
@@ -285,12 +459,15 @@ struct ConsumerTask {
     spec: ConsumerSpec,
     control: Arc<Control>,
     tx: Option<mpsc::UnboundedSender<Item>>,
+    /// How each epoch ended, as the application's end saw it.
+    reports: mpsc::UnboundedReceiver<EpochEnded>,
     dropped: oneshot::Receiver<()>,
     /// Set when the application dropped the consumer: settling fails with
     /// `Closed` from then on.
     owner_dropped: Arc<AtomicBool>,
 }
 
+#[derive(Clone)]
 enum Ended {
     /// The application dropped the consumer.
     Dropped,
@@ -320,28 +497,10 @@ impl ConsumerTask {
             .unwrap_or_else(PoisonError::into_inner) = channel;
     }
 
-    async fn run(
-        mut self,
-        mut link: Link,
-        mut channel: lapin::Channel,
-        mut consumer: lapin::Consumer,
-    ) {
-        let mut offset = 0u64;
-        let mut highest = 0u64;
+    async fn run(mut self, mut link: Link, mut channel: lapin::Channel) {
+        let mut epoch = 0u64;
         loop {
-            let acker: Option<Arc<dyn Acknowledger>> = if self.spec.options.auto_ack {
-                None
-            } else {
-                Some(Arc::new(ChannelAcker {
-                    channel: channel.clone(),
-                    offset,
-                    tag: self.spec.tag.clone(),
-                    dropped: self.owner_dropped.clone(),
-                }))
-            };
-            let ended = self
-                .pump(&channel, &mut consumer, offset, &mut highest, acker)
-                .await;
+            let ended = self.wait_end(epoch, &link).await;
             let (reason, connection) = match ended {
                 Ended::Dropped => {
                     self.owner_dropped.store(true, Ordering::Release);
@@ -374,7 +533,6 @@ impl ConsumerTask {
             if let Some(slot) = &self.spec.reply_slot {
                 slot.send_replace(None);
             }
-            offset = highest;
             let mut min_generation = if connection {
                 link.generation + 1
             } else {
@@ -407,10 +565,17 @@ impl ConsumerTask {
                     Ok((ch, c)) => {
                         link = next;
                         channel = ch;
-                        consumer = c;
+                        epoch += 1;
                         self.set_current(Some(channel.clone()));
                         if let Some(slot) = &self.spec.reply_slot {
-                            slot.send_replace(Some((link.generation, channel.clone())));
+                            slot.send_replace(Some((link.generation, Arc::new(channel.clone()))));
+                        }
+                        if let Some(tx) = &self.tx {
+                            let _ = tx.send(Item::Resumed(Box::new(Resumption {
+                                epoch,
+                                channel: channel.clone(),
+                                consumer: c,
+                            })));
                         }
                         tracing::info!(
                             consumer_tag = %self.spec.tag,
@@ -448,54 +613,44 @@ impl ConsumerTask {
         }
     }
 
-    /// Forwards deliveries until the lapin consumer ends or the application
-    /// drops its end.
-    async fn pump(
-        &mut self,
-        channel: &lapin::Channel,
-        consumer: &mut lapin::Consumer,
-        offset: u64,
-        highest: &mut u64,
-        acker: Option<Arc<dyn Acknowledger>>,
-    ) -> Ended {
-        let mut failure: Option<lapin::Error> = None;
+    /// Waits for the end of the consumer of `epoch`, started on `link`:
+    /// reported by the application's end when it reads the end, or seen
+    /// here from the link state, so that recovery goes on while the
+    /// application is not reading.
+    async fn wait_end(&mut self, epoch: u64, link: &Link) -> Ended {
+        let mut state = self.shared.subscribe_state();
         loop {
+            let link_ended = match &*state.borrow_and_update() {
+                LinkState::Up(l) if l.generation == link.generation => None,
+                LinkState::Up(_) => Some(Ended::Lost {
+                    reason: "the connection was re-established".to_owned(),
+                    connection: true,
+                }),
+                LinkState::Down { reason } => Some(Ended::Lost {
+                    reason: reason.clone(),
+                    connection: true,
+                }),
+                LinkState::Closed { .. } => Some(Ended::Finished),
+            };
+            if let Some(ended) = link_ended {
+                return ended;
+            }
             tokio::select! {
                 biased;
                 _ = &mut self.dropped => return Ended::Dropped,
-                item = consumer.next() => match item {
-                    Some(Ok(d)) => {
-                        let tag = offset + d.delivery_tag;
-                        *highest = (*highest).max(tag);
-                        let message = message_from_amqp(d.data, &d.properties);
-                        let delivery = Delivery::new(
-                            message,
-                            d.exchange.as_str().to_owned(),
-                            d.routing_key.as_str().to_owned(),
-                            d.redelivered,
-                            tag,
-                            acker.clone(),
-                        );
-                        let settle_on = acker.is_some().then(|| channel.clone());
-                        if let Some(tx) = &self.tx {
-                            let _ = tx.send(Item::Delivery(Box::new(delivery), settle_on));
-                        }
+                report = self.reports.recv() => match report {
+                    Some(r) if r.epoch == epoch => return r.ended,
+                    Some(_) => {}
+                    // The application's end is gone.
+                    None => return Ended::Dropped,
+                },
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return Ended::Finished;
                     }
-                    Some(Err(e)) => failure = Some(e),
-                    None => break,
                 }
             }
         }
-        let lost = failure.is_some() || !channel.status().connected();
-        if self.is_cancelled() || self.shared.is_closed() || !lost {
-            return Ended::Finished;
-        }
-        let connection = failure.as_ref().is_none_or(is_connection_error);
-        let reason = failure.map_or_else(|| "channel closed".to_owned(), |e| e.to_string());
-        if connection {
-            self.shared.poke();
-        }
-        Ended::Lost { reason, connection }
     }
 
     /// The consumer is over: end the stream, keep the channel open so that

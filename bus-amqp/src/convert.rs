@@ -20,6 +20,17 @@ pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     })
 }
 
+/// Refuses what [`short`] would refuse, without making the short string.
+pub(crate) fn check_short(what: &str, s: &str) -> Result<()> {
+    if s.len() > 255 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {} bytes long; AMQP allows at most 255",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A bus field value as lapin's, type for type.
 pub(crate) fn value_to_amqp(v: &FieldValue) -> Result<AMQPValue> {
     Ok(match v {

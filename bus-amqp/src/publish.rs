@@ -1,40 +1,92 @@
 //! Publishing with publisher confirms on a shared channel in confirm mode.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
 use bus_core::{Error, Message, PublishOptions, Publisher, Result};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::Confirmation;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{watch, Mutex};
 
 use crate::connection::Shared;
-use crate::convert::{broker_close, error_from_code, properties_to_amqp, short};
+use crate::convert::{broker_close, check_short, error_from_code, properties_to_amqp, short};
 
 /// A channel in confirm mode, tied to the link it was opened on.
 pub(crate) type LinkedChannel = Option<(u64, lapin::Channel)>;
+
+/// A publisher channel as publishes share it, tied to the link it was
+/// opened on: behind an `Arc`, because a lapin channel is a dozen
+/// reference counts to clone.
+pub(crate) type SharedChannel = (u64, Arc<lapin::Channel>);
+
+/// Where a direct reply-to consumer publishes its channel (in confirm
+/// mode) for the requests; `None` while it is being opened again.
+pub(crate) type ReplySlot = Option<SharedChannel>;
 
 /// Where a publish gets its channel.
 pub(crate) enum ChannelSource {
     /// The connection's own publisher channel, opened on demand and opened
     /// again when the broker closes it.
-    Own(Mutex<LinkedChannel>),
+    Own(OwnChannel),
     /// The channel of a direct reply-to consumer: requests must go through
     /// it. Its consumer task opens it (again) and publishes it here.
-    Reply(watch::Receiver<LinkedChannel>),
+    Reply(watch::Receiver<ReplySlot>),
+}
+
+/// The connection's own publisher channel.
+#[derive(Default)]
+pub(crate) struct OwnChannel {
+    /// The channel publishes use, read without waiting.
+    current: std::sync::Mutex<Option<SharedChannel>>,
+    /// Held while a channel is opened, so that concurrent publishes open
+    /// one, not many.
+    opening: Mutex<()>,
+}
+
+impl OwnChannel {
+    fn usable(&self, generation: u64) -> Option<SharedChannel> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*current {
+            Some((g, ch)) if *g == generation && ch.status().connected() => Some((*g, ch.clone())),
+            _ => None,
+        }
+    }
 }
 
 impl ChannelSource {
-    async fn get(&self, shared: &Shared) -> Result<(u64, lapin::Channel)> {
+    /// A usable channel, if there is one right now.
+    fn ready(&self, shared: &Shared) -> Option<SharedChannel> {
         match self {
-            ChannelSource::Own(slot) => {
+            ChannelSource::Own(own) => shared.up_generation().and_then(|g| own.usable(g)),
+            ChannelSource::Reply(rx) => match &*rx.borrow() {
+                Some((generation, ch)) if ch.status().connected() => {
+                    Some((*generation, ch.clone()))
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// A usable channel: at once when there is one, else opened (or waited
+    /// for).
+    async fn get(&self, shared: &Shared) -> Result<SharedChannel> {
+        if let Some(found) = self.ready(shared) {
+            return Ok(found);
+        }
+        // Out of line: what opening or waiting for a channel holds would
+        // otherwise make every publish's future several times larger.
+        Box::pin(self.open(shared)).await
+    }
+
+    async fn open(&self, shared: &Shared) -> Result<SharedChannel> {
+        match self {
+            ChannelSource::Own(own) => {
                 let link = shared.link().await?;
-                let mut slot = slot.lock().await;
-                if let Some((generation, ch)) = &*slot {
-                    if *generation == link.generation && ch.status().connected() {
-                        return Ok((*generation, ch.clone()));
-                    }
+                let _opening = own.opening.lock().await;
+                if let Some(found) = own.usable(link.generation) {
+                    return Ok(found);
                 }
                 let ch = link
                     .conn
@@ -44,7 +96,9 @@ impl ChannelSource {
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(|e| shared.fail(&e))?;
-                *slot = Some((link.generation, ch.clone()));
+                let ch = Arc::new(ch);
+                *own.current.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((link.generation, ch.clone()));
                 Ok((link.generation, ch))
             }
             ChannelSource::Reply(rx) => {
@@ -76,11 +130,11 @@ impl ChannelSource {
         }
     }
 
-    async fn forget(&self, generation: u64, channel: &lapin::Channel) {
-        if let ChannelSource::Own(slot) = self {
-            let mut slot = slot.lock().await;
-            if matches!(&*slot, Some((g, c)) if *g == generation && c == channel) {
-                *slot = None;
+    fn forget(&self, generation: u64, channel: &lapin::Channel) {
+        if let ChannelSource::Own(own) = self {
+            let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(&*current, Some((g, c)) if *g == generation && **c == *channel) {
+                *current = None;
             }
         }
     }
@@ -99,7 +153,7 @@ pub(crate) async fn publish_via(
     shared.check_open()?;
     bus_core::validate_name("exchange", exchange)?;
     let exchange_name = short("exchange name", exchange)?;
-    short("routing key", routing_key)?;
+    check_short("routing key", routing_key)?;
     // RabbitMQ closes the whole channel for these two; refusing them here
     // keeps the other messages in flight on that channel safe.
     message.ttl()?;
@@ -111,17 +165,25 @@ pub(crate) async fn publish_via(
         }
     }
     shared.ensure_exchange_exists(exchange).await?;
-    let mut properties = message.properties.clone();
-    let routing_key = if exchange.is_empty() {
-        shared.resolve_queue(routing_key)
-    } else {
-        routing_key.to_owned()
+    // What goes on the wire, built again only for a retry: lapin takes
+    // it by value, and most publishes go out on the first attempt.
+    let wire = || -> Result<(ShortString, BasicProperties)> {
+        let key = if exchange.is_empty() {
+            match shared.renamed_queue(routing_key) {
+                Some(current) => short("routing key", &current)?,
+                None => short("routing key", routing_key)?,
+            }
+        } else {
+            short("routing key", routing_key)?
+        };
+        let mut properties = properties_to_amqp(&message.properties)?;
+        if let Some(reply_to) = &message.properties.reply_to {
+            if let Some(current) = shared.renamed_queue(reply_to) {
+                properties = properties.with_reply_to(short("reply_to", &current)?);
+            }
+        }
+        Ok((key, properties))
     };
-    if let Some(reply_to) = &properties.reply_to {
-        properties.reply_to = Some(shared.resolve_queue(reply_to));
-    }
-    let amqp_properties = properties_to_amqp(&properties)?;
-    let key = short("routing key", &routing_key)?;
     let publish_options = BasicPublishOptions {
         mandatory: options.mandatory,
         immediate: false,
@@ -131,21 +193,22 @@ pub(crate) async fn publish_via(
     let mut attempts = 0;
     let (generation, channel, confirm) = loop {
         attempts += 1;
+        let (key, properties) = wire()?;
         let (generation, channel) = source.get(shared).await?;
         match channel
             .basic_publish(
                 exchange_name.clone(),
-                key.clone(),
+                key,
                 publish_options,
                 &message.body,
-                amqp_properties.clone(),
+                properties,
             )
             .await
         {
             Ok(confirm) => break (generation, channel, confirm),
             Err(e) if !channel.status().connected() && attempts < 3 => {
                 tracing::debug!(error = %e, "publisher channel found closed; opening another");
-                source.forget(generation, &channel).await;
+                source.forget(generation, &channel);
             }
             Err(e) => return Err(shared.fail(&e)),
         }
@@ -153,6 +216,7 @@ pub(crate) async fn publish_via(
     match confirm.await {
         Ok(Confirmation::Ack(None)) => Ok(()),
         Ok(Confirmation::Ack(Some(returned))) => {
+            let routing_key = resolved_key(shared, exchange, routing_key);
             tracing::debug!(
                 exchange,
                 routing_key = %routing_key,
@@ -161,22 +225,35 @@ pub(crate) async fn publish_via(
             );
             Err(Error::Unroutable {
                 exchange: exchange.to_owned(),
-                routing_key: routing_key.clone(),
+                routing_key,
                 message: Box::new(message),
             })
         }
-        Ok(Confirmation::Nack(_)) => Err(Error::Nacked(format!(
-            "the broker refused the message published to exchange {exchange:?} with routing key {routing_key:?} (e.g. a full queue with x-overflow = reject-publish)"
-        ))),
+        Ok(Confirmation::Nack(_)) => {
+            let routing_key = resolved_key(shared, exchange, routing_key);
+            Err(Error::Nacked(format!(
+                "the broker refused the message published to exchange {exchange:?} with routing key {routing_key:?} (e.g. a full queue with x-overflow = reject-publish)"
+            )))
+        }
         Ok(Confirmation::NotRequested) => Err(Error::backend(
             "amqp",
             false,
             "the publisher channel is not in confirm mode",
         )),
         Err(e) => {
-            source.forget(generation, &channel).await;
+            source.forget(generation, &channel);
             Err(attribute_channel_error(shared, &e, exchange))
         }
+    }
+}
+
+/// The routing key a publish went out with: through the default exchange,
+/// the queue's current name.
+fn resolved_key(shared: &Shared, exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        shared.resolve_queue(routing_key)
+    } else {
+        routing_key.to_owned()
     }
 }
 

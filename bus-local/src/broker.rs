@@ -8,6 +8,7 @@
 //! ever held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -21,37 +22,95 @@ use tokio::time::Instant;
 
 use crate::connection::ConnInner;
 use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
-use crate::dead_letter::{header_routes, is_cycle, DeadLetter, Reason};
+use crate::dead_letter::{is_cycle, DeadLetter, Reason};
 use crate::declaration::{
     check_equivalent_args, check_exchange_redeclare, check_queue_flags, check_queue_type,
     queue_arguments,
 };
 use crate::exchange::{alternate_exchange, Binding, Exchange};
-use crate::queue::{Effects, Envelope, NewConsumer, Queue, QueueState, Settle};
+use crate::queue::{Effects, Envelope, NewConsumer, Now, Queue, QueueState, Settle};
+
+/// The queues a publish reaches.
+enum Targets {
+    One(Arc<Queue>),
+    Many(Vec<Arc<Queue>>),
+}
+
+impl Targets {
+    fn as_slice(&self) -> &[Arc<Queue>] {
+        match self {
+            Targets::One(q) => std::slice::from_ref(q),
+            Targets::Many(list) => list,
+        }
+    }
+}
+
+/// A fast hash for exchange and queue names. Every publish looks one up,
+/// and SipHash was a visible part of a publish; names come from the
+/// process's own code, so flooding resistance buys nothing here.
+#[derive(Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl NameHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type NameMap<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
 
 #[derive(Default)]
 struct Topology {
-    exchanges: HashMap<String, Exchange>,
-    queues: HashMap<String, Arc<Queue>>,
+    exchanges: NameMap<Exchange>,
+    queues: NameMap<Arc<Queue>>,
 }
 
 impl Topology {
     /// The queues `keys` reach through `exchange`, in queue creation order,
     /// each once. `None` if the exchange does not exist.
-    fn route(
-        &self,
-        exchange: &str,
-        keys: &[String],
-        headers: &FieldTable,
-    ) -> Option<Vec<Arc<Queue>>> {
+    fn route(&self, envelope: &Envelope) -> Option<Vec<Arc<Queue>>> {
+        let exchange = envelope.exchange.as_str();
+        let keys = envelope.routing_keys();
+        let headers = &envelope.message.properties.headers;
         let mut out = Vec::new();
         if exchange.is_empty() {
-            out.extend(keys.iter().filter_map(|k| self.queues.get(k).cloned()));
+            out.extend(keys.filter_map(|k| self.queues.get(k).cloned()));
         } else {
             let mut x = self.exchanges.get(exchange)?;
             let mut visited = vec![exchange];
             loop {
-                for key in keys {
+                for key in keys.clone() {
                     x.route(key, headers, &mut out);
                 }
                 // Unrouted messages follow the alternate exchange chain,
@@ -189,6 +248,9 @@ impl BrokerInner {
     ) {
         self.schedule(queue, &mut st);
         drop(st);
+        if fx.dead.is_empty() && !fx.delete {
+            return;
+        }
         let mut work = VecDeque::new();
         self.absorb(queue, fx, &mut work);
         while let Some(dead) = work.pop_front() {
@@ -197,7 +259,9 @@ impl BrokerInner {
     }
 
     fn absorb(self: &Arc<Self>, queue: &Arc<Queue>, fx: Effects, work: &mut VecDeque<DeadLetter>) {
-        work.extend(fx.dead);
+        if !fx.dead.is_empty() {
+            work.extend(fx.dead);
+        }
         if fx.delete {
             self.remove_queue(queue);
         }
@@ -205,24 +269,19 @@ impl BrokerInner {
 
     fn route_dead_letter(self: &Arc<Self>, dead: DeadLetter, work: &mut VecDeque<DeadLetter>) {
         let env = dead.envelope;
-        let routing_key = env.routing_keys.first().map_or("", String::as_str);
-        self.record(&env.exchange, routing_key, &env.message);
-        let targets = self.read().route(
-            &env.exchange,
-            &env.routing_keys,
-            &env.message.properties.headers,
-        );
+        self.record(&env.exchange, env.routing_key(), &env.message);
+        let targets = self.read().route(&env);
         // A missing dead-letter exchange drops the message, as in RabbitMQ.
         let Some(mut targets) = targets else { return };
         if dead.reason != Reason::Rejected {
             targets.retain(|q| !is_cycle(&q.name, &env.message.properties.headers));
         }
         let env = Arc::new(env);
-        let now = Instant::now();
+        let mut now = Now::default();
         for queue in targets {
             let mut fx = Effects::default();
             let mut st = queue.lock();
-            queue.publish(&mut st, &env, None, now, &mut fx);
+            queue.publish(&mut st, &env, None, &mut now, &mut fx);
             self.schedule(&queue, &mut st);
             drop(st);
             self.absorb(&queue, fx, work);
@@ -284,7 +343,7 @@ impl BrokerInner {
         }
         st.timer = None;
         let mut fx = Effects::default();
-        queue.tick(&mut st, Instant::now(), &mut fx);
+        queue.tick(&mut st, &mut Now::default(), &mut fx);
         self.complete(queue, st, fx);
     }
 
@@ -314,13 +373,13 @@ impl BrokerInner {
     /// Brings a queue up to date (expired messages out, consumers fed) and
     /// reads its counts.
     fn queue_info(self: &Arc<Self>, queue: &Arc<Queue>, touch: bool) -> QueueInfo {
-        let now = Instant::now();
+        let mut now = Now::default();
         let mut st = queue.lock();
         if touch {
-            Queue::touch(&mut st, now);
+            Queue::touch(&mut st, now.get());
         }
         let mut fx = Effects::default();
-        queue.tick(&mut st, now, &mut fx);
+        queue.tick(&mut st, &mut now, &mut fx);
         let info = QueueInfo {
             name: queue.name.clone(),
             message_count: u32::try_from(Queue::ready_count(&st)).unwrap_or(u32::MAX),
@@ -636,33 +695,44 @@ impl BrokerInner {
         records.get(exchange).cloned().unwrap_or_default()
     }
 
+    /// Publishes `message`, as published to `exchange` with `routing_key`,
+    /// wrapped by [`Envelope::published`].
     pub(crate) fn publish(
         self: &Arc<Self>,
-        exchange: &str,
-        routing_key: &str,
-        message: Message,
+        mut envelope: Arc<Envelope>,
         mandatory: bool,
     ) -> Result<()> {
+        let exchange = envelope.exchange.as_str();
+        let routing_key = envelope.routing_key();
         validate_name("exchange", exchange)?;
         check_routing_key(exchange, routing_key)?;
-        let headers = &message.properties.headers;
-        let mut keys = vec![routing_key.to_owned()];
-        keys.extend(header_routes(headers).map(str::to_owned));
+        let message = &envelope.message;
         let targets = {
             let topo = self.read();
-            if !exchange.is_empty() {
-                match topo.exchanges.get(exchange) {
-                    None => return Err(not_found_exchange(exchange)),
-                    Some(x) if x.internal => {
-                        return Err(Error::AccessRefused(format!(
-                            "cannot publish to internal exchange '{exchange}'"
-                        )))
-                    }
-                    Some(_) => {}
+            if exchange.is_empty() && envelope.cc.is_empty() {
+                // The common send-to-queue: one key, at most one queue, no
+                // list to build, sort or free.
+                match topo.queues.get(routing_key) {
+                    Some(q) => Targets::One(q.clone()),
+                    None => Targets::Many(Vec::new()),
                 }
+            } else {
+                if !exchange.is_empty() {
+                    match topo.exchanges.get(exchange) {
+                        None => return Err(not_found_exchange(exchange)),
+                        Some(x) if x.internal => {
+                            return Err(Error::AccessRefused(format!(
+                                "cannot publish to internal exchange '{exchange}'"
+                            )))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Targets::Many(
+                    topo.route(&envelope)
+                        .ok_or_else(|| not_found_exchange(exchange))?,
+                )
             }
-            topo.route(exchange, &keys, headers)
-                .ok_or_else(|| not_found_exchange(exchange))?
         };
         let message_ttl = message.ttl()?;
         for name in ["CC", "BCC"] {
@@ -676,32 +746,40 @@ impl BrokerInner {
                 }
             }
         }
-        self.record(exchange, routing_key, &message);
+        self.record(exchange, routing_key, message);
+        let targets = targets.as_slice();
         if targets.is_empty() {
             if mandatory {
+                let exchange = exchange.to_owned();
+                let routing_key = routing_key.to_owned();
+                let message = Arc::try_unwrap(envelope)
+                    .map_or_else(|shared| shared.message.clone(), |env| env.message);
                 return Err(Error::Unroutable {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
+                    exchange,
+                    routing_key,
                     message: Box::new(message),
                 });
             }
             return Ok(());
         }
-        let mut message = message;
-        // BCC routes but is never seen by consumers.
-        message.properties.headers.remove("BCC");
-        let envelope = Arc::new(Envelope {
-            message,
-            exchange: exchange.to_owned(),
-            routing_keys: keys,
-        });
-        let now = Instant::now();
+        // BCC routes but is never seen by consumers. The envelope is not
+        // shared yet, so this changes it in place.
+        if message.properties.headers.contains_key("BCC") {
+            Arc::make_mut(&mut envelope)
+                .message
+                .properties
+                .headers
+                .remove("BCC");
+        }
+        let mut now = Now::default();
         let mut refused = None;
         let mut work = VecDeque::new();
-        for queue in &targets {
+        for queue in targets {
             let mut fx = Effects::default();
             let mut st = queue.lock();
-            if !queue.publish(&mut st, &envelope, message_ttl, now, &mut fx) && refused.is_none() {
+            if !queue.publish(&mut st, &envelope, message_ttl, &mut now, &mut fx)
+                && refused.is_none()
+            {
                 refused = Some(queue.name.clone());
             }
             self.schedule(queue, &mut st);
@@ -758,11 +836,15 @@ impl BrokerInner {
             Arc::downgrade(conn),
             self.activity.clone(),
         ));
-        let acker = Arc::new(Settler {
-            shared: shared.clone(),
-            broker: Arc::downgrade(self),
-        });
-        let now = Instant::now();
+        let acker: Option<Arc<dyn bus_core::Acknowledger>> = if options.auto_ack {
+            None
+        } else {
+            Some(Arc::new(Settler {
+                shared: shared.clone(),
+                broker: Arc::downgrade(self),
+            }))
+        };
+        let mut now = Now::default();
         let mut fx = Effects::default();
         let mut st = q.lock();
         if st.deleted {
@@ -772,13 +854,12 @@ impl BrokerInner {
             &mut st,
             NewConsumer {
                 shared: shared.clone(),
-                acker,
                 prefetch: options.prefetch,
                 auto_ack: options.auto_ack,
                 exclusive: options.exclusive,
                 priority,
             },
-            now,
+            &mut now,
             &mut fx,
         )?;
         conn.register_consumer(shared.clone());
@@ -790,6 +871,7 @@ impl BrokerInner {
         let stream = DeliveryStream {
             shared,
             broker: self.clone(),
+            acker,
         };
         Ok(Consumer::new(
             tag,
@@ -821,7 +903,7 @@ impl BrokerInner {
             tag,
             multiple,
             how,
-            Instant::now(),
+            &mut Now::default(),
             &mut fx,
         )?;
         self.complete(&queue, st, fx);
@@ -832,7 +914,7 @@ impl BrokerInner {
         if let Some(queue) = consumer.queue.upgrade() {
             let mut st = queue.lock();
             let mut fx = Effects::default();
-            queue.cancel_consumer(&mut st, consumer.id, Instant::now(), &mut fx);
+            queue.cancel_consumer(&mut st, consumer.id, &mut Now::default(), &mut fx);
             self.complete(&queue, st, fx);
         } else {
             consumer.end(false);
@@ -849,7 +931,7 @@ impl BrokerInner {
         if let Some(queue) = consumer.queue.upgrade() {
             let mut st = queue.lock();
             let mut fx = Effects::default();
-            queue.remove_consumer(&mut st, consumer.id, Instant::now(), &mut fx);
+            queue.remove_consumer(&mut st, consumer.id, &mut Now::default(), &mut fx);
             self.complete(&queue, st, fx);
         }
     }

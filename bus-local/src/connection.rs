@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +16,7 @@ use bus_core::{
 
 use crate::broker::BrokerInner;
 use crate::consumer::ConsumerShared;
-use crate::queue::Queue;
+use crate::queue::{Envelope, Queue};
 
 /// What every clone of a [`LocalConnection`] shares. Dropping the last one
 /// closes the connection.
@@ -208,15 +210,24 @@ impl Connection for LocalConnection {
             .unbind(queue, exchange, routing_key, arguments)
     }
 
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
+    // Written out rather than through `async_trait`: the message moves into
+    // its shared envelope here, once, instead of into the boxed future and
+    // out of it again. Nothing is published until the future is polled.
+    fn publish<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        exchange: &'life1 str,
+        routing_key: &'life2 str,
         message: Message,
         options: PublishOptions,
-    ) -> Result<()> {
-        self.broker()?
-            .publish(exchange, routing_key, message, options.mandatory)
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        let envelope = Arc::new(Envelope::published(exchange, routing_key, message));
+        Box::pin(async move { self.broker()?.publish(envelope, options.mandatory) })
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::broker::BrokerInner;
 use crate::connection::ConnInner;
-use crate::queue::{Queue, Settle};
+use crate::queue::{Envelope, Queue, Settle};
 
 /// Broker-wide count of deliveries handed to consumers but not yet read
 /// from their streams: what [`LocalBroker::wait_idle`](crate::LocalBroker::wait_idle)
@@ -62,9 +62,18 @@ impl Activity {
     }
 }
 
+/// A message handed to a consumer, not yet read from its stream: small, so
+/// that the hand-over under the queue's lock moves a few words, and the
+/// [`Delivery`] is built by the reader.
+pub(crate) struct Handover {
+    pub(crate) envelope: Arc<Envelope>,
+    pub(crate) tag: u64,
+    pub(crate) redelivered: bool,
+}
+
 #[derive(Default)]
 struct Inbox {
-    buffer: VecDeque<Delivery>,
+    buffer: VecDeque<Handover>,
     ended: bool,
     waker: Option<Waker>,
 }
@@ -101,10 +110,10 @@ impl ConsumerShared {
 
     /// Hands a delivery over. The queue only does so within the consumer's
     /// prefetch, so the buffer stays bounded by it.
-    pub(crate) fn push(&self, delivery: Delivery) {
+    pub(crate) fn push(&self, handover: Handover) {
         let waker = {
             let mut inbox = self.inbox();
-            inbox.buffer.push_back(delivery);
+            inbox.buffer.push_back(handover);
             inbox.waker.take()
         };
         self.activity.added();
@@ -134,17 +143,20 @@ impl ConsumerShared {
         }
     }
 
-    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Handover>> {
         let mut inbox = self.inbox();
-        if let Some(d) = inbox.buffer.pop_front() {
+        if let Some(h) = inbox.buffer.pop_front() {
             drop(inbox);
             self.activity.removed(1);
-            return Poll::Ready(Some(d));
+            return Poll::Ready(Some(h));
         }
         if inbox.ended {
             return Poll::Ready(None);
         }
-        inbox.waker = Some(cx.waker().clone());
+        match &inbox.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inbox.waker = Some(cx.waker().clone()),
+        }
         Poll::Pending
     }
 
@@ -165,13 +177,50 @@ impl ConsumerShared {
 pub(crate) struct DeliveryStream {
     pub(crate) shared: Arc<ConsumerShared>,
     pub(crate) broker: Arc<BrokerInner>,
+    /// `None` for an auto-ack consumer: its deliveries are settled already.
+    pub(crate) acker: Option<Arc<dyn Acknowledger>>,
+}
+
+impl DeliveryStream {
+    fn delivery(&self, handover: Handover) -> Delivery {
+        let Handover {
+            envelope,
+            tag,
+            redelivered,
+        } = handover;
+        let Some(acker) = &self.acker else {
+            // Nobody else holds an auto-acked message routed to one queue:
+            // take it instead of copying it.
+            let (message, exchange, routing_key) = match Arc::try_unwrap(envelope) {
+                Ok(env) => (env.message, env.exchange, env.routing_key),
+                Err(env) => (
+                    env.message.clone(),
+                    env.exchange.clone(),
+                    env.routing_key().to_owned(),
+                ),
+            };
+            return Delivery::new(message, exchange, routing_key, redelivered, tag, None);
+        };
+        Delivery::new(
+            envelope.message.clone(),
+            envelope.exchange.clone(),
+            envelope.routing_key().to_owned(),
+            redelivered,
+            tag,
+            Some(acker.clone()),
+        )
+    }
 }
 
 impl Stream for DeliveryStream {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.shared.poll_next(cx).map(|d| d.map(Ok))
+        match self.shared.poll_next(cx) {
+            Poll::Ready(Some(h)) => Poll::Ready(Some(Ok(self.delivery(h)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

@@ -62,7 +62,7 @@ pub(crate) fn dead_letter(
 ) -> DeadLetter {
     let mut message = envelope.message.clone();
     let props = &mut message.properties;
-    let first_key = envelope.routing_keys.first().cloned().unwrap_or_default();
+    let first_key = envelope.routing_key.clone();
     let mut routes = vec![FieldValue::String(first_key)];
     routes.extend(header_routes(&props.headers).map(FieldValue::from));
     let time = SystemTime::now()
@@ -78,18 +78,19 @@ pub(crate) fn dead_letter(
         info.insert("original-expiration".into(), expiration.into());
     }
     update_x_death(&mut props.headers, info, queue, reason, &envelope.exchange);
-    let routing_keys = match dlx_routing_key {
+    let (routing_key, cc) = match dlx_routing_key {
         Some(key) => {
             props.headers.remove("CC");
-            vec![key.to_owned()]
+            (key.to_owned(), Vec::new())
         }
-        None => envelope.routing_keys.clone(),
+        None => (envelope.routing_key.clone(), envelope.cc.clone()),
     };
     DeadLetter {
         envelope: Envelope {
             message,
             exchange: dlx.to_owned(),
-            routing_keys,
+            routing_key,
+            cc,
         },
         reason,
     }
@@ -171,7 +172,8 @@ mod tests {
         Envelope {
             message,
             exchange: "in".into(),
-            routing_keys: vec!["k1".into(), "k2".into()],
+            routing_key: "k1".into(),
+            cc: vec!["k2".into()],
         }
     }
 
@@ -202,7 +204,10 @@ mod tests {
         assert_eq!(h["x-first-death-exchange"], FieldValue::from("in"));
         assert_eq!(dl.envelope.message.properties.expiration, None);
         assert_eq!(dl.envelope.exchange, "dlx");
-        assert_eq!(dl.envelope.routing_keys, vec!["k1", "k2"]);
+        assert_eq!(
+            dl.envelope.routing_keys().collect::<Vec<_>>(),
+            vec!["k1", "k2"]
+        );
     }
 
     #[test]
@@ -219,7 +224,7 @@ mod tests {
             assert_eq!(front["queue"], FieldValue::from(q));
             assert_eq!(front["count"], FieldValue::I64(n));
         }
-        assert_eq!(env.routing_keys, vec!["next"]);
+        assert_eq!(env.routing_keys().collect::<Vec<_>>(), vec!["next"]);
         let h = &env.message.properties.headers;
         assert_eq!(h["x-death"].as_array().unwrap().len(), 2);
         assert_eq!(h["x-first-death-queue"], FieldValue::from("a"));

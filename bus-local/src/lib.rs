@@ -74,9 +74,15 @@
 //! it; each queue has its own lock, so publishes to unrelated queues do not
 //! wait on each other. A message routed to several queues is one shared
 //! allocation (the body is never copied); each delivery clones the
-//! properties. A consumer is handed at most its prefetch of unacked
+//! properties, when the consumer reads it from its stream rather than under
+//! the queue's lock. A consumer is handed at most its prefetch of unacked
 //! messages; the rest wait in the queue. (Auto-ack consumers ignore prefetch,
-//! as in RabbitMQ, and take messages as fast as they are routed.)
+//! as in RabbitMQ, and take messages as fast as they are routed.) An ack
+//! touches only its queue's lock. Acked messages with bodies up to 1 KiB
+//! are freed by the queue's next publish rather than by the ack (at most
+//! 128 per queue wait for it), so that memory goes back to the thread that
+//! allocated it instead of making the allocator's locks bounce between a
+//! publishing and a consuming thread.
 //!
 //! # Differences from RabbitMQ
 //! - Nothing survives the process: `durable` and persistent messages are

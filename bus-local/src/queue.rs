@@ -6,30 +6,68 @@
 //! beyond the queue (dead-lettering, deleting it) is collected in [`Effects`]
 //! and done by the broker once the lock is released.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{Acknowledger, Delivery, Error, Message, Overflow, QueueArguments, Result};
+use bus_core::{Error, Message, Overflow, QueueArguments, Result};
 use tokio::time::Instant;
 
-use crate::consumer::ConsumerShared;
-use crate::dead_letter::{dead_letter, DeadLetter, Reason};
+use crate::consumer::{ConsumerShared, Handover};
+use crate::dead_letter::{dead_letter, header_routes, DeadLetter, Reason};
+
+/// The time, read from tokio's clock at most once per operation and only
+/// when something needs it: most queues have no TTL, and reading the clock
+/// is a measurable part of a publish or an ack.
+#[derive(Debug, Default)]
+pub(crate) struct Now(Option<Instant>);
+
+impl Now {
+    pub(crate) fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
 
 /// A message as routed: shared by every queue it went to, so a fan-out
 /// copies neither body nor properties until delivery.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Envelope {
     pub(crate) message: Message,
     /// The exchange it was published (or dead-lettered) to.
     pub(crate) exchange: String,
-    /// The publish routing key first, then the `CC` and `BCC` keys.
-    pub(crate) routing_keys: Vec<String>,
+    /// The publish routing key.
+    pub(crate) routing_key: String,
+    /// The keys of the `CC` and `BCC` headers, routed as well (usually
+    /// none: no list to allocate).
+    pub(crate) cc: Vec<String>,
 }
 
 impl Envelope {
-    fn routing_key(&self) -> &str {
-        self.routing_keys.first().map_or("", String::as_str)
+    /// A message as published to `exchange` with `routing_key`, with the
+    /// keys its `CC` and `BCC` headers add.
+    pub(crate) fn published(exchange: &str, routing_key: &str, message: Message) -> Self {
+        let cc = if message.properties.headers.is_empty() {
+            Vec::new()
+        } else {
+            header_routes(&message.properties.headers)
+                .map(str::to_owned)
+                .collect()
+        };
+        Envelope {
+            message,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            cc,
+        }
+    }
+
+    pub(crate) fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// The publish routing key first, then the `CC` and `BCC` keys.
+    pub(crate) fn routing_keys(&self) -> impl Iterator<Item = &str> + Clone {
+        std::iter::once(self.routing_key.as_str()).chain(self.cc.iter().map(String::as_str))
     }
 }
 
@@ -102,11 +140,11 @@ impl Ready {
 
     /// Takes one expired message at the head of a level. Like RabbitMQ, only
     /// heads expire: a message behind a longer-lived one waits its turn.
-    fn pop_expired(&mut self, now: Instant) -> Option<Entry> {
+    fn pop_expired(&mut self, now: &mut Now) -> Option<Entry> {
         let level = self.levels.iter().rposition(|l| {
             l.front()
                 .and_then(|e| e.expires_at)
-                .is_some_and(|at| at <= now)
+                .is_some_and(|at| at <= now.get())
         })?;
         let entry = self.levels[level].pop_front();
         self.taken(entry)
@@ -139,7 +177,6 @@ pub(crate) enum Settle {
 /// A consumer as its queue sees it.
 struct Slot {
     shared: Arc<ConsumerShared>,
-    acker: Arc<dyn Acknowledger>,
     prefetch: u16,
     auto_ack: bool,
     exclusive: bool,
@@ -148,7 +185,9 @@ struct Slot {
     /// deliveries can still be settled until its stream is dropped.
     cancelled: bool,
     next_tag: u64,
-    unacked: BTreeMap<u64, Entry>,
+    /// Unsettled deliveries by tag. Tags only grow, so this stays sorted and
+    /// the usual in-order ack takes the front.
+    unacked: VecDeque<(u64, Entry)>,
     /// In the queue's round-robin list.
     in_active: bool,
 }
@@ -165,7 +204,6 @@ impl Slot {
 /// What a consumer asks for when it starts.
 pub(crate) struct NewConsumer {
     pub(crate) shared: Arc<ConsumerShared>,
-    pub(crate) acker: Arc<dyn Acknowledger>,
     pub(crate) prefetch: u16,
     pub(crate) auto_ack: bool,
     pub(crate) exclusive: bool,
@@ -179,7 +217,21 @@ pub(crate) struct Effects {
     pub(crate) dead: Vec<DeadLetter>,
     /// The queue must be deleted (auto-delete or `x-expires`).
     pub(crate) delete: bool,
+    /// A message an ack released, freed once the lock is released: freeing
+    /// a message is most of the cost of an ack, and the publisher waits on
+    /// this lock.
+    pub(crate) released: Option<Arc<Envelope>>,
+    /// Acked messages handed back to the publishing side to free.
+    pub(crate) reclaimed: Vec<Arc<Envelope>>,
 }
+
+/// How many acked messages wait for the publishing side to free them
+/// before a publish takes them, and how many at most.
+const RECLAIM_BATCH: usize = 16;
+const RECLAIM_CAPACITY: usize = 128;
+/// Messages with larger bodies are freed by the ack itself, so what waits
+/// to be reclaimed stays small.
+const RECLAIM_MAX_BODY: usize = 1024;
 
 /// The mutable part of a queue.
 pub(crate) struct QueueState {
@@ -198,6 +250,14 @@ pub(crate) struct QueueState {
     pub(crate) timer: Option<Instant>,
     /// Bumped to retire a pending timer task.
     pub(crate) timer_gen: u64,
+    /// Acked messages for the next publish to free. A message is allocated
+    /// by its publisher's thread; freed by an acking consumer on another
+    /// thread, the allocator's locks bounce between the two (glibc's arena
+    /// lock showed as most of the futex calls of a publish-consume pair).
+    /// Freed by the publisher, the memory goes back where it came from.
+    /// Bounded by [`RECLAIM_CAPACITY`], small bodies only; the buffer is
+    /// allocated by the publishing side too.
+    reclaim: Vec<Arc<Envelope>>,
 }
 
 /// A queue: its settings, fixed at declaration, and its state.
@@ -247,6 +307,7 @@ impl Queue {
                 idle_since: now,
                 timer: None,
                 timer_gen: 0,
+                reclaim: Vec::new(),
             }),
             name,
             seq,
@@ -276,7 +337,7 @@ impl Queue {
         }
     }
 
-    fn expire(&self, st: &mut QueueState, now: Instant, fx: &mut Effects) {
+    fn expire(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
         while let Some(e) = st.ready.pop_expired(now) {
             self.dead_or_drop(&e.envelope, Reason::Expired, fx);
         }
@@ -363,45 +424,28 @@ impl Queue {
         Some(idx)
     }
 
+    /// Hands one message to a consumer. The consumer's stream builds the
+    /// [`bus_core::Delivery`] from the handover when it is read, so that the
+    /// copying happens on the consumer's side, outside this lock.
     fn deliver(&self, st: &mut QueueState, idx: usize, mut entry: Entry) {
         let slot = &mut st.consumers[idx];
         slot.next_tag += 1;
-        let tag = slot.next_tag;
-        let redelivered = entry.redelivered;
-        let delivery = if slot.auto_ack {
-            let (message, exchange, routing_key) = match Arc::try_unwrap(entry.envelope) {
-                Ok(env) => {
-                    let key = env.routing_keys.into_iter().next().unwrap_or_default();
-                    (env.message, env.exchange, key)
-                }
-                Err(env) => (
-                    env.message.clone(),
-                    env.exchange.clone(),
-                    env.routing_key().to_owned(),
-                ),
-            };
-            Delivery::new(message, exchange, routing_key, redelivered, tag, None)
-        } else {
-            let env = &entry.envelope;
-            let delivery = Delivery::new(
-                env.message.clone(),
-                env.exchange.clone(),
-                env.routing_key().to_owned(),
-                redelivered,
-                tag,
-                Some(slot.acker.clone()),
-            );
+        let handover = Handover {
+            envelope: entry.envelope.clone(),
+            tag: slot.next_tag,
+            redelivered: entry.redelivered,
+        };
+        if !slot.auto_ack {
             // Any later delivery of this copy is a redelivery.
             entry.redelivered = true;
-            slot.unacked.insert(tag, entry);
-            delivery
-        };
-        slot.shared.push(delivery);
+            slot.unacked.push_back((slot.next_tag, entry));
+        }
+        slot.shared.push(handover);
     }
 
     /// Hands ready messages to consumers with capacity until one side runs
     /// out, dropping expired heads on the way.
-    fn dispatch(&self, st: &mut QueueState, now: Instant, fx: &mut Effects) {
+    fn dispatch(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
         loop {
             self.expire(st, now, fx);
             if st.ready.len == 0 {
@@ -422,12 +466,26 @@ impl Queue {
         }
     }
 
-    fn consumer_gone(&self, st: &mut QueueState, now: Instant, fx: &mut Effects) {
+    fn consumer_gone(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
         if Self::consumer_count(st) == 0 {
-            st.idle_since = now;
+            st.idle_since = now.get();
             if self.auto_delete && st.had_consumer {
                 fx.delete = true;
             }
+        }
+    }
+
+    /// Lets go of an acked message: kept for the publishing side to free
+    /// when there is room (see [`QueueState::reclaim`]), else freed by the
+    /// caller once the lock is released.
+    fn release(st: &mut QueueState, envelope: Arc<Envelope>, fx: &mut Effects) {
+        if st.reclaim.len() < st.reclaim.capacity()
+            && envelope.message.body.len() <= RECLAIM_MAX_BODY
+            && Arc::strong_count(&envelope) == 1
+        {
+            st.reclaim.push(envelope);
+        } else {
+            fx.released = Some(envelope);
         }
     }
 
@@ -439,12 +497,15 @@ impl Queue {
         st: &mut QueueState,
         envelope: &Arc<Envelope>,
         message_ttl: Option<Duration>,
-        now: Instant,
+        now: &mut Now,
         fx: &mut Effects,
     ) -> bool {
         if st.deleted {
             // Deleted between routing and now: as if routed just before.
             return true;
+        }
+        if st.reclaim.capacity() == 0 || st.reclaim.len() >= RECLAIM_BATCH {
+            fx.reclaimed = std::mem::replace(&mut st.reclaim, Vec::with_capacity(RECLAIM_CAPACITY));
         }
         self.expire(st, now, fx);
         let size = envelope.message.body.len() as u64;
@@ -464,7 +525,7 @@ impl Queue {
             seq: st.next_seq,
             envelope: envelope.clone(),
             redelivered: false,
-            expires_at: ttl.and_then(|d| now.checked_add(d)),
+            expires_at: ttl.and_then(|d| now.get().checked_add(d)),
             level: self.level_of(&envelope.message),
         };
         st.next_seq += 1;
@@ -492,7 +553,7 @@ impl Queue {
         &self,
         st: &mut QueueState,
         new: NewConsumer,
-        now: Instant,
+        now: &mut Now,
         fx: &mut Effects,
     ) -> Result<()> {
         let has_exclusive = st.consumers.iter().any(|s| !s.cancelled && s.exclusive);
@@ -505,14 +566,13 @@ impl Queue {
         let id = new.shared.id;
         st.consumers.push(Slot {
             shared: new.shared,
-            acker: new.acker,
             prefetch: new.prefetch,
             auto_ack: new.auto_ack,
             exclusive: new.exclusive,
             priority: new.priority,
             cancelled: false,
             next_tag: 0,
-            unacked: BTreeMap::new(),
+            unacked: VecDeque::new(),
             in_active: true,
         });
         st.active.push_back(id);
@@ -526,7 +586,7 @@ impl Queue {
         &self,
         st: &mut QueueState,
         id: u64,
-        now: Instant,
+        now: &mut Now,
         fx: &mut Effects,
     ) {
         let Some(idx) = Self::slot_index(st, id) else {
@@ -550,7 +610,7 @@ impl Queue {
         &self,
         st: &mut QueueState,
         id: u64,
-        now: Instant,
+        now: &mut Now,
         fx: &mut Effects,
     ) {
         let Some(idx) = Self::slot_index(st, id) else {
@@ -585,7 +645,7 @@ impl Queue {
         tag: u64,
         multiple: bool,
         how: Settle,
-        now: Instant,
+        now: &mut Now,
         fx: &mut Effects,
     ) -> Result<()> {
         let Some(idx) = Self::slot_index(st, id) else {
@@ -595,26 +655,42 @@ impl Queue {
             )));
         };
         let slot = &mut st.consumers[idx];
-        if !slot.unacked.contains_key(&tag) {
+        // Acks usually come in delivery order: the front is the one.
+        let found = match slot.unacked.front() {
+            Some((first, _)) if *first == tag => Ok(0),
+            _ => slot.unacked.binary_search_by_key(&tag, |(t, _)| *t),
+        };
+        let Ok(at) = found else {
             return Err(Error::PreconditionFailed(format!(
                 "unknown delivery tag {tag} on queue '{}'",
                 self.name
             )));
-        }
-        let (single, earlier) = if multiple {
-            let later = match tag.checked_add(1) {
-                Some(next) => slot.unacked.split_off(&next),
-                None => BTreeMap::new(),
-            };
-            (None, std::mem::replace(&mut slot.unacked, later))
-        } else {
-            (slot.unacked.remove(&tag), BTreeMap::new())
         };
-        for entry in earlier.into_values().chain(single) {
-            match how {
-                Settle::Ack => {}
-                Settle::Requeue => st.ready.restore(entry),
-                Settle::Reject => self.dead_or_drop(&entry.envelope, Reason::Rejected, fx),
+        if how == Settle::Ack {
+            // Dropping the entries is all an ack does.
+            if multiple {
+                slot.unacked.drain(..=at);
+            } else {
+                if let Some((_, entry)) = slot.unacked.remove(at) {
+                    Self::release(st, entry.envelope, fx);
+                }
+            }
+        } else {
+            let settled: Vec<Entry> = if multiple {
+                slot.unacked.drain(..=at).map(|(_, e)| e).collect()
+            } else {
+                slot.unacked
+                    .remove(at)
+                    .map(|(_, e)| e)
+                    .into_iter()
+                    .collect()
+            };
+            for entry in settled {
+                if how == Settle::Requeue {
+                    st.ready.restore(entry);
+                } else {
+                    self.dead_or_drop(&entry.envelope, Reason::Rejected, fx);
+                }
             }
         }
         if how == Settle::Requeue {
@@ -627,9 +703,9 @@ impl Queue {
 
     /// Drops expired messages, feeds consumers, and marks the queue for
     /// deletion when it has been unused past its `x-expires`.
-    pub(crate) fn tick(&self, st: &mut QueueState, now: Instant, fx: &mut Effects) {
+    pub(crate) fn tick(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
         self.dispatch(st, now, fx);
-        if self.idle_expired(st, now) {
+        if self.idle_expired(st, now.get()) {
             fx.delete = true;
         }
     }
@@ -691,6 +767,7 @@ impl Queue {
             slot.shared.end(false);
         }
         st.active.clear();
+        st.reclaim = Vec::new();
         st.timer = None;
         st.timer_gen += 1;
         n

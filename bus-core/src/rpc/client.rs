@@ -383,12 +383,15 @@ impl Routes {
         }
     }
 
+    /// The call waiting for the reply with this id, taken off the map.
+    fn take(&self, id: &str) -> Option<oneshot::Sender<Result<Message>>> {
+        lock(&self.waiting).as_mut().and_then(|w| w.remove(id))
+    }
+
     /// Hands a reply to its call; `false` when no call waits for it.
+    #[cfg(test)]
     fn complete(&self, id: &str, reply: Message) -> bool {
-        let waiter = lock(&self.waiting).as_mut().and_then(|w| w.remove(id));
-        // A waiter whose receiver is gone was cancelled between its timeout
-        // and the removal of its slot: the reply is late all the same.
-        waiter.is_some_and(|tx| tx.send(Ok(reply)).is_ok())
+        self.take(id).is_some_and(|tx| tx.send(Ok(reply)).is_ok())
     }
 
     fn remove(&self, id: &str) {
@@ -496,10 +499,15 @@ async fn read_replies(mut consumer: Consumer, routes: Arc<Routes>, late: Arc<Ato
         match consumer.next().await {
             Some(Ok(delivery)) => {
                 let message = delivery.message;
-                let matched = match message.properties.correlation_id.clone() {
-                    Some(id) => routes.complete(&id, message),
-                    None => false,
-                };
+                let waiter = message
+                    .properties
+                    .correlation_id
+                    .as_deref()
+                    .and_then(|id| routes.take(id));
+                // A waiter whose receiver is gone was cancelled between its
+                // timeout and the removal of its slot: the reply is late all
+                // the same.
+                let matched = waiter.is_some_and(|tx| tx.send(Ok(message)).is_ok());
                 if !matched {
                     late.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(

@@ -455,12 +455,15 @@ impl Serving {
         ended
     }
 
-    async fn handle(&self, delivery: Delivery) {
-        let properties = &delivery.message.properties;
+    async fn handle(&self, mut delivery: Delivery) {
+        // The handler gets the message itself: settling the delivery needs
+        // only its tag.
+        let request = std::mem::take(&mut delivery.message);
+        let properties = &request.properties;
         let reply_to = properties.reply_to.clone().filter(|r| !r.is_empty());
         let correlation_id = properties.correlation_id.clone();
-        let format = Format::of(&delivery.message).unwrap_or_default();
-        let mut reply = match (self.handler)(delivery.message.clone()).await {
+        let format = Format::of(&request).unwrap_or_default();
+        let mut reply = match (self.handler)(request).await {
             Outcome::Reply(reply) => *reply,
             Outcome::Failed(text) => error_reply(&text, format),
             Outcome::Undecodable(text) if self.dead_letters => {
