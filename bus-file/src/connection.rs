@@ -457,7 +457,7 @@ impl Inner {
     }
 
     fn on_fs_event(&self, ev: notify::Result<notify::Event>) {
-        use notify::event::{EventKind, ModifyKind};
+        use notify::event::{EventKind, ModifyKind, RenameMode};
         let ev = match ev {
             Ok(ev) if !ev.need_rescan() => ev,
             _ => {
@@ -467,13 +467,18 @@ impl Inner {
                 return;
             }
         };
-        if !matches!(
-            ev.kind,
-            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
-        ) {
-            return;
-        }
-        for path in &ev.paths {
+        // Only names arriving matter: a name leaving the ready folder (a
+        // claim) offered back would cost a failed claim per message.
+        let arriving = match ev.kind {
+            EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Any))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::Other)) => &ev.paths[..],
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                ev.paths.get(1..).unwrap_or_default()
+            }
+            _ => return,
+        };
+        for path in arriving {
             let (Some(file), Some(dir)) = (path.file_name(), path.parent()) else {
                 continue;
             };
@@ -649,11 +654,29 @@ impl Inner {
         name: MessageName,
     ) -> Result<Option<Claim>> {
         let claim_dir = self.layout.claim_dir(queue, &self.owner);
-        fsys::create_dir_private(&claim_dir, fsys::DIR_MODE)?;
         let path = claim_dir.join(file);
-        match fs::rename(self.layout.ready(queue).join(file), &path) {
+        let from = self.layout.ready(queue).join(file);
+        // The claim folder is made when the queue's dispatcher starts, not
+        // per claim: a missing one (taken back by a reaper) shows as a
+        // rename failing with "not found", and is made again then.
+        match fs::rename(&from, &path) {
             Ok(()) => {}
-            Err(e) if fsys::is_not_found(&e) => return Ok(None),
+            Err(e) if fsys::is_not_found(&e) => {
+                match fs::symlink_metadata(&claim_dir) {
+                    Ok(_) => return Ok(None),
+                    Err(e) if fsys::is_not_found(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if fs::symlink_metadata(&from).is_err() {
+                    return Ok(None);
+                }
+                fsys::create_dir_private(&claim_dir, fsys::DIR_MODE)?;
+                match fs::rename(&from, &path) {
+                    Ok(()) => {}
+                    Err(e) if fsys::is_not_found(&e) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Err(e) => return Err(e.into()),
         }
         Ok(consumer::read_claim(&self.layout, queue, path, name))
@@ -770,9 +793,14 @@ impl Inner {
             let linked = if bytes.len() < 64 * 1024 && !durable {
                 write_and_link(&tmp, &bytes, false, &dests)?
             } else {
-                tokio::task::spawn_blocking(move || write_and_link(&tmp, &bytes, durable, &dests))
-                    .await
-                    .map_err(|e| Error::backend("file", true, e.to_string()))??
+                // Where the group commit flushes the whole file system once
+                // per batch, that flush covers the files' data too.
+                let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
+                tokio::task::spawn_blocking(move || {
+                    write_and_link(&tmp, &bytes, fsync_files, &dests)
+                })
+                .await
+                .map_err(|e| Error::backend("file", true, e.to_string()))??
             };
             if durable {
                 let dirs = linked

@@ -77,12 +77,42 @@ struct DispatchState {
     /// Names believed ready, in delivery order (a stale one fails to claim
     /// and is skipped).
     ready: BTreeSet<String>,
+    /// The names of `ready` that carry an expiry, soonest first, so the
+    /// next expiry is found without parsing every name at each wakeup.
+    expiring: BTreeSet<(u64, String)>,
     rescan: bool,
     consumers: Vec<Arc<ConsumerShared>>,
     next: usize,
     stopped: bool,
     /// Held while this dispatcher is the queue's single active consumer.
     single_active: Option<FileLock>,
+}
+
+impl DispatchState {
+    fn insert_ready(&mut self, file: String, name: &MessageName) {
+        if let Some(at) = name.expires_at_ms {
+            self.expiring.insert((at, file.clone()));
+        }
+        self.ready.insert(file);
+    }
+
+    fn pop_ready(&mut self) -> Option<String> {
+        let file = self.ready.pop_first()?;
+        if !self.expiring.is_empty() {
+            if let Some(at) = MessageName::parse(&file).and_then(|n| n.expires_at_ms) {
+                self.expiring.remove(&(at, file.clone()));
+            }
+        }
+        Some(file)
+    }
+
+    fn set_ready(&mut self, listed: Vec<(String, MessageName)>) {
+        self.ready.clear();
+        self.expiring.clear();
+        for (file, name) in listed {
+            self.insert_ready(file, &name);
+        }
+    }
 }
 
 impl Dispatcher {
@@ -111,8 +141,8 @@ impl Dispatcher {
 
     /// A message file appeared in the ready folder.
     pub(crate) fn offer(&self, file: &str) {
-        if MessageName::parse(file).is_some() {
-            self.lock().ready.insert(file.to_owned());
+        if let Some(name) = MessageName::parse(file) {
+            self.lock().insert_ready(file.to_owned(), &name);
             self.wake.notify_one();
         }
     }
@@ -189,8 +219,7 @@ impl Dispatcher {
             inner.queue_gone(&self.queue);
             return;
         }
-        let mut st = self.lock();
-        st.ready = listed.into_iter().map(|(f, _)| f).collect();
+        self.lock().set_ready(listed);
     }
 
     /// Claims and delivers while there are ready messages and consumers
@@ -223,7 +252,7 @@ impl Dispatcher {
             else {
                 break;
             };
-            let Some(file) = st.ready.pop_first() else {
+            let Some(file) = st.pop_ready() else {
                 break;
             };
             let Some(name) = MessageName::parse(&file) else {
@@ -246,7 +275,7 @@ impl Dispatcher {
                 // Its stream is gone: the message goes back untouched.
                 let back = self.layout.ready(&self.queue).join(claim.name.file_name());
                 if fs::rename(&claim.path, back).is_ok() {
-                    st.ready.insert(claim.name.file_name());
+                    st.insert_ready(claim.name.file_name(), &claim.name);
                 }
                 st.consumers.remove(idx);
                 continue;
@@ -262,10 +291,7 @@ impl Dispatcher {
         if st.consumers.is_empty() {
             return None;
         }
-        st.ready
-            .iter()
-            .filter_map(|f| MessageName::parse(f)?.expires_at_ms)
-            .min()
+        st.expiring.first().map(|(at, _)| *at)
     }
 }
 
@@ -438,6 +464,27 @@ impl ConsumerShared {
             d.wake();
         }
     }
+
+    /// Wakes the dispatcher once this consumer's unread deliveries run low
+    /// (at most half of what it may hold), rather than at every read and
+    /// ack: the dispatcher then claims a batch per wakeup instead of one
+    /// message per thread hop. It never starves the consumer, because the
+    /// read that empties the stream, and every ack after it, wake it.
+    fn after_progress(&self) {
+        let unread = {
+            let tx = self.tx.lock().expect("tx lock");
+            let Some(tx) = tx.as_ref() else { return };
+            tx.max_capacity() - tx.capacity()
+        };
+        let room = if self.auto_ack || self.prefetch == 0 {
+            STREAM_BUFFER
+        } else {
+            STREAM_BUFFER.min(usize::from(self.prefetch))
+        };
+        if unread <= room / 2 {
+            self.after_settle();
+        }
+    }
 }
 
 #[async_trait]
@@ -450,7 +497,7 @@ impl Acknowledger for ConsumerShared {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.after_settle();
+        self.after_progress();
         Ok(())
     }
 
@@ -505,7 +552,7 @@ impl Stream for ConsumerStream {
         let r = self.rx.poll_recv(cx);
         if matches!(r, Poll::Ready(Some(_))) {
             // A slot of the stream's buffer freed up.
-            self.shared.after_settle();
+            self.shared.after_progress();
         }
         r
     }

@@ -37,6 +37,10 @@ pub(crate) fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
 
 /// Reads a whole regular file, refusing symlinks and anything that is not a
 /// regular file (a FIFO would block forever).
+///
+/// Message files are never changed once renamed into place, so one read of
+/// the size `fstat` reports (plus one byte, to notice a file that grew)
+/// normally reads it all: open, fstat, read, close.
 pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     let mut f = OpenOptions::new()
         .read(true)
@@ -46,8 +50,30 @@ pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     if !meta.file_type().is_file() {
         return Err(io::Error::other("not a regular file"));
     }
-    let mut buf = Vec::with_capacity(meta.len().min(1 << 30) as usize);
-    f.read_to_end(&mut buf)?;
+    let size = usize::try_from(meta.len().min(1 << 30)).unwrap_or(1 << 30);
+    let mut buf = vec![0u8; size + 1];
+    let mut filled = 0;
+    loop {
+        match f.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                filled += n;
+                if filled == size {
+                    // The size fstat saw, read in full; a file that grew
+                    // since would have filled the spare byte instead.
+                    break;
+                }
+                if filled == buf.len() {
+                    buf.truncate(filled);
+                    f.read_to_end(&mut buf)?;
+                    return Ok(buf);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
     Ok(buf)
 }
 
