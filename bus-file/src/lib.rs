@@ -51,11 +51,15 @@
 //! name plus `.r`, so it keeps its place and is `redelivered`; reject
 //! dead-letters it (a new message with `x-death`, as RabbitMQ writes it).
 //!
-//! **Durability.** A persistent message bound for a durable queue is
-//! fsynced (file, then folder) before its publish resolves. Folder fsyncs
-//! are shared by concurrent publishers (group commit), so durable throughput
-//! grows with concurrency. Transient messages are not fsynced: they survive
-//! a process crash, not a power cut.
+//! **Durability.** A persistent message bound for a durable queue is on
+//! disk, its data and its folder entry, before its publish resolves.
+//! Concurrent publishers share the flush (group commit), so durable
+//! throughput grows with concurrency: on Linux one `syncfs(2)` of the root's
+//! file system covers a whole batch (it also flushes unrelated dirty data on
+//! that file system, so a batch may wait longer while another program writes
+//! heavily there); elsewhere each file is fsynced and the folder fsyncs are
+//! shared. Transient messages are not flushed: they survive a process
+//! crash, not a power cut.
 //!
 //! **Liveness.** Each connection holds an `flock` on its owner file; the
 //! kernel releases it when the process dies, however it dies. Every
