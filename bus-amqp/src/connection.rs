@@ -26,7 +26,7 @@ use crate::consume::{self, ConsumerSpec, DIRECT_REPLY_TO};
 use crate::convert::{broker_close, is_connection_error, map_error, short, table_to_amqp};
 use crate::events::RecoveryEvent;
 use crate::journal::{BindingRecord, Journal};
-use crate::link::{connect_any, Link, LinkState};
+use crate::link::{connect_any, unless_lost, Link, LinkState};
 use crate::options::{AmqpOptions, ReplyMode};
 use crate::publish::{publish_via, ChannelSource, LinkedChannel, OwnChannel, ReplyPublisher};
 use crate::url::AmqpUrl;
@@ -64,20 +64,68 @@ impl Shared {
     /// The current link, waiting up to `recovery_wait` while one is being
     /// re-established.
     pub(crate) async fn link(&self) -> Result<Link> {
-        let wait = self.options.recovery_wait;
-        match tokio::time::timeout(wait, self.link_at_least(0)).await {
+        self.link_after(0, self.recovery_deadline()).await
+    }
+
+    /// When an operation starting now stops waiting for a link.
+    pub(crate) fn recovery_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.options.recovery_wait
+    }
+
+    /// A connected link newer than generation `stale` (0: any), waiting
+    /// until `deadline` while one is being re-established.
+    ///
+    /// The link in the state can already be dead: the socket fails before
+    /// the supervisor hears of it and marks the link down. Handing it out
+    /// would fail the operation at once instead of letting it wait for the
+    /// reconnection, so such a link is skipped: the supervisor is poked and
+    /// the next generation waited for.
+    pub(crate) async fn link_after(
+        &self,
+        stale: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Link> {
+        let live = async {
+            let mut generation = stale + 1;
+            loop {
+                let link = self.link_at_least(generation).await?;
+                if link.conn.status().connected() {
+                    return Ok(link);
+                }
+                self.poke();
+                generation = link.generation + 1;
+            }
+        };
+        match tokio::time::timeout_at(deadline, live).await {
             Ok(r) => r,
             Err(_) => {
                 let reason = match &*self.state.borrow() {
                     LinkState::Down { reason } => reason.clone(),
-                    _ => "unknown".into(),
+                    LinkState::Up(_) => "the link is not usable".into(),
+                    LinkState::Closed { .. } => return Err(self.closed_error()),
                 };
                 Err(Error::ConnectionLost(format!(
-                    "the connection to {} was lost ({reason}) and is not back after {wait:?}",
-                    self.url.redacted()
+                    "the connection to {} was lost ({reason}) and is not back after {:?}",
+                    self.url.redacted(),
+                    self.options.recovery_wait
                 )))
             }
         }
+    }
+
+    /// Whether what failed on `link` failed because the link itself is
+    /// gone: then nothing of it can take effect, and it may be tried again
+    /// on the next link. Only for requests that are safe to send twice
+    /// (opening a channel, starting a consumer), never for a publish or a
+    /// topology change that may have reached the broker.
+    pub(crate) fn link_lost(link: &Link) -> bool {
+        !link.conn.status().connected()
+    }
+
+    /// The error of a request given up on because its link died under it.
+    pub(crate) fn lost_while(&self, what: &str) -> Error {
+        self.poke();
+        Error::ConnectionLost(format!("the connection was lost while {what}"))
     }
 
     /// The first link of at least this generation, however long it takes;
@@ -244,18 +292,28 @@ impl Shared {
         Fut: Future<Output = lapin::Result<T>>,
     {
         self.check_open()?;
-        let link = self.link().await?;
+        let deadline = self.recovery_deadline();
+        let mut link = self.link_after(0, deadline).await?;
         let mut slot = self.topology.lock().await;
         let channel = match &*slot {
             Some((generation, ch)) if *generation == link.generation && ch.status().connected() => {
                 ch.clone()
             }
             _ => {
-                let ch = link
-                    .conn
-                    .create_channel()
-                    .await
-                    .map_err(|e| self.fail(&e))?;
+                let ch = match unless_lost(&link, link.conn.create_channel()).await {
+                    Some(Ok(ch)) => ch,
+                    // The link died since it was handed out: the operation
+                    // has not been sent, so it waits for the next link.
+                    None | Some(Err(_)) if Self::link_lost(&link) => {
+                        link = self.link_after(link.generation, deadline).await?;
+                        match unless_lost(&link, link.conn.create_channel()).await {
+                            Some(r) => r.map_err(|e| self.fail(&e))?,
+                            None => return Err(self.lost_while("opening a channel")),
+                        }
+                    }
+                    Some(Err(e)) => return Err(self.fail(&e)),
+                    None => return Err(self.lost_while("opening a channel")),
+                };
                 *slot = Some((link.generation, ch.clone()));
                 ch
             }
@@ -282,10 +340,14 @@ impl Shared {
                 match &channel {
                     Some(ch) if ch.status().connected() => ch.clone(),
                     _ => {
-                        let ch = link
-                            .conn
-                            .create_channel()
+                        let ch = unless_lost(link, link.conn.create_channel())
                             .await
+                            .ok_or_else(|| {
+                                Error::ConnectionLost(
+                                    "the connection was lost while declaring the topology again"
+                                        .into(),
+                                )
+                            })?
                             .map_err(|e| map_error(&e))?;
                         channel = Some(ch.clone());
                         ch
@@ -411,6 +473,29 @@ fn jitter(d: Duration) -> Duration {
     d + d.mul_f64(f64::from(r) / 4000.0)
 }
 
+/// How long the supervisor waits, once it finds the link down, for lapin's
+/// error event that says why. Lapin marks the connection failed just before
+/// it sends that event, so it is normally there within microseconds.
+const CAUSE_WAIT: Duration = Duration::from_millis(250);
+
+/// The cause of a link found down, as lapin's error event gives it.
+async fn cause_of_failure(events: &mut BoxStream<'static, lapin::Event>) -> String {
+    let cause = async {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event {
+                return Some(e.to_string());
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(CAUSE_WAIT, cause).await {
+        Ok(Some(cause)) => cause,
+        // Closed without an error (by the broker's close, say), or the
+        // event stream is gone.
+        Ok(None) | Err(_) => "the connection is no longer open".to_owned(),
+    }
+}
+
 /// Watches the link and re-establishes it when it is lost.
 async fn supervise(
     weak: Weak<Shared>,
@@ -422,7 +507,10 @@ async fn supervise(
     loop {
         // Wait for the link to fail (or for the connection to go away).
         let reason = loop {
+            // Events first: when the error event is there, it names the
+            // cause, which a poke or the tick would not.
             tokio::select! {
+                biased;
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) if !status.connected() => break e.to_string(),
                     Some(_) => {}
@@ -442,7 +530,8 @@ async fn supervise(
                 return;
             }
             if !status.connected() {
-                break "the connection is no longer open".to_owned();
+                drop(shared);
+                break cause_of_failure(&mut events).await;
             }
         };
         let Some(shared) = weak.upgrade() else { return };

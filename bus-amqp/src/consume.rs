@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::connection::Shared;
 use crate::convert::{is_connection_error, message_from_amqp, short, table_to_amqp};
 use crate::events::RecoveryEvent;
-use crate::link::{Link, LinkState};
+use crate::link::{unless_lost, Link, LinkState};
 use crate::publish::ReplySlot;
 
 /// The queue name that makes RabbitMQ's direct reply-to consumer.
@@ -349,6 +349,16 @@ async fn open(
     link: &Link,
     spec: &ConsumerSpec,
 ) -> Result<(lapin::Channel, lapin::Consumer)> {
+    unless_lost(link, open_on(shared, link, spec))
+        .await
+        .unwrap_or_else(|| Err(shared.lost_while("starting a consumer")))
+}
+
+async fn open_on(
+    shared: &Shared,
+    link: &Link,
+    spec: &ConsumerSpec,
+) -> Result<(lapin::Channel, lapin::Consumer)> {
     let arguments = table_to_amqp(&spec.options.arguments)?;
     let queue = if spec.is_direct_reply() {
         DIRECT_REPLY_TO.to_owned()
@@ -408,8 +418,18 @@ async fn close_channel(channel: &lapin::Channel) {
 pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Consumer> {
     short("consumer tag", &spec.tag)?;
     table_to_amqp(&spec.options.arguments)?;
-    let link = shared.link().await?;
-    let (channel, consumer) = open(&shared, &link, &spec).await?;
+    let deadline = shared.recovery_deadline();
+    let mut link = shared.link_after(0, deadline).await?;
+    let (channel, consumer) = match open(&shared, &link, &spec).await {
+        Ok(started) => started,
+        // The link died after it was handed out: the consumer died with it
+        // if it started at all, so it is started on the next link (once).
+        Err(Error::ConnectionLost(_)) if Shared::link_lost(&link) => {
+            link = shared.link_after(link.generation, deadline).await?;
+            open(&shared, &link, &spec).await?
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(slot) = &spec.reply_slot {
         slot.send_replace(Some((link.generation, Arc::new(channel.clone()))));
     }

@@ -16,7 +16,9 @@ use std::time::Duration;
 pub enum RecoveryEvent {
     /// The connection was lost; recovery starts.
     Disconnected {
-        /// What the broker or the network said.
+        /// What the broker or the network said: lapin's error, such as
+        /// the missed heartbeat of a silent network or the I/O error of a
+        /// reset.
         reason: String,
     },
     /// One attempt to reconnect failed.

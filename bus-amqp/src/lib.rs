@@ -139,7 +139,12 @@
 //!   outcome is unknown, a retry may duplicate it);
 //! * an operation started while the link is down waits up to
 //!   [`AmqpOptions::recovery_wait`] for it, then fails with
-//!   `ConnectionLost`;
+//!   `ConnectionLost`. This includes an operation started in the moments
+//!   after the socket died but before the transport noticed: it is not
+//!   failed on the dead link but waits for the next one. A publish whose
+//!   message lapin had not finished writing when the link died is sent
+//!   again on the next link (the broker cannot have it); one whose message
+//!   was written is never sent again, its outcome being unknown;
 //! * settling a delivery of the dead channel fails with `ConnectionLost`
 //!   (the broker has requeued it);
 //! * the direct reply-to consumer, and consumers of exclusive queues (which

@@ -32,6 +32,31 @@ impl fmt::Debug for Link {
     }
 }
 
+/// What `op` gives, or `None` when `link` dies first.
+///
+/// Lapin does not always answer a request made while its connection fails:
+/// a channel open caught by the failure can wait forever. Requests whose
+/// effect dies with the link (opening a channel, starting a consumer,
+/// declaring the topology again) go through here, so that the caller moves
+/// on to the next link instead.
+pub(crate) async fn unless_lost<T>(
+    link: &Link,
+    op: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let lost = async {
+        // Only while a request is pending, which is rare (once per
+        // channel): a short poll is simpler than a second event listener.
+        while link.conn.status().connected() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        r = op => Some(r),
+        () = lost => None,
+    }
+}
+
 /// Where the connection stands.
 #[derive(Clone, Debug)]
 pub(crate) enum LinkState {

@@ -11,7 +11,10 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::sync::{watch, Mutex};
 
 use crate::connection::Shared;
-use crate::convert::{broker_close, check_short, error_from_code, properties_to_amqp, short};
+use crate::convert::{
+    broker_close, check_short, error_from_code, is_connection_error, properties_to_amqp, short,
+};
+use crate::link::{unless_lost, Link};
 
 /// A channel in confirm mode, tied to the link it was opened on.
 pub(crate) type LinkedChannel = Option<(u64, lapin::Channel)>;
@@ -83,23 +86,32 @@ impl ChannelSource {
     async fn open(&self, shared: &Shared) -> Result<SharedChannel> {
         match self {
             ChannelSource::Own(own) => {
-                let link = shared.link().await?;
+                let deadline = shared.recovery_deadline();
+                let mut link = shared.link_after(0, deadline).await?;
                 let _opening = own.opening.lock().await;
-                if let Some(found) = own.usable(link.generation) {
-                    return Ok(found);
+                let mut retried = false;
+                loop {
+                    if let Some(found) = own.usable(link.generation) {
+                        return Ok(found);
+                    }
+                    match open_confirmed(&link).await {
+                        Some(Ok(ch)) => {
+                            let ch = Arc::new(ch);
+                            *own.current.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some((link.generation, ch.clone()));
+                            return Ok((link.generation, ch));
+                        }
+                        // The link died after it was handed out; nothing
+                        // was published yet, so the publish waits for the
+                        // next link (once).
+                        None | Some(Err(_)) if !retried && Shared::link_lost(&link) => {
+                            retried = true;
+                            link = shared.link_after(link.generation, deadline).await?;
+                        }
+                        Some(Err(e)) => return Err(shared.fail(&e)),
+                        None => return Err(shared.lost_while("opening the publisher channel")),
+                    }
                 }
-                let ch = link
-                    .conn
-                    .create_channel()
-                    .await
-                    .map_err(|e| shared.fail(&e))?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| shared.fail(&e))?;
-                let ch = Arc::new(ch);
-                *own.current.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some((link.generation, ch.clone()));
-                Ok((link.generation, ch))
             }
             ChannelSource::Reply(rx) => {
                 let mut rx = rx.clone();
@@ -138,6 +150,17 @@ impl ChannelSource {
             }
         }
     }
+}
+
+/// A new channel on `link`, in confirm mode; `None` when the link died
+/// first.
+async fn open_confirmed(link: &Link) -> Option<lapin::Result<lapin::Channel>> {
+    unless_lost(link, async {
+        let ch = link.conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(ch)
+    })
+    .await
 }
 
 /// Publishes one message on a channel from `source` and waits for its
@@ -188,8 +211,12 @@ pub(crate) async fn publish_via(
         mandatory: options.mandatory,
         immediate: false,
     };
-    // A channel found closed before anything was sent on it is replaced
-    // and the publish tried again: nothing can have reached the broker.
+    // A failed `basic_publish` means lapin did not finish writing the
+    // message to the socket (it resolves that future once the last frame
+    // is written), so the broker cannot have it. When the channel or the
+    // link died under it, the publish is tried again on a new channel
+    // (on the next link, waited for within `recovery_wait`). A publish
+    // whose frames were written is never sent again: its confirm decides.
     let mut attempts = 0;
     let (generation, channel, confirm) = loop {
         attempts += 1;
@@ -206,8 +233,13 @@ pub(crate) async fn publish_via(
             .await
         {
             Ok(confirm) => break (generation, channel, confirm),
-            Err(e) if !channel.status().connected() && attempts < 3 => {
+            Err(e)
+                if attempts < 3 && (!channel.status().connected() || is_connection_error(&e)) =>
+            {
                 tracing::debug!(error = %e, "publisher channel found closed; opening another");
+                if is_connection_error(&e) {
+                    shared.poke();
+                }
                 source.forget(generation, &channel);
             }
             Err(e) => return Err(shared.fail(&e)),
