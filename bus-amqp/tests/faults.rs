@@ -4,13 +4,13 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bus_amqp::{AmqpOptions, ReconnectPolicy, RecoveryEvent};
 use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, Error, ExchangeKind,
-    ExchangeOptions, FieldTable, Message, PublishOptions, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
+    Message, PublishOptions, QueueOptions,
 };
 use futures::StreamExt;
 use support::*;
@@ -70,29 +70,20 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
         );
     };
     for _ in 0..COUNT / 4 {
-        let d = within(10, "a delivery", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, 10, "a delivery").await;
         take(&d, &mut seen);
         d.ack().await.unwrap();
     }
     // Hold a few unacked deliveries across the loss: they must come back.
     let mut held = Vec::new();
     for _ in 0..5 {
-        let d = within(10, "a delivery", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, 10, "a delivery").await;
         take(&d, &mut seen);
         held.push(d);
     }
 
     close_connection(&name);
-    wait_event(&mut events, "Disconnected", |e| {
-        matches!(e, RecoveryEvent::Disconnected { .. })
-    })
-    .await;
+    wait_disconnected(&mut events).await;
     let renamed = wait_event(&mut events, "QueueRenamed", |e| {
         matches!(e, RecoveryEvent::QueueRenamed { .. })
     })
@@ -121,10 +112,7 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
             .unwrap();
     }
     while seen.len() < COUNT as usize {
-        let d = within(20, "the rest of the stream", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, 20, "the rest of the stream").await;
         take(&d, &mut seen);
         match d.ack().await {
             Ok(()) => {}
@@ -156,17 +144,12 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
     conn.publish(&x, "k", Message::new("after"), PublishOptions::mandatory())
         .await
         .unwrap();
-    let d = within(10, "a routed message", private_consumer.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = next_delivery(&mut private_consumer, 10, "a routed message").await;
     assert_eq!(d.message.body, "after");
     assert_eq!(d.routing_key, "k");
 
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
     conn.delete_exchange(&x, false).await.unwrap();
     conn.close().await.unwrap();
 }
@@ -195,10 +178,7 @@ async fn a_killed_workers_message_goes_to_another_worker() {
         .consume(&q, ConsumeOptions::prefetch(1))
         .await
         .unwrap();
-    let d = within(10, "the job", doomed_consumer.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = next_delivery(&mut doomed_consumer, 10, "the job").await;
     assert!(!d.redelivered);
     let mut other = survivor
         .consume(&q, ConsumeOptions::prefetch(1))
@@ -206,10 +186,7 @@ async fn a_killed_workers_message_goes_to_another_worker() {
         .unwrap();
 
     close_connection(&name);
-    let again = within(20, "the job, redelivered", other.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let again = next_delivery(&mut other, 20, "the job, redelivered").await;
     assert_eq!(again.message.body, "job");
     assert!(again.redelivered);
     again.ack().await.unwrap();
@@ -227,10 +204,7 @@ async fn a_killed_workers_message_goes_to_another_worker() {
     assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
     assert_eq!(survivor.inspect_queue(&q).await.unwrap().message_count, 0);
     drop(other);
-    survivor
-        .delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*survivor, &q).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,20 +237,14 @@ async fn rpc_calls_in_flight_fail_fast_when_the_connection_is_lost() {
         .await
         .unwrap();
     assert!(matches!(item, Err(Error::ConnectionLost(_))), "{item:?}");
-    wait_event(&mut events, "ConsumerResumed", |e| {
-        matches!(e, RecoveryEvent::ConsumerResumed { .. })
-    })
-    .await;
+    wait_consumer_resumed(&mut events).await;
     // The reply publisher works again on the new channel.
     let server = connect().await;
     let mut requests = server
         .consume(&q, ConsumeOptions::auto_ack())
         .await
         .unwrap();
-    let first = within(10, "the first request", requests.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = next_delivery(&mut requests, 10, "the first request").await;
     assert_eq!(first.message.body, "unanswered");
     publisher
         .publish(
@@ -289,10 +257,7 @@ async fn rpc_calls_in_flight_fail_fast_when_the_connection_is_lost() {
         )
         .await
         .unwrap();
-    let req = within(10, "the second request", requests.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let req = next_delivery(&mut requests, 10, "the second request").await;
     let reply_to = req.message.properties.reply_to.clone().unwrap();
     server
         .publish(
@@ -303,16 +268,10 @@ async fn rpc_calls_in_flight_fail_fast_when_the_connection_is_lost() {
         )
         .await
         .unwrap();
-    let reply = within(10, "the reply", reply_consumer.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let reply = next_delivery(&mut reply_consumer, 10, "the reply").await;
     assert_eq!(reply.message.body, "answer");
     drop(requests);
-    server
-        .delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*server, &q).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,16 +311,9 @@ async fn publishes_in_flight_when_the_connection_drops_never_report_success_fals
         tokio::task::yield_now().await;
     }
     close_connection(&name);
-    wait_event(&mut events, "Reconnected", |e| {
-        matches!(e, RecoveryEvent::Reconnected { .. })
-    })
-    .await;
+    wait_reconnected(&mut events).await;
     let outcomes = within(60, "the publisher", publishing).await.unwrap();
-    let confirmed: BTreeSet<u32> = outcomes
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(i, _)| *i)
-        .collect();
+    let confirmed = confirmed(&outcomes);
     for (i, r) in &outcomes {
         if let Err(e) = r {
             assert!(e.is_temporary(), "message {i}: {e}");
@@ -373,33 +325,10 @@ async fn publishes_in_flight_when_the_connection_drops_never_report_success_fals
         .consume(&q, ConsumeOptions::prefetch(100))
         .await
         .unwrap();
-    let mut got: BTreeMap<u32, u32> = BTreeMap::new();
-    for _ in 0..total {
-        let d = within(20, "a message", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
-        *got.entry(
-            std::str::from_utf8(&d.message.body)
-                .unwrap()
-                .parse()
-                .unwrap(),
-        )
-        .or_default() += 1;
-        d.ack().await.unwrap();
-    }
-    for i in &confirmed {
-        assert_eq!(
-            got.get(i),
-            Some(&1),
-            "confirmed message {i} consumed {:?} times",
-            got.get(i)
-        );
-    }
+    let got = consume_counting(&mut consumer, total, 20).await;
+    assert_each_confirmed_consumed_once(&confirmed, &got);
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use bus_amqp::{AmqpOptions, ReplyMode};
 use bus_core::rpc::{decode_message, Format, RpcClient, RpcClientOptions, RpcServer, ERROR_HEADER};
-use bus_core::{Connection, DeleteQueueOptions, Error};
+use bus_core::{Connection, Error};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use serde_json::json;
@@ -360,32 +360,14 @@ async fn python_call(queue: &str, request: &serde_json::Value) -> ClientRun {
 
 // ----------------------------------------------------------------- queues
 
-/// Deletes the test's queue if the test fails before its own clean-up.
-struct QueueGuard(String);
-
-impl Drop for QueueGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_queue", &self.0])
-                .output();
-        }
-    }
-}
-
-fn fresh_queue(what: &str) -> (String, QueueGuard) {
+fn fresh_queue(what: &str) -> (String, QueueCleanup) {
     let queue = fresh(&format!("interop.{what}"));
-    (queue.clone(), QueueGuard(queue))
+    let cleanup = QueueCleanup::new(&[&queue]);
+    (queue, cleanup)
 }
 
-async fn delete_queue(conn: &dyn Connection, queue: &str) {
-    within(
-        30,
-        "deleting the queue",
-        conn.delete_queue(queue, DeleteQueueOptions::default()),
-    )
-    .await
-    .unwrap();
+async fn delete_queue_in_time(conn: &dyn Connection, queue: &str) {
+    within(30, "deleting the queue", delete_queue(conn, queue)).await;
 }
 
 // ------------------------------------------- Rust client, Python worker
@@ -458,7 +440,7 @@ async fn rust_client_calls_python_worker(
     );
 
     worker.stop().await;
-    delete_queue(&*conn, &queue).await;
+    delete_queue_in_time(&*conn, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,7 +518,7 @@ async fn rust_client_sends_any_value_a_python_worker_echoes() {
     }
 
     worker.stop().await;
-    delete_queue(&*conn, &queue).await;
+    delete_queue_in_time(&*conn, &queue).await;
 }
 
 // ------------------------------------------- Python caller, Rust server
@@ -580,7 +562,7 @@ async fn python_caller_calls_a_rust_server_with_a_typed_handler() {
     within(30, "the server to stop", server.shutdown())
         .await
         .unwrap();
-    delete_queue(&*conn, &queue).await;
+    delete_queue_in_time(&*conn, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,7 +605,7 @@ async fn rust_handler_errors_reach_a_python_caller_as_a_map() {
     within(30, "the server to stop", server.shutdown())
         .await
         .unwrap();
-    delete_queue(&*conn, &queue).await;
+    delete_queue_in_time(&*conn, &queue).await;
 }
 
 // ------------------------------------------------ mixed workers, one queue
@@ -689,7 +671,7 @@ async fn python_and_rust_workers_share_a_queue(first: FirstDeclarer) {
         .await
         .unwrap();
     python.stop().await;
-    delete_queue(&*conn, &queue).await;
+    delete_queue_in_time(&*conn, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,16 +12,13 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus_amqp::{AmqpConnection, AmqpOptions, AmqpUrl, BrokerHost, ReconnectPolicy, RecoveryEvent};
 use bus_core::rpc::{RpcClient, RpcClientOptions, RpcServer};
-use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, Delivery, Error, Message,
-    QueueOptions,
-};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Delivery, Error, Message, QueueOptions};
 use futures::StreamExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -263,46 +260,11 @@ async fn pump(
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// Deletes the test's queues with `rabbitmqctl` if the test fails before
-/// deleting them itself.
-struct QueueCleanup {
-    vhost: String,
-    queues: Vec<String>,
-    armed: bool,
-}
-
-impl QueueCleanup {
-    fn new(queues: &[&str]) -> Self {
-        QueueCleanup {
-            vhost: AmqpUrl::parse(&amqp_addr()).unwrap().vhost,
-            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for QueueCleanup {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        for q in &self.queues {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_queue", "-p", &self.vhost, q])
-                .output();
-        }
-    }
-}
-
 /// Messages in `queue` as the broker counts them: ready plus delivered but
 /// not yet acknowledged.
 async fn messages_in(queue: &str) -> u64 {
     let queue = queue.to_owned();
-    let vhost = AmqpUrl::parse(&amqp_addr()).unwrap().vhost;
+    let vhost = vhost();
     tokio::task::spawn_blocking(move || {
         let out = rabbitmqctl(&[
             "list_queues",
@@ -321,13 +283,6 @@ async fn messages_in(queue: &str) -> u64 {
     })
     .await
     .unwrap()
-}
-
-fn number(message: &Message) -> u32 {
-    std::str::from_utf8(&message.body)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected body {:?}", message.body))
 }
 
 /// Publishes `range` persistently to `queue` with confirms on a connection
@@ -409,7 +364,7 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
     const TOTAL: u32 = 3 * BATCH;
     let direct = connect().await;
     let q = fresh("cut-stream");
-    let cleanup = QueueCleanup::new(&[&q]);
+    let _cleanup = QueueCleanup::new(&[&q]);
     within(TEST_SECS, "the whole test", async {
         let proxy = Proxy::start().await;
         direct
@@ -521,13 +476,9 @@ async fn a_silent_network_mid_stream_is_noticed_by_heartbeats_and_loses_no_messa
         );
         drop(consumer);
         conn.close().await.unwrap();
-        direct
-            .delete_queue(&q, DeleteQueueOptions::default())
-            .await
-            .unwrap();
+        delete_queue(&*direct, &q).await;
     })
     .await;
-    cleanup.disarm();
     direct.close().await.unwrap();
 }
 
@@ -540,7 +491,7 @@ async fn the_disconnect_reason_of_a_silent_network_names_the_heartbeat() {
     const SILENCES: usize = 6;
     let direct = connect().await;
     let q = fresh("cut-reason");
-    let cleanup = QueueCleanup::new(&[&q]);
+    let _cleanup = QueueCleanup::new(&[&q]);
     within(TEST_SECS, "the whole test", async {
         let proxy = Proxy::start().await;
         direct
@@ -567,17 +518,11 @@ async fn the_disconnect_reason_of_a_silent_network_names_the_heartbeat() {
             };
             reasons.push(reason);
             proxy.set(Mode::Pass);
-            wait_event(&mut events, "ConsumerResumed", |e| {
-                matches!(e, RecoveryEvent::ConsumerResumed { .. })
-            })
-            .await;
+            wait_consumer_resumed(&mut events).await;
         }
         drop(consumer);
         conn.close().await.unwrap();
-        direct
-            .delete_queue(&q, DeleteQueueOptions::default())
-            .await
-            .unwrap();
+        delete_queue(&*direct, &q).await;
         let vague: Vec<_> = reasons
             .iter()
             .filter(|r| !r.contains("heartbeat"))
@@ -589,7 +534,6 @@ async fn the_disconnect_reason_of_a_silent_network_names_the_heartbeat() {
         );
     })
     .await;
-    cleanup.disarm();
     direct.close().await.unwrap();
 }
 
@@ -604,7 +548,7 @@ async fn publishing_across_a_cut(cut_with: Mode) {
     const MAX: u32 = 100_000;
     let direct = connect().await;
     let q = fresh("cut-confirms");
-    let cleanup = QueueCleanup::new(&[&q]);
+    let _cleanup = QueueCleanup::new(&[&q]);
     within(TEST_SECS, "the whole test", async {
         let proxy = Proxy::start().await;
         direct
@@ -614,45 +558,18 @@ async fn publishing_across_a_cut(cut_with: Mode) {
         let conn = proxy.connect(&fresh("cut-publisher")).await;
         let mut events = conn.events();
 
-        // Counts confirms, so that the test waits on them, not on time.
-        let (confirmed_so_far, mut confirms) = watch::channel(0u32);
-        let stop = Arc::new(AtomicBool::new(false));
-        let publishing = {
-            let conn = conn.clone();
-            let q = q.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                futures::stream::iter(0..MAX)
-                    .take_while(move |_| futures::future::ready(!stop.load(Ordering::Relaxed)))
-                    .map(|i| {
-                        let conn = conn.clone();
-                        let q = q.clone();
-                        let confirmed_so_far = confirmed_so_far.clone();
-                        async move {
-                            let r = conn
-                                .send_to_queue(&q, Message::new(i.to_string()).persistent())
-                                .await;
-                            if r.is_ok() {
-                                confirmed_so_far.send_modify(|n| *n += 1);
-                            }
-                            (i, r)
-                        }
-                    })
-                    .buffer_unordered(16)
-                    .collect::<Vec<_>>()
-                    .await
-            })
-        };
+        let CountingPublisher {
+            outcomes: publishing,
+            mut confirms,
+            stop,
+        } = publish_counting_confirms(conn.clone(), q.clone(), MAX, 16);
         confirms.wait_for(|n| *n >= 300).await.unwrap();
         if cut_with == Mode::Reset {
             proxy.reset_at_next_client_bytes();
         } else {
             proxy.set(cut_with);
         }
-        wait_event(&mut events, "Disconnected", |e| {
-            matches!(e, RecoveryEvent::Disconnected { .. })
-        })
-        .await;
+        wait_disconnected(&mut events).await;
         if cut_with == Mode::Reset {
             // The network refuses for a while: at least one attempt fails.
             wait_event(&mut events, "ReconnectFailed", |e| {
@@ -661,10 +578,7 @@ async fn publishing_across_a_cut(cut_with: Mode) {
             .await;
         }
         proxy.set(Mode::Pass);
-        wait_event(&mut events, "Reconnected", |e| {
-            matches!(e, RecoveryEvent::Reconnected { .. })
-        })
-        .await;
+        wait_reconnected(&mut events).await;
         let more = *confirms.borrow() + 300;
         confirms.wait_for(|n| *n >= more).await.unwrap();
         stop.store(true, Ordering::Relaxed);
@@ -751,13 +665,9 @@ async fn publishing_across_a_cut(cut_with: Mode) {
             not_in_doubt.first()
         );
         conn.close().await.unwrap();
-        direct
-            .delete_queue(&q, DeleteQueueOptions::default())
-            .await
-            .unwrap();
+        delete_queue(&*direct, &q).await;
     })
     .await;
-    cleanup.disarm();
     direct.close().await.unwrap();
 }
 
@@ -784,7 +694,7 @@ async fn rpc_calls_across_a_cut(cut_with: Mode) {
     const FAIL_FAST: Duration = Duration::from_secs(15);
     let direct = connect().await;
     let q = fresh("cut-rpc");
-    let cleanup = QueueCleanup::new(&[&q]);
+    let _cleanup = QueueCleanup::new(&[&q]);
     within(TEST_SECS, "the whole test", async {
         let proxy = Proxy::start().await;
         // The server, on a connection that does not see the cut, holds the
@@ -863,10 +773,7 @@ async fn rpc_calls_across_a_cut(cut_with: Mode) {
         // Their replies go to a reply channel that is gone.
         release.send_replace(true);
         proxy.set(Mode::Pass);
-        wait_event(&mut events, "Reconnected", |e| {
-            matches!(e, RecoveryEvent::Reconnected { .. })
-        })
-        .await;
+        wait_reconnected(&mut events).await;
         for i in 0..5 {
             let body = format!("after {i}");
             let reply = client
@@ -879,13 +786,9 @@ async fn rpc_calls_across_a_cut(cut_with: Mode) {
         drop(client);
         conn.close().await.unwrap();
         server.shutdown().await.unwrap();
-        direct
-            .delete_queue(&q, DeleteQueueOptions::default())
-            .await
-            .unwrap();
+        delete_queue(&*direct, &q).await;
     })
     .await;
-    cleanup.disarm();
     direct.close().await.unwrap();
 }
 

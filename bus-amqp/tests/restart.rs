@@ -5,16 +5,11 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bus_amqp::{AmqpOptions, ReconnectPolicy, RecoveryEvent};
-use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, Message, QueueOptions,
-};
-use futures::StreamExt;
+use bus_amqp::{AmqpOptions, ReconnectPolicy};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, QueueOptions};
 use support::*;
 
 /// At most this many messages; publishing stops earlier, once enough were
@@ -27,12 +22,8 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["await_startup", "--timeout", "60"])
-            .output();
+        rabbitmqctl_quiet(&["start_app"]);
+        rabbitmqctl_quiet(&["await_startup", "--timeout", "60"]);
     }
 }
 
@@ -58,46 +49,17 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
         .await
         .unwrap();
 
-    // Counts confirms, so that the test waits on them rather than on time.
-    let (confirmed_so_far, mut confirms) = tokio::sync::watch::channel(0u32);
-    let confirmed_so_far = Arc::new(confirmed_so_far);
-    let stop = Arc::new(AtomicBool::new(false));
-    let publishing = {
-        let conn = conn.clone();
-        let q = q.clone();
-        let confirmed_so_far = confirmed_so_far.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            futures::stream::iter(0..MESSAGES)
-                .take_while(move |_| futures::future::ready(!stop.load(Ordering::Relaxed)))
-                .map(|i| {
-                    let conn = conn.clone();
-                    let q = q.clone();
-                    let confirmed_so_far = confirmed_so_far.clone();
-                    async move {
-                        let r = conn
-                            .send_to_queue(&q, Message::new(i.to_string()).persistent())
-                            .await;
-                        if r.is_ok() {
-                            confirmed_so_far.send_modify(|n| *n += 1);
-                        }
-                        (i, r)
-                    }
-                })
-                .buffer_unordered(IN_FLIGHT)
-                .collect::<Vec<_>>()
-                .await
-        })
-    };
+    let CountingPublisher {
+        outcomes: publishing,
+        mut confirms,
+        stop,
+    } = publish_counting_confirms(conn.clone(), q.clone(), MESSAGES, IN_FLIGHT);
     within(60, "300 confirms", confirms.wait_for(|n| *n >= 300))
         .await
         .unwrap();
     let guard = RestartGuard;
     let stopped = tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]));
-    wait_event(&mut events, "Disconnected", |e| {
-        matches!(e, RecoveryEvent::Disconnected { .. })
-    })
-    .await;
+    wait_disconnected(&mut events).await;
     within(120, "stop_app", stopped).await.unwrap();
     within(
         120,
@@ -107,10 +69,7 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
     .await
     .unwrap();
     drop(guard);
-    wait_event(&mut events, "Reconnected", |e| {
-        matches!(e, RecoveryEvent::Reconnected { .. })
-    })
-    .await;
+    wait_reconnected(&mut events).await;
     let after_restart = *confirms.borrow() + 300;
     within(
         60,
@@ -136,11 +95,7 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
             );
         }
     }
-    let confirmed: Vec<u32> = outcomes
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(i, _)| *i)
-        .collect();
+    let confirmed = confirmed(&outcomes);
     assert!(failed > 0, "the restart should have failed some publishes");
     assert!(
         confirmed.len() > 600,
@@ -154,32 +109,9 @@ async fn a_broker_restart_while_publishing_loses_no_confirmed_message() {
         .consume(&q, ConsumeOptions::prefetch(200))
         .await
         .unwrap();
-    let mut got: BTreeMap<u32, u32> = BTreeMap::new();
-    for _ in 0..total {
-        let d = within(30, "a message", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
-        *got.entry(
-            std::str::from_utf8(&d.message.body)
-                .unwrap()
-                .parse()
-                .unwrap(),
-        )
-        .or_default() += 1;
-        d.ack().await.unwrap();
-    }
-    for i in &confirmed {
-        assert_eq!(
-            got.get(i),
-            Some(&1),
-            "confirmed message {i} consumed {:?} times",
-            got.get(i)
-        );
-    }
+    let got = consume_counting(&mut consumer, total, 30).await;
+    assert_each_confirmed_consumed_once(&confirmed, &got);
     assert!(got.values().all(|n| *n == 1), "a message was stored twice");
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
 }

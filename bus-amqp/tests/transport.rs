@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
-    Bytes, Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, DeliveryMode, Error,
-    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties,
-    PublishOptions, QueueArguments, QueueOptions, QueueType,
+    Bytes, Connection, ConnectionExt, ConsumeOptions, DeliveryMode, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties, PublishOptions,
+    QueueArguments, QueueOptions, QueueType,
 };
 use futures::StreamExt;
 use support::*;
@@ -71,11 +71,7 @@ fn every_header_type() -> FieldTable {
 #[tokio::test]
 async fn every_property_and_header_type_round_trips_through_the_broker() {
     let conn = connect().await;
-    let q = conn
-        .declare_queue("", QueueOptions::exclusive())
-        .await
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&*conn).await;
     let props = Properties {
         content_type: Some("application/msgpack".into()),
         content_encoding: Some("identity".into()),
@@ -112,10 +108,7 @@ async fn every_property_and_header_type_round_trips_through_the_broker() {
     }
     let mut consumer = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
     for m in &sent {
-        let d = within(10, "a delivery", consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer, 10, "a delivery").await;
         assert_eq!(d.message.properties, m.properties);
         assert_eq!(d.message.body, m.body);
         assert_eq!(d.exchange, "");
@@ -127,11 +120,7 @@ async fn every_property_and_header_type_round_trips_through_the_broker() {
 #[tokio::test]
 async fn many_publishes_in_flight_each_resolve_on_their_own_confirm() {
     let conn = connect().await;
-    let q = conn
-        .declare_queue("", QueueOptions::exclusive())
-        .await
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&*conn).await;
     let publishes = (0..500u32).map(|i| {
         let conn = conn.clone();
         let q = q.clone();
@@ -187,28 +176,19 @@ async fn a_refused_declaration_does_not_break_the_connection_for_others() {
     conn.send_to_queue(&q, Message::new("still here"))
         .await
         .unwrap();
-    let d = within(10, "a delivery", consumer.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = next_delivery(&mut consumer, 10, "a delivery").await;
     assert_eq!(d.message.body, "still here");
     d.ack().await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().consumer_count, 1);
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
 }
 
 #[tokio::test]
 async fn exclusive_queues_of_another_connection_are_locked() {
     let owner = connect().await;
     let other = connect().await;
-    let q = owner
-        .declare_queue("", QueueOptions::exclusive())
-        .await
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&*owner).await;
     let e = other.inspect_queue(&q).await.unwrap_err();
     assert!(matches!(e, Error::ResourceLocked(_)), "{e}");
     let e = other
@@ -265,20 +245,14 @@ async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
     let e = conn.send_to_queue(&q, Message::new("2")).await.unwrap_err();
     assert!(matches!(e, Error::Nacked(_)), "{e}");
     assert!(e.is_temporary());
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
     conn.delete_exchange(&x, false).await.unwrap();
 }
 
 #[tokio::test]
 async fn invalid_expiration_and_foreign_user_id_are_refused_without_harm() {
     let conn = connect().await;
-    let q = conn
-        .declare_queue("", QueueOptions::exclusive())
-        .await
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&*conn).await;
     let mut bad = Message::new("x");
     bad.properties.expiration = Some("soon".into());
     assert!(matches!(
@@ -297,11 +271,7 @@ async fn invalid_expiration_and_foreign_user_id_are_refused_without_harm() {
 #[tokio::test]
 async fn manual_acks_nacks_and_prefetch() {
     let conn = connect().await;
-    let q = conn
-        .declare_queue("", QueueOptions::exclusive())
-        .await
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&*conn).await;
     for i in 0..4 {
         conn.send_to_queue(&q, Message::new(format!("m{i}")))
             .await
@@ -312,8 +282,8 @@ async fn manual_acks_nacks_and_prefetch() {
         .await
         .unwrap();
     assert_eq!(c.tag(), "tagged");
-    let d0 = within(10, "m0", c.next()).await.unwrap().unwrap();
-    let d1 = within(10, "m1", c.next()).await.unwrap().unwrap();
+    let d0 = next_delivery(&mut c, 10, "m0").await;
+    let d1 = next_delivery(&mut c, 10, "m1").await;
     assert_eq!(
         (&d0.message.body[..], &d1.message.body[..]),
         (&b"m0"[..], &b"m1"[..])
@@ -324,12 +294,12 @@ async fn manual_acks_nacks_and_prefetch() {
         .is_err());
     d1.ack_multiple().await.unwrap();
     // Two free slots: m2 and m3 are both in flight now.
-    let d2 = within(10, "m2", c.next()).await.unwrap().unwrap();
+    let d2 = next_delivery(&mut c, 10, "m2").await;
     assert_eq!(d2.message.body, "m2");
     d2.nack(true).await.unwrap();
-    let d3 = within(10, "m3", c.next()).await.unwrap().unwrap();
+    let d3 = next_delivery(&mut c, 10, "m3").await;
     assert_eq!(d3.message.body, "m3");
-    let again = within(10, "m2 again", c.next()).await.unwrap().unwrap();
+    let again = next_delivery(&mut c, 10, "m2 again").await;
     assert_eq!(again.message.body, "m2");
     assert!(again.redelivered);
     assert!(again.delivery_tag > d3.delivery_tag);
@@ -370,10 +340,7 @@ async fn direct_reply_to_round_trip() {
         )
         .await
         .unwrap();
-    let req = within(10, "the request", requests.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let req = next_delivery(&mut requests, 10, "the request").await;
     let reply_to = req.message.properties.reply_to.clone().unwrap();
     assert!(reply_to.starts_with("amq.rabbitmq.reply-to."), "{reply_to}");
     server
@@ -386,19 +353,13 @@ async fn direct_reply_to_round_trip() {
         .await
         .unwrap();
     req.ack().await.unwrap();
-    let reply = within(10, "the reply", reply_consumer.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let reply = next_delivery(&mut reply_consumer, 10, "the reply").await;
     assert_eq!(reply.message.body, "pong");
     assert_eq!(
         reply.message.properties.correlation_id.as_deref(),
         Some("c1")
     );
-    server
-        .delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*server, &q).await;
 }
 
 #[tokio::test]
@@ -450,13 +411,11 @@ async fn quorum_queues_work() {
         .await
         .unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
-    let d = within(10, "a delivery", c.next()).await.unwrap().unwrap();
+    let d = next_delivery(&mut c, 10, "a delivery").await;
     assert_eq!(d.message.body, "replicated");
     d.ack().await.unwrap();
     drop(c);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
 }
 
 #[tokio::test]
@@ -519,15 +478,12 @@ async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("once")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
-    let d = within(10, "the delivery", c.next()).await.unwrap().unwrap();
+    let d = next_delivery(&mut c, 10, "the delivery").await;
     drop(c);
     let e = d.ack().await.unwrap_err();
     assert!(matches!(e, Error::Closed(_)), "{e}");
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
-    let d = within(10, "the redelivery", c.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = next_delivery(&mut c, 10, "the redelivery").await;
     assert!(d.redelivered);
     d.ack().await.unwrap();
 }
@@ -542,7 +498,7 @@ async fn a_cancelled_consumer_ends_but_its_deliveries_can_be_settled() {
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("a")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
-    let d = within(10, "a delivery", c.next()).await.unwrap().unwrap();
+    let d = next_delivery(&mut c, 10, "a delivery").await;
     c.cancel().await.unwrap();
     assert!(within(10, "the end of the stream", c.next())
         .await
@@ -551,9 +507,7 @@ async fn a_cancelled_consumer_ends_but_its_deliveries_can_be_settled() {
     assert_eq!(conn.inspect_queue(&q).await.unwrap().message_count, 0);
     // Deleting a queue ends its consumers' streams.
     let mut c = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
+    delete_queue(&*conn, &q).await;
     assert!(within(10, "the end of the stream", c.next())
         .await
         .is_none());
