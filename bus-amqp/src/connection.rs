@@ -734,25 +734,7 @@ impl AmqpConnection {
 #[async_trait]
 impl Connection for AmqpConnection {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            name: "amqp",
-            exclusive_queues: true,
-            auto_delete_queues: true,
-            server_named_queues: true,
-            headers_exchange: true,
-            message_ttl: true,
-            queue_expiry: true,
-            max_length: true,
-            dead_lettering: true,
-            priorities: true,
-            single_active_consumer: true,
-            mandatory: true,
-            durability: true,
-            cross_process: true,
-            quorum_queues: true,
-            direct_reply: self.shared.options.reply_mode == ReplyMode::Direct,
-            exact_counts: true,
-        }
+        crate::capabilities(self.shared.options.reply_mode)
     }
 
     async fn declare_exchange(

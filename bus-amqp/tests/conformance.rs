@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bus_amqp::AmqpConnection;
+use bus_amqp::{AmqpConnection, ReplyMode};
 use bus_core::conformance::Harness;
 use bus_core::{Capabilities, Connection};
 
@@ -25,27 +25,10 @@ impl Harness for AmqpHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // What every connection of this transport reports (direct reply-to
-        // with the default options).
-        Capabilities {
-            name: "amqp",
-            exclusive_queues: true,
-            auto_delete_queues: true,
-            server_named_queues: true,
-            headers_exchange: true,
-            message_ttl: true,
-            queue_expiry: true,
-            max_length: true,
-            dead_lettering: true,
-            priorities: true,
-            single_active_consumer: true,
-            mandatory: true,
-            durability: true,
-            cross_process: true,
-            quorum_queues: true,
-            direct_reply: true,
-            exact_counts: true,
-        }
+        // What every connection of this transport reports with the default
+        // options (direct reply-to); `capabilities()` is sync, so it cannot
+        // ask a connection.
+        bus_amqp::capabilities(ReplyMode::default())
     }
 }
 

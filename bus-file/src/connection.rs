@@ -380,6 +380,32 @@ impl Inner {
         }
     }
 
+    /// The binding a bind or unbind names, after the checks both make: the
+    /// connection is open, the names are safe path components, and the
+    /// exchange is not the default one (which takes no explicit bindings).
+    fn binding_record(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<BindingRecord> {
+        self.check_open()?;
+        check_path_name("queue", queue)?;
+        if exchange == DEFAULT_EXCHANGE {
+            return Err(Error::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        check_path_name("exchange", exchange)?;
+        Ok(BindingRecord {
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        })
+    }
+
     fn check_exclusive(&self, name: &str, q: &QueueRecord) -> Result<()> {
         match &q.exclusive_owner {
             Some(o) if *o != self.owner => Err(Error::ResourceLocked(format!(
@@ -1297,20 +1323,7 @@ impl Connection for FileConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         let inner = &self.inner;
-        inner.check_open()?;
-        check_path_name("queue", queue)?;
-        if exchange == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
-        }
-        check_path_name("exchange", exchange)?;
-        let b = BindingRecord {
-            exchange: exchange.to_owned(),
-            queue: queue.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments,
-        };
+        let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             let q = t
                 .queues
@@ -1336,20 +1349,7 @@ impl Connection for FileConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         let inner = &self.inner;
-        inner.check_open()?;
-        check_path_name("queue", queue)?;
-        if exchange == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
-        }
-        check_path_name("exchange", exchange)?;
-        let b = BindingRecord {
-            exchange: exchange.to_owned(),
-            queue: queue.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments,
-        };
+        let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             if let Some(q) = t.queues.get(queue) {
                 inner.check_exclusive(queue, q)?;
