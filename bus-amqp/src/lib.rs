@@ -197,22 +197,7 @@ pub use url::{redact_url, AmqpUrl, BrokerHost};
 #[must_use]
 pub fn capabilities(reply_mode: ReplyMode) -> bus_core::Capabilities {
     bus_core::Capabilities {
-        name: "amqp",
-        exclusive_queues: true,
-        auto_delete_queues: true,
-        server_named_queues: true,
-        headers_exchange: true,
-        message_ttl: true,
-        queue_expiry: true,
-        max_length: true,
-        dead_lettering: true,
-        priorities: true,
-        single_active_consumer: true,
-        mandatory: true,
-        durability: true,
-        cross_process: true,
-        quorum_queues: true,
         direct_reply: reply_mode == ReplyMode::Direct,
-        exact_counts: true,
+        ..bus_core::Capabilities::all("amqp")
     }
 }

@@ -56,6 +56,34 @@ pub struct Capabilities {
     pub exact_counts: bool,
 }
 
+impl Capabilities {
+    /// Every capability on, under the transport's `name`: the starting point
+    /// for a transport that then turns off what it lacks, so that each one
+    /// states only its differences.
+    #[must_use]
+    pub fn all(name: &'static str) -> Self {
+        Capabilities {
+            name,
+            exclusive_queues: true,
+            auto_delete_queues: true,
+            server_named_queues: true,
+            headers_exchange: true,
+            message_ttl: true,
+            queue_expiry: true,
+            max_length: true,
+            dead_lettering: true,
+            priorities: true,
+            single_active_consumer: true,
+            mandatory: true,
+            durability: true,
+            cross_process: true,
+            quorum_queues: true,
+            direct_reply: true,
+            exact_counts: true,
+        }
+    }
+}
+
 /// Options of a publish.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PublishOptions {

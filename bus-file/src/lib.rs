@@ -121,22 +121,9 @@ use bus_core::Capabilities;
 #[must_use]
 pub fn capabilities() -> Capabilities {
     Capabilities {
-        name: "file",
-        exclusive_queues: true,
-        auto_delete_queues: true,
-        server_named_queues: true,
-        headers_exchange: true,
-        message_ttl: true,
         queue_expiry: false,
-        max_length: true,
-        dead_lettering: true,
-        priorities: true,
-        single_active_consumer: true,
-        mandatory: true,
-        durability: true,
-        cross_process: true,
         quorum_queues: false,
         direct_reply: false,
-        exact_counts: true,
+        ..Capabilities::all("file")
     }
 }

@@ -124,23 +124,11 @@ impl LocalConnection {
     #[must_use]
     pub fn local_capabilities() -> Capabilities {
         Capabilities {
-            name: "local",
-            exclusive_queues: true,
-            auto_delete_queues: true,
-            server_named_queues: true,
-            headers_exchange: true,
-            message_ttl: true,
-            queue_expiry: true,
-            max_length: true,
-            dead_lettering: true,
-            priorities: true,
-            single_active_consumer: true,
-            mandatory: true,
             durability: false,
             cross_process: false,
             quorum_queues: false,
             direct_reply: false,
-            exact_counts: true,
+            ..Capabilities::all("local")
         }
     }
 }
