@@ -105,6 +105,32 @@ async fn pass(gate: &mut watch::Receiver<bool>) {
     let _ = gate.wait_for(|open| *open).await;
 }
 
+/// A server of `q` whose handler reports each job's id on the returned
+/// receiver as it takes it, then holds it until the returned gate opens,
+/// and answers as `worker`.
+async fn holding_server(
+    conn: Arc<dyn crate::Connection>,
+    q: &str,
+    concurrency: u16,
+    worker: &'static str,
+) -> (RpcServer, mpsc::UnboundedReceiver<u64>, watch::Sender<bool>) {
+    let (held_tx, held) = mpsc::unbounded_channel();
+    let (release, released) = gate();
+    let server = RpcServer::builder(conn, q)
+        .concurrency(concurrency)
+        .serve(move |job: Job| {
+            let (held_tx, mut released) = (held_tx.clone(), released.clone());
+            async move {
+                let _ = held_tx.send(job.id);
+                pass(&mut released).await;
+                Ok::<_, String>(transcribe(&job, worker))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a server on {q:?}: {e:?}"));
+    (server, held, release)
+}
+
 /// A typed call goes to the service's queue and its reply comes back
 /// decoded: bytes, strings, nested maps, in msgpack and in JSON.
 pub async fn round_trip(h: &dyn Harness) {
@@ -556,19 +582,7 @@ pub async fn undecodable_request(h: &dyn Harness) {
 pub async fn server_killed_mid_request_is_served_by_another(h: &dyn Harness) {
     let doomed_conn = h.connect().await;
     let q = fresh_name("rpc-failover");
-    let (held_tx, mut held) = mpsc::unbounded_channel();
-    let (release, released) = gate();
-    let doomed = RpcServer::builder(doomed_conn.clone(), &q)
-        .serve(move |job: Job| {
-            let (held_tx, mut released) = (held_tx.clone(), released.clone());
-            async move {
-                let _ = held_tx.send(job.id);
-                pass(&mut released).await;
-                Ok::<_, String>(transcribe(&job, "doomed"))
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("start the first server on {q:?}: {e:?}"));
+    let (doomed, mut held, release) = holding_server(doomed_conn.clone(), &q, 1, "doomed").await;
     let client = client(h.connect().await).await;
     let call = tokio::spawn({
         let (client, q) = (client.clone(), q.clone());
@@ -701,19 +715,7 @@ pub async fn no_server_is_unroutable(h: &dyn Harness) {
 pub async fn connection_lost_fails_calls_in_flight(h: &dyn Harness) {
     let server_conn = h.connect().await;
     let q = fresh_name("rpc-conn-lost");
-    let (held_tx, mut held) = mpsc::unbounded_channel();
-    let (release, released) = gate();
-    let server = RpcServer::builder(server_conn.clone(), &q)
-        .serve(move |job: Job| {
-            let (held_tx, mut released) = (held_tx.clone(), released.clone());
-            async move {
-                let _ = held_tx.send(job.id);
-                pass(&mut released).await;
-                Ok::<_, String>(transcribe(&job, "asr"))
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("start a server on {q:?}: {e:?}"));
+    let (server, mut held, release) = holding_server(server_conn.clone(), &q, 1, "asr").await;
     let client_conn = h.connect().await;
     let client = client(client_conn.clone()).await;
     let started = Instant::now();
@@ -760,20 +762,7 @@ pub async fn connection_lost_fails_calls_in_flight(h: &dyn Harness) {
 pub async fn graceful_shutdown_finishes_in_flight(h: &dyn Harness) {
     let server_conn = h.connect().await;
     let q = fresh_name("rpc-shutdown");
-    let (held_tx, mut held) = mpsc::unbounded_channel();
-    let (release, released) = gate();
-    let server = RpcServer::builder(server_conn.clone(), &q)
-        .concurrency(2)
-        .serve(move |job: Job| {
-            let (held_tx, mut released) = (held_tx.clone(), released.clone());
-            async move {
-                let _ = held_tx.send(job.id);
-                pass(&mut released).await;
-                Ok::<_, String>(transcribe(&job, "asr"))
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("start a server on {q:?}: {e:?}"));
+    let (server, mut held, release) = holding_server(server_conn.clone(), &q, 2, "asr").await;
     let client = client(h.connect().await).await;
     let calls: Vec<_> = (1..=2)
         .map(|id| {
