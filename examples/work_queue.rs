@@ -44,12 +44,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut workers = Vec::new();
     for name in ["w1", "w2", "w3"] {
         let conn = bus::connect(&url).await?;
-        workers.push(tokio::spawn(worker(
-            name,
-            conn,
-            queue.clone(),
-            events.clone(),
-        )));
+        // Subscribe before any job is published: a worker that subscribed
+        // late might never see a job, and the nack path would not be shown.
+        let jobs = conn.consume(&queue, ConsumeOptions::prefetch(1)).await?;
+        workers.push(tokio::spawn(worker(name, conn, jobs, events.clone())));
     }
     drop(events);
 
@@ -106,15 +104,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Takes one job at a time. `w2` nacks the first job it gets and leaves, the
+/// Takes one job at a time from its subscription; holds its connection open
+/// while it works. `w2` nacks the first job it gets and leaves, the
 /// way a worker missing a model would.
 async fn worker(
     name: &'static str,
-    conn: Arc<dyn Connection>,
-    queue: String,
+    _conn: Arc<dyn Connection>,
+    mut jobs: bus::Consumer,
     events: mpsc::UnboundedSender<Event>,
 ) -> bus::Result<()> {
-    let mut jobs = conn.consume(&queue, ConsumeOptions::prefetch(1)).await?;
     while let Some(delivery) = jobs.next().await {
         let delivery = delivery?;
         let job = String::from_utf8_lossy(&delivery.message.body).into_owned();

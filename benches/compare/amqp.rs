@@ -626,7 +626,7 @@ impl RawClient {
     }
 }
 
-/// The legacy client, as LEGACY.md contract 1 describes it and the pika
+/// The legacy client, as docs/LEGACY.md contract 1 describes it and the pika
 /// tutorial writes it: a server-named exclusive callback queue consumed
 /// with auto-ack, a UUID4 correlation id per call, blocking until the
 /// matching reply. Calls in a loop for the given seconds after a warm-up

@@ -1,4 +1,4 @@
-//! RPC between this library and the legacy Python peers of LEGACY.md
+//! RPC between this library and the legacy Python peers of docs/LEGACY.md
 //! contract 1 (`tests/python/`: pika + msgpack, written as the production
 //! workers and callers are), over a real RabbitMQ, in both directions:
 //!

@@ -1,6 +1,6 @@
 //! The RPC wire format, pinned without a broker: bodies exactly as the
 //! legacy Python peers write and read them (`msgpack.packb` / `unpackb`,
-//! msgpack >= 1.0; LEGACY.md, contract 1).
+//! msgpack >= 1.0; docs/LEGACY.md, contract 1).
 //!
 //! Reply bytes are written by hand from the msgpack specification; request
 //! bytes are compared with what `msgpack.packb` gives for the same dict

@@ -31,7 +31,8 @@
 //! ```
 //!
 //! # What it implements
-//! Everything the behaviour contract (`SEMANTICS.md`) lists, as RabbitMQ 3.10
+//! Everything the behaviour contract (`docs/SEMANTICS.md` in the repository)
+//! lists, as RabbitMQ 3.10
 //! does it, down to the error each mistake gets: the default and the
 //! pre-declared `amq.*` exchanges; direct, fanout, topic and headers
 //! exchanges (with `x-match` `all`, `any`, `all-with-x`, `any-with-x`);
@@ -58,7 +59,8 @@
 //! order (consumers in RabbitMQ's rotation, queues by creation). So a test on
 //! a current-thread runtime delivers the same messages to the same consumers
 //! in the same order on every run. Time-based behaviour (TTL, `x-expires`)
-//! runs on tokio's clock: under `#[tokio::test(start_paused = true)]` a
+//! runs on tokio's clock: under `#[tokio::test(start_paused = true)]` (which
+//! needs tokio's `test-util` feature in the test's dev-dependencies) a
 //! `tokio::time::sleep` moves through it instantly and exactly.
 //!
 //! # Test conveniences

@@ -1,5 +1,5 @@
 """The legacy caller, written as the production Python clients are
-(LEGACY.md, contract 1): a server-named exclusive callback queue consumed
+(docs/LEGACY.md, contract 1): a server-named exclusive callback queue consumed
 with auto-ack, a new UUID4 string as the correlation id of each call, the
 request as msgpack on the default exchange with reply_to and correlation_id
 (no content type), and a wait for the reply whose correlation id matches,

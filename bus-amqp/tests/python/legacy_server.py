@@ -1,5 +1,5 @@
 """The legacy demo worker, written as the production Python services are
-(LEGACY.md, contract 1): pika BlockingConnection and msgpack, the request
+(docs/LEGACY.md, contract 1): pika BlockingConnection and msgpack, the request
 queue declared with default arguments, prefetch 1, manual acks, the reply
 published on the default exchange to reply_to with only the correlation id.
 

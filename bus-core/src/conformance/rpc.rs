@@ -1,5 +1,5 @@
 //! Request/reply: the RPC layer over the transport, and its wire protocol
-//! with the legacy peers (LEGACY.md, contract 1).
+//! with the legacy peers (docs/LEGACY.md in the repository, contract 1).
 //!
 //! Servers and clients run on connections of their own, as separate
 //! processes would. Cases that stop a server mid-request hold the request in
