@@ -1,5 +1,6 @@
 //! A connection to the in-process broker.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -262,10 +263,12 @@ impl ConnInner {
         Ok(())
     }
 
-    fn resolve(&self, name: &str) -> String {
+    /// The current name of the queue the application names `name` (the
+    /// same, borrowed, unless a recovery renamed it).
+    fn resolve<'a>(&self, name: &'a str) -> Cow<'a, str> {
         match &self.recovery {
-            Some(r) => r.resolve(name),
-            None => name.to_owned(),
+            Some(r) => Cow::Owned(r.resolve(name)),
+            None => Cow::Borrowed(name),
         }
     }
 
@@ -401,7 +404,7 @@ impl LocalConnection {
     /// that a recovery declared again under a new name.
     #[must_use]
     pub fn current_queue_name(&self, name: &str) -> String {
-        self.inner.resolve(name)
+        self.inner.resolve(name).into_owned()
     }
 
     /// A publish under a fault plan or with recovery.
@@ -416,7 +419,7 @@ impl LocalConnection {
         let routing_key = if exchange.is_empty() {
             self.inner.resolve(routing_key)
         } else {
-            routing_key.to_owned()
+            Cow::Borrowed(routing_key)
         };
         let fault = broker.faults.as_ref().and_then(|f| {
             f.on_publish(self.inner.id(), || {

@@ -119,7 +119,7 @@
 //! [`Recovery::Disabled`] stays lost, as a process that died.
 //!
 //! Without a fault plan none of this costs anything: publish, consume and
-//! ack take the same path as before, behind one predictable branch.
+//! ack take the same paths as before, behind a branch on a flag each.
 //!
 //! # Cost
 //! The topology is behind one read-write lock taken only to route or change

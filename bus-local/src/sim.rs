@@ -4,7 +4,7 @@
 //! `simulation`).
 //!
 //! ```
-//! use bus_core::{ConnectionExt, Message, QueueOptions};
+//! use bus_core::{Connection, QueueOptions};
 //! use bus_local::sim::Explorer;
 //! use bus_local::FaultRates;
 //!

@@ -261,7 +261,7 @@ macro_rules! conformance_tests {
             // Recovery after the broker drops a connection
             recovery::lost_connection_requeues_and_resumes,
             recovery::lost_connection_without_recovery_hands_its_messages_over,
-            recovery::publishes_across_a_lost_connection_never_falsely_succeed,
+            recovery::lost_connection_never_falsely_confirms_publishes_in_flight,
         );
         $crate::__rpc_conformance_tests!($harness, $(#[$meta])+);
     };

@@ -250,8 +250,8 @@ pub async fn lost_connection_without_recovery_hands_its_messages_over(h: &dyn Ha
 /// Publishes in flight when the broker drops the connection never report
 /// success falsely: each fails with a temporary error or is in the queue,
 /// and every confirmed message is consumed exactly once.
-pub async fn publishes_across_a_lost_connection_never_falsely_succeed(h: &dyn Harness) {
-    let case = "publishes_across_a_lost_connection_never_falsely_succeed";
+pub async fn lost_connection_never_falsely_confirms_publishes_in_flight(h: &dyn Harness) {
+    let case = "lost_connection_never_falsely_confirms_publishes_in_flight";
     let Some(dropped) = droppable(h, true, case).await else {
         return;
     };
