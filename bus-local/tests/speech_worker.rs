@@ -2,7 +2,9 @@
 //! of random faults: every job's effect must happen exactly once. With a
 //! handler that deduplicates by message id it does; with one that does not,
 //! the explorer finds a seed that duplicates an effect, and replaying that
-//! seed reproduces the duplicate and the same trace.
+//! seed reproduces the duplicate and the same trace. The worker is written
+//! out here (a consume loop), and also run on the worker runtime
+//! (`bus_core::worker`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,8 @@ struct Store {
 enum Handler {
     Idempotent,
     NonIdempotent,
+    /// Idempotent, on `bus_core::worker::Worker` instead of the loop.
+    IdempotentOnRuntime,
 }
 
 /// Retries an operation while it fails with a temporary error, with a
@@ -50,9 +54,13 @@ where
 }
 
 fn handle(store: &Mutex<Store>, handler: Handler, d: &Delivery) {
-    let id = d.message.properties.message_id.clone().unwrap_or_default();
+    record(store, handler, d.message.properties.message_id.clone());
+}
+
+fn record(store: &Mutex<Store>, handler: Handler, id: Option<String>) {
+    let id = id.unwrap_or_default();
     let mut store = store.lock().unwrap();
-    if handler == Handler::Idempotent && !store.seen.insert(id.clone()) {
+    if handler != Handler::NonIdempotent && !store.seen.insert(id.clone()) {
         return;
     }
     *store.effects.entry(id).or_default() += 1;
@@ -87,7 +95,44 @@ async fn scenario(broker: LocalBroker, handler: Handler) -> Result<(), String> {
     })
     .await?;
     let store = Arc::new(Mutex::new(Store::default()));
-    let running = tokio::spawn(worker(worker_conn.clone(), store.clone(), handler));
+    let running = match handler {
+        Handler::IdempotentOnRuntime => {
+            let conn: Arc<dyn Connection> = Arc::new(worker_conn.clone());
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut built = None;
+                for _ in 0..1000 {
+                    let store = store.clone();
+                    let attempt = bus_core::worker::Worker::builder(conn.clone(), QUEUE)
+                        .queue_options(QueueOptions::durable())
+                        .concurrency(2)
+                        .handle_raw(move |job: bus_core::worker::Job| {
+                            let store = store.clone();
+                            async move {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                record(&store, handler, job.properties.message_id.clone());
+                                Ok::<_, bus_core::Error>(())
+                            }
+                        })
+                        .await;
+                    match attempt {
+                        Ok(w) => {
+                            built = Some(w);
+                            break;
+                        }
+                        Err(e) if e.is_temporary() => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(e) => panic!("worker: {e}"),
+                    }
+                }
+                // Keep the worker alive until the scenario aborts this task.
+                let _worker = built.expect("the worker started");
+                std::future::pending::<()>().await;
+            })
+        }
+        _ => tokio::spawn(worker(worker_conn.clone(), store.clone(), handler)),
+    };
     for i in 0..JOBS {
         let id = format!("job-{i}");
         retry("publish", || {
@@ -136,6 +181,7 @@ fn idempotent_worker_has_every_effect_exactly_once_under_1000_seeds() {
         .seeds(0..1000)
         .run(|broker| scenario(broker, Handler::Idempotent))
         .unwrap_or_else(|failure| panic!("{failure}"));
+    println!("{explored:?}");
     assert_eq!(explored.runs, 1000);
     // The seeds did inject faults: several per run on average.
     assert!(
@@ -143,6 +189,17 @@ fn idempotent_worker_has_every_effect_exactly_once_under_1000_seeds() {
         "only {} faults over 1000 runs",
         explored.faults
     );
+}
+
+#[test]
+fn idempotent_handler_on_the_worker_runtime_has_every_effect_exactly_once_under_1000_seeds() {
+    let explored = explorer()
+        .seeds(0..1000)
+        .run(|broker| scenario(broker, Handler::IdempotentOnRuntime))
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    println!("{explored:?}");
+    assert_eq!(explored.runs, 1000);
+    assert!(explored.faults > 2000, "only {} faults", explored.faults);
 }
 
 #[test]
