@@ -1,14 +1,17 @@
 //! The shared conformance suite against a real RabbitMQ (`AMQP_ADDR`, by
-//! default the local broker), one test per case, on the real clock.
+//! default the local broker), one test per case, on the real clock. The
+//! recovery cases drop their own connections with `rabbitmqctl
+//! close_connection`.
 
 mod support;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bus_amqp::{AmqpConnection, ReplyMode};
-use bus_core::conformance::Harness;
+use bus_amqp::{AmqpConnection, AmqpOptions, ReconnectPolicy, ReplyMode};
+use bus_core::conformance::{DroppableConnection, Harness};
 use bus_core::{Capabilities, Connection};
+use futures::FutureExt;
 
 struct AmqpHarness;
 
@@ -29,6 +32,27 @@ impl Harness for AmqpHarness {
         // options (direct reply-to); `capabilities()` is sync, so it cannot
         // ask a connection.
         bus_amqp::capabilities(ReplyMode::default())
+    }
+
+    async fn connect_droppable(&self, recover: bool) -> Option<DroppableConnection> {
+        // The connection gets a fresh name, so only this test's own
+        // connection is ever closed on the shared broker.
+        let name = support::fresh("droppable");
+        let mut options = AmqpOptions::default().with_connection_name(&name);
+        if !recover {
+            options = options.with_reconnect(ReconnectPolicy::disabled());
+        }
+        let conn = support::connect_with(options).await;
+        let events = conn.events();
+        Some(DroppableConnection::new(conn, events, move || {
+            let name = name.clone();
+            async move {
+                tokio::task::spawn_blocking(move || support::close_connection(&name))
+                    .await
+                    .expect("rabbitmqctl close_connection ran");
+            }
+            .boxed()
+        }))
     }
 }
 

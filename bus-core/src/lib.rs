@@ -14,15 +14,18 @@ pub mod conformance;
 mod delivery;
 mod error;
 mod message;
+pub mod recovery;
 pub mod routing;
 pub mod rpc;
 mod topology;
 mod transport;
 mod value;
+pub mod worker;
 
 pub use delivery::{Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream};
 pub use error::{Error, Result};
 pub use message::{DeliveryMode, Message, Properties};
+pub use recovery::RecoveryEvent;
 pub use topology::{
     is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions, Overflow,
     QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL,

@@ -54,6 +54,10 @@ pub struct Capabilities {
     pub direct_reply: bool,
     /// Exact consumer count and message count in [`QueueInfo`].
     pub exact_counts: bool,
+    /// A connection the broker drops comes back by itself: it reconnects,
+    /// declares its topology again and resumes its consumers, reporting
+    /// each step as a [`RecoveryEvent`](crate::RecoveryEvent).
+    pub recovery: bool,
 }
 
 impl Capabilities {
@@ -80,6 +84,7 @@ impl Capabilities {
             quorum_queues: true,
             direct_reply: true,
             exact_counts: true,
+            recovery: true,
         }
     }
 }

@@ -124,6 +124,7 @@ pub fn capabilities() -> Capabilities {
         queue_expiry: false,
         quorum_queues: false,
         direct_reply: false,
+        recovery: false,
         ..Capabilities::all("file")
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
@@ -28,6 +28,7 @@ use crate::declaration::{
     queue_arguments,
 };
 use crate::exchange::{alternate_exchange, Binding, Exchange};
+use crate::faults::{Fault, FaultState};
 use crate::queue::{Effects, Envelope, NewConsumer, Now, Queue, QueueState, Settle};
 
 /// The queues a publish reaches.
@@ -145,6 +146,11 @@ pub(crate) struct BrokerInner {
     runtime: Mutex<Option<Handle>>,
     recording: AtomicBool,
     records: Mutex<HashMap<String, Vec<(String, Message)>>>,
+    /// The fault plan, if the broker has one: `None` keeps every path as
+    /// it is without faults.
+    pub(crate) faults: Option<Arc<FaultState>>,
+    /// Every connection opened, for a restart to drop them all.
+    connections: Mutex<Vec<Weak<ConnInner>>>,
 }
 
 fn random_suffix() -> String {
@@ -205,7 +211,7 @@ fn check_binding_names(operation: &str, queue: &str, exchange: &str, key: &str) 
 }
 
 impl BrokerInner {
-    pub(crate) fn new(name: Option<String>) -> Self {
+    pub(crate) fn new(name: Option<String>, faults: Option<FaultState>) -> Self {
         let mut topology = Topology::default();
         for (name, kind) in PREDECLARED_EXCHANGES {
             topology.exchanges.insert(
@@ -221,6 +227,55 @@ impl BrokerInner {
             runtime: Mutex::new(None),
             recording: AtomicBool::new(false),
             records: Mutex::new(HashMap::new()),
+            faults: faults.map(Arc::new),
+            connections: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps track of a new connection, for [`BrokerInner::restart`].
+    pub(crate) fn register_connection(&self, conn: &Arc<ConnInner>) {
+        let mut list = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|c| c.strong_count() > 0);
+        list.push(Arc::downgrade(conn));
+    }
+
+    /// The broker restarts: every connection drops; durable exchanges,
+    /// durable queues (neither exclusive nor auto-delete), the bindings
+    /// between them and the persistent messages of those queues survive;
+    /// everything else is gone. Recovering connections come back after
+    /// their reconnection delay.
+    pub(crate) fn restart(self: &Arc<Self>) {
+        if let Some(faults) = &self.faults {
+            faults.on_commanded(None, Fault::RestartBroker, "every connection drops".into());
+        }
+        let connections: Vec<Arc<ConnInner>> = {
+            let list = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut to_recover = Vec::new();
+        for conn in &connections {
+            if conn.drop_link("the broker restarted") {
+                to_recover.push(conn);
+            }
+        }
+        let (doomed_queues, kept_queues): (Vec<_>, Vec<_>) = {
+            let topo = self.read();
+            topo.queues
+                .values()
+                .cloned()
+                .partition(|q| !q.durable || q.auto_delete || q.owner.is_some())
+        };
+        for queue in &doomed_queues {
+            self.remove_queue(queue);
+        }
+        self.write().exchanges.retain(|_, x| x.durable);
+        for queue in &kept_queues {
+            let mut st = queue.lock();
+            Queue::drop_transient(&mut st);
+            self.complete(queue, st, Effects::default());
+        }
+        for conn in to_recover {
+            conn.schedule_recovery();
         }
     }
 
@@ -500,7 +555,12 @@ impl BrokerInner {
         let mut topo = self.write();
         let name = if name.is_empty() {
             loop {
-                let candidate = format!("amq.gen-{}", random_suffix());
+                // Under a fault plan names must not depend on chance, so
+                // that a seed replays the same trace.
+                let candidate = match self.faults {
+                    None => format!("amq.gen-{}", random_suffix()),
+                    Some(_) => format!("amq.gen-sim{}", self.next_id()),
+                };
                 if !topo.queues.contains_key(&candidate) {
                     break candidate;
                 }
@@ -804,12 +864,13 @@ impl BrokerInner {
         conn: &Arc<ConnInner>,
         queue: &str,
         options: ConsumeOptions,
+        first_tag: u64,
     ) -> Result<Consumer> {
         validate_name("queue", queue)?;
         let q = self
             .lookup_queue(queue)
             .ok_or_else(|| not_found_queue(queue))?;
-        Self::check_owner(&q, conn.id)?;
+        Self::check_owner(&q, conn.id())?;
         let priority = match options.arguments.get("x-priority") {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| {
@@ -829,12 +890,16 @@ impl BrokerInner {
         let tag = options
             .consumer_tag
             .clone()
-            .unwrap_or_else(|| format!("amq.ctag-{}", random_suffix()));
+            .unwrap_or_else(|| match self.faults {
+                None => format!("amq.ctag-{}", random_suffix()),
+                Some(_) => format!("amq.ctag-sim{}", self.next_id()),
+            });
         let shared = Arc::new(ConsumerShared::new(
             self.next_id(),
             Arc::downgrade(&q),
             Arc::downgrade(conn),
             self.activity.clone(),
+            self.faults.clone(),
         ));
         let acker: Option<Arc<dyn bus_core::Acknowledger>> = if options.auto_ack {
             None
@@ -858,6 +923,7 @@ impl BrokerInner {
                 auto_ack: options.auto_ack,
                 exclusive: options.exclusive,
                 priority,
+                first_tag,
             },
             &mut now,
             &mut fx,

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::broker::BrokerInner;
 use crate::connection::ConnInner;
+use crate::faults::{label, AckFault, FaultState, TraceEvent};
 use crate::queue::{Envelope, Queue, Settle};
 
 /// Broker-wide count of deliveries handed to consumers but not yet read
@@ -74,6 +75,9 @@ pub(crate) struct Handover {
 #[derive(Default)]
 struct Inbox {
     buffer: VecDeque<Handover>,
+    /// Deliveries a simulated delay holds back, in order; while some are
+    /// held, later ones wait behind them (a channel never reorders).
+    held: Option<VecDeque<Handover>>,
     ended: bool,
     waker: Option<Waker>,
 }
@@ -86,6 +90,11 @@ pub(crate) struct ConsumerShared {
     pub(crate) conn: Weak<ConnInner>,
     activity: Arc<Activity>,
     inbox: Mutex<Inbox>,
+    /// The broker's fault plan, if it has one.
+    faults: Option<Arc<FaultState>>,
+    /// Its connection was dropped by the broker: its deliveries were
+    /// requeued and can no longer be settled.
+    pub(crate) lost: AtomicBool,
 }
 
 impl ConsumerShared {
@@ -94,6 +103,7 @@ impl ConsumerShared {
         queue: Weak<Queue>,
         conn: Weak<ConnInner>,
         activity: Arc<Activity>,
+        faults: Option<Arc<FaultState>>,
     ) -> Self {
         ConsumerShared {
             id,
@@ -101,6 +111,8 @@ impl ConsumerShared {
             conn,
             activity,
             inbox: Mutex::new(Inbox::default()),
+            faults,
+            lost: AtomicBool::new(false),
         }
     }
 
@@ -110,7 +122,14 @@ impl ConsumerShared {
 
     /// Hands a delivery over. The queue only does so within the consumer's
     /// prefetch, so the buffer stays bounded by it.
-    pub(crate) fn push(&self, handover: Handover) {
+    pub(crate) fn push(self: &Arc<Self>, handover: Handover) {
+        if let Some(faults) = &self.faults {
+            return self.push_faulty(faults, handover);
+        }
+        self.push_now(handover);
+    }
+
+    fn push_now(&self, handover: Handover) {
         let waker = {
             let mut inbox = self.inbox();
             inbox.buffer.push_back(handover);
@@ -122,6 +141,49 @@ impl ConsumerShared {
         }
     }
 
+    /// A hand-over under a fault plan: traced, and perhaps held back.
+    fn push_faulty(self: &Arc<Self>, faults: &FaultState, handover: Handover) {
+        let delay = faults.on_delivery(TraceEvent::Delivery {
+            queue: self.queue_name(),
+            consumer: self.id,
+            tag: handover.tag,
+            redelivered: handover.redelivered,
+            message: label(&handover.envelope.message),
+        });
+        let mut inbox = self.inbox();
+        if let Some(held) = &mut inbox.held {
+            held.push_back(handover);
+            return;
+        }
+        let (Some(delay), Ok(runtime)) = (delay, tokio::runtime::Handle::try_current()) else {
+            drop(inbox);
+            return self.push_now(handover);
+        };
+        inbox.held = Some(VecDeque::from([handover]));
+        drop(inbox);
+        let me = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(me) = me.upgrade() else { return };
+            let waker = {
+                let mut inbox = me.inbox();
+                let released = inbox.held.take().unwrap_or_default();
+                // Deliveries of a consumer that ended meanwhile were requeued.
+                if inbox.ended {
+                    return;
+                }
+                for h in released {
+                    inbox.buffer.push_back(h);
+                    me.activity.added();
+                }
+                inbox.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        });
+    }
+
     /// Ends the stream. With `discard`, deliveries not read yet are dropped
     /// (their messages were requeued); otherwise the stream yields them
     /// first.
@@ -129,6 +191,7 @@ impl ConsumerShared {
         let (dropped, waker) = {
             let mut inbox = self.inbox();
             inbox.ended = true;
+            inbox.held = None;
             let dropped = if discard {
                 std::mem::take(&mut inbox.buffer)
             } else {
@@ -238,13 +301,62 @@ pub(crate) struct Settler {
 
 impl Settler {
     fn settle(&self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
+        if self.shared.lost.load(Ordering::Acquire) {
+            return Err(self.lost_error(tag));
+        }
         let broker = self.broker.upgrade().ok_or_else(|| {
             Error::Closed(format!(
                 "cannot settle delivery {tag} of a consumer of queue '{}': the broker is gone",
                 self.shared.queue_name()
             ))
         })?;
+        if let Some(faults) = &broker.faults {
+            if how == Settle::Ack {
+                return self.ack_faulty(&broker, faults, tag, multiple);
+            }
+        }
         broker.settle(&self.shared, tag, multiple, how)
+    }
+
+    fn lost_error(&self, tag: u64) -> Error {
+        Error::ConnectionLost(format!(
+            "cannot settle delivery {tag} of a consumer of queue '{}': its connection was lost \
+             and the broker requeued its unsettled deliveries",
+            self.shared.queue_name()
+        ))
+    }
+
+    /// An ack under a fault plan.
+    fn ack_faulty(
+        &self,
+        broker: &Arc<BrokerInner>,
+        faults: &FaultState,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<()> {
+        let conn = self.shared.conn.upgrade();
+        let fault = faults.on_ack(conn.as_ref().map(|c| c.id()), || {
+            format!("of tag {tag} on {:?}", self.shared.queue_name())
+        });
+        match fault {
+            None => broker.settle(&self.shared, tag, multiple, Settle::Ack),
+            Some(AckFault::Lose) => {
+                if let Some(conn) = conn {
+                    conn.lose_link("an ack was lost on the way to the broker");
+                }
+                Ok(())
+            }
+            Some(AckFault::CloseConnection) => {
+                if let Some(conn) = conn {
+                    conn.lose_link("the broker dropped the connection");
+                }
+                Err(self.lost_error(tag))
+            }
+            Some(AckFault::RestartBroker) => {
+                broker.restart();
+                Err(self.lost_error(tag))
+            }
+        }
     }
 }
 

@@ -71,6 +71,58 @@
 //! - [`LocalBroker::record_exchange`] and [`LocalBroker::published`]: what was
 //!   published to an exchange, routed or not.
 //!
+//! # Simulated faults
+//! [`LocalBroker::with_faults`] builds a broker that does to a service what
+//! RabbitMQ does when something fails, by a [`FaultPlan`]: scripted at the
+//! `n`th publish, ack, delivery or declaration ([`PublishFault`],
+//! [`AckFault`]), drawn from a seed at given [`FaultRates`], or commanded
+//! by the test ([`LocalBroker::close_connection`], [`LocalBroker::restart`]).
+//!
+//! - Closing a connection requeues its consumers' unacked deliveries with
+//!   `redelivered` (settling them then fails with `ConnectionLost`),
+//!   deletes its exclusive queues, and fails the publish in flight with the
+//!   temporary [`bus_core::Error::ConnectionLost`] (the message was not
+//!   taken).
+//! - A lost ack succeeds for the caller but never reaches the queue; the
+//!   connection then drops, so the message comes again (on RabbitMQ an ack
+//!   is only lost with its connection).
+//! - A lost confirm queues the message, drops the connection and fails the
+//!   publish with `ConnectionLost`: a retry makes a duplicate.
+//! - A restart drops every connection; durable exchanges, durable queues
+//!   that are neither exclusive nor auto-delete, the bindings between them
+//!   and their persistent messages survive; everything else vanishes.
+//! - A delayed delivery holds that delivery, and those behind it on the same
+//!   consumer, back on tokio's clock; a nacked publish fails with the
+//!   temporary `Nacked`; a refused declaration or binding with the
+//!   temporary `ResourceLocked`.
+//!
+//! Every fault, delivery and reconnection goes to the broker's [`Trace`]
+//! ([`LocalBroker::trace`], printable). On a current-thread runtime the
+//! same plan and the same scenario give the same trace: under a plan,
+//! server-named queues and consumer tags are numbered instead of random.
+//! [`sim::Explorer`] (feature `simulation`) runs a scenario under many
+//! seeds and reports the first that breaks an invariant, with its trace
+//! and a one-line replay.
+//!
+//! # Recovery
+//! A connection of a broker with a fault plan (or opened with
+//! [`LocalBroker::connect_with`]`(`[`Recovery::Enabled`]`)`) recovers as
+//! bus-amqp's do on RabbitMQ, from the same journal
+//! ([`bus_core::recovery::Journal`]): after the plan's reconnection delay
+//! it gets a new link (a new [`LocalConnection::id`]), declares again the
+//! exchanges, queues and bindings it declared (a server-named queue gets a
+//! new name, [`bus_core::RecoveryEvent::QueueRenamed`], and every call
+//! naming the old one goes to the new one), then resumes its consumers on
+//! the same streams, their delivery tags going on growing. A consumer of an
+//! exclusive queue first yields `Err(ConnectionLost)`: its messages died
+//! with the queue. Calls made while the connection is down wait for it.
+//! [`LocalConnection::events`] reports each step with the
+//! [`bus_core::RecoveryEvent`]s bus-amqp reports. A connection opened with
+//! [`Recovery::Disabled`] stays lost, as a process that died.
+//!
+//! Without a fault plan none of this costs anything: publish, consume and
+//! ack take the same paths as before, behind a branch on a flag each.
+//!
 //! # Cost
 //! The topology is behind one read-write lock taken only to route or change
 //! it; each queue has its own lock, so publishes to unrelated queues do not
@@ -115,7 +167,11 @@ mod consumer;
 mod dead_letter;
 mod declaration;
 mod exchange;
+mod faults;
 mod queue;
+mod recovery;
+#[cfg(feature = "simulation")]
+pub mod sim;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -123,7 +179,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bus_core::Message;
 
-pub use connection::LocalConnection;
+pub use connection::{LocalConnection, Recovery};
+pub use faults::{
+    AckFault, Fault, FaultPlan, FaultRates, PublishFault, Trace, TraceEntry, TraceEvent,
+};
 
 use broker::BrokerInner;
 
@@ -153,8 +212,23 @@ impl LocalBroker {
     #[must_use]
     pub fn new() -> Self {
         LocalBroker {
-            inner: Arc::new(BrokerInner::new(None)),
+            inner: Arc::new(BrokerInner::new(None, None)),
         }
+    }
+
+    /// A new, empty broker that injects the faults of `plan` and whose
+    /// connections recover from them (see the crate documentation).
+    #[must_use]
+    pub fn with_faults(plan: FaultPlan) -> Self {
+        LocalBroker {
+            inner: Arc::new(BrokerInner::new(None, Some(faults::FaultState::new(plan)))),
+        }
+    }
+
+    /// Whether the broker was built with a fault plan.
+    #[must_use]
+    pub fn has_faults(&self) -> bool {
+        self.inner.faults.is_some()
     }
 
     /// The process-wide broker registered under `name`, created on first
@@ -170,15 +244,61 @@ impl LocalBroker {
         registry
             .entry(name.to_owned())
             .or_insert_with(|| LocalBroker {
-                inner: Arc::new(BrokerInner::new(Some(name.to_owned()))),
+                inner: Arc::new(BrokerInner::new(Some(name.to_owned()), None)),
             })
             .clone()
     }
 
-    /// Opens a connection to this broker.
+    /// Opens a connection to this broker. It recovers from being dropped
+    /// when the broker has a fault plan ([`LocalBroker::with_faults`]).
     #[must_use]
     pub fn connect(&self) -> LocalConnection {
-        LocalConnection::new(self.inner.clone())
+        let recovery = if self.inner.faults.is_some() {
+            Recovery::Enabled
+        } else {
+            Recovery::Disabled
+        };
+        LocalConnection::new(self.inner.clone(), recovery)
+    }
+
+    /// Opens a connection that does or does not recover from being dropped
+    /// by the broker, whether or not the broker has a fault plan.
+    #[must_use]
+    pub fn connect_with(&self, recovery: Recovery) -> LocalConnection {
+        LocalConnection::new(self.inner.clone(), recovery)
+    }
+
+    /// Drops `conn` from the broker's side, as `rabbitmqctl
+    /// close_connection` does on RabbitMQ: its consumers end and their
+    /// unacked deliveries are requeued with `redelivered`, its exclusive
+    /// queues go, and settling what it had received fails with
+    /// `ConnectionLost`. A recovering connection comes back after the
+    /// plan's reconnection delay (50 ms without a plan); another stays
+    /// lost. Nothing happens to a connection that is not open.
+    pub fn close_connection(&self, conn: &LocalConnection) {
+        connection::drop_from_broker(conn, "closed by the broker (LocalBroker::close_connection)");
+    }
+
+    /// Restarts the broker, as a RabbitMQ node restart does: every
+    /// connection drops (recovering ones come back after their delay);
+    /// durable exchanges and durable queues that are neither exclusive nor
+    /// auto-delete survive with the bindings between them and their
+    /// persistent messages (requeued ones included, marked
+    /// `redelivered`); transient messages and every other exchange and
+    /// queue are gone.
+    pub fn restart(&self) {
+        self.inner.restart();
+    }
+
+    /// What the fault plan did so far: faults, deliveries, reconnections.
+    /// Empty for a broker without a plan.
+    #[must_use]
+    pub fn trace(&self) -> Trace {
+        self.inner
+            .faults
+            .as_ref()
+            .map(|f| f.trace())
+            .unwrap_or_default()
     }
 
     /// Resolves when nothing is in flight that a consumer could still

@@ -157,6 +157,17 @@ impl Ready {
             .min()
     }
 
+    /// Drops the messages that are not persistent; returns how many.
+    fn retain_persistent(&mut self) -> usize {
+        let before = self.len;
+        for level in &mut self.levels {
+            level.retain(|e| e.envelope.message.is_persistent());
+        }
+        self.len = self.levels.iter().map(VecDeque::len).sum();
+        self.bytes = self.levels.iter().flatten().map(Entry::size).sum();
+        before - self.len
+    }
+
     fn clear(&mut self) -> usize {
         let n = self.len;
         self.levels.iter_mut().for_each(VecDeque::clear);
@@ -208,6 +219,9 @@ pub(crate) struct NewConsumer {
     pub(crate) auto_ack: bool,
     pub(crate) exclusive: bool,
     pub(crate) priority: i64,
+    /// The tag of its first delivery (a resumed consumer's tags go on
+    /// growing).
+    pub(crate) first_tag: u64,
 }
 
 /// Work a queue operation leaves for the broker, done after the queue's lock
@@ -571,7 +585,7 @@ impl Queue {
             exclusive: new.exclusive,
             priority: new.priority,
             cancelled: false,
-            next_tag: 0,
+            next_tag: new.first_tag.saturating_sub(1),
             unacked: VecDeque::new(),
             in_active: true,
         });
@@ -756,6 +770,12 @@ impl Queue {
     /// Removes the ready messages; returns how many there were.
     pub(crate) fn purge(st: &mut QueueState) -> usize {
         st.ready.clear()
+    }
+
+    /// What a broker restart leaves of a durable queue: its persistent
+    /// messages. Returns how many messages were dropped.
+    pub(crate) fn drop_transient(st: &mut QueueState) -> usize {
+        st.ready.retain_persistent()
     }
 
     /// Marks the queue deleted: messages dropped, consumers' streams ended

@@ -1,12 +1,14 @@
 //! The shared behaviour suite, run against the in-process broker: one test
-//! per case, each on a fresh broker.
+//! per case, each on a fresh broker. The recovery cases drop connections
+//! with a simulated fault ([`LocalBroker::close_connection`]).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bus_core::conformance::Harness;
+use bus_core::conformance::{DroppableConnection, Harness};
 use bus_core::{Capabilities, Connection};
-use bus_local::{LocalBroker, LocalConnection};
+use bus_local::{LocalBroker, LocalConnection, Recovery};
+use futures::FutureExt;
 
 /// Connections to one fresh [`LocalBroker`].
 struct LocalHarness {
@@ -29,6 +31,26 @@ impl Harness for LocalHarness {
 
     fn capabilities(&self) -> Capabilities {
         LocalConnection::local_capabilities()
+    }
+
+    async fn connect_droppable(&self, recover: bool) -> Option<DroppableConnection> {
+        let recovery = if recover {
+            Recovery::Enabled
+        } else {
+            Recovery::Disabled
+        };
+        let conn = self.broker.connect_with(recovery);
+        let events = conn.events();
+        let broker = self.broker.clone();
+        let target = conn.clone();
+        Some(DroppableConnection::new(
+            Arc::new(conn),
+            events,
+            move || {
+                broker.close_connection(&target);
+                async {}.boxed()
+            },
+        ))
     }
 }
 

@@ -19,19 +19,24 @@
 //! based cases (TTL, expiry) use tokio's clock, so a paused clock runs them
 //! instantly and a real one in a fraction of a second.
 
+use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::broadcast;
 
-use crate::{Capabilities, Connection};
+use crate::{Capabilities, Connection, RecoveryEvent};
 
 pub mod dead_letter;
 pub mod delivery;
 pub mod lifetimes;
 pub mod properties;
+pub mod recovery;
 pub mod routing;
 pub mod rpc;
 pub mod topology;
+pub mod worker;
 
 mod support;
 
@@ -54,6 +59,55 @@ pub trait Harness: Send + Sync + 'static {
     /// the default is RabbitMQ's default user, `guest`.
     fn user_id(&self) -> String {
         "guest".to_owned()
+    }
+
+    /// Opens a new connection that the broker can be made to drop (see
+    /// [`DroppableConnection`]), one that recovers (`recover`) or one that
+    /// stays lost, as a process that died. The default, `None`, makes the
+    /// [`recovery`] cases not applicable.
+    async fn connect_droppable(&self, recover: bool) -> Option<DroppableConnection> {
+        let _ = recover;
+        None
+    }
+}
+
+/// A connection with the means to have the broker drop it: on RabbitMQ
+/// `rabbitmqctl close_connection`, on the in-process broker a simulated
+/// fault.
+pub struct DroppableConnection {
+    /// The connection.
+    pub connection: Arc<dyn Connection>,
+    /// Its recovery events, from before the first drop.
+    pub events: broadcast::Receiver<RecoveryEvent>,
+    drop_it: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+impl fmt::Debug for DroppableConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DroppableConnection")
+            .field("connection", &self.connection.capabilities().name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DroppableConnection {
+    /// `drop_it` makes the broker drop `connection`, resolving once the
+    /// broker has done so (the client may not have noticed yet).
+    pub fn new(
+        connection: Arc<dyn Connection>,
+        events: broadcast::Receiver<RecoveryEvent>,
+        drop_it: impl Fn() -> BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Self {
+        DroppableConnection {
+            connection,
+            events,
+            drop_it: Box::new(drop_it),
+        }
+    }
+
+    /// Has the broker drop the connection.
+    pub async fn drop_from_broker(&self) {
+        (self.drop_it)().await;
     }
 }
 
@@ -205,6 +259,21 @@ macro_rules! conformance_tests {
             properties::large_body_round_trips,
             properties::persistent_message_in_durable_queue,
             properties::invalid_expiration_is_refused,
+            // Recovery after the broker drops a connection
+            recovery::lost_connection_requeues_and_resumes,
+            recovery::lost_connection_without_recovery_hands_its_messages_over,
+            recovery::lost_connection_never_falsely_confirms_publishes_in_flight,
+            // The worker runtime
+            worker::worker_success_acks,
+            worker::worker_transient_then_success,
+            worker::worker_retries_exhausted_go_to_poison_queue,
+            worker::worker_permanent_failure_poisons_at_once,
+            worker::worker_undecodable_body_poisons_at_once,
+            worker::worker_panic_is_transient,
+            worker::worker_delayed_publish_has_no_head_of_line_blocking,
+            worker::worker_attempts_survive_a_restart,
+            worker::worker_shutdown_drains_and_requeues,
+            worker::worker_unsettled_delivery_dropped_is_requeued,
         );
         $crate::__rpc_conformance_tests!($harness, $(#[$meta])+);
     };
