@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -30,6 +30,16 @@ pub trait Acknowledger: Send + Sync + 'static {
 }
 
 /// One message handed to a consumer, with what it needs to settle it.
+///
+/// A delivery dropped without being settled (a handler that returned early,
+/// a task that was aborted or panicked) is nacked with requeue: the message
+/// goes back to its queue with `redelivered` set, and the prefetch slot it
+/// held is freed, so a forgotten delivery never stalls its consumer. The
+/// nack is sent from a task on the current tokio runtime; a delivery dropped
+/// outside any runtime is requeued only when its consumer or connection
+/// goes away. Deliveries of a [`Consumer`] covered by a later
+/// [`Delivery::ack_multiple`] or [`Delivery::nack_multiple`] count as
+/// settled: dropping them afterwards sends nothing.
 pub struct Delivery {
     /// The message as published.
     pub message: Message,
@@ -43,6 +53,9 @@ pub struct Delivery {
     pub delivery_tag: u64,
     settled: AtomicBool,
     acker: Option<Arc<dyn Acknowledger>>,
+    /// The highest tag of this delivery's consumer settled by a `multiple`
+    /// settle (0: none), shared by the consumer's deliveries.
+    multiple: Option<Arc<AtomicU64>>,
 }
 
 impl fmt::Debug for Delivery {
@@ -77,7 +90,15 @@ impl Delivery {
             redelivered,
             delivery_tag,
             acker,
+            multiple: None,
         }
+    }
+
+    /// Whether a `multiple` settle of a later delivery covered this one.
+    fn covered(&self) -> bool {
+        self.multiple
+            .as_ref()
+            .is_some_and(|m| m.load(Ordering::Acquire) >= self.delivery_tag)
     }
 
     /// Claims the right to settle: `None` for an auto-ack delivery (settled
@@ -86,7 +107,7 @@ impl Delivery {
         let Some(acker) = &self.acker else {
             return Ok(None);
         };
-        if self.settled.swap(true, Ordering::AcqRel) {
+        if self.settled.swap(true, Ordering::AcqRel) || self.covered() {
             return Err(Error::PreconditionFailed(format!(
                 "{} was already settled",
                 self.describe()
@@ -102,15 +123,29 @@ impl Delivery {
         )
     }
 
+    /// Records a `multiple` settle up to this delivery for its consumer's
+    /// other deliveries.
+    fn mark_multiple(&self, multiple: bool) {
+        if let (true, Some(m)) = (multiple, &self.multiple) {
+            m.fetch_max(self.delivery_tag, Ordering::AcqRel);
+        }
+    }
+
     async fn settle_ack(&self, multiple: bool) -> Result<()> {
-        match self.claim()? {
+        let claimed = self.claim()?;
+        self.mark_multiple(multiple);
+        match claimed {
             Some(acker) => acker.ack(self.delivery_tag, multiple).await,
             None => Ok(()),
         }
     }
 
     async fn settle_nack(&self, multiple: bool, requeue: bool) -> Result<()> {
-        match self.claim()? {
+        let claimed = self.claim()?;
+        if claimed.is_some() {
+            self.mark_multiple(multiple);
+        }
+        match claimed {
             Some(acker) => acker.nack(self.delivery_tag, multiple, requeue).await,
             None => Err(Error::PreconditionFailed(format!(
                 "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
@@ -196,6 +231,32 @@ impl Delivery {
     }
 }
 
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::Acquire) || self.covered() {
+            return;
+        }
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
+        let tag = self.delivery_tag;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::debug!(delivery_tag = tag, "requeueing a delivery dropped unsettled");
+                runtime.spawn(async move {
+                    if let Err(e) = acker.nack(tag, false, true).await {
+                        tracing::debug!(delivery_tag = tag, error = %e, "could not requeue a delivery dropped unsettled");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                delivery_tag = tag,
+                "a delivery was dropped unsettled outside a tokio runtime: it stays unacked until its consumer goes away"
+            ),
+        }
+    }
+}
+
 /// Stops a consumer. Implemented by transports.
 #[async_trait]
 pub trait ConsumerControl: Send + Sync + 'static {
@@ -218,6 +279,7 @@ pub struct Consumer {
     queue: String,
     stream: DeliveryStream,
     control: Arc<dyn ConsumerControl>,
+    multiple: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Consumer {
@@ -242,6 +304,7 @@ impl Consumer {
             queue,
             stream,
             control,
+            multiple: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -274,6 +337,14 @@ impl Stream for Consumer {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.stream.as_mut().poll_next(cx)
+        let next = self.stream.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(delivery))) = next {
+            let mut delivery = delivery;
+            if delivery.acker.is_some() {
+                delivery.multiple = Some(self.multiple.clone());
+            }
+            return Poll::Ready(Some(Ok(delivery)));
+        }
+        next
     }
 }

@@ -19,6 +19,7 @@ pub mod rpc;
 mod topology;
 mod transport;
 mod value;
+pub mod worker;
 
 pub use delivery::{Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream};
 pub use error::{Error, Result};

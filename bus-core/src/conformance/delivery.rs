@@ -149,16 +149,18 @@ pub async fn prefetch_zero_is_unlimited(h: &dyn Harness) {
     let q = queue(&*conn, "prefetch-zero").await;
     publish_numbered(&*conn, &q, 50).await;
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(0)).await;
-    let mut last = None;
+    // Kept until the multiple ack: a delivery dropped unsettled is requeued.
+    let mut held = Vec::new();
     for i in 1..=50 {
         let d = recv(&mut c, "unlimited prefetch").await;
         assert_eq!(body(&d), format!("m{i}"));
-        last = Some(d);
+        held.push(d);
     }
     if h.capabilities().exact_counts {
         expect_depth(&*conn, &q, 0, "all delivered, none acked").await;
     }
-    last.expect("fifty deliveries")
+    held.last()
+        .expect("fifty deliveries")
         .ack_multiple()
         .await
         .expect("ack all");

@@ -32,6 +32,7 @@ pub mod properties;
 pub mod routing;
 pub mod rpc;
 pub mod topology;
+pub mod worker;
 
 mod support;
 
@@ -205,6 +206,17 @@ macro_rules! conformance_tests {
             properties::large_body_round_trips,
             properties::persistent_message_in_durable_queue,
             properties::invalid_expiration_is_refused,
+            // The worker runtime
+            worker::worker_success_acks,
+            worker::worker_transient_then_success,
+            worker::worker_retries_exhausted_go_to_poison_queue,
+            worker::worker_permanent_failure_poisons_at_once,
+            worker::worker_undecodable_body_poisons_at_once,
+            worker::worker_panic_is_transient,
+            worker::worker_delayed_publish_has_no_head_of_line_blocking,
+            worker::worker_attempts_survive_a_restart,
+            worker::worker_shutdown_drains_and_requeues,
+            worker::worker_unsettled_delivery_dropped_is_requeued,
         );
         $crate::__rpc_conformance_tests!($harness, $(#[$meta])+);
     };

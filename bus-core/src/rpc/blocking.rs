@@ -354,7 +354,7 @@ struct Request {
 pub struct BlockingRpcServer {
     queue: String,
     requests: Receiver<Request>,
-    stop: Arc<watch::Sender<bool>>,
+    stop: Arc<watch::Sender<crate::worker::engine::Stop>>,
     finished: Receiver<()>,
     result: Arc<Mutex<Option<Result<()>>>>,
     // Held for its drop: the runtime serving the queue lives as long as
@@ -444,7 +444,7 @@ impl BlockingRpcServer {
         let _ = self.finished.recv();
         match &*self.result.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(Err(Error::ConnectionLost(m))) => Err(Error::ConnectionLost(m.clone())),
-            Some(Err(e)) if !*self.stop.borrow() => Err(Error::Closed(e.to_string())),
+            Some(Err(e)) if !self.stop.borrow().requested => Err(Error::Closed(e.to_string())),
             _ => Ok(()),
         }
     }
@@ -457,7 +457,7 @@ impl BlockingRpcServer {
     /// # Errors
     /// What stopped the server earlier if it stopped on its own.
     pub fn shutdown(&self) -> Result<()> {
-        self.stop.send_replace(true);
+        self.stop.send_modify(|s| s.requested = true);
         loop {
             crossbeam_channel::select! {
                 recv(self.requests) -> request => match request {

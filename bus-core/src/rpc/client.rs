@@ -497,8 +497,8 @@ impl Drop for ReplyLink {
 async fn read_replies(mut consumer: Consumer, routes: Arc<Routes>, late: Arc<AtomicU64>) {
     let reason = loop {
         match consumer.next().await {
-            Some(Ok(delivery)) => {
-                let message = delivery.message;
+            Some(Ok(mut delivery)) => {
+                let message = std::mem::take(&mut delivery.message);
                 let waiter = message
                     .properties
                     .correlation_id

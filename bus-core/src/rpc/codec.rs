@@ -88,14 +88,27 @@ impl Format {
         }
     }
 
-    /// Decodes a value.
+    /// Decodes a value. The bytes must hold exactly one value: trailing
+    /// bytes after it are an error (JSON allows trailing whitespace).
     ///
     /// # Errors
-    /// [`Error::Codec`] when the bytes are not a valid encoding of `T`.
+    /// [`Error::Codec`] when the bytes are not a valid encoding of `T`, or
+    /// hold more than one value.
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
-            Format::MsgPack => rmp_serde::from_slice(bytes)
-                .map_err(|e| Error::Codec(format!("cannot decode msgpack body: {e}"))),
+            Format::MsgPack => {
+                let mut input = std::io::Cursor::new(bytes);
+                let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut input))
+                    .map_err(|e| Error::Codec(format!("cannot decode msgpack body: {e}")))?;
+                let used = usize::try_from(input.position()).unwrap_or(usize::MAX);
+                if used < bytes.len() {
+                    return Err(Error::Codec(format!(
+                        "cannot decode msgpack body: {} trailing bytes after the value",
+                        bytes.len() - used
+                    )));
+                }
+                Ok(value)
+            }
             Format::Json => serde_json::from_slice(bytes)
                 .map_err(|e| Error::Codec(format!("cannot decode JSON body: {e}"))),
         }
@@ -202,6 +215,33 @@ mod tests {
         assert!(matches!(decode_message::<Job>(&m), Err(Error::Codec(_))));
         let m = Message::new(b"{".to_vec()).with_content_type(JSON_CONTENT_TYPE);
         assert!(matches!(decode_message::<Job>(&m), Err(Error::Codec(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_value_are_refused() {
+        // "30" is the positive fixint 0x33 ('3') followed by '0'.
+        let err = Format::MsgPack.decode::<u64>(b"30").unwrap_err();
+        assert!(
+            matches!(&err, Error::Codec(m) if m.contains("1 trailing byte")),
+            "{err:?}"
+        );
+        assert_eq!(Format::MsgPack.decode::<u64>(b"3").unwrap(), 51);
+        let mut job = Format::MsgPack
+            .encode(&Job {
+                id: 1,
+                audio: vec![2],
+            })
+            .unwrap();
+        job.push(0xc0);
+        assert!(matches!(
+            Format::MsgPack.decode::<Job>(&job),
+            Err(Error::Codec(_))
+        ));
+        assert!(matches!(
+            Format::Json.decode::<u64>(b"30 1"),
+            Err(Error::Codec(_))
+        ));
+        assert_eq!(Format::Json.decode::<u64>(b"30\n").unwrap(), 30);
     }
 
     #[test]

@@ -64,4 +64,5 @@ pub use codec::{
     decode_message, error_reply, remote_error, Format, ERROR_HEADER, JSON_CONTENT_TYPE,
     MSGPACK_CONTENT_TYPE,
 };
+pub(crate) use server::panic_message;
 pub use server::{RpcServer, RpcServerBuilder, ShutdownHandle};

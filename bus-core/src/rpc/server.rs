@@ -6,18 +6,19 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::codec::{error_reply, Format};
-use crate::delivery::{Consumer, Delivery};
+use crate::delivery::Delivery;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
 use crate::transport::{Connection, ConsumeOptions, PublishOptions};
+use crate::worker::engine::{self, Process, Stop};
 use crate::DEFAULT_EXCHANGE;
 
 /// What handling one request came to.
@@ -225,14 +226,20 @@ impl RpcServerBuilder {
             .arguments
             .normalized()
             .is_ok_and(|a| a.dead_letter_exchange.is_some());
-        let (stop, stopped) = watch::channel(false);
-        let serving = Serving {
+        let (stop, stopped) = watch::channel(Stop::default());
+        let serving = Arc::new(Serving {
             conn: self.conn,
             handler,
             dead_letters,
-            concurrency: self.concurrency,
-        };
-        let task = runtime.spawn(serving.run(consumer, stopped));
+        });
+        let process: Process = Arc::new(move |delivery| {
+            let serving = serving.clone();
+            async move { serving.handle(delivery).await }.boxed()
+        });
+        let task = runtime.spawn(
+            engine::run(consumer, usize::from(self.concurrency), process, stopped)
+                .map(|(ended, _)| ended),
+        );
         Ok(RpcServer {
             queue: info.name,
             stop: Arc::new(stop),
@@ -292,7 +299,7 @@ fn join_failure(join: tokio::task::JoinError) -> String {
 #[derive(Debug)]
 pub struct RpcServer {
     queue: String,
-    stop: Arc<watch::Sender<bool>>,
+    stop: Arc<watch::Sender<Stop>>,
     task: Option<JoinHandle<Result<()>>>,
 }
 
@@ -322,7 +329,7 @@ impl RpcServer {
     /// What stopped the server earlier if it stopped on its own (the
     /// connection was lost, the queue deleted).
     pub async fn shutdown(mut self) -> Result<()> {
-        self.stop.send_replace(true);
+        self.stop.send_modify(|s| s.requested = true);
         self.join().await
     }
 
@@ -338,8 +345,18 @@ impl RpcServer {
 
     /// Stops the server as [`RpcServer::shutdown`] does, from any thread,
     /// without waiting.
-    pub(crate) fn stop_signal(&self) -> Arc<watch::Sender<bool>> {
+    pub(crate) fn stop_signal(&self) -> Arc<watch::Sender<Stop>> {
         self.stop.clone()
+    }
+
+    /// Asks the server to stop as [`RpcServer::shutdown`] does, giving the
+    /// requests in hand `deadline` to finish (the others are requeued), and
+    /// returns at once.
+    pub(crate) fn stop_within(&self, deadline: std::time::Duration) {
+        self.stop.send_modify(|s| {
+            s.requested = true;
+            s.deadline.get_or_insert(deadline);
+        });
     }
 
     /// A handle that asks the server to stop gracefully from anywhere (a
@@ -373,88 +390,30 @@ impl RpcServer {
 /// clone; asking twice is harmless.
 #[derive(Clone, Debug)]
 pub struct ShutdownHandle {
-    stop: Arc<watch::Sender<bool>>,
+    stop: Arc<watch::Sender<Stop>>,
 }
 
 impl ShutdownHandle {
     /// Signals the server to stop; returns at once.
     pub fn shutdown(&self) {
-        self.stop.send_replace(true);
+        self.stop.send_modify(|s| s.requested = true);
     }
 }
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.stop.send_modify(|s| s.requested = true);
     }
 }
 
+/// What the shared engine runs for each request.
 struct Serving {
     conn: Arc<dyn Connection>,
     handler: Handler,
     dead_letters: bool,
-    concurrency: u16,
 }
 
 impl Serving {
-    async fn run(self, mut consumer: Consumer, mut stop: watch::Receiver<bool>) -> Result<()> {
-        let permits = Arc::new(Semaphore::new(usize::from(self.concurrency)));
-        let this = Arc::new(self);
-        let mut handling = JoinSet::new();
-        // `wait_for` also returns when the handle is gone: that stops too.
-        let ended = loop {
-            while handling.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                biased;
-                _ = stop.wait_for(|stop| *stop) => break Ok(()),
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break Ok(()),
-                },
-            };
-            let next = tokio::select! {
-                biased;
-                _ = stop.wait_for(|stop| *stop) => break Ok(()),
-                next = consumer.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    let this = this.clone();
-                    handling.spawn(async move {
-                        this.handle(delivery).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => break Err(e),
-                None => {
-                    break Err(Error::ConnectionLost(format!(
-                        "the consumer of RPC queue {:?} ended: its connection was closed or lost, or the queue deleted",
-                        consumer.queue()
-                    )))
-                }
-            }
-        };
-        if ended.is_ok() {
-            match consumer.cancel().await {
-                // Requests sent before the cancel went through go back to
-                // the queue for another server.
-                Ok(()) => {
-                    while let Some(Ok(delivery)) = consumer.next().await {
-                        if let Err(e) = delivery.nack(true).await {
-                            tracing::warn!(error = %e, "could not requeue a request while stopping");
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not cancel an RPC server's consumer"),
-            }
-        }
-        // The consumer stays alive until the requests in hand are settled:
-        // dropping it would requeue them.
-        while handling.join_next().await.is_some() {}
-        drop(consumer);
-        ended
-    }
-
     async fn handle(&self, mut delivery: Delivery) {
         // The handler gets the message itself: settling the delivery needs
         // only its tag.

@@ -28,7 +28,10 @@ pub async fn next(c: &mut Consumer) -> Delivery {
 /// Asserts that no delivery arrives within a (virtual) second.
 pub async fn nothing(c: &mut Consumer) {
     if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(1), c.next()).await {
-        panic!("unexpected delivery {:?}", d.map(|d| d.message.body));
+        panic!(
+            "unexpected delivery {:?}",
+            d.map(|d| d.message.body.clone())
+        );
     }
 }
 

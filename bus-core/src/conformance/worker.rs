@@ -1,0 +1,583 @@
+//! The worker runtime's cases: outcomes, retries, the poison queue, delayed
+//! delivery, restarts, shutdown, and deliveries dropped unsettled.
+//!
+//! Delays are short (tens of milliseconds) so that a real broker runs them
+//! quickly; on a paused clock they complete at once and the recorded times
+//! are exact.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::support::{bind, body, consume, exchange, publish, recv, WAIT};
+use super::{fresh_name, Harness};
+use crate::worker::{
+    publish_delayed, FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker,
+    WorkerStats,
+};
+use crate::{
+    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, ExchangeKind, Message,
+    QueueOptions,
+};
+
+const SHORT: Duration = Duration::from_millis(40);
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing happened within {WAIT:?}"))
+}
+
+/// Declares the worker's queue (durable, as the worker declares it).
+async fn work_queue(conn: &dyn Connection, prefix: &str) -> String {
+    let q = fresh_name(prefix);
+    conn.declare_queue(&q, QueueOptions::durable())
+        .await
+        .unwrap_or_else(|e| panic!("declare {q:?}: {e:?}"));
+    q
+}
+
+/// A policy with exact (unjittered) backoffs of 1 ms.
+fn policy() -> RetryPolicy {
+    RetryPolicy::none()
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .jitter(false)
+}
+
+async fn until(worker: &Worker, what: &str, done: impl FnMut(&WorkerStats) -> bool) -> WorkerStats {
+    within(what, worker.wait_until(done))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+/// The one message of the poison queue of `q`, acked.
+async fn poisoned(conn: &dyn Connection, q: &str) -> Message {
+    let mut errors = consume(conn, &format!("{q}.error"), ConsumeOptions::prefetch(1)).await;
+    let d = recv(&mut errors, "the poisoned message").await;
+    d.ack().await.expect("ack the poisoned message");
+    let message = d.message.clone();
+    drop(d);
+    message
+}
+
+/// Deletes the worker's queues and the delay queues and exchanges of
+/// `delays`.
+async fn cleanup(conn: &dyn Connection, q: &str, delays: &[Duration]) {
+    let mut queues = vec![q.to_owned(), format!("{q}.error")];
+    let mut exchanges = Vec::new();
+    for d in delays {
+        let name = format!("{q}.delay.{}ms", d.as_millis());
+        queues.push(name.clone());
+        exchanges.push(name);
+    }
+    for name in &queues {
+        conn.delete_queue(name, DeleteQueueOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("cleanup: delete queue {name:?}: {e:?}"));
+    }
+    for name in &exchanges {
+        conn.delete_exchange(name, false)
+            .await
+            .unwrap_or_else(|e| panic!("cleanup: delete exchange {name:?}: {e:?}"));
+    }
+}
+
+async fn stop(worker: Worker) {
+    within("stop the worker", worker.shutdown(WAIT))
+        .await
+        .unwrap_or_else(|e| panic!("stop the worker: {e:?}"));
+}
+
+/// A handled message is acked: the handler sees body, properties, headers,
+/// attempt 1, and can publish through the connection.
+pub async fn worker_success_acks(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-success").await;
+    let events = work_queue(&*conn, "worker-success-events").await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let events_q = events.clone();
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy())
+        .handle(move |job: Job<u64>| {
+            let (seen_tx, events_q) = (seen_tx.clone(), events_q.clone());
+            async move {
+                let header = job
+                    .headers()
+                    .get("x-job")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                let _ = seen_tx.send((
+                    job.body,
+                    job.attempt,
+                    job.redelivered,
+                    header,
+                    job.properties.message_id.clone(),
+                ));
+                job.publish_value("", &events_q, &(job.body * 2)).await?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    let mut m = crate::rpc::Format::MsgPack
+        .to_message(&21u64)
+        .unwrap()
+        .with_header("x-job", "j1");
+    m.properties.message_id = Some("m-1".into());
+    publish(&*conn, "", &q, m).await;
+    let got = within("the handler runs", seen.recv())
+        .await
+        .expect("a job");
+    assert_eq!(got, (21, 1, false, Some("j1".into()), Some("m-1".into())));
+    let stats = until(&worker, "the job is acked", |s| s.handled == 1).await;
+    assert_eq!(
+        (stats.failures, stats.poisoned, stats.delayed),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    let mut ev = consume(&*conn, &events, ConsumeOptions::auto_ack()).await;
+    let e = recv(&mut ev, "the event the handler published").await;
+    assert_eq!(
+        crate::rpc::Format::MsgPack
+            .decode::<u64>(&e.message.body)
+            .unwrap(),
+        42
+    );
+    drop(ev);
+    let report = within("stop", worker.shutdown(WAIT)).await.expect("stop");
+    assert_eq!(report.stats.handled, 1);
+    assert_eq!(
+        conn.inspect_queue(&q).await.unwrap().message_count,
+        0,
+        "the job was acked"
+    );
+    cleanup(&*conn, &q, &[]).await;
+    conn.delete_queue(&events, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A transient failure is retried in process after the backoff, then
+/// through the broker after the delay, and the handler sees the attempt
+/// number grow; on success the message is acked. The gaps between
+/// attempts are at least the backoff and the delay.
+pub async fn worker_transient_then_success(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-transient").await;
+    let backoff = Duration::from_millis(5);
+    let p = policy()
+        .immediate(1)
+        .backoff(backoff, backoff)
+        .delayed([SHORT]);
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let log = times.clone();
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(p)
+        .handle_raw(move |job: Job| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((job.attempt, Instant::now()));
+                if job.attempt < 3 {
+                    Err(HandlerError::transient(format!(
+                        "not yet ({})",
+                        job.attempt
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new(&b"job"[..])).await;
+    let stats = until(&worker, "handled on the third attempt", |s| s.handled == 1).await;
+    assert_eq!(
+        (stats.failures, stats.retried, stats.delayed, stats.poisoned),
+        (2, 1, 1, 0),
+        "{stats:?}"
+    );
+    let times = times.lock().unwrap().clone();
+    let attempts: Vec<u32> = times.iter().map(|t| t.0).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    assert!(
+        times[1].1 - times[0].1 >= backoff,
+        "in-process retry after the backoff: {times:?}"
+    );
+    assert!(
+        times[2].1 - times[1].1 >= SHORT,
+        "delayed retry after the delay: {times:?}"
+    );
+    stop(worker).await;
+    cleanup(&*conn, &q, &[SHORT]).await;
+}
+
+/// Transient failures past the last attempt poison the message: body and
+/// properties intact, and headers naming the error, the attempts, the
+/// original exchange and routing key, the time, the worker, with the
+/// delay queue's `x-death` history.
+pub async fn worker_retries_exhausted_go_to_poison_queue(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-exhausted").await;
+    let x = exchange(&*conn, "worker-exhausted-x", ExchangeKind::Direct).await;
+    bind(&*conn, &q, &x, "speech.en").await;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let log = calls.clone();
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().immediate(1).delayed([SHORT]))
+        .identity("asr-worker-7")
+        .handle_raw(move |job: Job| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((
+                    job.attempt,
+                    job.exchange.clone(),
+                    job.routing_key.clone(),
+                ));
+                Err::<(), _>(HandlerError::transient("model not loaded"))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    let mut m = Message::new(&b"audio"[..])
+        .with_header("x-tenant", "t1")
+        .persistent();
+    m.properties.message_id = Some("job-9".into());
+    publish(&*conn, &x, "speech.en", m).await;
+    let stats = until(&worker, "the job is poisoned", |s| s.poisoned == 1).await;
+    assert_eq!((stats.failures, stats.handled), (4, 0), "{stats:?}");
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (i, (attempt, ex, key)) in calls.iter().enumerate() {
+        assert_eq!(*attempt as usize, i + 1, "{calls:?}");
+        assert_eq!(
+            (ex.as_str(), key.as_str()),
+            (x.as_str(), "speech.en"),
+            "the job names its origin, after a delay too"
+        );
+    }
+    let p = poisoned(&*conn, &q).await;
+    assert_eq!(&p.body[..], b"audio");
+    assert_eq!(p.properties.message_id.as_deref(), Some("job-9"));
+    assert_eq!(
+        p.properties
+            .headers
+            .get("x-tenant")
+            .and_then(|v| v.as_str()),
+        Some("t1")
+    );
+    let report = FailureReport::of(&p);
+    assert_eq!(report.reason, Some(PoisonReason::Exhausted));
+    assert_eq!(report.error.as_deref(), Some("model not loaded"));
+    assert_eq!(report.attempts, Some(4));
+    assert_eq!(report.original_exchange.as_deref(), Some(x.as_str()));
+    assert_eq!(report.original_routing_key.as_deref(), Some("speech.en"));
+    assert_eq!(report.worker.as_deref(), Some("asr-worker-7"));
+    assert!(
+        report.failed_at.is_some_and(|t| t > 1_600_000_000),
+        "{report:?}"
+    );
+    let delay_q = format!("{q}.delay.{}ms", SHORT.as_millis());
+    assert!(
+        report
+            .deaths
+            .iter()
+            .any(|d| d.queue == delay_q && d.reason == "expired" && d.count == 1),
+        "x-death records the delay queue: {report:?}"
+    );
+    stop(worker).await;
+    cleanup(&*conn, &q, &[SHORT]).await;
+    conn.delete_exchange(&x, false).await.unwrap();
+}
+
+/// A permanent failure poisons at once, without retries.
+pub async fn worker_permanent_failure_poisons_at_once(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-permanent").await;
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().immediate(3).delayed([SHORT]))
+        .handle(|_: Job<String>| async {
+            Err::<(), _>(HandlerError::permanent("unsupported language"))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    let m = crate::rpc::Format::Json.to_message("xx").unwrap();
+    publish(&*conn, "", &q, m).await;
+    let stats = until(&worker, "poisoned", |s| s.poisoned == 1).await;
+    assert_eq!(
+        (stats.failures, stats.retried, stats.delayed),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+    let report = FailureReport::of(&poisoned(&*conn, &q).await);
+    assert_eq!(report.reason, Some(PoisonReason::Permanent));
+    assert_eq!(report.error.as_deref(), Some("unsupported language"));
+    assert_eq!(report.attempts, Some(1));
+    assert_eq!(report.original_exchange.as_deref(), Some(""));
+    assert_eq!(report.original_routing_key.as_deref(), Some(q.as_str()));
+    stop(worker).await;
+    cleanup(&*conn, &q, &[]).await;
+}
+
+/// A body that does not decode as the handler's type (here a valid value
+/// followed by a trailing byte, and an unknown content type) is poisoned at
+/// once and the handler never runs.
+pub async fn worker_undecodable_body_poisons_at_once(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-undecodable").await;
+    let (ran_tx, ran) = watch::channel(0u32);
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().immediate(3).delayed([SHORT]))
+        .handle(move |_: Job<u64>| {
+            ran_tx.send_modify(|n| *n += 1);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new(&b"30"[..])).await;
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new(&b"3"[..]).with_content_type("text/plain"),
+    )
+    .await;
+    until(&worker, "both poisoned", |s| s.poisoned == 2).await;
+    assert_eq!(*ran.borrow(), 0, "the handler never ran");
+    let mut errors = consume(&*conn, &format!("{q}.error"), ConsumeOptions::auto_ack()).await;
+    for expected in ["30", "3"] {
+        let d = recv(&mut errors, "a poisoned body").await;
+        assert_eq!(body(&d), expected);
+        let r = FailureReport::of(&d.message);
+        assert_eq!(r.reason, Some(PoisonReason::Undecodable), "{r:?}");
+        assert_eq!(r.attempts, Some(1));
+        assert!(r.error.is_some_and(|e| !e.is_empty()));
+    }
+    drop(errors);
+    stop(worker).await;
+    cleanup(&*conn, &q, &[]).await;
+}
+
+/// A panicking handler counts as a transient failure: retried, then
+/// handled; the worker goes on.
+pub async fn worker_panic_is_transient(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-panic").await;
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().immediate(1))
+        .handle_raw(|job: Job| async move {
+            if job.attempt == 1 {
+                panic!("the model crashed");
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new(&b"a"[..])).await;
+    publish(&*conn, "", &q, Message::new(&b"b"[..])).await;
+    let stats = until(&worker, "both handled", |s| s.handled == 2).await;
+    assert_eq!(
+        (stats.failures, stats.retried, stats.poisoned),
+        (2, 2, 0),
+        "{stats:?}"
+    );
+    stop(worker).await;
+    cleanup(&*conn, &q, &[]).await;
+}
+
+/// Delayed delivery has no head-of-line blocking: a message due later,
+/// published first, does not hold back one due sooner; each arrives after
+/// its own delay.
+pub async fn worker_delayed_publish_has_no_head_of_line_blocking(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let x = exchange(&*conn, "delayed-x", ExchangeKind::Direct).await;
+    let q = work_queue(&*conn, "delayed").await;
+    bind(&*conn, &q, &x, "k").await;
+    let (long, short) = (Duration::from_millis(1500), SHORT);
+    let mut consumer = consume(&*conn, &q, ConsumeOptions::auto_ack()).await;
+    let start = Instant::now();
+    publish_delayed(&*conn, &x, "k", Message::new(&b"late"[..]), long)
+        .await
+        .expect("publish late");
+    publish_delayed(&*conn, &x, "k", Message::new(&b"soon"[..]), short)
+        .await
+        .expect("publish soon");
+    let first = recv(&mut consumer, "the sooner message").await;
+    let first_at = start.elapsed();
+    let second = recv(&mut consumer, "the later message").await;
+    let second_at = start.elapsed();
+    assert_eq!(
+        (body(&first), body(&second)),
+        ("soon".to_owned(), "late".to_owned())
+    );
+    assert!(
+        first_at >= short && first_at < long,
+        "the sooner one came after {first_at:?}"
+    );
+    assert!(second_at >= long, "the later one came after {second_at:?}");
+    assert_eq!(
+        first.exchange, x,
+        "dead-lettered back to the target exchange"
+    );
+    assert_eq!(first.routing_key, "k", "with its own routing key");
+    drop(consumer);
+    for d in [long, short] {
+        let name = format!("bus.delay.{}ms.{x}", d.as_millis());
+        conn.delete_queue(&name, DeleteQueueOptions::default())
+            .await
+            .unwrap();
+        conn.delete_exchange(&name, false).await.unwrap();
+    }
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+    conn.delete_exchange(&x, false).await.unwrap();
+}
+
+/// The attempt count travels with the message: a worker stopped while a
+/// retry waits in the delay queue, and a new worker on a new connection
+/// picks it up at the next attempt.
+pub async fn worker_attempts_survive_a_restart(h: &dyn Harness) {
+    let first_conn = h.connect().await;
+    let q = work_queue(&*first_conn, "worker-restart").await;
+    let p = policy().delayed([SHORT, SHORT]);
+    let first = Worker::builder(first_conn.clone(), &q)
+        .retry(p.clone())
+        .handle_raw(|_: Job| async { Err::<(), _>(HandlerError::transient("busy")) })
+        .await
+        .unwrap_or_else(|e| panic!("start the first worker on {q:?}: {e:?}"));
+    publish(&*first_conn, "", &q, Message::new(&b"job"[..]).persistent()).await;
+    until(&first, "the first attempt is delayed", |s| s.delayed == 1).await;
+    stop(first).await;
+    first_conn
+        .close()
+        .await
+        .expect("close the first worker's connection");
+
+    let conn = h.connect().await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let second = Worker::builder(conn.clone(), &q)
+        .retry(p)
+        .handle_raw(move |job: Job| {
+            let _ = seen_tx.send(job.attempt);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start the second worker on {q:?}: {e:?}"));
+    let attempt = within("the second worker gets the retry", seen.recv()).await;
+    assert_eq!(attempt, Some(2), "the attempt count survived the restart");
+    until(&second, "handled", |s| s.handled == 1).await;
+    stop(second).await;
+    cleanup(&*conn, &q, &[SHORT]).await;
+}
+
+/// Shutdown stops consuming, lets the handler in hand finish within the
+/// deadline, requeues what it had not started, and reports it; a handler
+/// past the deadline is stopped and its message requeued.
+pub async fn worker_shutdown_drains_and_requeues(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-shutdown").await;
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let (release, released) = watch::channel(false);
+    let worker = Worker::builder(conn.clone(), &q)
+        .prefetch(3)
+        .retry(policy())
+        .handle_raw(move |job: Job| {
+            let (held_tx, mut released) = (held_tx.clone(), released.clone());
+            async move {
+                let _ = held_tx.send(String::from_utf8_lossy(&job.body).into_owned());
+                let _ = released.wait_for(|r| *r).await;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    for b in ["one", "two", "three"] {
+        publish(&*conn, "", &q, Message::new(b.to_owned())).await;
+    }
+    assert_eq!(
+        within("the first job is in hand", held.recv())
+            .await
+            .as_deref(),
+        Some("one")
+    );
+    let stopping = tokio::spawn(worker.shutdown(WAIT));
+    // Let the shutdown begin before the handler finishes.
+    tokio::task::yield_now().await;
+    release.send_replace(true);
+    let report = within("shutdown", stopping)
+        .await
+        .unwrap()
+        .expect("shutdown");
+    assert_eq!(report.stats.handled, 1, "{report:?}");
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert!(report.requeued <= 2, "{report:?}");
+    // The two it had not started are back in the queue, in order.
+    let mut rest = consume(&*conn, &q, ConsumeOptions::prefetch(2)).await;
+    let two = recv(&mut rest, "the second job, requeued").await;
+    let three = recv(&mut rest, "the third job, requeued").await;
+    assert_eq!(
+        (body(&two), body(&three)),
+        ("two".to_owned(), "three".to_owned())
+    );
+    two.ack().await.unwrap();
+    three.ack().await.unwrap();
+    drop(rest);
+
+    // A handler that does not finish in time is stopped; its job requeued.
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy())
+        .handle_raw(move |_: Job| {
+            let _ = started_tx.send(());
+            futures::future::pending::<Result<(), HandlerError>>()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("restart a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new(&b"stuck"[..])).await;
+    within("the stuck job is in hand", started.recv()).await;
+    let report = within("shutdown past the deadline", worker.shutdown(SHORT))
+        .await
+        .expect("shutdown");
+    assert_eq!(
+        (report.abandoned, report.stats.handled),
+        (1, 0),
+        "{report:?}"
+    );
+    let mut again = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    let stuck = recv(&mut again, "the abandoned job, requeued").await;
+    assert_eq!(body(&stuck), "stuck");
+    assert!(stuck.redelivered, "an abandoned job comes back redelivered");
+    stuck.ack().await.unwrap();
+    drop(stuck);
+    drop(again);
+    cleanup(&*conn, &q, &[]).await;
+}
+
+/// A delivery dropped without being settled is requeued at once (nacked
+/// with requeue): its prefetch slot is freed and it comes again,
+/// redelivered.
+pub async fn worker_unsettled_delivery_dropped_is_requeued(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "unsettled-drop").await;
+    publish(&*conn, "", &q, Message::new(&b"forgotten"[..])).await;
+    let mut consumer = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    let d = recv(&mut consumer, "the first delivery").await;
+    assert!(!d.redelivered);
+    drop(d);
+    let again = recv(
+        &mut consumer,
+        "the dropped delivery, again on the same consumer",
+    )
+    .await;
+    assert_eq!(body(&again), "forgotten");
+    assert!(again.redelivered, "it comes back redelivered");
+    again.ack().await.expect("ack");
+    drop(again);
+    drop(consumer);
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+}

@@ -1,0 +1,91 @@
+//! The worker runtime: a service consuming one queue with a handler, with
+//! explicit outcomes, two tiers of retries, a poison queue and graceful
+//! shutdown, on every transport.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use bus_core::worker::{HandlerError, Job, RetryPolicy, Worker};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Transcribe {
+//!     language: String,
+//! }
+//!
+//! # async fn example(conn: std::sync::Arc<dyn bus_core::Connection>) -> bus_core::Result<()> {
+//! let worker = Worker::builder(conn, "asr")
+//!     .concurrency(4)
+//!     .retry(
+//!         RetryPolicy::default()
+//!             .immediate(2)
+//!             .delayed([Duration::from_secs(5), Duration::from_secs(60)]),
+//!     )
+//!     .handle(|job: Job<Transcribe>| async move {
+//!         if job.body.language.is_empty() {
+//!             return Err(HandlerError::permanent("no language"));
+//!         }
+//!         Ok(())
+//!     })
+//!     .await?;
+//! // ... later, or on Ctrl-C (see `shutdown_signal`):
+//! let report = worker.shutdown(Duration::from_secs(30)).await?;
+//! println!("{report:?}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Outcomes
+//! What the handler returns decides how the delivery is settled:
+//! - `Ok(())` acks it;
+//! - a transient failure ([`HandlerError::transient`], any other error, a
+//!   panic) is retried: first in process, after an exponential backoff with
+//!   jitter ([`RetryPolicy::immediate`]); then through the broker after each
+//!   of [`RetryPolicy::delayed`]'s delays (the message is republished to a
+//!   delay queue and the delivery acked, so a worker restart loses nothing);
+//!   once every attempt is used, it is poisoned;
+//! - a permanent failure ([`HandlerError::permanent`]), a body that does not
+//!   decode as the handler's type, and a message that arrives with its
+//!   attempts already used up go to the poison queue at once.
+//!
+//! The poison queue is `<queue>.error` (declared durable) unless
+//! [`WorkerBuilder::dead_letter_exchange`] names an exchange of the user's.
+//! A poisoned message keeps its body and properties and gains the headers
+//! [`REASON_HEADER`], [`ERROR_HEADER`], [`ATTEMPTS_HEADER`],
+//! [`ORIGINAL_EXCHANGE_HEADER`], [`ORIGINAL_ROUTING_KEY_HEADER`],
+//! [`FAILED_AT_HEADER`] and [`WORKER_HEADER`] ([`FailureReport::of`] reads
+//! them back, with the broker's `x-death` history). A poisoned message is published
+//! (and confirmed) before its delivery is acked; if that publish fails the
+//! delivery is requeued, so nothing is lost.
+//!
+//! The attempt count travels in the [`ATTEMPTS_HEADER`] header of the
+//! retried message, so it survives delay queues and restarts. A redelivery
+//! (a worker died mid-message, an unsettled delivery was dropped) does not
+//! count as an attempt.
+//!
+//! # Handlers and tower
+//! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;
+//! [`WorkerBuilder::handle`] and its siblings wrap a function into one, and
+//! [`WorkerBuilder::service`] takes any service, so tower's layers (timeout,
+//! rate and concurrency limits, load shedding) apply unchanged. A service's
+//! error is classified by [`HandlerError::classify`]: a [`HandlerError`] or
+//! an [`Error`](crate::Error) keeps its kind, anything else (a timeout, an
+//! overloaded service) is transient.
+
+mod delay;
+pub(crate) mod engine;
+mod job;
+mod poison;
+mod policy;
+mod runtime;
+mod shutdown;
+
+pub use delay::{publish_delayed, DELAY_PREFIX};
+pub use job::{HandlerError, Job};
+pub use poison::{
+    Death, FailureReport, PoisonReason, ATTEMPTS_HEADER, ERROR_HEADER, FAILED_AT_HEADER,
+    ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, WORKER_HEADER,
+};
+pub use policy::RetryPolicy;
+pub use runtime::{Worker, WorkerBuilder, WorkerStats};
+pub use shutdown::{shutdown_signal, Host, ShutdownReport, Stopper};

@@ -1,0 +1,662 @@
+//! The worker: builder, running handle, and what happens to each delivery.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use super::delay::Delays;
+use super::engine::{self, Drained, Process, Stop};
+use super::job::{HandlerError, Job, Kind};
+use super::poison::{self, PoisonReason, Poisoning};
+use super::policy::RetryPolicy;
+use super::shutdown::{ShutdownReport, Stopper};
+use crate::delivery::Delivery;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::rpc::panic_message;
+use crate::topology::{QueueOptions, DEFAULT_EXCHANGE};
+use crate::transport::{Connection, ConsumeOptions, PublishOptions};
+use crate::value::FieldValue;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a worker has done so far. Counts only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Messages handled successfully and acked.
+    pub handled: u64,
+    /// Handler runs that failed (each attempt counts, panics included).
+    pub failures: u64,
+    /// In-process retries made.
+    pub retried: u64,
+    /// Messages sent to a delay queue for a retry through the broker.
+    pub delayed: u64,
+    /// Messages sent to the poison queue.
+    pub poisoned: u64,
+    /// Deliveries that could not be settled as decided (the ack, the
+    /// delayed retry or the poison publish failed); the transport gives
+    /// them back to the queue.
+    pub unsettled: u64,
+}
+
+/// Where poisoned messages go.
+#[derive(Clone, Debug)]
+enum PoisonTo {
+    /// `<queue>.error` or another queue, declared durable by the worker.
+    Queue(Option<String>),
+    /// An exchange of the user's, with the message's routing key.
+    Exchange(String),
+}
+
+/// Starts a [`Worker`]: the queue, how it is declared, prefetch and
+/// concurrency, the retry policy, where poisoned messages go, and finally
+/// the handler.
+#[must_use = "a builder does nothing until one of its handle methods is called"]
+pub struct WorkerBuilder {
+    conn: Arc<dyn Connection>,
+    queue: String,
+    queue_options: QueueOptions,
+    prefetch: Option<u16>,
+    concurrency: usize,
+    policy: RetryPolicy,
+    poison: PoisonTo,
+    identity: Option<String>,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("queue", &self.queue)
+            .field("queue_options", &self.queue_options)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .field("policy", &self.policy)
+            .field("poison", &self.poison)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    /// How the queue is declared; durable unless set.
+    /// [`QueueOptions::passive`] only checks that it exists.
+    pub fn queue_options(mut self, options: QueueOptions) -> Self {
+        self.queue_options = options;
+        self
+    }
+
+    /// How many handlers run at once; 1 unless set.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// The consumer's prefetch (unacked deliveries the transport may hand
+    /// over ahead); the concurrency unless set (0: unlimited).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// The retry policy; [`RetryPolicy::default`] unless set.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The poison queue, `<queue>.error` unless set; declared durable when
+    /// the worker starts.
+    pub fn error_queue(mut self, queue: impl Into<String>) -> Self {
+        self.poison = PoisonTo::Queue(Some(queue.into()));
+        self
+    }
+
+    /// Sends poisoned messages to this exchange (which must exist), with
+    /// their routing key, instead of a poison queue.
+    pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.poison = PoisonTo::Exchange(exchange.into());
+        self
+    }
+
+    /// The worker's name in the poison headers; `<queue>@<process id>` with
+    /// a random suffix unless set.
+    pub fn identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// Handles typed jobs with an async function: the body is decoded from
+    /// msgpack, or JSON when its content type says so; a body that does
+    /// not decode (trailing bytes included) is poisoned without running the
+    /// handler.
+    ///
+    /// # Errors
+    /// As [`WorkerBuilder::service`].
+    pub async fn handle<T, F, Fut, E>(self, handler: F) -> Result<Worker>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(Job<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<HandlerError> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.service(tower::service_fn(move |job: Job| {
+            let handler = handler.clone();
+            async move {
+                let job = job.decode::<T>()?;
+                handler(job).await.map_err(Into::into)
+            }
+        }))
+        .await
+    }
+
+    /// Handles raw jobs (the body as bytes) with an async function.
+    ///
+    /// # Errors
+    /// As [`WorkerBuilder::service`].
+    pub async fn handle_raw<F, Fut, E>(self, handler: F) -> Result<Worker>
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<HandlerError> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.service(tower::service_fn(move |job: Job| {
+            let handler = handler.clone();
+            async move { handler(job).await.map_err(Into::into) }
+        }))
+        .await
+    }
+
+    /// Handles typed jobs with a blocking function, run on tokio's blocking
+    /// thread pool so that CPU-heavy work does not stall the runtime.
+    /// Otherwise as [`WorkerBuilder::handle`].
+    ///
+    /// # Errors
+    /// As [`WorkerBuilder::service`].
+    pub async fn handle_blocking<T, F, E>(self, handler: F) -> Result<Worker>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(Job<T>) -> std::result::Result<(), E> + Send + Sync + 'static,
+        E: Into<HandlerError> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.service(tower::service_fn(move |job: Job| {
+            let handler = handler.clone();
+            async move {
+                let job = job.decode::<T>()?;
+                match tokio::task::spawn_blocking(move || handler(job)).await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(join) if join.is_panic() => {
+                        Err(HandlerError::transient(panic_message(&*join.into_panic())))
+                    }
+                    Err(_) => Err(HandlerError::transient("the handler was cancelled")),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// Handles raw jobs with a [`tower::Service`]; the other handle methods
+    /// wrap a function into one. Each job runs on a clone of the service,
+    /// after the service is ready; its error is classified by
+    /// [`HandlerError::classify`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a concurrency of 0;
+    /// [`Error::NotSupported`] outside a tokio runtime; whatever declaring
+    /// the queues or consuming reports.
+    pub async fn service<S>(self, service: S) -> Result<Worker>
+    where
+        S: Service<Job, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        if self.concurrency == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "worker for queue '{}': concurrency must be at least 1, got 0",
+                self.queue
+            )));
+        }
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(self.concurrency).unwrap_or(u16::MAX));
+        let conn = self.conn;
+        let info = conn.declare_queue(&self.queue, self.queue_options).await?;
+        let queue = info.name;
+        let poison = match self.poison {
+            PoisonTo::Queue(name) => {
+                let name = name.unwrap_or_else(|| format!("{queue}.error"));
+                conn.declare_queue(&name, QueueOptions::durable()).await?;
+                (DEFAULT_EXCHANGE.to_owned(), Some(name))
+            }
+            PoisonTo::Exchange(exchange) => (exchange, None),
+        };
+        let identity = self.identity.unwrap_or_else(|| {
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            format!("{queue}@{}.{}", std::process::id(), &suffix[..8])
+        });
+        let system = match conn.capabilities().name {
+            "amqp" => "rabbitmq",
+            other => other,
+        };
+        let (stats_tx, stats) = watch::channel(WorkerStats::default());
+        let ctx = Arc::new(Ctx {
+            conn: conn.clone(),
+            delays: Delays::new(format!("{queue}.delay")),
+            queue: queue.clone(),
+            service,
+            policy: self.policy,
+            poison_exchange: poison.0,
+            poison_queue: poison.1,
+            identity,
+            system,
+            stats: stats_tx,
+        });
+        let consumer = conn
+            .consume(&queue, ConsumeOptions::prefetch(prefetch))
+            .await?;
+        let process: Process = Arc::new(move |delivery| ctx.clone().process(delivery).boxed());
+        let (stop, stopped) = watch::channel(Stop::default());
+        let task = engine::spawn_on_current(
+            &format!("worker for queue '{queue}'"),
+            engine::run(consumer, self.concurrency, process, stopped),
+        )?;
+        tracing::debug!(
+            queue,
+            prefetch,
+            concurrency = self.concurrency,
+            "worker started"
+        );
+        Ok(Worker {
+            queue,
+            stop: Arc::new(stop),
+            task: Some(task),
+            stats,
+        })
+    }
+}
+
+/// A running worker: consumes its queue and settles each delivery by its
+/// handler's outcome (see [the module docs](super)).
+///
+/// Start one with [`Worker::builder`]. It runs as tokio tasks until
+/// [`Worker::shutdown`], until its connection goes away, or until the handle
+/// is dropped (which stops it gracefully in the background, waiting for the
+/// handlers in hand).
+#[derive(Debug)]
+pub struct Worker {
+    queue: String,
+    stop: Arc<watch::Sender<Stop>>,
+    task: Option<JoinHandle<(Result<()>, Drained)>>,
+    stats: watch::Receiver<WorkerStats>,
+}
+
+impl Worker {
+    /// Starts building a worker of `queue` on `conn`. An empty name asks the
+    /// transport for a generated one ([`Worker::queue`] tells it).
+    pub fn builder(conn: Arc<dyn Connection>, queue: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder {
+            conn,
+            queue: queue.into(),
+            queue_options: QueueOptions::durable(),
+            prefetch: None,
+            concurrency: 1,
+            policy: RetryPolicy::default(),
+            poison: PoisonTo::Queue(None),
+            identity: None,
+        }
+    }
+
+    /// The queue served.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// What the worker has done so far.
+    #[must_use]
+    pub fn stats(&self) -> WorkerStats {
+        *self.stats.borrow()
+    }
+
+    /// Waits until `done` holds for the worker's stats (checked now and
+    /// after every change), and returns them; for tests and supervisors.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the worker stopped before `done` held.
+    pub async fn wait_until(
+        &self,
+        mut done: impl FnMut(&WorkerStats) -> bool,
+    ) -> Result<WorkerStats> {
+        let mut stats = self.stats.clone();
+        let result = stats.wait_for(|s| done(s)).await.map(|s| *s);
+        result.map_err(|_| Error::Closed(format!("the worker of queue '{}' stopped", self.queue)))
+    }
+
+    /// A handle that stops the worker from anywhere (a signal handler,
+    /// another task) while this one waits on [`Worker::wait`].
+    #[must_use]
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// Whether the worker has stopped.
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops gracefully: consumes no more (deliveries the transport had
+    /// sent ahead are requeued), lets the handlers in hand finish within
+    /// `deadline`, stops the others (their deliveries are requeued), and
+    /// reports what it did.
+    ///
+    /// # Errors
+    /// What stopped the worker earlier if it stopped on its own (the
+    /// connection was lost, the queue deleted).
+    pub async fn shutdown(self, deadline: Duration) -> Result<ShutdownReport> {
+        self.stopper().stop(deadline);
+        self.wait().await
+    }
+
+    /// Waits until the worker stops: asked to through a [`Stopper`], or on
+    /// its own because its connection was closed or lost or its queue
+    /// deleted (handlers in hand are finished first).
+    ///
+    /// # Errors
+    /// What stopped it, if it stopped on its own.
+    pub async fn wait(mut self) -> Result<ShutdownReport> {
+        let task = self.task.take();
+        let (ended, drained) = match task {
+            None => (Ok(()), Drained::default()),
+            Some(task) => task.await.unwrap_or_else(|e| {
+                (
+                    Err(Error::Closed(format!("the worker's task failed: {e}"))),
+                    Drained::default(),
+                )
+            }),
+        };
+        ended?;
+        let report = ShutdownReport {
+            queue: self.queue.clone(),
+            requeued: drained.requeued,
+            finished: drained.finished,
+            abandoned: drained.abandoned,
+            stats: self.stats(),
+        };
+        tracing::debug!(?report, "worker stopped");
+        Ok(report)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.send_modify(|s| s.requested = true);
+    }
+}
+
+/// Everything a worker's deliveries are processed with.
+struct Ctx<S> {
+    conn: Arc<dyn Connection>,
+    queue: String,
+    service: S,
+    policy: RetryPolicy,
+    delays: Delays,
+    /// Poisoned messages are published here, with the routing key
+    /// `poison_queue` or else their own.
+    poison_exchange: String,
+    poison_queue: Option<String>,
+    identity: String,
+    system: &'static str,
+    stats: watch::Sender<WorkerStats>,
+}
+
+impl<S> Ctx<S>
+where
+    S: Service<Job, Response = ()> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
+        self.stats.send_modify(f);
+    }
+
+    async fn process(self: Arc<Self>, delivery: Delivery) {
+        let props = &delivery.message.properties;
+        let text = |name: &str| {
+            props
+                .headers
+                .get(name)
+                .and_then(FieldValue::as_str)
+                .map(str::to_owned)
+        };
+        // A delayed retry comes back through the delay queue: the job still
+        // names where the message was first published.
+        let exchange =
+            text(poison::ORIGINAL_EXCHANGE_HEADER).unwrap_or_else(|| delivery.exchange.clone());
+        let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.clone());
+        let prior = poison::attempts(&props.headers).unwrap_or(0);
+        let span = tracing::info_span!(
+            "process",
+            messaging.system = self.system,
+            messaging.destination.name = %self.queue,
+            messaging.operation = "process",
+            messaging.message.id = props.message_id.as_deref(),
+            messaging.message.conversation_id = props.correlation_id.as_deref(),
+            messaging.rabbitmq.destination.routing_key = %routing_key,
+            attempt = prior + 1,
+        );
+        self.settle(delivery, exchange, routing_key, prior)
+            .instrument(span)
+            .await;
+    }
+
+    async fn settle(&self, delivery: Delivery, exchange: String, routing_key: String, prior: u32) {
+        let max = self.policy.max_attempts();
+        if prior >= max {
+            let error =
+                format!("it arrived with {prior} attempts made, and the policy allows {max}");
+            return self
+                .poison(
+                    &delivery,
+                    PoisonReason::Exhausted,
+                    &error,
+                    prior,
+                    &exchange,
+                    &routing_key,
+                )
+                .await;
+        }
+        let round = prior / self.policy.attempts_per_round();
+        let mut attempt = prior + 1;
+        let mut retry = 0;
+        loop {
+            let job = Job {
+                body: delivery.message.body.clone(),
+                properties: delivery.message.properties.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                redelivered: delivery.redelivered,
+                attempt,
+                conn: self.conn.clone(),
+            };
+            let error = match self.call(job).await {
+                Ok(()) => {
+                    match delivery.ack().await {
+                        Ok(()) => self.count(|s| s.handled += 1),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not ack a handled message");
+                            self.count(|s| {
+                                s.handled += 1;
+                                s.unsettled += 1;
+                            });
+                        }
+                    }
+                    return;
+                }
+                Err(error) => error,
+            };
+            self.count(|s| s.failures += 1);
+            let reason = match error.kind {
+                Kind::Permanent => PoisonReason::Permanent,
+                Kind::Undecodable => PoisonReason::Undecodable,
+                Kind::Transient if retry < self.policy.attempts_per_round() - 1 => {
+                    let backoff = self.policy.backoff_for(retry);
+                    tracing::debug!(attempt, error = %error, ?backoff, "retrying in process");
+                    tokio::time::sleep(backoff).await;
+                    retry += 1;
+                    attempt += 1;
+                    self.count(|s| s.retried += 1);
+                    continue;
+                }
+                Kind::Transient => match self.policy.delay_after(round) {
+                    Some(delay) => {
+                        return self
+                            .delay(&delivery, delay, attempt, &error, &exchange, &routing_key)
+                            .await
+                    }
+                    None => PoisonReason::Exhausted,
+                },
+            };
+            return self
+                .poison(
+                    &delivery,
+                    reason,
+                    &error.message,
+                    attempt,
+                    &exchange,
+                    &routing_key,
+                )
+                .await;
+        }
+    }
+
+    /// Runs the service on one job: readiness, the call, a panic caught.
+    async fn call(&self, job: Job<Bytes>) -> std::result::Result<(), HandlerError> {
+        let mut service = self.service.clone();
+        let run = async move {
+            service
+                .ready()
+                .await
+                .map_err(|e| HandlerError::classify(e.into()))?;
+            service
+                .call(job)
+                .await
+                .map_err(|e| HandlerError::classify(e.into()))
+        };
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
+        }
+    }
+
+    async fn delay(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+        attempts: u32,
+        error: &HandlerError,
+        exchange: &str,
+        routing_key: &str,
+    ) {
+        let mut message: Message = delivery.message.clone();
+        let h = &mut message.properties.headers;
+        h.insert(
+            poison::ATTEMPTS_HEADER.into(),
+            FieldValue::I64(i64::from(attempts)),
+        );
+        h.entry(poison::ORIGINAL_EXCHANGE_HEADER.into())
+            .or_insert_with(|| exchange.into());
+        h.entry(poison::ORIGINAL_ROUTING_KEY_HEADER.into())
+            .or_insert_with(|| routing_key.into());
+        tracing::debug!(attempts, error = %error, ?delay, "retrying through a delay queue");
+        match self
+            .delays
+            .publish(&*self.conn, &self.queue, message, delay)
+            .await
+        {
+            Ok(()) => {
+                self.count(|s| s.delayed += 1);
+                self.settle_ack(delivery, "delayed for a retry").await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delay a retry; requeueing the message");
+                self.requeue(delivery).await;
+            }
+        }
+    }
+
+    async fn poison(
+        &self,
+        delivery: &Delivery,
+        reason: PoisonReason,
+        error: &str,
+        attempts: u32,
+        exchange: &str,
+        routing_key: &str,
+    ) {
+        let mut message = delivery.message.clone();
+        Poisoning {
+            reason,
+            error,
+            attempts,
+            exchange,
+            routing_key,
+            worker: &self.identity,
+        }
+        .mark(&mut message);
+        let key = self.poison_queue.as_deref().unwrap_or(routing_key);
+        tracing::warn!(
+            reason = reason.as_str(),
+            error,
+            attempts,
+            "poisoning a message"
+        );
+        match self
+            .conn
+            .publish(
+                &self.poison_exchange,
+                key,
+                message,
+                PublishOptions::mandatory(),
+            )
+            .await
+        {
+            Ok(()) => {
+                self.count(|s| s.poisoned += 1);
+                self.settle_ack(delivery, "poisoned").await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish to the poison queue; requeueing the message");
+                self.requeue(delivery).await;
+            }
+        }
+    }
+
+    async fn settle_ack(&self, delivery: &Delivery, what: &str) {
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(error = %e, "could not ack a message {what}");
+            self.count(|s| s.unsettled += 1);
+        }
+    }
+
+    async fn requeue(&self, delivery: &Delivery) {
+        self.count(|s| s.unsettled += 1);
+        if let Err(e) = delivery.nack(true).await {
+            tracing::warn!(error = %e, "could not requeue a message");
+        }
+    }
+}
