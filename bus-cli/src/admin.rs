@@ -191,7 +191,10 @@ pub async fn run_inspect(url: &str, a: InspectArgs) -> CliResult {
         match conn.exchange_exists(&a.name).await {
             Ok(true) => {
                 if a.json {
-                    println!("{}", serde_json::json!({"exchange": a.name, "exists": true}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"exchange": a.name, "exists": true})
+                    );
                 } else {
                     println!("exchange {:?} exists", a.name);
                 }
@@ -290,7 +293,13 @@ pub async fn run_delete(url: &str, a: DeleteArgs) -> CliResult {
             if_unused,
             if_empty,
         } => conn
-            .delete_queue(&name, DeleteQueueOptions { if_unused, if_empty })
+            .delete_queue(
+                &name,
+                DeleteQueueOptions {
+                    if_unused,
+                    if_empty,
+                },
+            )
             .await
             .map(|n| println!("{n}")),
         DeleteWhat::Exchange { name, if_unused } => conn.delete_exchange(&name, if_unused).await,

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use bus::rpc::{RpcClient, RpcServer};
 use bus::{
-    Connection, ConsumeOptions, DeleteQueueOptions, Message, Overflow,
-    PublishOptions, QueueArguments, QueueOptions,
+    Connection, ConsumeOptions, DeleteQueueOptions, Message, Overflow, PublishOptions,
+    QueueArguments, QueueOptions,
 };
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -162,7 +162,9 @@ async fn bench_publish(conn: &std::sync::Arc<dyn Connection>, c: &Common) -> Cli
     let started = Instant::now();
     let r = publish_all(conn, &queue, c).await;
     let elapsed = started.elapsed();
-    let _ = conn.delete_queue(&queue, DeleteQueueOptions::default()).await;
+    let _ = conn
+        .delete_queue(&queue, DeleteQueueOptions::default())
+        .await;
     let latencies = r?;
     println!(
         "publish: {} messages of {} bytes in {:.2} s: {:.0} msg/s; latency {}",
@@ -198,7 +200,9 @@ async fn bench_consume(conn: &std::sync::Arc<dyn Connection>, c: &Common) -> Cli
         Ok((started.elapsed(), gaps))
     }
     .await;
-    let _ = conn.delete_queue(&queue, DeleteQueueOptions::default()).await;
+    let _ = conn
+        .delete_queue(&queue, DeleteQueueOptions::default())
+        .await;
     let (elapsed, gaps) = r?;
     println!(
         "consume: {} messages of {} bytes in {:.2} s: {:.0} msg/s; gap between deliveries {}",
@@ -211,11 +215,7 @@ async fn bench_consume(conn: &std::sync::Arc<dyn Connection>, c: &Common) -> Cli
     Ok(())
 }
 
-async fn bench_rpc(
-    url: &str,
-    conn: &std::sync::Arc<dyn Connection>,
-    r: &RpcBench,
-) -> CliResult {
+async fn bench_rpc(url: &str, conn: &std::sync::Arc<dyn Connection>, r: &RpcBench) -> CliResult {
     let (queue, server, server_conn) = match &r.queue {
         Some(q) => (q.clone(), None, None),
         None => {

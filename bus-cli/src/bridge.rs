@@ -190,7 +190,11 @@ pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
     let stop = Stop::install()?;
     let report = match a.report_every {
         Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => return Err(Fail::usage(format!("--report-every {s}: expected seconds > 0"))),
+        Some(s) => {
+            return Err(Fail::usage(format!(
+                "--report-every {s}: expected seconds > 0"
+            )))
+        }
         None => None,
     };
 
@@ -199,9 +203,8 @@ pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
     let (destination, exchange, key): (Arc<dyn Publisher>, String, Option<String>) =
         if let Some(dir) = &a.to_folder {
             let p: Arc<dyn Publisher> = if a.extension == "keep" {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    Fail::error(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Fail::error(format!("cannot create {}: {e}", dir.display())))?;
                 Arc::new(KeepName { dir: dir.clone() })
             } else {
                 Arc::new(ResultWriter::new(dir, &a.extension)?)
@@ -239,11 +242,10 @@ pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
     } else if let Some(q) = &a.from_queue {
         let conn = crate::conn::open(a.from_url.as_deref().unwrap_or(url)).await?;
         connections.push(conn.clone());
-        conn.consume(q, ConsumeOptions::prefetch(a.prefetch)).await?
+        conn.consume(q, ConsumeOptions::prefetch(a.prefetch))
+            .await?
     } else {
-        return Err(Fail::usage(
-            "no source: give --from-queue or --from-folder",
-        ));
+        return Err(Fail::usage("no source: give --from-queue or --from-folder"));
     };
 
     let confirmed = Arc::new(AtomicU64::new(0));
@@ -312,7 +314,8 @@ pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
                 "bridge: forwarded {} before the error",
                 confirmed.load(Ordering::Relaxed)
             );
-            Err(Fail::from(e).context("bridge stopped; the message in hand went back to the source"))
+            Err(Fail::from(e)
+                .context("bridge stopped; the message in hand went back to the source"))
         }
     }
 }
@@ -331,7 +334,10 @@ mod tests {
             parse_readiness("stable:1.5s").unwrap(),
             Readiness::Stable(Duration::from_millis(1500))
         );
-        assert_eq!(parse_readiness("done-marker").unwrap(), Readiness::DoneMarker);
+        assert_eq!(
+            parse_readiness("done-marker").unwrap(),
+            Readiness::DoneMarker
+        );
         assert!(parse_readiness("whenever").is_err());
     }
 }

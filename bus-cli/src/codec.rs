@@ -334,8 +334,14 @@ pub fn properties_to_json(p: &Properties) -> Value {
         }
     };
     put("content_type", p.content_type.clone().map(Value::from));
-    put("content_encoding", p.content_encoding.clone().map(Value::from));
-    put("delivery_mode", p.delivery_mode.map(|d| Value::from(d.as_u8())));
+    put(
+        "content_encoding",
+        p.content_encoding.clone().map(Value::from),
+    );
+    put(
+        "delivery_mode",
+        p.delivery_mode.map(|d| Value::from(d.as_u8())),
+    );
     put("priority", p.priority.map(Value::from));
     put("correlation_id", p.correlation_id.clone().map(Value::from));
     put("reply_to", p.reply_to.clone().map(Value::from));
@@ -416,7 +422,10 @@ mod tests {
         assert_eq!(packb("1.5"), [0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]);
         assert_eq!(packb("null"), [0xc0]);
         assert_eq!(packb("[true,false]"), [0x92, 0xc3, 0xc2]);
-        assert_eq!(packb(r#"{"b":1,"a":2}"#), [0x82, 0xa1, b'b', 1, 0xa1, b'a', 2]);
+        assert_eq!(
+            packb(r#"{"b":1,"a":2}"#),
+            [0x82, 0xa1, b'b', 1, 0xa1, b'a', 2]
+        );
         let long = "x".repeat(40);
         let mut want = vec![0xd9, 40];
         want.extend(long.as_bytes());

@@ -57,7 +57,11 @@ fn hosts_of(url: &str) -> String {
                 if h.contains(':') {
                     h.to_owned()
                 } else {
-                    let port = if url.starts_with("amqps://") { 5671 } else { 5672 };
+                    let port = if url.starts_with("amqps://") {
+                        5671
+                    } else {
+                        5672
+                    };
                     format!("{h}:{port}")
                 }
             })
@@ -72,7 +76,10 @@ mod tests {
 
     #[test]
     fn hosts_never_carry_credentials() {
-        assert_eq!(hosts_of("amqp://u:secret@10.0.0.1:5673/%2f"), "10.0.0.1:5673");
+        assert_eq!(
+            hosts_of("amqp://u:secret@10.0.0.1:5673/%2f"),
+            "10.0.0.1:5673"
+        );
         assert_eq!(hosts_of("amqp://u:p@a,b:1/v"), "a:5672,b:1");
         assert_eq!(hosts_of("amqps://h"), "h:5671");
     }

@@ -93,7 +93,11 @@ fn body_file_name(m: &Message) -> String {
         .get(FILE_HEADER)
         .and_then(FieldValue::as_str)
         .filter(|n| {
-            !n.is_empty() && !n.starts_with('.') && !n.contains('/') && !n.contains('\0') && n.len() <= 200
+            !n.is_empty()
+                && !n.starts_with('.')
+                && !n.contains('/')
+                && !n.contains('\0')
+                && n.len() <= 200
         });
     name.map_or_else(|| "body".to_owned(), str::to_owned)
 }
@@ -126,7 +130,10 @@ async fn run_in(
     cmd.env("BUS_QUEUE", &origin.queue)
         .env("BUS_EXCHANGE", &origin.exchange)
         .env("BUS_ROUTING_KEY", &origin.routing_key)
-        .env("BUS_REDELIVERED", if origin.redelivered { "1" } else { "0" })
+        .env(
+            "BUS_REDELIVERED",
+            if origin.redelivered { "1" } else { "0" },
+        )
         .env("BUS_ATTEMPT", origin.attempt.max(1).to_string())
         .env("BUS_BODY_FILE", &body_file)
         .env("BUS_HEADERS", table_to_json(&p.headers).to_string());
@@ -142,7 +149,10 @@ async fn run_in(
         ("BUS_USER_ID", p.user_id.clone()),
         ("BUS_APP_ID", p.app_id.clone()),
         ("BUS_PRIORITY", p.priority.map(|v| v.to_string())),
-        ("BUS_DELIVERY_MODE", p.delivery_mode.map(|v| v.as_u8().to_string())),
+        (
+            "BUS_DELIVERY_MODE",
+            p.delivery_mode.map(|v| v.as_u8().to_string()),
+        ),
     ];
     for (k, v) in optional {
         match v {

@@ -79,7 +79,9 @@ impl From<bus::Error> for Fail {
             bus::Error::Unroutable { .. } => {
                 " (bind a queue to the exchange: `bus bind QUEUE EXCHANGE --routing-key KEY`)"
             }
-            bus::Error::NotFound(_) => " (declare it first: `bus declare ...` or `bus topology apply FILE`)",
+            bus::Error::NotFound(_) => {
+                " (declare it first: `bus declare ...` or `bus topology apply FILE`)"
+            }
             _ => "",
         };
         Fail {

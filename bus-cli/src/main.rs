@@ -98,7 +98,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are successes; everything else is usage.
-            let code = if e.use_stderr() { fail::USAGE } else { fail::OK };
+            let code = if e.use_stderr() {
+                fail::USAGE
+            } else {
+                fail::OK
+            };
             let _ = e.print();
             std::process::exit(code);
         }

@@ -137,8 +137,9 @@ pub fn read_input(arg: Option<&str>, file: Option<&PathBuf>) -> CliResult<Vec<u8
     }
     match file {
         Some(p) if p.as_os_str() == "-" => read_stdin(),
-        Some(p) => std::fs::read(p)
-            .map_err(|e| Fail::error(format!("cannot read {}: {e}", p.display()))),
+        Some(p) => {
+            std::fs::read(p).map_err(|e| Fail::error(format!("cannot read {}: {e}", p.display())))
+        }
         None if std::io::stdin().is_terminal() => Err(Fail::usage(
             "no body: give it as an argument, with --file PATH, or on standard input",
         )),

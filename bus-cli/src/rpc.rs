@@ -73,8 +73,7 @@ pub async fn run_call(url: &str, a: CallArgs) -> CliResult {
     };
     let conn = crate::conn::open(url).await?;
     let client =
-        RpcClient::with_options(conn.clone(), RpcClientOptions::default().timeout(timeout))
-            .await?;
+        RpcClient::with_options(conn.clone(), RpcClientOptions::default().timeout(timeout)).await?;
     let reply = client
         .call_raw_with(&a.queue, message, CallOptions::new().timeout(timeout))
         .await;
@@ -102,7 +101,9 @@ fn secs(s: f64) -> CliResult<Duration> {
     if s.is_finite() && s > 0.0 {
         Ok(Duration::from_secs_f64(s))
     } else {
-        Err(Fail::usage(format!("{s}: expected a positive number of seconds")))
+        Err(Fail::usage(format!(
+            "{s}: expected a positive number of seconds"
+        )))
     }
 }
 
@@ -191,7 +192,12 @@ pub async fn run_serve(url: &str, a: ServeArgs) -> CliResult {
     }
 }
 
-async fn handle(command: &str, queue: &str, request: Message, msgpack: bool) -> Result<Message, String> {
+async fn handle(
+    command: &str,
+    queue: &str,
+    request: Message,
+    msgpack: bool,
+) -> Result<Message, String> {
     let format = Format::of(&request).map_err(|e| e.to_string())?;
     let mut input = request.clone();
     if msgpack {

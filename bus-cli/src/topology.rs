@@ -147,8 +147,8 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
     let Action::Apply { file } = a.action;
     let text = std::fs::read_to_string(&file)
         .map_err(|e| Fail::error(format!("cannot read {}: {e}", file.display())))?;
-    let topo: Topology = toml::from_str(&text)
-        .map_err(|e| Fail::usage(format!("{}: {e}", file.display())))?;
+    let topo: Topology =
+        toml::from_str(&text).map_err(|e| Fail::usage(format!("{}: {e}", file.display())))?;
 
     // Check the whole file before declaring anything.
     let mut exchanges = Vec::new();

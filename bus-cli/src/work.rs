@@ -154,7 +154,10 @@ pub async fn run(url: &str, a: WorkArgs) -> CliResult {
     let grace = if a.grace.is_finite() && a.grace >= 0.0 {
         Duration::from_secs_f64(a.grace)
     } else {
-        return Err(Fail::usage(format!("--grace {}: expected seconds >= 0", a.grace)));
+        return Err(Fail::usage(format!(
+            "--grace {}: expected seconds >= 0",
+            a.grace
+        )));
     };
     let conn = crate::conn::open(url).await?;
     let handler = Arc::new(Handler {

@@ -26,7 +26,15 @@ fn a_folder_written_slowly_in_place_arrives_whole() {
     std::fs::create_dir(&input).unwrap();
     let mut b = bridge(
         &url,
-        &["--from-folder", input.to_str().unwrap(), "--to-queue", &q, "--readiness", "stable:2s", "--persistent"],
+        &[
+            "--from-folder",
+            input.to_str().unwrap(),
+            "--to-queue",
+            &q,
+            "--readiness",
+            "stable:2s",
+            "--persistent",
+        ],
     );
     // A plain writer: creates the file in place and appends to it slowly,
     // as a legacy producer does. The pauses are the behaviour under test.
@@ -68,10 +76,33 @@ fn done_markers_and_results_back_into_a_legacy_folder() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     // queue -> folder: named after the request's file.
-    let mut b = bridge(&url, &["--from-queue", &q, "--to-folder", out.to_str().unwrap(), "--extension", "json"]);
-    ok(&url, &["publish", "-q", &q, "--header", "x-legacy-file=job42.wav", r#"{"text":"hi"}"#]);
+    let mut b = bridge(
+        &url,
+        &[
+            "--from-queue",
+            &q,
+            "--to-folder",
+            out.to_str().unwrap(),
+            "--extension",
+            "json",
+        ],
+    );
+    ok(
+        &url,
+        &[
+            "publish",
+            "-q",
+            &q,
+            "--header",
+            "x-legacy-file=job42.wav",
+            r#"{"text":"hi"}"#,
+        ],
+    );
     wait_until(LIMIT, "out/job42.json", || files_in(&out) == ["job42.json"]);
-    assert_eq!(std::fs::read_to_string(out.join("job42.json")).unwrap(), r#"{"text":"hi"}"#);
+    assert_eq!(
+        std::fs::read_to_string(out.join("job42.json")).unwrap(),
+        r#"{"text":"hi"}"#
+    );
     wait_until(LIMIT, "the result acked", || ready(&url, &q) == 0);
     b.signal("INT");
     assert_eq!(b.wait(LIMIT).code(), Some(0));
@@ -84,7 +115,15 @@ fn done_markers_and_results_back_into_a_legacy_folder() {
     std::fs::write(input.join("a.txt"), "partial").unwrap();
     let mut b = bridge(
         &url,
-        &["--from-folder", input.to_str().unwrap(), "--to-queue", &q, "--readiness", "done-marker", "--delete-done"],
+        &[
+            "--from-folder",
+            input.to_str().unwrap(),
+            "--to-queue",
+            &q,
+            "--readiness",
+            "done-marker",
+            "--delete-done",
+        ],
     );
     std::fs::write(input.join("a.txt"), "complete").unwrap();
     std::fs::write(input.join("a.txt.done"), "").unwrap();
@@ -109,8 +148,13 @@ fn sigterm_mid_bridge_loses_nothing_queue_to_queue() {
         &run_with_input(&url, &["publish", "-q", &from, "--lines"], lines.as_bytes()),
         &["publish"],
     );
-    let mut b = bridge(&url, &["--from-queue", &from, "--to-queue", &to, "--prefetch", "1"]);
-    wait_until(LIMIT, "the bridge to start forwarding", || ready(&url, &to) > 0);
+    let mut b = bridge(
+        &url,
+        &["--from-queue", &from, "--to-queue", &to, "--prefetch", "1"],
+    );
+    wait_until(LIMIT, "the bridge to start forwarding", || {
+        ready(&url, &to) > 0
+    });
     b.signal("TERM");
     assert_eq!(b.wait(LIMIT).code(), Some(0));
     let totals = b.stderr_lines().join("\n");
@@ -118,11 +162,18 @@ fn sigterm_mid_bridge_loses_nothing_queue_to_queue() {
     let moved = ready(&url, &to) as usize;
     eprintln!("stopped with {moved} forwarded and {left} left: {totals}");
     assert!(totals.contains(&format!("forwarded {moved},")), "{totals}");
-    assert_eq!(left + moved, N, "every message is in one queue or the other");
+    assert_eq!(
+        left + moved,
+        N,
+        "every message is in one queue or the other"
+    );
     let mut all = BTreeSet::new();
     for q in [&from, &to] {
         for m in take(&url, q, ready(&url, q) as usize, LIMIT) {
-            assert!(all.insert(m["body"].as_str().unwrap().to_owned()), "a duplicate: {m}");
+            assert!(
+                all.insert(m["body"].as_str().unwrap().to_owned()),
+                "a duplicate: {m}"
+            );
         }
     }
     assert_eq!(all.len(), N);
@@ -144,17 +195,36 @@ fn sigterm_mid_bridge_loses_nothing_folder_to_queue() {
     }
     let mut b = bridge(
         &url,
-        &["--from-folder", input.to_str().unwrap(), "--to-queue", &q, "--readiness", "renamed", "--prefetch", "8"],
+        &[
+            "--from-folder",
+            input.to_str().unwrap(),
+            "--to-queue",
+            &q,
+            "--readiness",
+            "renamed",
+            "--prefetch",
+            "8",
+        ],
     );
-    wait_until(LIMIT, "the bridge to start forwarding", || ready(&url, &q) > 0);
+    wait_until(LIMIT, "the bridge to start forwarding", || {
+        ready(&url, &q) > 0
+    });
     b.signal("TERM");
     assert_eq!(b.wait(LIMIT).code(), Some(0));
     let done = files_in(&input.join("done"));
     let waiting = files_in(&input);
     let queued = ready(&url, &q) as usize;
-    eprintln!("{} done, {} waiting, {queued} queued", done.len(), waiting.len());
+    eprintln!(
+        "{} done, {} waiting, {queued} queued",
+        done.len(),
+        waiting.len()
+    );
     assert_eq!(done.len(), queued, "every file in done/ is in the queue");
-    assert_eq!(done.len() + waiting.len(), N, "no file lost or stuck in a claim");
+    assert_eq!(
+        done.len() + waiting.len(),
+        N,
+        "no file lost or stuck in a claim"
+    );
     ok(&url, &["delete", "queue", &q]);
 }
 
@@ -170,15 +240,28 @@ fn queue_to_exchange_across_urls() {
     ok(&url, &["declare", "queue", &q]);
     ok(&url, &["bind", &q, &x, "-k", "jobs.#"]);
     ok(&file_url, &["declare", "queue", "outbox", "--durable"]);
-    ok(&file_url, &["publish", "-q", "outbox", "--persistent", "hello across"]);
+    ok(
+        &file_url,
+        &["publish", "-q", "outbox", "--persistent", "hello across"],
+    );
     let mut b = Background::start(bus(&file_url).args([
-        "bridge", "--from-queue", "outbox", "--to-url", &url, "--to-exchange", &x, "--routing-key", "jobs.new",
+        "bridge",
+        "--from-queue",
+        "outbox",
+        "--to-url",
+        &url,
+        "--to-exchange",
+        &x,
+        "--routing-key",
+        "jobs.new",
     ]));
     let got = take(&url, &q, 1, LIMIT);
     assert_eq!(got[0]["body"], "hello across");
     assert_eq!(got[0]["exchange"], x.as_str());
     assert_eq!(got[0]["routing_key"], "jobs.new");
-    wait_until(LIMIT, "the source acked", || ready(&file_url, "outbox") == 0);
+    wait_until(LIMIT, "the source acked", || {
+        ready(&file_url, "outbox") == 0
+    });
     b.signal("TERM");
     assert_eq!(b.wait(LIMIT).code(), Some(0));
     ok(&url, &["delete", "queue", &q]);

@@ -25,7 +25,10 @@ fn section_blocks() -> Vec<(String, String)> {
     let mut lines = section.lines();
     while let Some(line) = lines.next() {
         if let Some(lang) = line.strip_prefix("```") {
-            let body: Vec<&str> = lines.by_ref().take_while(|l| !l.starts_with("```")).collect();
+            let body: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
             blocks.push((lang.to_owned(), body.join("\n")));
         }
     }
@@ -50,8 +53,15 @@ impl Env {
     fn command(&self, line: &str) -> Command {
         let line = line.trim().trim_end_matches('&').trim();
         let line = self.rename(line);
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_bus")).parent().unwrap().to_owned();
-        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_bus"))
+            .parent()
+            .unwrap()
+            .to_owned();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg(format!("exec {line}"))
@@ -81,8 +91,16 @@ impl Env {
 fn the_readme_migration_runs_as_written_and_rolls_back() {
     require_python();
     let blocks = section_blocks();
-    let toml = &blocks.iter().find(|(l, _)| l == "toml").expect("a toml block").1;
-    let shells: Vec<&String> = blocks.iter().filter(|(l, _)| l == "sh").map(|(_, b)| b).collect();
+    let toml = &blocks
+        .iter()
+        .find(|(l, _)| l == "toml")
+        .expect("a toml block")
+        .1;
+    let shells: Vec<&String> = blocks
+        .iter()
+        .filter(|(l, _)| l == "sh")
+        .map(|(_, b)| b)
+        .collect();
     assert_eq!(shells.len(), 2, "the forward and the rollback blocks");
     let forward: Vec<&str> = shells[0].lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(forward.len(), 4, "four commands: {forward:?}");
@@ -95,17 +113,17 @@ fn the_readme_migration_runs_as_written_and_rolls_back() {
     };
     let p = &env.prefix;
     std::fs::create_dir(env.dir.path().join("in")).unwrap();
-    std::fs::write(
-        env.dir.path().join("speech.toml"),
-        env.rename(toml),
-    )
-    .unwrap();
+    std::fs::write(env.dir.path().join("speech.toml"), env.rename(toml)).unwrap();
     std::fs::write(env.dir.path().join("asr.py"), ASR_PY).unwrap();
 
     // 1. The topology (twice: idempotent).
     for _ in 0..2 {
         let out = env.command(forward[0]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let requests = format!("{p}.requests");
     let results = format!("{p}.results");
@@ -142,15 +160,26 @@ fn the_readme_migration_runs_as_written_and_rolls_back() {
     assert_eq!(rollback.len(), 1, "{rollback:?}");
     let mut back = Background::start(&mut env.command(rollback[0]));
     let input = env.dir.path().join("in");
-    wait_until(LIMIT, "job3.wav back in $IN", || files_in(&input) == ["job3.wav"]);
-    assert_eq!(std::fs::read(input.join("job3.wav")).unwrap(), vec![3u8; 3000]);
-    wait_until(LIMIT, "the requests queue drained", || ready(&env.url, &requests) == 0);
+    wait_until(LIMIT, "job3.wav back in $IN", || {
+        files_in(&input) == ["job3.wav"]
+    });
+    assert_eq!(
+        std::fs::read(input.join("job3.wav")).unwrap(),
+        vec![3u8; 3000]
+    );
+    wait_until(LIMIT, "the requests queue drained", || {
+        ready(&env.url, &requests) == 0
+    });
     back.signal("TERM");
     assert_eq!(back.wait(LIMIT).code(), Some(0));
     outbound.signal("TERM");
     assert_eq!(outbound.wait(LIMIT).code(), Some(0));
     assert_eq!(ready(&env.url, &results), 0);
-    assert_eq!(ready(&env.url, &format!("{requests}.error")), 0, "nothing failed");
+    assert_eq!(
+        ready(&env.url, &format!("{requests}.error")),
+        0,
+        "nothing failed"
+    );
 
     for q in [&requests, &results, &format!("{requests}.error")] {
         ok(&env.url, &["delete", "queue", q]);

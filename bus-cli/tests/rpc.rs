@@ -34,9 +34,17 @@ fn call_talks_to_the_python_legacy_server() {
     );
     // What the server saw: the legacy request properties.
     let seen: Value = serde_json::from_str(&server.next_line(LIMIT).unwrap()).unwrap();
-    assert_eq!(seen["content_type"], Value::Null, "msgpack without a content type");
+    assert_eq!(
+        seen["content_type"],
+        Value::Null,
+        "msgpack without a content type"
+    );
     assert!(seen["reply_to"].as_str().is_some_and(|r| !r.is_empty()));
-    assert_eq!(seen["correlation_id"].as_str().map(str::len), Some(36), "a UUID4 string");
+    assert_eq!(
+        seen["correlation_id"].as_str().map(str::len),
+        Some(36),
+        "a UUID4 string"
+    );
     assert!(server.wait(LIMIT).success());
     ok(&url, &["delete", "queue", &q]);
 }
@@ -50,18 +58,17 @@ fn call_exits_3_on_timeout_and_4_when_nobody_serves() {
     assert_eq!(c, 3, "{err}");
     assert!(err.contains("no reply"), "{err}");
     ok(&url, &["delete", "queue", &q]);
-    let (c, err) = code(&url, &["call", &unique("cli-nobody"), "{}", "--timeout", "5"]);
+    let (c, err) = code(
+        &url,
+        &["call", &unique("cli-nobody"), "{}", "--timeout", "5"],
+    );
     assert_eq!(c, 4, "{err}");
     let (c, _) = code(&url, &["call", &q, "{not json", "--timeout", "5"]);
     assert_eq!(c, 2);
 }
 
 fn serve(url: &str, q: &str, exec: &str, extra: &[&str]) -> Background {
-    let mut s = Background::start(
-        bus(url)
-            .args(["serve", q, "--exec", exec])
-            .args(extra),
-    );
+    let mut s = Background::start(bus(url).args(["serve", q, "--exec", exec]).args(extra));
     s.wait_stderr("serving", LIMIT);
     s
 }
@@ -76,14 +83,24 @@ fn serve_exec_is_called_by_the_python_legacy_client() {
     let server = serve(&url, &q, PY_SERVICE, &["--msgpack", "--concurrency", "2"]);
     let out = Command::new("python3")
         .arg(python_peer("legacy_client.py"))
-        .args([&q, r#"{"text":"ünïcode","data":{"$bytes":"00ff"},"n":[1,2]}"#])
+        .args([
+            &q,
+            r#"{"text":"ünïcode","data":{"$bytes":"00ff"},"n":[1,2]}"#,
+        ])
         .env("AMQP_ADDR", &url)
         .env("RPC_TIMEOUT_SECS", "30")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reply: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
-    assert_eq!(reply["got"], json!({"text": "ünïcode", "data": {"$bytes": "00ff"}, "n": [1, 2]}));
+    assert_eq!(
+        reply["got"],
+        json!({"text": "ünïcode", "data": {"$bytes": "00ff"}, "n": [1, 2]})
+    );
     assert_eq!(reply["queue"], q.as_str());
     assert_eq!(reply["corr"].as_str().map(str::len), Some(36));
 
@@ -92,7 +109,10 @@ fn serve_exec_is_called_by_the_python_legacy_client() {
     let mut server = serve(&url, &q, "echo broken >&2; exit 7", &["--msgpack"]);
     let (c, err) = code(&url, &["call", &q, "{}", "--timeout", "30"]);
     assert_eq!(c, 1, "{err}");
-    assert!(err.contains("exited with code 7") && err.contains("broken"), "{err}");
+    assert!(
+        err.contains("exited with code 7") && err.contains("broken"),
+        "{err}"
+    );
     server.signal("TERM");
     assert_eq!(server.wait(LIMIT).code(), Some(0));
     ok(&url, &["delete", "queue", &q]);

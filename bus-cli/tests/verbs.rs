@@ -26,11 +26,35 @@ fn publish_then_get_and_consume_round_trip_every_property_as_json() {
         ok(
             url,
             &[
-                "publish", "--queue", &q, "héllo", "--persistent", "--header", "lang=en",
-                "--header", "tries:=3", "--content-type", "text/plain", "--content-encoding",
-                "identity", "--priority", "3", "--correlation-id", "c-1", "--reply-to", "back",
-                "--expiration", "600000", "--message-id", "m-1", "--timestamp", "1700000000",
-                "--type", "job", "--app-id", "cli-test",
+                "publish",
+                "--queue",
+                &q,
+                "héllo",
+                "--persistent",
+                "--header",
+                "lang=en",
+                "--header",
+                "tries:=3",
+                "--content-type",
+                "text/plain",
+                "--content-encoding",
+                "identity",
+                "--priority",
+                "3",
+                "--correlation-id",
+                "c-1",
+                "--reply-to",
+                "back",
+                "--expiration",
+                "600000",
+                "--message-id",
+                "m-1",
+                "--timestamp",
+                "1700000000",
+                "--type",
+                "job",
+                "--app-id",
+                "cli-test",
             ],
         );
         // get leaves the message where it is.
@@ -53,7 +77,11 @@ fn publish_then_get_and_consume_round_trip_every_property_as_json() {
         assert_eq!(p["timestamp"], 1_700_000_000u64);
         assert_eq!(p["type"], "job");
         assert_eq!(p["app_id"], "cli-test");
-        assert_eq!(ready(url, &q), 1, "get must leave the queue as it was ({url})");
+        assert_eq!(
+            ready(url, &q),
+            1,
+            "get must leave the queue as it was ({url})"
+        );
 
         // consume acks by default: the queue is empty afterwards.
         let got = take(url, &q, 1, LIMIT);
@@ -72,7 +100,10 @@ fn bodies_come_from_arguments_files_stdin_and_lines_in_order() {
     for url in &urls {
         let q = unique("cli-bodies");
         ok(url, &["declare", "queue", &q]);
-        ok(url, &["publish", "-q", &q, "--file", file.to_str().unwrap()]);
+        ok(
+            url,
+            &["publish", "-q", &q, "--file", file.to_str().unwrap()],
+        );
         let out = run_with_input(url, &["publish", "-q", &q], b"from stdin");
         assert_success(&out, &["publish (stdin)"]);
         let lines: String = (1..=50).map(|i| format!("line {i}\n")).collect();
@@ -83,7 +114,11 @@ fn bodies_come_from_arguments_files_stdin_and_lines_in_order() {
         assert_eq!(got[0]["body"], "AAEC/w==");
         assert_eq!(got[1]["body"], "from stdin");
         for (i, m) in got[2..].iter().enumerate() {
-            assert_eq!(m["body"], format!("line {}", i + 1), "{url}: lines keep their order");
+            assert_eq!(
+                m["body"],
+                format!("line {}", i + 1),
+                "{url}: lines keep their order"
+            );
         }
         ok(url, &["delete", "queue", &q]);
     }
@@ -97,7 +132,13 @@ fn msgpack_bodies_are_python_packb_bytes_and_decode_back() {
         ok(url, &["declare", "queue", &q]);
         ok(
             url,
-            &["publish", "-q", &q, "--msgpack", r#"{"b":1,"a":[-1,2.5,"x"],"raw":{"$bytes":"00ff"}}"#],
+            &[
+                "publish",
+                "-q",
+                &q,
+                "--msgpack",
+                r#"{"b":1,"a":[-1,2.5,"x"],"raw":{"$bytes":"00ff"}}"#,
+            ],
         );
         let raw: Value =
             serde_json::from_str(&ok(url, &["get", &q, "--json", "--decode", "base64"])).unwrap();
@@ -122,7 +163,12 @@ fn msgpack_bodies_are_python_packb_bytes_and_decode_back() {
 }
 
 fn take_decoded(url: &str, q: &str) -> Value {
-    let out = ok(url, &["consume", q, "--count", "1", "--json", "--decode", "msgpack"]);
+    let out = ok(
+        url,
+        &[
+            "consume", q, "--count", "1", "--json", "--decode", "msgpack",
+        ],
+    );
     serde_json::from_str(out.trim()).unwrap()
 }
 
@@ -135,7 +181,20 @@ fn ack_modes_requeue_reject_and_no_ack() {
         ok(&url, &["publish", "-q", &q, &format!("m{i}")]);
     }
     // requeue: printed, left in the queue.
-    let out = ok(&url, &["consume", &q, "-n", "3", "--json", "--ack-mode", "requeue", "--prefetch", "3"]);
+    let out = ok(
+        &url,
+        &[
+            "consume",
+            &q,
+            "-n",
+            "3",
+            "--json",
+            "--ack-mode",
+            "requeue",
+            "--prefetch",
+            "3",
+        ],
+    );
     assert_eq!(out.lines().count(), 3);
     assert_eq!(ready(&url, &q), 3);
     // get --ack takes them off.
@@ -143,7 +202,10 @@ fn ack_modes_requeue_reject_and_no_ack() {
     assert_eq!(out.lines().count(), 2);
     assert_eq!(ready(&url, &q), 1);
     // no-ack: gone once delivered.
-    let out = ok(&url, &["consume", &q, "-n", "1", "--ack-mode", "no-ack", "--json"]);
+    let out = ok(
+        &url,
+        &["consume", &q, "-n", "1", "--ack-mode", "no-ack", "--json"],
+    );
     let m: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(m["body"].as_str().unwrap().starts_with('m'));
     assert_eq!(ready(&url, &q), 0);
@@ -165,11 +227,21 @@ fn exit_codes_are_the_documented_ones() {
     assert_eq!(c, 4, "{err}");
     assert!(err.contains("bus bind"), "says what to do: {err}");
     // --no-mandatory drops it instead.
-    assert_eq!(code(&url, &["publish", "-e", &x, "-k", "a.b", "--no-mandatory", "x"]).0, 0);
+    assert_eq!(
+        code(
+            &url,
+            &["publish", "-e", &x, "-k", "a.b", "--no-mandatory", "x"]
+        )
+        .0,
+        0
+    );
     ok(&url, &["delete", "exchange", &x]);
     // 2: usage.
     assert_eq!(code(&url, &["publish", "--no-such-flag"]).0, 2);
-    assert_eq!(code(&url, &["publish", "-q", "q", "--header", "novalue", "x"]).0, 2);
+    assert_eq!(
+        code(&url, &["publish", "-q", "q", "--header", "novalue", "x"]).0,
+        2
+    );
     assert_eq!(code(&url, &["frobnicate"]).0, 2);
     // 0: help, with examples, for every verb.
     for verb in [
@@ -179,7 +251,10 @@ fn exit_codes_are_the_documented_ones() {
         let out = run(&url, &["help", verb]);
         assert_eq!(out.status.code(), Some(0), "help {verb}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("Example"), "bus help {verb} has an example:\n{text}");
+        assert!(
+            text.contains("Example"),
+            "bus help {verb} has an example:\n{text}"
+        );
     }
     // 1: an error, e.g. inspecting a missing queue, with what to do.
     let (c, err) = code(&url, &["inspect", &unique("cli-none")]);
@@ -191,15 +266,28 @@ fn exit_codes_are_the_documented_ones() {
 fn urls_memory_is_refused_unreachable_brokers_say_what_to_do_without_credentials() {
     let (c, err) = code("memory://x", &["inspect", "q"]);
     assert_eq!(c, 2);
-    assert!(err.contains("memory://") && err.contains("amqp://"), "{err}");
+    assert!(
+        err.contains("memory://") && err.contains("amqp://"),
+        "{err}"
+    );
     // A port nobody listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("amqp://someone:s3cr3t-pw@127.0.0.1:{port}/%2f");
     let (c, err) = code(&url, &["inspect", "q"]);
     assert_eq!(c, 1, "{err}");
-    assert!(err.contains(&format!("cannot reach 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach 127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(err.contains("is RabbitMQ running?"), "{err}");
-    assert!(!err.contains("s3cr3t-pw") && !err.contains("someone"), "credentials printed: {err}");
+    assert!(
+        !err.contains("s3cr3t-pw") && !err.contains("someone"),
+        "credentials printed: {err}"
+    );
     // --url wins over BUS_URL.
     let out = support::bus("memory://x")
         .args(["--url", &url, "inspect", "q"])
@@ -214,10 +302,33 @@ fn declare_bind_unbind_inspect_purge_delete() {
     for url in &urls {
         let x = unique("cli-ex");
         let q = unique("cli-q");
-        ok(url, &["declare", "exchange", &x, "--type", "topic", "--durable"]);
-        ok(url, &["declare", "queue", &q, "--durable", "--arg", "x-max-length:=100"]);
+        ok(
+            url,
+            &["declare", "exchange", &x, "--type", "topic", "--durable"],
+        );
+        ok(
+            url,
+            &[
+                "declare",
+                "queue",
+                &q,
+                "--durable",
+                "--arg",
+                "x-max-length:=100",
+            ],
+        );
         // The same declaration again is fine; another one is a clear error.
-        ok(url, &["declare", "queue", &q, "--durable", "--arg", "x-max-length:=100"]);
+        ok(
+            url,
+            &[
+                "declare",
+                "queue",
+                &q,
+                "--durable",
+                "--arg",
+                "x-max-length:=100",
+            ],
+        );
         let (c, err) = code(url, &["declare", "queue", &q]);
         assert_eq!(c, 1, "{url}: {err}");
         assert!(err.contains("precondition"), "{err}");
@@ -225,11 +336,18 @@ fn declare_bind_unbind_inspect_purge_delete() {
         ok(url, &["publish", "-e", &x, "-k", "asr.en", "one"]);
         ok(url, &["publish", "-e", &x, "-k", "asr.fr", "two"]);
         let info: Value = serde_json::from_str(&ok(url, &["inspect", &q, "--json"])).unwrap();
-        assert_eq!(info, serde_json::json!({"queue": q, "messages": 2, "consumers": 0}));
+        assert_eq!(
+            info,
+            serde_json::json!({"queue": q, "messages": 2, "consumers": 0})
+        );
         assert!(ok(url, &["inspect", &x, "--exchange"]).contains("exists"));
         assert_eq!(ok(url, &["purge", &q]).trim(), "2");
         ok(url, &["unbind", &q, &x, "--routing-key", "asr.*"]);
-        assert_eq!(code(url, &["publish", "-e", &x, "-k", "asr.en", "x"]).0, 4, "{url}: unbound");
+        assert_eq!(
+            code(url, &["publish", "-e", &x, "-k", "asr.en", "x"]).0,
+            4,
+            "{url}: unbound"
+        );
         ok(url, &["publish", "-q", &q, "left"]);
         assert_eq!(ok(url, &["delete", "queue", &q]).trim(), "1");
         ok(url, &["delete", "exchange", &x]);
@@ -278,9 +396,15 @@ routing_key = "asr.#"
         assert!(first.contains(&format!("created  queue {q}")), "{first}");
         assert!(first.contains("bound    binding"), "{first}");
         let second = ok(url, &["topology", "apply", f]);
-        assert!(second.contains(&format!("exists   exchange {x}")), "{second}");
+        assert!(
+            second.contains(&format!("exists   exchange {x}")),
+            "{second}"
+        );
         assert!(second.contains(&format!("exists   queue {q}")), "{second}");
-        assert!(second.contains(&format!("exists   queue {dlq}")), "{second}");
+        assert!(
+            second.contains(&format!("exists   queue {dlq}")),
+            "{second}"
+        );
         ok(url, &["publish", "-e", &x, "-k", "asr.en.1", "routed"]);
         assert_eq!(ready(url, &q), 1);
 
@@ -306,7 +430,11 @@ routing_key = "asr.#"
         )
         .unwrap();
         assert_eq!(code(url, &["topology", "apply", f]).0, 2);
-        assert_eq!(code(url, &["inspect", &bad]).0, 1, "nothing declared from a bad file");
+        assert_eq!(
+            code(url, &["inspect", &bad]).0,
+            1,
+            "nothing declared from a bad file"
+        );
         for n in [&q, &dlq, &other] {
             ok(url, &["delete", "queue", n]);
         }

@@ -65,7 +65,16 @@ fn the_program_gets_the_body_on_stdin_and_the_properties_in_its_environment() {
     );
     ok(
         &url,
-        &["publish", "-q", &w.queue, "--correlation-id", "c-9", "--header", "lang=en", "the body"],
+        &[
+            "publish",
+            "-q",
+            &w.queue,
+            "--correlation-id",
+            "c-9",
+            "--header",
+            "lang=en",
+            "the body",
+        ],
     );
     let out = take(&url, &w.output, 1, LIMIT);
     assert_eq!(
@@ -107,16 +116,37 @@ fn a_program_that_always_fails_is_retried_then_poisoned_with_why() {
     );
     // One in-process retry, one delayed retry through the broker: 4 attempts.
     let w = Worker::start(&url, &exec, &["--retries", "1", "--delays", "200ms"]);
-    ok(&url, &["publish", "-q", &w.queue, "--header", "x-legacy-file=job7.wav", "--persistent", "audio"]);
+    ok(
+        &url,
+        &[
+            "publish",
+            "-q",
+            &w.queue,
+            "--header",
+            "x-legacy-file=job7.wav",
+            "--persistent",
+            "audio",
+        ],
+    );
     let poisoned = take(&url, &w.error_queue(), 1, LIMIT);
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "1\n2\n3\n4\n", "each attempt ran once");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "1\n2\n3\n4\n",
+        "each attempt ran once"
+    );
     let m = &poisoned[0];
     assert_eq!(m["body"], "audio", "the original body");
-    assert_eq!(m["properties"]["delivery_mode"], 2, "the original properties");
+    assert_eq!(
+        m["properties"]["delivery_mode"], 2,
+        "the original properties"
+    );
     let h = &m["headers"];
     assert_eq!(h["x-legacy-file"], "job7.wav", "the original headers");
     let why = h["x-bus-error"].as_str().unwrap();
-    assert!(why.contains("exited with code 3") && why.contains("model not loaded"), "{why}");
+    assert!(
+        why.contains("exited with code 3") && why.contains("model not loaded"),
+        "{why}"
+    );
     assert_eq!(h["x-bus-reason"], "exhausted");
     assert_eq!(h["x-bus-attempts"], 4);
     assert_eq!(h["x-bus-original-routing-key"], w.queue.as_str());
@@ -133,7 +163,10 @@ fn a_permanent_exit_code_poisons_at_once() {
     let url = amqp_url();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("attempts");
-    let exec = format!("cat >/dev/null; echo $BUS_ATTEMPT >> {l}; exit 65", l = log.display());
+    let exec = format!(
+        "cat >/dev/null; echo $BUS_ATTEMPT >> {l}; exit 65",
+        l = log.display()
+    );
     let w = Worker::start(&url, &exec, &["--permanent-exit", "65"]);
     ok(&url, &["publish", "-q", &w.queue, "bad input"]);
     let poisoned = take(&url, &w.error_queue(), 1, LIMIT);
@@ -155,7 +188,17 @@ fn concurrency_runs_that_many_processes_at_once() {
     );
     let w = Worker::start(&url, &exec, &["--concurrency", "3"]);
     for i in 0..3 {
-        ok(&url, &["publish", "-q", &w.queue, "--message-id", &format!("m{i}"), "x"]);
+        ok(
+            &url,
+            &[
+                "publish",
+                "-q",
+                &w.queue,
+                "--message-id",
+                &format!("m{i}"),
+                "x",
+            ],
+        );
     }
     let out = take(&url, &w.output, 3, LIMIT);
     assert!(out.iter().all(|m| m["body"] == "ok\n"), "{out:?}");

@@ -99,9 +99,8 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 /// Takes `n` messages off a queue (acked) as JSON objects, waiting for them
 /// up to `limit`.
 pub fn take(url: &str, queue: &str, n: usize, limit: Duration) -> Vec<serde_json::Value> {
-    let mut child = Background::start(
-        bus(url).args(["consume", queue, "--json", "--count", &n.to_string()]),
-    );
+    let mut child =
+        Background::start(bus(url).args(["consume", queue, "--json", "--count", &n.to_string()]));
     let mut got = Vec::new();
     while got.len() < n {
         let line = child
