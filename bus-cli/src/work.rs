@@ -24,7 +24,7 @@ use crate::signals::Stop;
 /// BUS_CONTENT_TYPE, BUS_CORRELATION_ID, BUS_REPLY_TO, BUS_MESSAGE_ID,
 /// BUS_TIMESTAMP, BUS_TYPE, BUS_APP_ID, BUS_USER_ID, BUS_PRIORITY,
 /// BUS_EXPIRATION, BUS_DELIVERY_MODE (when set), BUS_HEADERS (all headers as
-/// JSON) and BUS_HEADER_<NAME> for each header.
+/// JSON) and BUS_HEADER_NAME for each header NAME (upper-cased, other characters as _).
 ///
 /// Outcomes follow the worker runtime's policy (see the `bus::worker` docs):
 /// exit 0 acks the message (after its output, with --output-queue, is
