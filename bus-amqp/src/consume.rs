@@ -401,8 +401,28 @@ async fn open_on(
             if channel.status().connected() {
                 let _ = channel.close(200, "consumer not started".into()).await;
             }
-            Err(shared.fail(&e))
+            Err(start_error(shared, &e))
         }
+    }
+}
+
+/// The error of a consumer that could not be started.
+///
+/// The broker's `INTERNAL_ERROR` (541) closing the channel is a crash of
+/// the broker's channel or queue process, typically while a queue is
+/// moving (a quorum queue electing a leader after a node died): trying
+/// again can succeed, so it is temporary, and recovery keeps trying.
+fn start_error(shared: &Shared, e: &lapin::Error) -> Error {
+    match crate::convert::broker_close(e) {
+        Some(close) if !close.hard && close.code == 541 => Error::backend(
+            "amqp",
+            true,
+            format!(
+                "the broker failed while starting the consumer ({} {}); trying again may succeed",
+                close.code, close.text
+            ),
+        ),
+        _ => shared.fail(e),
     }
 }
 
@@ -553,6 +573,7 @@ impl ConsumerTask {
             if let Some(slot) = &self.spec.reply_slot {
                 slot.send_replace(None);
             }
+            let mut failures = 0u32;
             let mut min_generation = if connection {
                 link.generation + 1
             } else {
@@ -608,8 +629,32 @@ impl ConsumerTask {
                         });
                         break;
                     }
-                    Err(Error::ConnectionLost(_)) => {
+                    Err(Error::ConnectionLost(_)) if Shared::link_lost(&next) => {
                         min_generation = next.generation + 1;
+                    }
+                    // The link is up but the broker could not start the
+                    // consumer yet (its channel closed under the request,
+                    // or the queue's process failed while the queue moves
+                    // to another node): try again after a pause.
+                    Err(e) if e.is_temporary() => {
+                        failures += 1;
+                        let delay = self.shared.options.reconnect.delay(failures.min(8));
+                        tracing::warn!(
+                            consumer_tag = %self.spec.tag,
+                            queue = %self.spec.queue,
+                            error = %e,
+                            retry_in = ?delay,
+                            "consumer could not be started again yet"
+                        );
+                        tokio::select! {
+                            biased;
+                            _ = &mut self.dropped => {
+                                self.owner_dropped.store(true, Ordering::Release);
+                                return;
+                            }
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        min_generation = next.generation;
                     }
                     Err(e) => {
                         tracing::error!(

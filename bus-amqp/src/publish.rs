@@ -142,6 +142,47 @@ impl ChannelSource {
         }
     }
 
+    /// Stops handing out `channel` for new publishes after the broker
+    /// refused (nacked) a message on it, and closes it once the publishes
+    /// still in flight on it have their confirms.
+    ///
+    /// A channel that attached to a queue while that queue could not take
+    /// messages (a quorum queue electing a new leader after a node died)
+    /// can keep refusing every publish long after the queue is back, while
+    /// a new channel publishes at once. A nack is rare otherwise (a full
+    /// queue with `x-overflow = reject-publish`), so the next publish
+    /// always gets a fresh channel. The channel of a direct reply-to
+    /// consumer is never replaced: requests must leave on it.
+    fn retire(&self, generation: u64, channel: &Arc<lapin::Channel>) {
+        let ChannelSource::Own(own) = self else {
+            return;
+        };
+        let retired = {
+            let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*current {
+                Some((g, c)) if *g == generation && Arc::ptr_eq(c, channel) => current.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, channel)) = retired {
+            tracing::debug!(
+                channel = channel.id(),
+                "the broker refused a publish: replacing the publisher channel"
+            );
+            tokio::spawn(async move {
+                // The publishes in flight on it get their own confirms
+                // first; a channel that never answers is closed anyway.
+                let _ =
+                    tokio::time::timeout(RETIRED_CONFIRM_WAIT, channel.wait_for_confirms()).await;
+                if channel.status().connected() {
+                    let _ = channel
+                        .close(200, "publisher channel replaced".into())
+                        .await;
+                }
+            });
+        }
+    }
+
     fn forget(&self, generation: u64, channel: &lapin::Channel) {
         if let ChannelSource::Own(own) = self {
             let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -151,6 +192,10 @@ impl ChannelSource {
         }
     }
 }
+
+/// How long a publisher channel replaced after a nack stays open for the
+/// confirms of the publishes still in flight on it.
+const RETIRED_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A new channel on `link`, in confirm mode; `None` when the link died
 /// first.
@@ -262,9 +307,13 @@ pub(crate) async fn publish_via(
             })
         }
         Ok(Confirmation::Nack(_)) => {
+            source.retire(generation, &channel);
             let routing_key = resolved_key(shared, exchange, routing_key);
             Err(Error::Nacked(format!(
-                "the broker refused the message published to exchange {exchange:?} with routing key {routing_key:?} (e.g. a full queue with x-overflow = reject-publish)"
+                "the broker refused (nacked) the message published to exchange {exchange:?} with routing key {routing_key:?}: \
+                 a queue it routes to did not take it (a full queue with x-overflow = reject-publish, \
+                 or a queue that is not available, such as a quorum queue without a leader); \
+                 the next publish goes out on a new channel and may succeed"
             )))
         }
         Ok(Confirmation::NotRequested) => Err(Error::backend(
