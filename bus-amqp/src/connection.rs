@@ -54,6 +54,9 @@ pub(crate) struct Shared {
     known_exchanges: Mutex<(u64, HashSet<String>)>,
     /// Wakes the supervisor to check the link now.
     poke: Arc<Notify>,
+    /// Why the broker holds back this connection's publishers
+    /// (`connection.blocked`), while it does.
+    blocked: watch::Sender<Option<String>>,
     /// Whether a recovery ever gave a queue a new name: until then every
     /// queue's current name is the one the application holds, and names
     /// need no look-up.
@@ -141,6 +144,68 @@ impl Shared {
             if rx.changed().await.is_err() {
                 return Err(Error::Closed("the connection is gone".into()));
             }
+        }
+    }
+
+    /// Why the broker holds back this connection's publishers, while it
+    /// does: from its `connection.blocked`, or lapin's flag for it (set
+    /// before the event reaches the supervisor).
+    pub(crate) fn blocked_reason(&self) -> Option<String> {
+        if let Some(reason) = &*self.blocked.borrow() {
+            return Some(reason.clone());
+        }
+        match &*self.state.borrow() {
+            LinkState::Up(link) if link.conn.status().blocked() => {
+                Some("connection.blocked".to_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits, until `deadline`, for the broker to lift its block, so that
+    /// nothing is handed to the connection while it is blocked (lapin
+    /// would hold it and send it once the block is lifted, however long
+    /// after the caller gave up). `what` names the operation for the
+    /// error.
+    pub(crate) async fn wait_unblocked(
+        &self,
+        deadline: tokio::time::Instant,
+        what: &str,
+    ) -> Result<()> {
+        let Some(mut reason) = self.blocked_reason() else {
+            return Ok(());
+        };
+        let mut rx = self.blocked.subscribe();
+        let since = tokio::time::Instant::now();
+        let wait = async {
+            loop {
+                match self.blocked_reason() {
+                    None => return,
+                    Some(r) => reason = r,
+                }
+                // lapin's flag has no notification of its own: a short
+                // poll covers it, only while blocked.
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        };
+        if tokio::time::timeout_at(deadline, wait).await.is_ok() {
+            return Ok(());
+        }
+        Err(Error::Blocked(format!(
+            "the broker has held back publishers on this connection ({reason}) for {:?}; {what} was not sent",
+            since.elapsed()
+        )))
+    }
+
+    fn set_blocked(&self, reason: Option<String>) {
+        let was = self.blocked.send_replace(reason.clone());
+        match (was, reason) {
+            (None, Some(reason)) => self.emit(RecoveryEvent::Blocked { reason }),
+            (Some(_), None) => self.emit(RecoveryEvent::Unblocked),
+            _ => {}
         }
     }
 
@@ -292,9 +357,15 @@ impl Shared {
         Fut: Future<Output = lapin::Result<T>>,
     {
         self.check_open()?;
-        let deadline = self.recovery_deadline();
+        let timeout = self.options.operation_timeout;
+        let until = tokio::time::Instant::now() + timeout;
+        let deadline = self.recovery_deadline().min(until);
         let mut link = self.link_after(0, deadline).await?;
-        let mut slot = self.topology.lock().await;
+        let mut slot = match tokio::time::timeout_at(until, self.topology.lock()).await {
+            Ok(slot) => slot,
+            Err(_) => return Err(self.operation_timed_out(timeout)),
+        };
+        self.wait_unblocked(until, "the operation").await?;
         let channel = match &*slot {
             Some((generation, ch)) if *generation == link.generation && ch.status().connected() => {
                 ch.clone()
@@ -318,7 +389,15 @@ impl Shared {
                 ch
             }
         };
-        match op(channel).await {
+        let Ok(result) = tokio::time::timeout_at(until, op(channel.clone())).await else {
+            // Its answer may still come: the channel is not used again.
+            *slot = None;
+            tokio::spawn(async move {
+                let _ = channel.close(200, "operation timed out".into()).await;
+            });
+            return Err(self.operation_timed_out(timeout));
+        };
+        match result {
             Ok(v) => Ok(v),
             Err(e) => {
                 if broker_close(&e).is_some() || is_connection_error(&e) {
@@ -326,6 +405,16 @@ impl Shared {
                 }
                 Err(self.fail(&e))
             }
+        }
+    }
+
+    /// The error of an operation that did not finish within `timeout`.
+    fn operation_timed_out(&self, timeout: Duration) -> Error {
+        match self.blocked_reason() {
+            Some(reason) => Error::Blocked(format!(
+                "the broker holds back this connection ({reason}); the operation was sent but not answered within {timeout:?}"
+            )),
+            None => Error::Timeout(timeout),
         }
     }
 
@@ -513,6 +602,16 @@ async fn supervise(
                 biased;
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) if !status.connected() => break e.to_string(),
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        tracing::warn!(%reason, "the broker blocked this connection's publishers");
+                        shared.set_blocked(Some(reason));
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        tracing::info!("the broker lifted its block on this connection");
+                        shared.set_blocked(None);
+                    }
                     Some(_) => {}
                     None => {
                         if !status.connected() {
@@ -589,6 +688,8 @@ async fn supervise(
                         return;
                     }
                     shared.state.send_replace(LinkState::Up(link));
+                    // The block was the old connection's.
+                    shared.set_blocked(None);
                     shared.emit(RecoveryEvent::Reconnected { host, generation });
                     break;
                 }
@@ -679,6 +780,7 @@ impl AmqpConnection {
             renamed: AtomicBool::new(false),
             known_exchanges: Mutex::new((0, HashSet::new())),
             poke: poke.clone(),
+            blocked: watch::channel(None).0,
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
         Ok(AmqpConnection { shared })

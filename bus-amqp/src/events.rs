@@ -74,6 +74,18 @@ pub enum RecoveryEvent {
         /// Why.
         error: String,
     },
+    /// The broker holds back this connection's publishers
+    /// (`connection.blocked`, RabbitMQ's memory or disk alarm): publishes
+    /// and topology operations wait, without being sent, until
+    /// [`RecoveryEvent::Unblocked`] or their deadline
+    /// ([`AmqpOptions::publish_timeout`](crate::AmqpOptions::publish_timeout)).
+    Blocked {
+        /// The broker's reason, e.g. `low on memory`.
+        reason: String,
+    },
+    /// The broker lifted its block (`connection.unblocked`), or the
+    /// connection was replaced by a new one that is not blocked.
+    Unblocked,
     /// Reconnection gave up ([`ReconnectPolicy::max_attempts`](crate::ReconnectPolicy));
     /// the connection is closed for good.
     GaveUp {

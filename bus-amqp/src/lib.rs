@@ -71,7 +71,9 @@
 //!   confirm. A mandatory message no queue takes is
 //!   [`Error::Unroutable`](bus_core::Error::Unroutable) with the message
 //!   handed back; a negative confirm (e.g. `x-overflow = reject-publish`)
-//!   is `Nacked`. A publish to an exchange not yet seen on this connection
+//!   is `Nacked`, and the next publish goes out on a new channel (a
+//!   channel that joined a quorum queue during its leader election can
+//!   refuse everything while a new one publishes at once). A publish to an exchange not yet seen on this connection
 //!   is preceded by a passive check on the topology channel, so a missing
 //!   exchange is `NotFound` without closing the publisher channel. Should
 //!   the broker close it anyway (an exchange deleted meanwhile), the
@@ -151,6 +153,23 @@
 //!   die with the connection, messages and all), yield one
 //!   `Err(ConnectionLost)` item before going on, so an RPC client fails its
 //!   calls in flight at once instead of waiting for their time-outs.
+//!
+//! # Flow control
+//!
+//! When RabbitMQ runs low on memory or disk it blocks the connections
+//! that publish (`connection.blocked`) until the alarm clears. The
+//! connection reports it ([`RecoveryEvent::Blocked`], then
+//! [`RecoveryEvent::Unblocked`]), and while it lasts a publish or a
+//! topology operation waits without sending anything, up to
+//! [`AmqpOptions::publish_timeout`] or [`AmqpOptions::operation_timeout`]
+//! (30 s by default), then fails with the temporary
+//! [`Error::Blocked`](bus_core::Error::Blocked): nothing was sent, and a
+//! publish the application gives up on (drops) is not sent later either.
+//! The publish that meets the block (RabbitMQ blocks a connection when it
+//! next publishes) has already been handed over: past its deadline it
+//! fails with the temporary `Timeout`, its outcome unknown, and reaches
+//! the queue once the alarm clears. Every publish and topology call ends
+//! by its deadline, whatever the broker does.
 //!
 //! Recovery replays only what this connection declared. Durable queues and
 //! persistent messages survive a broker restart by themselves; transient

@@ -108,6 +108,17 @@ pub struct AmqpOptions {
     /// Extra certificate authorities, PEM, trusted for `amqps://` besides
     /// the bundled web roots (for a broker with a private CA).
     pub tls_ca_pem: Option<String>,
+    /// The longest a publish may take, from the call to the broker's
+    /// confirm, waiting for a reconnection or for the broker to lift a
+    /// block included. Past it the publish fails with the temporary
+    /// `Blocked` (the broker held publishers back the whole time and the
+    /// message was not sent) or `Timeout` (sent, outcome unknown).
+    pub publish_timeout: Duration,
+    /// The longest a topology operation (declare, bind, delete, purge,
+    /// inspect) may take, waiting for a reconnection or a lifted block
+    /// included; past it, the temporary `Blocked` or `Timeout` as for
+    /// [`AmqpOptions::publish_timeout`].
+    pub operation_timeout: Duration,
 }
 
 impl Default for AmqpOptions {
@@ -121,6 +132,8 @@ impl Default for AmqpOptions {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             tls_ca_pem: None,
+            publish_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -136,6 +149,8 @@ impl fmt::Debug for AmqpOptions {
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<pem>"))
+            .field("publish_timeout", &self.publish_timeout)
+            .field("operation_timeout", &self.operation_timeout)
             .finish()
     }
 }
@@ -192,6 +207,21 @@ impl AmqpOptions {
     #[must_use]
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest a publish may take ([`AmqpOptions::publish_timeout`]).
+    #[must_use]
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest a topology operation may take
+    /// ([`AmqpOptions::operation_timeout`]).
+    #[must_use]
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
         self
     }
 

@@ -232,7 +232,21 @@ pub(crate) async fn publish_via(
             )));
         }
     }
-    shared.ensure_exchange_exists(exchange).await?;
+    let timeout = shared.options.publish_timeout;
+    let until = tokio::time::Instant::now() + timeout;
+    // Nothing sent yet: a deadline passing here is `Blocked` while the
+    // broker holds publishers back, else `Timeout`.
+    let not_sent = || {
+        match shared.blocked_reason() {
+        Some(reason) => Error::Blocked(format!(
+            "the broker holds back publishers on this connection ({reason}); the message was not sent within {timeout:?}"
+        )),
+        None => Error::Timeout(timeout),
+    }
+    };
+    tokio::time::timeout_at(until, shared.ensure_exchange_exists(exchange))
+        .await
+        .map_err(|_| not_sent())??;
     // What goes on the wire, built again only for a retry: lapin takes
     // it by value, and most publishes go out on the first attempt.
     let wire = || -> Result<(ShortString, BasicProperties)> {
@@ -266,17 +280,28 @@ pub(crate) async fn publish_via(
     let (generation, channel, confirm) = loop {
         attempts += 1;
         let (key, properties) = wire()?;
-        let (generation, channel) = source.get(shared).await?;
-        match channel
-            .basic_publish(
-                exchange_name.clone(),
-                key,
-                publish_options,
-                &message.body,
-                properties,
-            )
+        let (generation, channel) = tokio::time::timeout_at(until, source.get(shared))
             .await
-        {
+            .map_err(|_| not_sent())??;
+        // While the broker blocks the connection, lapin holds what it is
+        // given and sends it once the block is lifted, even if the caller
+        // gave up long before: the message waits here instead, unsent.
+        if shared.blocked_reason().is_some() {
+            shared.wait_unblocked(until, "the message").await?;
+        }
+        let written = channel.basic_publish(
+            exchange_name.clone(),
+            key,
+            publish_options,
+            &message.body,
+            properties,
+        );
+        let Ok(written) = tokio::time::timeout_at(until, written).await else {
+            // Handed to the connection just as the broker blocked it (or
+            // the socket stalled): it may still go out.
+            return Err(unknown_outcome(shared, timeout));
+        };
+        match written {
             Ok(confirm) => break (generation, channel, confirm),
             Err(e)
                 if attempts < 3 && (!channel.status().connected() || is_connection_error(&e)) =>
@@ -290,7 +315,10 @@ pub(crate) async fn publish_via(
             Err(e) => return Err(shared.fail(&e)),
         }
     };
-    match confirm.await {
+    let Ok(confirmed) = tokio::time::timeout_at(until, confirm).await else {
+        return Err(unknown_outcome(shared, timeout));
+    };
+    match confirmed {
         Ok(Confirmation::Ack(None)) => Ok(()),
         Ok(Confirmation::Ack(Some(returned))) => {
             let routing_key = resolved_key(shared, exchange, routing_key);
@@ -326,6 +354,18 @@ pub(crate) async fn publish_via(
             Err(attribute_channel_error(shared, &e, exchange))
         }
     }
+}
+
+/// The error of a publish handed to the connection but not confirmed
+/// within `timeout`: its outcome is unknown, as for a lost connection.
+fn unknown_outcome(shared: &Shared, timeout: std::time::Duration) -> Error {
+    match shared.blocked_reason() {
+        Some(reason) => {
+            tracing::debug!(%reason, "publish not confirmed while the broker blocks the connection");
+        }
+        None => tracing::debug!(?timeout, "publish not confirmed in time"),
+    }
+    Error::Timeout(timeout)
 }
 
 /// The routing key a publish went out with: through the default exchange,
