@@ -54,6 +54,10 @@ pub(crate) struct Shared {
     known_exchanges: Mutex<(u64, HashSet<String>)>,
     /// Wakes the supervisor to check the link now.
     poke: Arc<Notify>,
+    /// Queues (current names) this connection deleted, or is deleting:
+    /// their consumers' cancellation by the broker is an ordinary end, not
+    /// news. A name leaves the set when it is declared again.
+    deleted_here: Mutex<HashSet<String>>,
     /// Why the broker holds back this connection's publishers
     /// (`connection.blocked`), while it does.
     blocked: watch::Sender<Option<String>>,
@@ -274,6 +278,39 @@ impl Shared {
         (current != name).then_some(current)
     }
 
+    /// Whether the queue the application names `name` exists (a passive
+    /// declare on the topology channel).
+    pub(crate) async fn queue_exists(&self, name: &str) -> Result<bool> {
+        let queue = short("queue name", &self.resolve_queue(name))?;
+        let declare = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match self
+            .topology_op(move |ch| async move {
+                ch.queue_declare(queue, declare, lapin::types::FieldTable::default())
+                    .await
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether this connection deleted (or is deleting) the queue the
+    /// application names `name`.
+    pub(crate) fn deleted_here(&self, name: &str) -> bool {
+        lock(&self.deleted_here).contains(&self.resolve_queue(name))
+    }
+
+    /// Forgets a queue someone else deleted, so that recovery does not
+    /// declare it again.
+    pub(crate) fn forget_deleted_queue(&self, name: &str) {
+        lock(&self.journal).forget_queue(name);
+    }
+
     /// The generation of the link, when it is up.
     pub(crate) fn up_generation(&self) -> Option<u64> {
         match &*self.state.borrow() {
@@ -351,7 +388,7 @@ impl Shared {
     /// Runs one operation on the topology channel, opening it (again) when
     /// needed. Operations run one at a time, so the broker's refusal of
     /// one (which closes the channel) is that operation's error alone.
-    async fn topology_op<T, F, Fut>(&self, op: F) -> Result<T>
+    pub(crate) async fn topology_op<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnOnce(lapin::Channel) -> Fut,
         Fut: Future<Output = lapin::Result<T>>,
@@ -781,6 +818,7 @@ impl AmqpConnection {
             known_exchanges: Mutex::new((0, HashSet::new())),
             poke: poke.clone(),
             blocked: watch::channel(None).0,
+            deleted_here: Mutex::new(HashSet::new()),
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
         Ok(AmqpConnection { shared })
@@ -898,6 +936,7 @@ impl Connection for AmqpConnection {
             .topology_op(move |ch| async move { ch.queue_declare(queue, declare, arguments).await })
             .await?;
         let actual = declared.name().as_str().to_owned();
+        lock(&self.shared.deleted_here).remove(&actual);
         if !options.passive {
             lock(&self.shared.journal).record_queue(name, &actual, options);
         }
@@ -914,7 +953,11 @@ impl Connection for AmqpConnection {
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
         validate_name("queue", name)?;
-        let queue = short("queue name", &self.shared.resolve_queue(name))?;
+        let current = self.shared.resolve_queue(name);
+        let queue = short("queue name", &current)?;
+        // Before sending: the broker may cancel the queue's consumers
+        // before it answers.
+        let newly = lock(&self.shared.deleted_here).insert(current.clone());
         let count = self
             .shared
             .topology_op(move |ch| async move {
@@ -928,7 +971,12 @@ impl Connection for AmqpConnection {
                 )
                 .await
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                if newly {
+                    lock(&self.shared.deleted_here).remove(&current);
+                }
+            })?;
         lock(&self.shared.journal).forget_queue(name);
         Ok(count)
     }

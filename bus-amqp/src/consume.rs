@@ -84,10 +84,19 @@ struct ChannelAcker {
     offset: u64,
     tag: String,
     dropped: Arc<AtomicBool>,
+    /// Set when the broker cancelled the consumer because its queue was
+    /// deleted: its deliveries can no longer be settled.
+    gone: Arc<Mutex<Option<String>>>,
 }
 
 impl ChannelAcker {
     fn broker_tag(&self, tag: u64) -> Result<u64> {
+        if let Some(why) = &*self.gone.lock().unwrap_or_else(PoisonError::into_inner) {
+            return Err(Error::Closed(format!(
+                "delivery {tag} of consumer {} cannot be settled: {why}",
+                self.tag
+            )));
+        }
         if self.dropped.load(Ordering::Acquire) {
             return Err(Error::Closed(format!(
                 "consumer {} was dropped; its unsettled deliveries were requeued",
@@ -193,6 +202,9 @@ struct DeliveryReceiver {
     /// Set at once on drop, so that settling a delivery of a dropped
     /// consumer fails even before its task has closed the channel.
     owner_dropped: Arc<AtomicBool>,
+    /// Why the consumer's deliveries can no longer be settled, once its
+    /// queue was deleted under it.
+    gone: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for DeliveryReceiver {
@@ -212,6 +224,7 @@ impl DeliveryReceiver {
                 offset,
                 tag: self.spec_tag.clone(),
                 dropped: self.owner_dropped.clone(),
+                gone: self.gone.clone(),
             }))
         };
         self.active = Some(Active {
@@ -231,8 +244,12 @@ impl DeliveryReceiver {
         };
         let shared = &self.control.shared;
         let lost = active.failure.is_some() || !active.channel.status().connected();
-        let ended = if *self.control.cancelled.borrow() || shared.is_closed() || !lost {
+        let ended = if *self.control.cancelled.borrow() || shared.is_closed() {
             Ended::Finished
+        } else if !lost {
+            // Neither the application nor a failure ended it: the broker
+            // cancelled the consumer. The task finds out why.
+            Ended::CancelledByBroker
         } else {
             let connection = active.failure.as_ref().is_none_or(is_connection_error);
             let reason = active
@@ -294,6 +311,8 @@ impl Stream for DeliveryReceiver {
                         continue;
                     }
                     Poll::Ready(None) => {
+                        // After a cancel by the broker, the task's error
+                        // comes through `rx`, then the end.
                         if matches!(this.end_active(), Ended::Finished) {
                             this.finished = true;
                             return Poll::Ready(None);
@@ -467,6 +486,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     let queue = spec.queue.clone();
     let auto_ack = spec.options.auto_ack;
     let owner_dropped = Arc::new(AtomicBool::new(false));
+    let gone: Arc<Mutex<Option<String>>> = Arc::default();
     let mut receiver = DeliveryReceiver {
         control: control.clone(),
         spec_tag: spec.tag.clone(),
@@ -479,6 +499,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         finished: false,
         _dropped: dropped_tx,
         owner_dropped: owner_dropped.clone(),
+        gone: gone.clone(),
     };
     receiver.adopt(0, channel.clone(), consumer);
     let task = ConsumerTask {
@@ -489,6 +510,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         reports: reports_rx,
         dropped: dropped_rx,
         owner_dropped,
+        gone,
     };
     tokio::spawn(task.run(link, channel));
     Ok(Consumer::new(tag, queue, Box::pin(receiver), control))
@@ -505,6 +527,8 @@ struct ConsumerTask {
     /// Set when the application dropped the consumer: settling fails with
     /// `Closed` from then on.
     owner_dropped: Arc<AtomicBool>,
+    /// Shared with the acknowledgers: set when the queue was deleted.
+    gone: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -516,6 +540,9 @@ enum Ended {
     Finished,
     /// The channel or connection went away; start again.
     Lost { reason: String, connection: bool },
+    /// The broker cancelled the consumer (`basic.cancel`); the stream
+    /// ends with an error saying why.
+    CancelledByBroker,
 }
 
 impl ConsumerTask {
@@ -549,6 +576,22 @@ impl ConsumerTask {
                     return;
                 }
                 Ended::Finished => return self.finish(channel).await,
+                // The stream may end just before its channel or link is
+                // marked closed: only a consumer whose channel is still
+                // open was cancelled by the broker.
+                Ended::CancelledByBroker
+                    if channel.status().connected() && !Shared::link_lost(&link) =>
+                {
+                    self.cancelled_by_broker().await;
+                    return self.finish(channel).await;
+                }
+                Ended::CancelledByBroker => {
+                    let connection = Shared::link_lost(&link);
+                    if connection {
+                        self.shared.poke();
+                    }
+                    ("the channel closed".to_owned(), connection)
+                }
                 Ended::Lost { reason, connection } => (reason, connection),
             };
             self.set_current(None);
@@ -716,6 +759,75 @@ impl ConsumerTask {
                 }
             }
         }
+    }
+
+    /// The broker cancelled the consumer: find out whether its queue is
+    /// gone (then forget it, so that recovery does not declare it again,
+    /// and refuse to settle its deliveries), report it, and hand the
+    /// stream its error; unless this connection deleted the queue itself,
+    /// when the stream just ends.
+    async fn cancelled_by_broker(&mut self) {
+        let queue = &self.spec.queue;
+        let tag = &self.spec.tag;
+        if !self.spec.is_direct_reply() && self.shared.deleted_here(queue) {
+            // The application deleted it through this connection: the
+            // stream just ends, as after a cancel.
+            *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(format!("its queue {queue:?} was deleted"));
+            return;
+        }
+        let exists = if self.spec.is_direct_reply() {
+            Ok(true)
+        } else {
+            self.shared.queue_exists(queue).await
+        };
+        let (reason, error) = match exists {
+            Ok(false) => {
+                let reason = format!("queue {queue:?} was deleted");
+                self.shared.forget_deleted_queue(queue);
+                *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(format!("its queue {queue:?} was deleted"));
+                (
+                    reason.clone(),
+                    Error::Closed(format!(
+                        "the broker cancelled consumer {tag}: {reason}; unsettled deliveries are lost with it"
+                    )),
+                )
+            }
+            Ok(true) => {
+                let reason = format!(
+                    "queue {queue:?} still exists (RabbitMQ cancels consumers when, e.g., a queue moves to another node)"
+                );
+                (
+                    reason.clone(),
+                    Error::backend(
+                        "amqp",
+                        true,
+                        format!(
+                            "the broker cancelled consumer {tag}: {reason}; consuming again can succeed"
+                        ),
+                    ),
+                )
+            }
+            Err(e) => {
+                let reason = format!("could not tell why: checking queue {queue:?} failed ({e})");
+                (
+                    reason.clone(),
+                    Error::backend(
+                        "amqp",
+                        e.is_temporary(),
+                        format!("the broker cancelled consumer {tag}; {reason}"),
+                    ),
+                )
+            }
+        };
+        tracing::warn!(consumer_tag = %tag, %queue, %reason, "the broker cancelled the consumer");
+        self.shared.emit(RecoveryEvent::ConsumerCancelled {
+            consumer_tag: tag.clone(),
+            queue: queue.clone(),
+            reason,
+        });
+        self.send_error(error);
     }
 
     /// The consumer is over: end the stream, keep the channel open so that

@@ -74,6 +74,19 @@ pub enum RecoveryEvent {
         /// Why.
         error: String,
     },
+    /// The broker cancelled a consumer (`basic.cancel` from the server:
+    /// its queue was deleted, or RabbitMQ stopped it for another reason,
+    /// such as a queue moving to another node). Its stream yields an
+    /// error saying why, then ends. A deleted queue is forgotten: recovery
+    /// does not declare it again.
+    ConsumerCancelled {
+        /// The consumer tag.
+        consumer_tag: String,
+        /// The queue, as the application named it.
+        queue: String,
+        /// Why, as far as the connection could tell.
+        reason: String,
+    },
     /// The broker holds back this connection's publishers
     /// (`connection.blocked`, RabbitMQ's memory or disk alarm): publishes
     /// and topology operations wait, without being sent, until

@@ -73,8 +73,9 @@
 //!   handed back; a negative confirm (e.g. `x-overflow = reject-publish`)
 //!   is `Nacked`, and the next publish goes out on a new channel (a
 //!   channel that joined a quorum queue during its leader election can
-//!   refuse everything while a new one publishes at once). A publish to an exchange not yet seen on this connection
-//!   is preceded by a passive check on the topology channel, so a missing
+//!   refuse everything while a new one publishes at once). A publish to
+//!   an exchange not yet seen on this connection is preceded by a
+//!   passive check on the topology channel, so a missing
 //!   exchange is `NotFound` without closing the publisher channel. Should
 //!   the broker close it anyway (an exchange deleted meanwhile), the
 //!   publishes to that exchange get its error, every other publish in
@@ -91,7 +92,14 @@
 //!   [`cancel`](bus_core::Consumer::cancel) the channel stays open until the
 //!   consumer is dropped, so deliveries already received can be settled.
 //!   Delivery tags keep growing across the channels a consumer goes through
-//!   after recoveries.
+//!   after recoveries. When the broker cancels a consumer itself
+//!   (`basic.cancel`), because another client deleted its queue or for
+//!   another reason, the stream yields one error saying why (`Closed`
+//!   for a deleted queue, a temporary backend error when the queue is
+//!   still there) and ends, with a [`RecoveryEvent::ConsumerCancelled`];
+//!   a deleted queue is forgotten, so recovery never declares it again,
+//!   and settling one of its deliveries fails with `Closed`. A queue this
+//!   connection deleted itself just ends its consumers' streams.
 //! * **Direct reply-to**: [`reply_queue`](bus_core::Connection::reply_queue)
 //!   consumes `amq.rabbitmq.reply-to` with auto-ack on a channel of its
 //!   own in confirm mode, and returns a publisher on that same channel
