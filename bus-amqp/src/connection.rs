@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -54,6 +54,12 @@ pub(crate) struct Shared {
     known_exchanges: Mutex<(u64, HashSet<String>)>,
     /// Wakes the supervisor to check the link now.
     poke: Arc<Notify>,
+    /// The largest body sent: the configured limit, or a lower one the
+    /// broker revealed by refusing a message.
+    max_message_size: AtomicU64,
+    /// Consumers alive (each holds a channel), so that they never take
+    /// the channels publishing and topology need.
+    pub(crate) consumers: AtomicUsize,
     /// Queues (current names) this connection deleted, or is deleting:
     /// their consumers' cancellation by the broker is an ordinary end, not
     /// news. A name leaves the set when it is declared again.
@@ -297,6 +303,54 @@ impl Shared {
             Err(Error::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Refuses a body over the largest message size, before sending.
+    pub(crate) fn check_size(&self, len: usize) -> Result<()> {
+        let max = self.max_message_size.load(Ordering::Relaxed);
+        if len as u64 > max {
+            return Err(Error::PreconditionFailed(format!(
+                "the message body is {len} bytes, more than the largest message size of {max} bytes \
+                 (AmqpOptions::max_message_size, or the broker's max_message_size); it was not sent"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adopts the broker's message size limit from its refusal, "message
+    /// size N is larger than configured max size M"; returns M.
+    pub(crate) fn learn_size_limit(&self, text: &str) -> Option<u64> {
+        let max: u64 = text
+            .split("max size ")
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        self.max_message_size.fetch_min(max, Ordering::Relaxed);
+        Some(max)
+    }
+
+    /// Refuses a new consumer when it would take one of the channels kept
+    /// for publishing and topology operations.
+    pub(crate) fn check_channel_room(&self, link: &Link) -> Result<()> {
+        let channel_max = match link.conn.configuration().channel_max() {
+            0 => usize::from(u16::MAX),
+            n => usize::from(n),
+        };
+        let consumers = self.consumers.load(Ordering::Acquire);
+        if consumers + RESERVED_CHANNELS >= channel_max {
+            return Err(Error::backend(
+                "amqp",
+                true,
+                format!(
+                    "no channel left for another consumer: this connection has {consumers} consumers, each on its own channel, \
+                     and the broker allows {channel_max} channels (channel_max), {RESERVED_CHANNELS} of which are kept for publishing \
+                     and topology; drop a consumer, use another connection, or raise channel_max"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this connection deleted (or is deleting) the queue the
@@ -593,6 +647,11 @@ fn queue_declare_options(o: &QueueOptions) -> QueueDeclareOptions {
     }
 }
 
+/// Channels a connection keeps from its consumers: channel 0, the
+/// publisher channel, the topology channel, and one for replacing the
+/// publisher channel or declaring the topology again.
+const RESERVED_CHANNELS: usize = 4;
+
 /// A small random fraction, for jitter, without a random-number crate.
 fn jitter(d: Duration) -> Duration {
     let r = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
@@ -806,6 +865,7 @@ impl AmqpConnection {
         let (state, _) = watch::channel(LinkState::Up(link));
         let (events_tx, _) = broadcast::channel(1024);
         let poke = Arc::new(Notify::new());
+        let max_message_size = options.max_message_size;
         let shared = Arc::new(Shared {
             url,
             options,
@@ -819,6 +879,8 @@ impl AmqpConnection {
             poke: poke.clone(),
             blocked: watch::channel(None).0,
             deleted_here: Mutex::new(HashSet::new()),
+            max_message_size: AtomicU64::new(max_message_size),
+            consumers: AtomicUsize::new(0),
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
         Ok(AmqpConnection { shared })

@@ -459,6 +459,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     table_to_amqp(&spec.options.arguments)?;
     let deadline = shared.recovery_deadline();
     let mut link = shared.link_after(0, deadline).await?;
+    shared.check_channel_room(&link)?;
     let (channel, consumer) = match open(&shared, &link, &spec).await {
         Ok(started) => started,
         // The link died after it was handed out: the consumer died with it
@@ -502,7 +503,9 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         gone: gone.clone(),
     };
     receiver.adopt(0, channel.clone(), consumer);
+    shared.consumers.fetch_add(1, Ordering::AcqRel);
     let task = ConsumerTask {
+        _counted: Counted(shared.clone()),
         shared,
         spec,
         control: control.clone(),
@@ -516,7 +519,17 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     Ok(Consumer::new(tag, queue, Box::pin(receiver), control))
 }
 
+/// Counts one live consumer of the connection while it exists.
+struct Counted(Arc<Shared>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.consumers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct ConsumerTask {
+    _counted: Counted,
     shared: Arc<Shared>,
     spec: ConsumerSpec,
     control: Arc<Control>,

@@ -162,6 +162,20 @@
 //!   `Err(ConnectionLost)` item before going on, so an RPC client fails its
 //!   calls in flight at once instead of waiting for their time-outs.
 //!
+//! # Limits
+//!
+//! * A message body over [`AmqpOptions::max_message_size`] (128 MiB by
+//!   default, RabbitMQ 3.x's limit; 4.x defaults to 16 MiB) is refused
+//!   before sending with the permanent `PreconditionFailed`. Should the
+//!   broker's limit be lower, the broker closes the publisher channel
+//!   (406): the oversized message fails with `PreconditionFailed`, the
+//!   others in flight with the temporary `ConnectionLost` (retrying them
+//!   succeeds), and the broker's limit is adopted for what follows.
+//! * Each consumer holds a channel; a new consumer that would take one of
+//!   the four channels kept for publishing and topology (of the
+//!   negotiated `channel_max`) is refused with a temporary error naming
+//!   `channel_max`, so publishing never starves.
+//!
 //! # Flow control
 //!
 //! When RabbitMQ runs low on memory or disk it blocks the connections

@@ -119,6 +119,13 @@ pub struct AmqpOptions {
     /// included; past it, the temporary `Blocked` or `Timeout` as for
     /// [`AmqpOptions::publish_timeout`].
     pub operation_timeout: Duration,
+    /// The largest message body this connection sends: a larger one is
+    /// refused before sending with the permanent `PreconditionFailed`.
+    /// RabbitMQ's own limit (`max_message_size`) is 128 MiB on 3.x and
+    /// 16 MiB by default on 4.x; set this to the broker's. A lower limit
+    /// the broker reveals by refusing a message is adopted by the
+    /// connection from then on.
+    pub max_message_size: u64,
 }
 
 impl Default for AmqpOptions {
@@ -134,6 +141,7 @@ impl Default for AmqpOptions {
             tls_ca_pem: None,
             publish_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(30),
+            max_message_size: 128 << 20,
         }
     }
 }
@@ -151,6 +159,7 @@ impl fmt::Debug for AmqpOptions {
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<pem>"))
             .field("publish_timeout", &self.publish_timeout)
             .field("operation_timeout", &self.operation_timeout)
+            .field("max_message_size", &self.max_message_size)
             .finish()
     }
 }
@@ -222,6 +231,13 @@ impl AmqpOptions {
     #[must_use]
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest message body sent ([`AmqpOptions::max_message_size`]).
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
         self
     }
 

@@ -225,6 +225,7 @@ pub(crate) async fn publish_via(
     // RabbitMQ closes the whole channel for these two; refusing them here
     // keeps the other messages in flight on that channel safe.
     message.ttl()?;
+    shared.check_size(message.body.len())?;
     if let Some(user) = &message.properties.user_id {
         if *user != shared.url.username {
             return Err(Error::PreconditionFailed(format!(
@@ -351,7 +352,12 @@ pub(crate) async fn publish_via(
         )),
         Err(e) => {
             source.forget(generation, &channel);
-            Err(attribute_channel_error(shared, &e, exchange))
+            Err(attribute_channel_error(
+                shared,
+                &e,
+                exchange,
+                message.body.len(),
+            ))
         }
     }
 }
@@ -385,8 +391,23 @@ fn resolved_key(shared: &Shared, exchange: &str, routing_key: &str) -> String {
 /// channel error. Only those that name the exchange the broker complained
 /// about get its error; for the others the outcome is unknown, which is a
 /// temporary `ConnectionLost`, never success.
-fn attribute_channel_error(shared: &Shared, e: &lapin::Error, exchange: &str) -> Error {
+fn attribute_channel_error(shared: &Shared, e: &lapin::Error, exchange: &str, len: usize) -> Error {
     match broker_close(e) {
+        // "message size N is larger than configured max size M": the
+        // message over M caused it; the limit is kept, so that the next
+        // oversized message is refused before it closes a channel.
+        Some(close) if !close.hard && close.code == 406 && close.text.contains("max size") => {
+            match shared.learn_size_limit(&close.text) {
+                Some(max) if len as u64 > max => Error::PreconditionFailed(format!(
+                    "the broker refused the message: {} (its body is {len} bytes)",
+                    close.text
+                )),
+                _ => Error::ConnectionLost(format!(
+                    "the publisher channel was closed by the broker for another message ({} {}) before this one was confirmed; its outcome is unknown",
+                    close.code, close.text
+                )),
+            }
+        }
         Some(close) if !close.hard => {
             if close.text.contains(&format!("exchange '{exchange}'")) {
                 if close.code == 404 {

@@ -1,9 +1,14 @@
-//! Flow control on a real RabbitMQ: a memory alarm raised with
-//! `rabbitmqctl set_vm_memory_high_watermark` on an extra node started by
-//! this test (port 5691, `bus-f1@localhost`), never on the shared default
-//! node. Publishes and topology calls end within their deadlines with a
-//! clear temporary error, the block and its end are events, and a publish
-//! the application gave up on while blocked is never sent.
+//! The broker's limits, on an extra node started by this test (port 5691,
+//! `bus-f1@localhost`, `max_message_size` 1 MiB), never on the shared
+//! default node:
+//!
+//! * flow control: a memory alarm raised with `rabbitmqctl
+//!   set_vm_memory_high_watermark`. Publishes and topology calls end
+//!   within their deadlines with a clear temporary error, the block and
+//!   its end are events, and a publish the application gave up on while
+//!   blocked is never sent;
+//! * the broker's message size limit: the message over it fails for good,
+//!   the others in flight do not, and the limit is adopted.
 
 mod support;
 
@@ -16,11 +21,85 @@ use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(2);
 
+/// The node's `max_message_size`.
+const BROKER_MAX: usize = 1 << 20;
+
+/// One node for both scenarios: starting one costs seconds of CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_memory_alarm_blocks_publishers_with_events_and_deadlines() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start("f", 5691, 1))
+async fn the_brokers_limits_are_reported_clearly_and_harm_no_other_message() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with("f", 5691, 1, &format!("max_message_size = {BROKER_MAX}"))
+    })
+    .await
+    .expect("start the node");
+    let cluster = a_memory_alarm_blocks_publishers_with_events_and_deadlines(cluster).await;
+    an_oversized_message_fails_alone_and_the_limit_is_adopted(&cluster).await;
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
+async fn an_oversized_message_fails_alone_and_the_limit_is_adopted(cluster: &Cluster) {
+    let conn = AmqpConnection::connect_with(&cluster.node_url(0), AmqpOptions::default())
         .await
-        .expect("start the node");
+        .expect("connect to the extra node");
+    let q = fresh("size");
+    conn.declare_queue(&q, QueueOptions::default())
+        .await
+        .unwrap();
+    // Small messages in flight with one over the broker's limit, which
+    // closes the publisher channel under all of them.
+    let small = (0..20).map(|i| conn.send_to_queue(&q, Message::new(format!("small {i}"))));
+    let big = conn.send_to_queue(&q, Message::new(vec![7u8; BROKER_MAX + 1]));
+    let (big, small) = within(
+        30,
+        "the publishes",
+        futures::future::join(big, futures::future::join_all(small)),
+    )
+    .await;
+    let e = big.unwrap_err();
+    assert!(
+        matches!(&e, Error::PreconditionFailed(m) if m.contains("max size")),
+        "the oversized message gave {e:?}"
+    );
+    assert!(
+        !e.is_temporary(),
+        "an oversized message must not be retried"
+    );
+    // The others are confirmed, or failed with a temporary error (outcome
+    // unknown): retried, they succeed.
+    let mut retried = 0;
+    for (i, r) in small.into_iter().enumerate() {
+        match r {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(e.is_temporary(), "small message {i} failed for good: {e:?}");
+                retried += 1;
+                conn.send_to_queue(&q, Message::new(format!("small {i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    println!("{retried} of 20 small publishes in flight had to be retried");
+    // The limit is known now: the next oversized message is refused
+    // before sending, and publishing goes on.
+    let e = conn
+        .send_to_queue(&q, Message::new(vec![7u8; BROKER_MAX + 1]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::PreconditionFailed(m) if m.contains("not sent")),
+        "the second oversized message gave {e:?}"
+    );
+    conn.send_to_queue(&q, Message::new(vec![1u8; BROKER_MAX]))
+        .await
+        .expect("a message at the limit");
+    let info = conn.inspect_queue(&q).await.unwrap();
+    assert!(info.message_count >= 21, "{info:?}");
+    let _ = conn.delete_queue(&q, Default::default()).await;
+    let _ = conn.close().await;
+}
+
+async fn a_memory_alarm_blocks_publishers_with_events_and_deadlines(cluster: Cluster) -> Cluster {
     let options = AmqpOptions::default()
         .with_connection_name(fresh("blocked"))
         .with_publish_timeout(DEADLINE)
@@ -137,5 +216,5 @@ async fn a_memory_alarm_blocks_publishers_with_events_and_deadlines() {
     drop(consumer);
     let _ = conn.delete_queue(&q, Default::default()).await;
     let _ = conn.close().await;
-    tokio::task::block_in_place(|| drop(cluster));
+    cluster
 }

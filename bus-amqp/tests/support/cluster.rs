@@ -63,6 +63,12 @@ impl Cluster {
     /// them. Panics (after stopping what it started) when a node does not
     /// come up in time.
     pub fn start(tag: &str, first_port: u16, count: u16) -> Cluster {
+        Self::start_with(tag, first_port, count, "")
+    }
+
+    /// As [`Cluster::start`], with these lines added to every node's
+    /// `rabbitmq.conf`.
+    pub fn start_with(tag: &str, first_port: u16, count: u16, extra_conf: &str) -> Cluster {
         let base = std::env::temp_dir().join(format!("bus-amqp-nodes-{tag}"));
         stop_stale(&base);
         fs::create_dir_all(base.join("home")).expect("create the nodes' directory");
@@ -91,7 +97,8 @@ impl Cluster {
             let mut conf = format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\n\
                  log.console = false\n\
-                 log.file.level = warning\n"
+                 log.file.level = warning\n\
+                 {extra_conf}\n"
             );
             if count > 1 {
                 conf.push_str("cluster_formation.peer_discovery_backend = classic_config\n");
