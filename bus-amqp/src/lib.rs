@@ -31,14 +31,26 @@
 //!   (written `%2f`); `amqp://host` also means `/`, `amqp://host/` the empty
 //!   virtual host, `amqp://host/prod` the virtual host `prod`.
 //! * `amqps://user:pw@rabbit.example.com/%2f`: TLS through rustls (ring),
-//!   port 5671 by default, the bundled web roots plus
-//!   [`AmqpOptions::tls_ca_pem`] for a private CA.
+//!   port 5671 by default, the bundled web roots plus a private CA from
+//!   the URL's `cacertfile` or [`AmqpOptions::tls_ca_pem`], and a client
+//!   certificate from `certfile`/`keyfile` or
+//!   [`AmqpOptions::tls_client_identity`].
 //! * `amqp://u:p@rabbit-1:5672,rabbit-2:5672,rabbit-3/%2f`: the nodes of a
 //!   cluster, tried in order; the connection goes to the first that
 //!   answers, and so does every reconnection. [`AmqpOptions::hosts`] adds
 //!   nodes after the URL's.
 //! * Query: `heartbeat` (seconds), `connection_timeout` (ms), `frame_max`,
-//!   `channel_max`.
+//!   `channel_max`; for `amqps://`, the names of RabbitMQ's URI spec and
+//!   Erlang client: `cacertfile` (PEM CA file trusted besides the web
+//!   roots), `certfile` and `keyfile` (client certificate and PKCS#8 key,
+//!   for mutual TLS), e.g.
+//!   `amqps://u:p@rabbit/%2f?cacertfile=/etc/ca.pem&certfile=/etc/me.pem&keyfile=/etc/me.key`.
+//!   The broker's certificate is always verified against the URL's host
+//!   (`server_name_indication` and `verify` are refused). A CA or
+//!   certificate file that cannot be read, or holds no PEM certificate,
+//!   is `InvalidArgument` naming it; a TLS handshake failure (untrusted
+//!   certificate, client certificate refused) is permanent, not
+//!   `is_temporary`.
 //!
 //! User and password are percent-decoded. They never appear in `Debug`
 //! output, log lines or error messages: URLs are shown as

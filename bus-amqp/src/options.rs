@@ -108,6 +108,9 @@ pub struct AmqpOptions {
     /// Extra certificate authorities, PEM, trusted for `amqps://` besides
     /// the bundled web roots (for a broker with a private CA).
     pub tls_ca_pem: Option<String>,
+    /// A client certificate (PEM) and its private key (PKCS#8 PEM) for
+    /// mutual TLS; the URL's `certfile` and `keyfile` win.
+    pub tls_client_identity: Option<(String, String)>,
     /// The longest a publish may take, from the call to the broker's
     /// confirm, waiting for a reconnection or for the broker to lift a
     /// block included. Past it the publish fails with the temporary
@@ -139,6 +142,7 @@ impl Default for AmqpOptions {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             tls_ca_pem: None,
+            tls_client_identity: None,
             publish_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(30),
             max_message_size: 128 << 20,
@@ -157,6 +161,13 @@ impl fmt::Debug for AmqpOptions {
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<pem>"))
+            .field(
+                "tls_client_identity",
+                &self
+                    .tls_client_identity
+                    .as_ref()
+                    .map(|_| "<certificate and key>"),
+            )
             .field("publish_timeout", &self.publish_timeout)
             .field("operation_timeout", &self.operation_timeout)
             .field("max_message_size", &self.max_message_size)
@@ -238,6 +249,18 @@ impl AmqpOptions {
     #[must_use]
     pub fn with_max_message_size(mut self, bytes: u64) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Presents this client certificate (PEM) with its private key
+    /// (PKCS#8 PEM) for mutual TLS.
+    #[must_use]
+    pub fn with_tls_client_identity(
+        mut self,
+        cert_pem: impl Into<String>,
+        key_pem: impl Into<String>,
+    ) -> Self {
+        self.tls_client_identity = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
