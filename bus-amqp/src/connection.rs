@@ -991,7 +991,11 @@ impl Connection for AmqpConnection {
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
-        let arguments = table_to_amqp(&options.arguments.to_table())?;
+        let table = options.arguments.to_table();
+        // Known arguments of the wrong type (a string `x-delivery-limit`,
+        // which RabbitMQ 3.x would silently ignore) are refused here.
+        bus_core::QueueArguments::from_table(&table)?;
+        let arguments = table_to_amqp(&table)?;
         let declare = queue_declare_options(&options);
         let declared = self
             .shared

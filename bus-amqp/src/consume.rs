@@ -12,7 +12,7 @@ use bus_core::{Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -138,10 +138,19 @@ impl Acknowledger for ChannelAcker {
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
         let t = self.broker_tag(tag)?;
-        self.channel
-            .basic_nack(t, BasicNackOptions { multiple, requeue })
-            .await
-            .map_err(|e| self.settle_error(&e))
+        if multiple {
+            self.channel
+                .basic_nack(t, BasicNackOptions { multiple, requeue })
+                .await
+        } else {
+            // One message: `basic.reject`, which RabbitMQ 4.x quorum
+            // queues count as a delivery attempt (towards
+            // `x-delivery-limit`), as they do not for a requeueing nack.
+            self.channel
+                .basic_reject(t, BasicRejectOptions { requeue })
+                .await
+        }
+        .map_err(|e| self.settle_error(&e))
     }
 }
 

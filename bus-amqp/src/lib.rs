@@ -188,6 +188,24 @@
 //!   negotiated `channel_max`) is refused with a temporary error naming
 //!   `channel_max`, so publishing never starves.
 //!
+//! # RabbitMQ 4.x rules
+//!
+//! * Poison messages: [`QueueArguments::delivery_limit`](bus_core::QueueArguments::delivery_limit)
+//!   writes an integer `x-delivery-limit` (quorum queues); a string value
+//!   in the raw arguments, which RabbitMQ 3.x would silently ignore, is
+//!   refused with `PreconditionFailed`, as are other known arguments of
+//!   the wrong type.
+//! * Settling one message with requeue (`nack`, `reject`) sends
+//!   `basic.reject`, which 4.x quorum queues count towards the delivery
+//!   limit; several at once (`nack_multiple`) send `basic.nack`.
+//! * Prefetch is per consumer (`basic.qos` with `global = false`), never
+//!   global QoS, which 4.x quorum queues refuse.
+//! * [`ConsumeOptions::consumer_timeout`](bus_core::ConsumeOptions::consumer_timeout)
+//!   asks for a per-consumer `x-consumer-timeout` where the broker has it;
+//!   when the broker's consumer timeout closes the channel, the consumer
+//!   starts again on a new channel (the message comes again, its ack on
+//!   the closed channel fails with `ConnectionLost`).
+//!
 //! # Flow control
 //!
 //! When RabbitMQ runs low on memory or disk it blocks the connections

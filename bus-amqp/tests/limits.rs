@@ -78,3 +78,81 @@ async fn consumers_never_take_the_channels_publishing_needs() {
     delete_queue(&conn, &q).await;
     conn.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
+    use bus_core::{FieldValue, QueueArguments, QueueType};
+    let conn = connect().await;
+    let q = fresh("poison");
+    let dlq = fresh("poison-dlq");
+    let _cleanup = QueueCleanup::new(&[&q, &dlq]);
+    // A string limit would mean nothing to RabbitMQ 3.x: refused.
+    let mut raw = bus_core::FieldTable::new();
+    raw.insert("x-delivery-limit".into(), FieldValue::from("3"));
+    let e = conn
+        .declare_queue(
+            &q,
+            QueueOptions {
+                arguments: QueueArguments {
+                    queue_type: Some(QueueType::Quorum),
+                    raw,
+                    ..QueueArguments::default()
+                },
+                ..QueueOptions::durable()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::PreconditionFailed(m) if m.contains("x-delivery-limit")),
+        "{e:?}"
+    );
+
+    conn.declare_queue(&dlq, QueueOptions::durable())
+        .await
+        .unwrap();
+    conn.declare_queue(
+        &q,
+        QueueOptions {
+            arguments: QueueArguments {
+                queue_type: Some(QueueType::Quorum),
+                delivery_limit: Some(2),
+                dead_letter_exchange: Some(String::new()),
+                dead_letter_routing_key: Some(dlq.clone()),
+                ..QueueArguments::default()
+            },
+            ..QueueOptions::durable()
+        },
+    )
+    .await
+    .unwrap();
+    conn.send_to_queue(&q, Message::new("poison").persistent())
+        .await
+        .unwrap();
+    let mut consumer = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
+    // Rejected with requeue (one message: basic.reject) every time: after
+    // the limit the broker dead-letters it instead.
+    let mut deliveries = 0;
+    let mut dead = conn
+        .consume(&dlq, ConsumeOptions::prefetch(1))
+        .await
+        .unwrap();
+    let dead_letter = loop {
+        tokio::select! {
+            d = next_delivery(&mut consumer, 10, "the poison message") => {
+                deliveries += 1;
+                assert!(deliveries <= 3, "delivered {deliveries} times despite the limit of 2");
+                d.nack(true).await.unwrap();
+            }
+            d = next_delivery(&mut dead, 10, "the dead letter") => break d,
+        }
+    };
+    assert_eq!(&dead_letter.message.body[..], b"poison");
+    dead_letter.ack().await.unwrap();
+    assert_eq!(deliveries, 3, "the first delivery and two redeliveries");
+    drop(consumer);
+    drop(dead);
+    delete_queue(&*conn, &q).await;
+    delete_queue(&*conn, &dlq).await;
+    conn.close().await.unwrap();
+}
