@@ -22,7 +22,7 @@ use lapin::options::{
 };
 use tokio::sync::{broadcast, watch, Notify};
 
-use crate::consume::{self, ConsumerSpec, DIRECT_REPLY_TO};
+use crate::consume::{self, AckBatch, ConsumerSpec, DIRECT_REPLY_TO};
 use crate::convert::{broker_close, is_connection_error, map_error, short, table_to_amqp};
 use crate::events::RecoveryEvent;
 use crate::journal::{BindingRecord, Journal};
@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     /// queue's current name is the one the application holds, and names
     /// need no look-up.
     renamed: AtomicBool,
+    /// The coalesced acks of this connection's consumers, flushed on close.
+    ack_batches: Mutex<Vec<Weak<AckBatch>>>,
 }
 
 impl Shared {
@@ -222,6 +224,36 @@ impl Shared {
     /// Follows the link state.
     pub(crate) fn subscribe_state(&self) -> watch::Receiver<LinkState> {
         self.state.subscribe()
+    }
+
+    /// Keeps `batch` to be flushed when the connection closes.
+    pub(crate) fn register_ack_batch(&self, batch: &Arc<AckBatch>) {
+        let mut batches = self
+            .ack_batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        batches.retain(|b| b.strong_count() > 0);
+        batches.push(Arc::downgrade(batch));
+    }
+
+    /// Sends every consumer's coalesced acks; the first failure.
+    async fn flush_ack_batches(&self) -> Result<()> {
+        let batches: Vec<Arc<AckBatch>> = self
+            .ack_batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut result = Ok(());
+        for batch in batches {
+            if let Err(e) = batch.flush().await {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -881,6 +913,7 @@ impl AmqpConnection {
             deleted_here: Mutex::new(HashSet::new()),
             max_message_size: AtomicU64::new(max_message_size),
             consumers: AtomicUsize::new(0),
+            ack_batches: Mutex::new(Vec::new()),
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
         Ok(AmqpConnection { shared })
@@ -1174,6 +1207,12 @@ impl Connection for AmqpConnection {
     }
 
     async fn close(&self) -> Result<()> {
+        // Acks the application queued go out before the connection does.
+        let flushed = if self.shared.is_closed() {
+            Ok(())
+        } else {
+            self.shared.flush_ack_batches().await
+        };
         let previous = self.shared.state.send_replace(LinkState::Closed {
             by_user: true,
             reason: "closed by the application".into(),
@@ -1188,7 +1227,7 @@ impl Connection for AmqpConnection {
                 tracing::debug!(error = %e, "closing the connection");
             }
         }
-        Ok(())
+        flushed
     }
 
     fn is_open(&self) -> bool {

@@ -2,6 +2,7 @@
 //! lapin consumer itself (no task hop per delivery); a task per consumer
 //! starts it again after a loss and hands the new one to the stream.
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +21,7 @@ use crate::connection::Shared;
 use crate::convert::{is_connection_error, message_from_amqp, short, table_to_amqp};
 use crate::events::RecoveryEvent;
 use crate::link::{unless_lost, Link, LinkState};
+use crate::options::AckCoalescing;
 use crate::publish::ReplySlot;
 
 /// The queue name that makes RabbitMQ's direct reply-to consumer.
@@ -48,6 +50,17 @@ struct Control {
     tag: String,
     cancelled: watch::Sender<bool>,
     current: Mutex<Option<lapin::Channel>>,
+    /// The coalesced acks of the current channel, when acks are coalesced.
+    batch: Mutex<Option<Arc<AckBatch>>>,
+}
+
+impl Control {
+    fn batch(&self) -> Option<Arc<AckBatch>> {
+        self.batch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 #[async_trait]
@@ -69,6 +82,9 @@ impl ConsumerControl for Control {
                 tracing::debug!(consumer_tag = %self.tag, error = %e, "cancel on a closed channel");
             }
         }
+        if let Some(batch) = self.batch() {
+            batch.flush_for_good().await?;
+        }
         if self.shared.is_closed() {
             return Err(self.shared.closed_error());
         }
@@ -87,6 +103,8 @@ struct ChannelAcker {
     /// Set when the broker cancelled the consumer because its queue was
     /// deleted: its deliveries can no longer be settled.
     gone: Arc<Mutex<Option<String>>>,
+    /// Where acks wait when they are coalesced.
+    batch: Option<Arc<AckBatch>>,
 }
 
 impl ChannelAcker {
@@ -130,6 +148,18 @@ impl ChannelAcker {
 impl Acknowledger for ChannelAcker {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
         let t = self.broker_tag(tag)?;
+        if let Some(batch) = &self.batch {
+            return if multiple {
+                batch
+                    .settle_alone(t, true, || {
+                        self.channel
+                            .basic_ack(t, BasicAckOptions { multiple: true })
+                    })
+                    .await
+            } else {
+                batch.ack(t).await
+            };
+        }
         self.channel
             .basic_ack(t, BasicAckOptions { multiple })
             .await
@@ -138,6 +168,19 @@ impl Acknowledger for ChannelAcker {
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
         let t = self.broker_tag(tag)?;
+        if let Some(batch) = &self.batch {
+            return batch
+                .settle_alone(t, multiple, || self.settle_nack(t, multiple, requeue))
+                .await;
+        }
+        self.settle_nack(t, multiple, requeue)
+            .await
+            .map_err(|e| self.settle_error(&e))
+    }
+}
+
+impl ChannelAcker {
+    async fn settle_nack(&self, t: u64, multiple: bool, requeue: bool) -> lapin::Result<()> {
         if multiple {
             self.channel
                 .basic_nack(t, BasicNackOptions { multiple, requeue })
@@ -150,7 +193,184 @@ impl Acknowledger for ChannelAcker {
                 .basic_reject(t, BasicRejectOptions { requeue })
                 .await
         }
-        .map_err(|e| self.settle_error(&e))
+    }
+}
+
+/// Coalesced acks of one consumer on one channel ([`AckCoalescing`]), in
+/// broker tags.
+pub(crate) struct AckBatch {
+    channel: lapin::Channel,
+    config: AckCoalescing,
+    tag: String,
+    state: Mutex<BatchState>,
+    /// Held while frames are computed and sent, so that they reach the
+    /// broker in the order they were planned: a multiple ack after a
+    /// later one would name a tag already acked, which closes the channel.
+    sending: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    /// Every tag up to here is settled on the broker (or its frame sent).
+    floor: u64,
+    /// Acked by the application, above `floor`, not sent yet.
+    pending: BTreeSet<u64>,
+    /// Above `floor` and settled on their own (nacks, single acks).
+    settled: BTreeSet<u64>,
+    timer_armed: bool,
+    /// After a cancel: every ack is sent at once.
+    immediate: bool,
+    /// Why the last flush failed; later settles report it.
+    failed: Option<String>,
+}
+
+impl AckBatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn failed(&self) -> Result<()> {
+        match &self.lock().failed {
+            Some(why) => Err(Error::ConnectionLost(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues the ack of broker tag `t`; flushes when the batch is full
+    /// (or after a cancel), else makes sure a timer will.
+    async fn ack(self: &Arc<Self>, t: u64) -> Result<()> {
+        let flush_now = {
+            let mut s = self.lock();
+            if let Some(why) = &s.failed {
+                return Err(Error::ConnectionLost(why.clone()));
+            }
+            s.pending.insert(t);
+            let full = s.immediate || s.pending.len() >= usize::from(self.config.max_acks);
+            if !full && !s.timer_armed {
+                s.timer_armed = true;
+                let weak = Arc::downgrade(self);
+                let delay = self.config.max_delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Some(batch) = weak.upgrade() {
+                        batch.flush_logged("timer").await;
+                    }
+                });
+            }
+            full
+        };
+        if flush_now {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every waiting ack: one `multiple` ack up to the highest tag
+    /// below which everything is settled, then single acks for those above
+    /// a delivery still unsettled.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let _sending = self.sending.lock().await;
+        self.flush_sending().await
+    }
+
+    /// [`AckBatch::flush`], with `sending` held by the caller.
+    async fn flush_sending(&self) -> Result<()> {
+        let (multiple, singles) = {
+            let mut s = self.lock();
+            s.timer_armed = false;
+            if let Some(why) = &s.failed {
+                if s.pending.is_empty() {
+                    return Ok(());
+                }
+                return Err(Error::ConnectionLost(why.clone()));
+            }
+            let mut multiple = None;
+            loop {
+                let next = s.floor + 1;
+                if s.pending.remove(&next) {
+                    multiple = Some(next);
+                } else if !s.settled.remove(&next) {
+                    break;
+                }
+                s.floor = next;
+            }
+            let singles = std::mem::take(&mut s.pending);
+            s.settled.extend(singles.iter().copied());
+            (multiple, singles)
+        };
+        let mut result = Ok(());
+        if let Some(t) = multiple {
+            result = self
+                .channel
+                .basic_ack(t, BasicAckOptions { multiple: true })
+                .await;
+        }
+        for &t in &singles {
+            if result.is_err() {
+                break;
+            }
+            result = self.channel.basic_ack(t, BasicAckOptions::default()).await;
+        }
+        result.map_err(|e| {
+            let why = format!(
+                "coalesced acks of consumer {} could not be sent ({e}); the broker requeued their messages, which will be delivered again",
+                self.tag
+            );
+            self.lock().failed = Some(why.clone());
+            Error::ConnectionLost(why)
+        })
+    }
+
+    /// Flushes where no caller can hear of a failure: logs it.
+    pub(crate) async fn flush_logged(&self, when: &str) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!(consumer_tag = %self.tag, error = %e, "flushing coalesced acks on {when}");
+        }
+    }
+
+    /// Flushes, and sends every later ack at once (the consumer was
+    /// cancelled: no more deliveries will fill a batch).
+    pub(crate) async fn flush_for_good(&self) -> Result<()> {
+        self.lock().immediate = true;
+        self.flush().await
+    }
+
+    /// Settles `t` (and, when `multiple`, every earlier tag) other than by
+    /// a coalesced ack, after sending the acks it would otherwise cover or
+    /// overtake. `multiple` covers earlier tags: acks of them waiting are
+    /// sent first, so that a nack never reaches a message the application
+    /// acked.
+    async fn settle_alone<F, Fut>(&self, t: u64, multiple: bool, send: F) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = lapin::Result<()>>,
+    {
+        let _sending = self.sending.lock().await;
+        if multiple {
+            self.flush_sending().await?;
+        } else {
+            self.failed()?;
+        }
+        if let Err(e) = send().await {
+            let why = format!(
+                "the channel of consumer {} was lost ({e}); the broker requeued its unsettled deliveries",
+                self.tag
+            );
+            self.lock().failed = Some(why.clone());
+            return Err(Error::ConnectionLost(why));
+        }
+        let mut s = self.lock();
+        if multiple {
+            if t > s.floor {
+                s.floor = t;
+            }
+            let floor = s.floor;
+            s.pending.retain(|&p| p > floor);
+            s.settled.retain(|&p| p > floor);
+        } else if t > s.floor {
+            s.settled.insert(t);
+        }
+        Ok(())
     }
 }
 
@@ -228,12 +448,30 @@ impl DeliveryReceiver {
         let acker: Option<Arc<dyn Acknowledger>> = if self.auto_ack {
             None
         } else {
+            let shared = &self.control.shared;
+            let batch = shared.options.ack_coalescing.map(|config| {
+                let batch = Arc::new(AckBatch {
+                    channel: channel.clone(),
+                    config,
+                    tag: self.spec_tag.clone(),
+                    state: Mutex::default(),
+                    sending: tokio::sync::Mutex::new(()),
+                });
+                shared.register_ack_batch(&batch);
+                batch
+            });
+            *self
+                .control
+                .batch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = batch.clone();
             Some(Arc::new(ChannelAcker {
                 channel: channel.clone(),
                 offset,
                 tag: self.spec_tag.clone(),
                 dropped: self.owner_dropped.clone(),
                 gone: self.gone.clone(),
+                batch,
             }))
         };
         self.active = Some(Active {
@@ -491,6 +729,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         tag: spec.tag.clone(),
         cancelled,
         current: Mutex::new(Some(channel.clone())),
+        batch: Mutex::new(None),
     });
     let tag = spec.tag.clone();
     let queue = spec.queue.clone();
@@ -594,6 +833,7 @@ impl ConsumerTask {
                 Ended::Dropped => {
                     self.owner_dropped.store(true, Ordering::Release);
                     self.set_current(None);
+                    self.flush_on_drop().await;
                     close_channel(&channel).await;
                     return;
                 }
@@ -863,6 +1103,15 @@ impl ConsumerTask {
         let _ = (&mut self.dropped).await;
         self.owner_dropped.store(true, Ordering::Release);
         self.set_current(None);
+        self.flush_on_drop().await;
         close_channel(&channel).await;
+    }
+
+    /// Sends the acks the application queued before it dropped the
+    /// consumer, before the channel closes and the broker requeues the rest.
+    async fn flush_on_drop(&self) {
+        if let Some(batch) = self.control.batch() {
+            batch.flush_logged("drop").await;
+        }
     }
 }

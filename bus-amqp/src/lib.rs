@@ -258,7 +258,7 @@ mod url;
 
 pub use connection::AmqpConnection;
 pub use events::RecoveryEvent;
-pub use options::{AmqpOptions, ReconnectPolicy, ReplyMode};
+pub use options::{AckCoalescing, AmqpOptions, ReconnectPolicy, ReplyMode};
 pub use url::{redact_url, AmqpUrl, BrokerHost};
 
 /// What every [`AmqpConnection`] offers: everything RabbitMQ does, with

@@ -68,6 +68,51 @@ impl ReconnectPolicy {
     }
 }
 
+/// Ack coalescing for manual-ack consumers ([`AmqpOptions::ack_coalescing`]):
+/// instead of one `basic.ack` per [`Delivery::ack`](bus_core::Delivery::ack),
+/// the consumer sends one `basic.ack` with `multiple` set once `max_acks`
+/// acks are waiting or `max_delay` after the first of them, whichever comes
+/// first, and whenever the consumer is cancelled, dropped or its connection
+/// closed.
+///
+/// A coalesced ack only ever covers deliveries the application settled: it
+/// goes up to the highest tag below which every delivery was acked (or
+/// nacked, which is sent at once on its own). Acks above a delivery still
+/// unsettled are sent one by one at the flush instead of being covered.
+///
+/// What changes for the application: [`Delivery::ack`](bus_core::Delivery::ack)
+/// returns `Ok` once the ack is queued in the consumer's batch, not once its
+/// frame is handed to the connection; until the flush, the message stays
+/// unacked on the broker (it counts towards the prefetch, and a lost
+/// channel requeues it). If a flush fails, the channel or connection is
+/// gone and the broker has requeued every message whose ack had not been
+/// sent: they are delivered again (with `redelivered` set), exactly as a
+/// message whose uncoalesced ack frame was lost with the connection. The
+/// failure is reported by the next `ack`/`nack` of that consumer's
+/// deliveries (`ConnectionLost`), by [`Consumer::cancel`](bus_core::Consumer::cancel)
+/// and by [`close`](bus_core::Connection::close) when they flush; a flush on
+/// a timer or on drop has no caller and logs it (`tracing` warning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckCoalescing {
+    /// Flush once this many acks are waiting (at least 1; 1 sends every
+    /// ack at once, as without coalescing). Keep it below the consumer's
+    /// prefetch: unflushed acks hold prefetch slots until `max_delay`.
+    pub max_acks: u16,
+    /// Flush at the latest this long after the first waiting ack.
+    pub max_delay: Duration,
+}
+
+impl AckCoalescing {
+    /// Flush every `max_acks` acks or after `max_delay`, whichever first.
+    #[must_use]
+    pub fn new(max_acks: u16, max_delay: Duration) -> Self {
+        AckCoalescing {
+            max_acks: max_acks.max(1),
+            max_delay,
+        }
+    }
+}
+
 /// Options of an [`AmqpConnection`](crate::AmqpConnection), built from
 /// [`Default`] with `#[must_use]` `with_*` methods.
 ///
@@ -129,6 +174,9 @@ pub struct AmqpOptions {
     /// the broker reveals by refusing a message is adopted by the
     /// connection from then on.
     pub max_message_size: u64,
+    /// Coalesce the acks of this connection's manual-ack consumers
+    /// ([`AckCoalescing`]); `None` (the default) sends each ack at once.
+    pub ack_coalescing: Option<AckCoalescing>,
 }
 
 impl Default for AmqpOptions {
@@ -146,6 +194,7 @@ impl Default for AmqpOptions {
             publish_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(30),
             max_message_size: 128 << 20,
+            ack_coalescing: None,
         }
     }
 }
@@ -171,6 +220,7 @@ impl fmt::Debug for AmqpOptions {
             .field("publish_timeout", &self.publish_timeout)
             .field("operation_timeout", &self.operation_timeout)
             .field("max_message_size", &self.max_message_size)
+            .field("ack_coalescing", &self.ack_coalescing)
             .finish()
     }
 }
@@ -249,6 +299,14 @@ impl AmqpOptions {
     #[must_use]
     pub fn with_max_message_size(mut self, bytes: u64) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Coalesces consumers' acks: one `basic.ack` with `multiple` every
+    /// `max_acks` acks or `max_delay`, whichever first ([`AckCoalescing`]).
+    #[must_use]
+    pub fn with_ack_coalescing(mut self, max_acks: u16, max_delay: Duration) -> Self {
+        self.ack_coalescing = Some(AckCoalescing::new(max_acks, max_delay));
         self
     }
 
