@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use lapin::options::{
 };
 use tokio::sync::{broadcast, watch, Notify};
 
-use crate::consume::{self, ConsumerSpec, DIRECT_REPLY_TO};
+use crate::consume::{self, AckBatch, ConsumerSpec, DIRECT_REPLY_TO};
 use crate::convert::{broker_close, is_connection_error, map_error, short, table_to_amqp};
 use crate::events::RecoveryEvent;
 use crate::journal::{BindingRecord, Journal};
@@ -54,10 +54,25 @@ pub(crate) struct Shared {
     known_exchanges: Mutex<(u64, HashSet<String>)>,
     /// Wakes the supervisor to check the link now.
     poke: Arc<Notify>,
+    /// The largest body sent: the configured limit, or a lower one the
+    /// broker revealed by refusing a message.
+    max_message_size: AtomicU64,
+    /// Consumers alive (each holds a channel), so that they never take
+    /// the channels publishing and topology need.
+    pub(crate) consumers: AtomicUsize,
+    /// Queues (current names) this connection deleted, or is deleting:
+    /// their consumers' cancellation by the broker is an ordinary end, not
+    /// news. A name leaves the set when it is declared again.
+    deleted_here: Mutex<HashSet<String>>,
+    /// Why the broker holds back this connection's publishers
+    /// (`connection.blocked`), while it does.
+    blocked: watch::Sender<Option<String>>,
     /// Whether a recovery ever gave a queue a new name: until then every
     /// queue's current name is the one the application holds, and names
     /// need no look-up.
     renamed: AtomicBool,
+    /// The coalesced acks of this connection's consumers, flushed on close.
+    ack_batches: Mutex<Vec<Weak<AckBatch>>>,
 }
 
 impl Shared {
@@ -144,9 +159,101 @@ impl Shared {
         }
     }
 
+    /// Why the broker holds back this connection's publishers, while it
+    /// does: from its `connection.blocked`, or lapin's flag for it (set
+    /// before the event reaches the supervisor).
+    pub(crate) fn blocked_reason(&self) -> Option<String> {
+        if let Some(reason) = &*self.blocked.borrow() {
+            return Some(reason.clone());
+        }
+        match &*self.state.borrow() {
+            LinkState::Up(link) if link.conn.status().blocked() => {
+                Some("connection.blocked".to_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits, until `deadline`, for the broker to lift its block, so that
+    /// nothing is handed to the connection while it is blocked (lapin
+    /// would hold it and send it once the block is lifted, however long
+    /// after the caller gave up). `what` names the operation for the
+    /// error.
+    pub(crate) async fn wait_unblocked(
+        &self,
+        deadline: tokio::time::Instant,
+        what: &str,
+    ) -> Result<()> {
+        let Some(mut reason) = self.blocked_reason() else {
+            return Ok(());
+        };
+        let mut rx = self.blocked.subscribe();
+        let since = tokio::time::Instant::now();
+        let wait = async {
+            loop {
+                match self.blocked_reason() {
+                    None => return,
+                    Some(r) => reason = r,
+                }
+                // lapin's flag has no notification of its own: a short
+                // poll covers it, only while blocked.
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        };
+        if tokio::time::timeout_at(deadline, wait).await.is_ok() {
+            return Ok(());
+        }
+        Err(Error::Blocked(format!(
+            "the broker has held back publishers on this connection ({reason}) for {:?}; {what} was not sent",
+            since.elapsed()
+        )))
+    }
+
+    fn set_blocked(&self, reason: Option<String>) {
+        let was = self.blocked.send_replace(reason.clone());
+        match (was, reason) {
+            (None, Some(reason)) => self.emit(RecoveryEvent::Blocked { reason }),
+            (Some(_), None) => self.emit(RecoveryEvent::Unblocked),
+            _ => {}
+        }
+    }
+
     /// Follows the link state.
     pub(crate) fn subscribe_state(&self) -> watch::Receiver<LinkState> {
         self.state.subscribe()
+    }
+
+    /// Keeps `batch` to be flushed when the connection closes.
+    pub(crate) fn register_ack_batch(&self, batch: &Arc<AckBatch>) {
+        let mut batches = self
+            .ack_batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        batches.retain(|b| b.strong_count() > 0);
+        batches.push(Arc::downgrade(batch));
+    }
+
+    /// Sends every consumer's coalesced acks; the first failure.
+    async fn flush_ack_batches(&self) -> Result<()> {
+        let batches: Vec<Arc<AckBatch>> = self
+            .ack_batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut result = Ok(());
+        for batch in batches {
+            if let Err(e) = batch.flush().await {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -207,6 +314,87 @@ impl Shared {
         }
         let current = lock(&self.journal).resolve(name);
         (current != name).then_some(current)
+    }
+
+    /// Whether the queue the application names `name` exists (a passive
+    /// declare on the topology channel).
+    pub(crate) async fn queue_exists(&self, name: &str) -> Result<bool> {
+        let queue = short("queue name", &self.resolve_queue(name))?;
+        let declare = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match self
+            .topology_op(move |ch| async move {
+                ch.queue_declare(queue, declare, lapin::types::FieldTable::default())
+                    .await
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refuses a body over the largest message size, before sending.
+    pub(crate) fn check_size(&self, len: usize) -> Result<()> {
+        let max = self.max_message_size.load(Ordering::Relaxed);
+        if len as u64 > max {
+            return Err(Error::PreconditionFailed(format!(
+                "the message body is {len} bytes, more than the largest message size of {max} bytes \
+                 (AmqpOptions::max_message_size, or the broker's max_message_size); it was not sent"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adopts the broker's message size limit from its refusal, "message
+    /// size N is larger than configured max size M"; returns M.
+    pub(crate) fn learn_size_limit(&self, text: &str) -> Option<u64> {
+        let max: u64 = text
+            .split("max size ")
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        self.max_message_size.fetch_min(max, Ordering::Relaxed);
+        Some(max)
+    }
+
+    /// Refuses a new consumer when it would take one of the channels kept
+    /// for publishing and topology operations.
+    pub(crate) fn check_channel_room(&self, link: &Link) -> Result<()> {
+        let channel_max = match link.conn.configuration().channel_max() {
+            0 => usize::from(u16::MAX),
+            n => usize::from(n),
+        };
+        let consumers = self.consumers.load(Ordering::Acquire);
+        if consumers + RESERVED_CHANNELS >= channel_max {
+            return Err(Error::backend(
+                "amqp",
+                true,
+                format!(
+                    "no channel left for another consumer: this connection has {consumers} consumers, each on its own channel, \
+                     and the broker allows {channel_max} channels (channel_max), {RESERVED_CHANNELS} of which are kept for publishing \
+                     and topology; drop a consumer, use another connection, or raise channel_max"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this connection deleted (or is deleting) the queue the
+    /// application names `name`.
+    pub(crate) fn deleted_here(&self, name: &str) -> bool {
+        lock(&self.deleted_here).contains(&self.resolve_queue(name))
+    }
+
+    /// Forgets a queue someone else deleted, so that recovery does not
+    /// declare it again.
+    pub(crate) fn forget_deleted_queue(&self, name: &str) {
+        lock(&self.journal).forget_queue(name);
     }
 
     /// The generation of the link, when it is up.
@@ -286,15 +474,21 @@ impl Shared {
     /// Runs one operation on the topology channel, opening it (again) when
     /// needed. Operations run one at a time, so the broker's refusal of
     /// one (which closes the channel) is that operation's error alone.
-    async fn topology_op<T, F, Fut>(&self, op: F) -> Result<T>
+    pub(crate) async fn topology_op<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnOnce(lapin::Channel) -> Fut,
         Fut: Future<Output = lapin::Result<T>>,
     {
         self.check_open()?;
-        let deadline = self.recovery_deadline();
+        let timeout = self.options.operation_timeout;
+        let until = tokio::time::Instant::now() + timeout;
+        let deadline = self.recovery_deadline().min(until);
         let mut link = self.link_after(0, deadline).await?;
-        let mut slot = self.topology.lock().await;
+        let mut slot = match tokio::time::timeout_at(until, self.topology.lock()).await {
+            Ok(slot) => slot,
+            Err(_) => return Err(self.operation_timed_out(timeout)),
+        };
+        self.wait_unblocked(until, "the operation").await?;
         let channel = match &*slot {
             Some((generation, ch)) if *generation == link.generation && ch.status().connected() => {
                 ch.clone()
@@ -318,7 +512,15 @@ impl Shared {
                 ch
             }
         };
-        match op(channel).await {
+        let Ok(result) = tokio::time::timeout_at(until, op(channel.clone())).await else {
+            // Its answer may still come: the channel is not used again.
+            *slot = None;
+            tokio::spawn(async move {
+                let _ = channel.close(200, "operation timed out".into()).await;
+            });
+            return Err(self.operation_timed_out(timeout));
+        };
+        match result {
             Ok(v) => Ok(v),
             Err(e) => {
                 if broker_close(&e).is_some() || is_connection_error(&e) {
@@ -326,6 +528,16 @@ impl Shared {
                 }
                 Err(self.fail(&e))
             }
+        }
+    }
+
+    /// The error of an operation that did not finish within `timeout`.
+    fn operation_timed_out(&self, timeout: Duration) -> Error {
+        match self.blocked_reason() {
+            Some(reason) => Error::Blocked(format!(
+                "the broker holds back this connection ({reason}); the operation was sent but not answered within {timeout:?}"
+            )),
+            None => Error::Timeout(timeout),
         }
     }
 
@@ -467,6 +679,11 @@ fn queue_declare_options(o: &QueueOptions) -> QueueDeclareOptions {
     }
 }
 
+/// Channels a connection keeps from its consumers: channel 0, the
+/// publisher channel, the topology channel, and one for replacing the
+/// publisher channel or declaring the topology again.
+const RESERVED_CHANNELS: usize = 4;
+
 /// A small random fraction, for jitter, without a random-number crate.
 fn jitter(d: Duration) -> Duration {
     let r = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
@@ -513,6 +730,16 @@ async fn supervise(
                 biased;
                 event = events.next() => match event {
                     Some(lapin::Event::Error(e)) if !status.connected() => break e.to_string(),
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        tracing::warn!(%reason, "the broker blocked this connection's publishers");
+                        shared.set_blocked(Some(reason));
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        let Some(shared) = weak.upgrade() else { return };
+                        tracing::info!("the broker lifted its block on this connection");
+                        shared.set_blocked(None);
+                    }
                     Some(_) => {}
                     None => {
                         if !status.connected() {
@@ -589,6 +816,8 @@ async fn supervise(
                         return;
                     }
                     shared.state.send_replace(LinkState::Up(link));
+                    // The block was the old connection's.
+                    shared.set_blocked(None);
                     shared.emit(RecoveryEvent::Reconnected { host, generation });
                     break;
                 }
@@ -668,6 +897,7 @@ impl AmqpConnection {
         let (state, _) = watch::channel(LinkState::Up(link));
         let (events_tx, _) = broadcast::channel(1024);
         let poke = Arc::new(Notify::new());
+        let max_message_size = options.max_message_size;
         let shared = Arc::new(Shared {
             url,
             options,
@@ -679,6 +909,11 @@ impl AmqpConnection {
             renamed: AtomicBool::new(false),
             known_exchanges: Mutex::new((0, HashSet::new())),
             poke: poke.clone(),
+            blocked: watch::channel(None).0,
+            deleted_here: Mutex::new(HashSet::new()),
+            max_message_size: AtomicU64::new(max_message_size),
+            consumers: AtomicUsize::new(0),
+            ack_batches: Mutex::new(Vec::new()),
         });
         tokio::spawn(supervise(Arc::downgrade(&shared), poke, status, events, 1));
         Ok(AmqpConnection { shared })
@@ -789,13 +1024,18 @@ impl Connection for AmqpConnection {
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
-        let arguments = table_to_amqp(&options.arguments.to_table())?;
+        let table = options.arguments.to_table();
+        // Known arguments of the wrong type (a string `x-delivery-limit`,
+        // which RabbitMQ 3.x would silently ignore) are refused here.
+        bus_core::QueueArguments::from_table(&table)?;
+        let arguments = table_to_amqp(&table)?;
         let declare = queue_declare_options(&options);
         let declared = self
             .shared
             .topology_op(move |ch| async move { ch.queue_declare(queue, declare, arguments).await })
             .await?;
         let actual = declared.name().as_str().to_owned();
+        lock(&self.shared.deleted_here).remove(&actual);
         if !options.passive {
             lock(&self.shared.journal).record_queue(name, &actual, options);
         }
@@ -812,7 +1052,11 @@ impl Connection for AmqpConnection {
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
         validate_name("queue", name)?;
-        let queue = short("queue name", &self.shared.resolve_queue(name))?;
+        let current = self.shared.resolve_queue(name);
+        let queue = short("queue name", &current)?;
+        // Before sending: the broker may cancel the queue's consumers
+        // before it answers.
+        let newly = lock(&self.shared.deleted_here).insert(current.clone());
         let count = self
             .shared
             .topology_op(move |ch| async move {
@@ -826,7 +1070,12 @@ impl Connection for AmqpConnection {
                 )
                 .await
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                if newly {
+                    lock(&self.shared.deleted_here).remove(&current);
+                }
+            })?;
         lock(&self.shared.journal).forget_queue(name);
         Ok(count)
     }
@@ -958,6 +1207,12 @@ impl Connection for AmqpConnection {
     }
 
     async fn close(&self) -> Result<()> {
+        // Acks the application queued go out before the connection does.
+        let flushed = if self.shared.is_closed() {
+            Ok(())
+        } else {
+            self.shared.flush_ack_batches().await
+        };
         let previous = self.shared.state.send_replace(LinkState::Closed {
             by_user: true,
             reason: "closed by the application".into(),
@@ -972,7 +1227,7 @@ impl Connection for AmqpConnection {
                 tracing::debug!(error = %e, "closing the connection");
             }
         }
-        Ok(())
+        flushed
     }
 
     fn is_open(&self) -> bool {

@@ -2,6 +2,7 @@
 //! lapin consumer itself (no task hop per delivery); a task per consumer
 //! starts it again after a loss and hands the new one to the stream.
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,7 +13,7 @@ use bus_core::{Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -20,6 +21,7 @@ use crate::connection::Shared;
 use crate::convert::{is_connection_error, message_from_amqp, short, table_to_amqp};
 use crate::events::RecoveryEvent;
 use crate::link::{unless_lost, Link, LinkState};
+use crate::options::AckCoalescing;
 use crate::publish::ReplySlot;
 
 /// The queue name that makes RabbitMQ's direct reply-to consumer.
@@ -48,6 +50,17 @@ struct Control {
     tag: String,
     cancelled: watch::Sender<bool>,
     current: Mutex<Option<lapin::Channel>>,
+    /// The coalesced acks of the current channel, when acks are coalesced.
+    batch: Mutex<Option<Arc<AckBatch>>>,
+}
+
+impl Control {
+    fn batch(&self) -> Option<Arc<AckBatch>> {
+        self.batch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 #[async_trait]
@@ -69,6 +82,9 @@ impl ConsumerControl for Control {
                 tracing::debug!(consumer_tag = %self.tag, error = %e, "cancel on a closed channel");
             }
         }
+        if let Some(batch) = self.batch() {
+            batch.flush_for_good().await?;
+        }
         if self.shared.is_closed() {
             return Err(self.shared.closed_error());
         }
@@ -84,10 +100,21 @@ struct ChannelAcker {
     offset: u64,
     tag: String,
     dropped: Arc<AtomicBool>,
+    /// Set when the broker cancelled the consumer because its queue was
+    /// deleted: its deliveries can no longer be settled.
+    gone: Arc<Mutex<Option<String>>>,
+    /// Where acks wait when they are coalesced.
+    batch: Option<Arc<AckBatch>>,
 }
 
 impl ChannelAcker {
     fn broker_tag(&self, tag: u64) -> Result<u64> {
+        if let Some(why) = &*self.gone.lock().unwrap_or_else(PoisonError::into_inner) {
+            return Err(Error::Closed(format!(
+                "delivery {tag} of consumer {} cannot be settled: {why}",
+                self.tag
+            )));
+        }
         if self.dropped.load(Ordering::Acquire) {
             return Err(Error::Closed(format!(
                 "consumer {} was dropped; its unsettled deliveries were requeued",
@@ -121,6 +148,18 @@ impl ChannelAcker {
 impl Acknowledger for ChannelAcker {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
         let t = self.broker_tag(tag)?;
+        if let Some(batch) = &self.batch {
+            return if multiple {
+                batch
+                    .settle_alone(t, true, || {
+                        self.channel
+                            .basic_ack(t, BasicAckOptions { multiple: true })
+                    })
+                    .await
+            } else {
+                batch.ack(t).await
+            };
+        }
         self.channel
             .basic_ack(t, BasicAckOptions { multiple })
             .await
@@ -129,10 +168,209 @@ impl Acknowledger for ChannelAcker {
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
         let t = self.broker_tag(tag)?;
-        self.channel
-            .basic_nack(t, BasicNackOptions { multiple, requeue })
+        if let Some(batch) = &self.batch {
+            return batch
+                .settle_alone(t, multiple, || self.settle_nack(t, multiple, requeue))
+                .await;
+        }
+        self.settle_nack(t, multiple, requeue)
             .await
             .map_err(|e| self.settle_error(&e))
+    }
+}
+
+impl ChannelAcker {
+    async fn settle_nack(&self, t: u64, multiple: bool, requeue: bool) -> lapin::Result<()> {
+        if multiple {
+            self.channel
+                .basic_nack(t, BasicNackOptions { multiple, requeue })
+                .await
+        } else {
+            // One message: `basic.reject`, which RabbitMQ 4.x quorum
+            // queues count as a delivery attempt (towards
+            // `x-delivery-limit`), as they do not for a requeueing nack.
+            self.channel
+                .basic_reject(t, BasicRejectOptions { requeue })
+                .await
+        }
+    }
+}
+
+/// Coalesced acks of one consumer on one channel ([`AckCoalescing`]), in
+/// broker tags.
+pub(crate) struct AckBatch {
+    channel: lapin::Channel,
+    config: AckCoalescing,
+    tag: String,
+    state: Mutex<BatchState>,
+    /// Held while frames are computed and sent, so that they reach the
+    /// broker in the order they were planned: a multiple ack after a
+    /// later one would name a tag already acked, which closes the channel.
+    sending: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    /// Every tag up to here is settled on the broker (or its frame sent).
+    floor: u64,
+    /// Acked by the application, above `floor`, not sent yet.
+    pending: BTreeSet<u64>,
+    /// Above `floor` and settled on their own (nacks, single acks).
+    settled: BTreeSet<u64>,
+    timer_armed: bool,
+    /// After a cancel: every ack is sent at once.
+    immediate: bool,
+    /// Why the last flush failed; later settles report it.
+    failed: Option<String>,
+}
+
+impl AckBatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn failed(&self) -> Result<()> {
+        match &self.lock().failed {
+            Some(why) => Err(Error::ConnectionLost(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues the ack of broker tag `t`; flushes when the batch is full
+    /// (or after a cancel), else makes sure a timer will.
+    async fn ack(self: &Arc<Self>, t: u64) -> Result<()> {
+        let flush_now = {
+            let mut s = self.lock();
+            if let Some(why) = &s.failed {
+                return Err(Error::ConnectionLost(why.clone()));
+            }
+            s.pending.insert(t);
+            let full = s.immediate || s.pending.len() >= usize::from(self.config.max_acks);
+            if !full && !s.timer_armed {
+                s.timer_armed = true;
+                let weak = Arc::downgrade(self);
+                let delay = self.config.max_delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Some(batch) = weak.upgrade() {
+                        batch.flush_logged("timer").await;
+                    }
+                });
+            }
+            full
+        };
+        if flush_now {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every waiting ack: one `multiple` ack up to the highest tag
+    /// below which everything is settled, then single acks for those above
+    /// a delivery still unsettled.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let _sending = self.sending.lock().await;
+        self.flush_sending().await
+    }
+
+    /// [`AckBatch::flush`], with `sending` held by the caller.
+    async fn flush_sending(&self) -> Result<()> {
+        let (multiple, singles) = {
+            let mut s = self.lock();
+            s.timer_armed = false;
+            if let Some(why) = &s.failed {
+                if s.pending.is_empty() {
+                    return Ok(());
+                }
+                return Err(Error::ConnectionLost(why.clone()));
+            }
+            let mut multiple = None;
+            loop {
+                let next = s.floor + 1;
+                if s.pending.remove(&next) {
+                    multiple = Some(next);
+                } else if !s.settled.remove(&next) {
+                    break;
+                }
+                s.floor = next;
+            }
+            let singles = std::mem::take(&mut s.pending);
+            s.settled.extend(singles.iter().copied());
+            (multiple, singles)
+        };
+        let mut result = Ok(());
+        if let Some(t) = multiple {
+            result = self
+                .channel
+                .basic_ack(t, BasicAckOptions { multiple: true })
+                .await;
+        }
+        for &t in &singles {
+            if result.is_err() {
+                break;
+            }
+            result = self.channel.basic_ack(t, BasicAckOptions::default()).await;
+        }
+        result.map_err(|e| {
+            let why = format!(
+                "coalesced acks of consumer {} could not be sent ({e}); the broker requeued their messages, which will be delivered again",
+                self.tag
+            );
+            self.lock().failed = Some(why.clone());
+            Error::ConnectionLost(why)
+        })
+    }
+
+    /// Flushes where no caller can hear of a failure: logs it.
+    pub(crate) async fn flush_logged(&self, when: &str) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!(consumer_tag = %self.tag, error = %e, "flushing coalesced acks on {when}");
+        }
+    }
+
+    /// Flushes, and sends every later ack at once (the consumer was
+    /// cancelled: no more deliveries will fill a batch).
+    pub(crate) async fn flush_for_good(&self) -> Result<()> {
+        self.lock().immediate = true;
+        self.flush().await
+    }
+
+    /// Settles `t` (and, when `multiple`, every earlier tag) other than by
+    /// a coalesced ack, after sending the acks it would otherwise cover or
+    /// overtake. `multiple` covers earlier tags: acks of them waiting are
+    /// sent first, so that a nack never reaches a message the application
+    /// acked.
+    async fn settle_alone<F, Fut>(&self, t: u64, multiple: bool, send: F) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = lapin::Result<()>>,
+    {
+        let _sending = self.sending.lock().await;
+        if multiple {
+            self.flush_sending().await?;
+        } else {
+            self.failed()?;
+        }
+        if let Err(e) = send().await {
+            let why = format!(
+                "the channel of consumer {} was lost ({e}); the broker requeued its unsettled deliveries",
+                self.tag
+            );
+            self.lock().failed = Some(why.clone());
+            return Err(Error::ConnectionLost(why));
+        }
+        let mut s = self.lock();
+        if multiple {
+            if t > s.floor {
+                s.floor = t;
+            }
+            let floor = s.floor;
+            s.pending.retain(|&p| p > floor);
+            s.settled.retain(|&p| p > floor);
+        } else if t > s.floor {
+            s.settled.insert(t);
+        }
+        Ok(())
     }
 }
 
@@ -193,6 +431,9 @@ struct DeliveryReceiver {
     /// Set at once on drop, so that settling a delivery of a dropped
     /// consumer fails even before its task has closed the channel.
     owner_dropped: Arc<AtomicBool>,
+    /// Why the consumer's deliveries can no longer be settled, once its
+    /// queue was deleted under it.
+    gone: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for DeliveryReceiver {
@@ -207,11 +448,30 @@ impl DeliveryReceiver {
         let acker: Option<Arc<dyn Acknowledger>> = if self.auto_ack {
             None
         } else {
+            let shared = &self.control.shared;
+            let batch = shared.options.ack_coalescing.map(|config| {
+                let batch = Arc::new(AckBatch {
+                    channel: channel.clone(),
+                    config,
+                    tag: self.spec_tag.clone(),
+                    state: Mutex::default(),
+                    sending: tokio::sync::Mutex::new(()),
+                });
+                shared.register_ack_batch(&batch);
+                batch
+            });
+            *self
+                .control
+                .batch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = batch.clone();
             Some(Arc::new(ChannelAcker {
                 channel: channel.clone(),
                 offset,
                 tag: self.spec_tag.clone(),
                 dropped: self.owner_dropped.clone(),
+                gone: self.gone.clone(),
+                batch,
             }))
         };
         self.active = Some(Active {
@@ -231,8 +491,12 @@ impl DeliveryReceiver {
         };
         let shared = &self.control.shared;
         let lost = active.failure.is_some() || !active.channel.status().connected();
-        let ended = if *self.control.cancelled.borrow() || shared.is_closed() || !lost {
+        let ended = if *self.control.cancelled.borrow() || shared.is_closed() {
             Ended::Finished
+        } else if !lost {
+            // Neither the application nor a failure ended it: the broker
+            // cancelled the consumer. The task finds out why.
+            Ended::CancelledByBroker
         } else {
             let connection = active.failure.as_ref().is_none_or(is_connection_error);
             let reason = active
@@ -294,6 +558,8 @@ impl Stream for DeliveryReceiver {
                         continue;
                     }
                     Poll::Ready(None) => {
+                        // After a cancel by the broker, the task's error
+                        // comes through `rx`, then the end.
                         if matches!(this.end_active(), Ended::Finished) {
                             this.finished = true;
                             return Poll::Ready(None);
@@ -401,8 +667,28 @@ async fn open_on(
             if channel.status().connected() {
                 let _ = channel.close(200, "consumer not started".into()).await;
             }
-            Err(shared.fail(&e))
+            Err(start_error(shared, &e))
         }
+    }
+}
+
+/// The error of a consumer that could not be started.
+///
+/// The broker's `INTERNAL_ERROR` (541) closing the channel is a crash of
+/// the broker's channel or queue process, typically while a queue is
+/// moving (a quorum queue electing a leader after a node died): trying
+/// again can succeed, so it is temporary, and recovery keeps trying.
+fn start_error(shared: &Shared, e: &lapin::Error) -> Error {
+    match crate::convert::broker_close(e) {
+        Some(close) if !close.hard && close.code == 541 => Error::backend(
+            "amqp",
+            true,
+            format!(
+                "the broker failed while starting the consumer ({} {}); trying again may succeed",
+                close.code, close.text
+            ),
+        ),
+        _ => shared.fail(e),
     }
 }
 
@@ -420,6 +706,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     table_to_amqp(&spec.options.arguments)?;
     let deadline = shared.recovery_deadline();
     let mut link = shared.link_after(0, deadline).await?;
+    shared.check_channel_room(&link)?;
     let (channel, consumer) = match open(&shared, &link, &spec).await {
         Ok(started) => started,
         // The link died after it was handed out: the consumer died with it
@@ -442,11 +729,13 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         tag: spec.tag.clone(),
         cancelled,
         current: Mutex::new(Some(channel.clone())),
+        batch: Mutex::new(None),
     });
     let tag = spec.tag.clone();
     let queue = spec.queue.clone();
     let auto_ack = spec.options.auto_ack;
     let owner_dropped = Arc::new(AtomicBool::new(false));
+    let gone: Arc<Mutex<Option<String>>> = Arc::default();
     let mut receiver = DeliveryReceiver {
         control: control.clone(),
         spec_tag: spec.tag.clone(),
@@ -459,9 +748,12 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         finished: false,
         _dropped: dropped_tx,
         owner_dropped: owner_dropped.clone(),
+        gone: gone.clone(),
     };
     receiver.adopt(0, channel.clone(), consumer);
+    shared.consumers.fetch_add(1, Ordering::AcqRel);
     let task = ConsumerTask {
+        _counted: Counted(shared.clone()),
         shared,
         spec,
         control: control.clone(),
@@ -469,12 +761,23 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         reports: reports_rx,
         dropped: dropped_rx,
         owner_dropped,
+        gone,
     };
     tokio::spawn(task.run(link, channel));
     Ok(Consumer::new(tag, queue, Box::pin(receiver), control))
 }
 
+/// Counts one live consumer of the connection while it exists.
+struct Counted(Arc<Shared>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.consumers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct ConsumerTask {
+    _counted: Counted,
     shared: Arc<Shared>,
     spec: ConsumerSpec,
     control: Arc<Control>,
@@ -485,6 +788,8 @@ struct ConsumerTask {
     /// Set when the application dropped the consumer: settling fails with
     /// `Closed` from then on.
     owner_dropped: Arc<AtomicBool>,
+    /// Shared with the acknowledgers: set when the queue was deleted.
+    gone: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -496,6 +801,9 @@ enum Ended {
     Finished,
     /// The channel or connection went away; start again.
     Lost { reason: String, connection: bool },
+    /// The broker cancelled the consumer (`basic.cancel`); the stream
+    /// ends with an error saying why.
+    CancelledByBroker,
 }
 
 impl ConsumerTask {
@@ -525,10 +833,27 @@ impl ConsumerTask {
                 Ended::Dropped => {
                     self.owner_dropped.store(true, Ordering::Release);
                     self.set_current(None);
+                    self.flush_on_drop().await;
                     close_channel(&channel).await;
                     return;
                 }
                 Ended::Finished => return self.finish(channel).await,
+                // The stream may end just before its channel or link is
+                // marked closed: only a consumer whose channel is still
+                // open was cancelled by the broker.
+                Ended::CancelledByBroker
+                    if channel.status().connected() && !Shared::link_lost(&link) =>
+                {
+                    self.cancelled_by_broker().await;
+                    return self.finish(channel).await;
+                }
+                Ended::CancelledByBroker => {
+                    let connection = Shared::link_lost(&link);
+                    if connection {
+                        self.shared.poke();
+                    }
+                    ("the channel closed".to_owned(), connection)
+                }
                 Ended::Lost { reason, connection } => (reason, connection),
             };
             self.set_current(None);
@@ -553,6 +878,7 @@ impl ConsumerTask {
             if let Some(slot) = &self.spec.reply_slot {
                 slot.send_replace(None);
             }
+            let mut failures = 0u32;
             let mut min_generation = if connection {
                 link.generation + 1
             } else {
@@ -608,8 +934,32 @@ impl ConsumerTask {
                         });
                         break;
                     }
-                    Err(Error::ConnectionLost(_)) => {
+                    Err(Error::ConnectionLost(_)) if Shared::link_lost(&next) => {
                         min_generation = next.generation + 1;
+                    }
+                    // The link is up but the broker could not start the
+                    // consumer yet (its channel closed under the request,
+                    // or the queue's process failed while the queue moves
+                    // to another node): try again after a pause.
+                    Err(e) if e.is_temporary() => {
+                        failures += 1;
+                        let delay = self.shared.options.reconnect.delay(failures.min(8));
+                        tracing::warn!(
+                            consumer_tag = %self.spec.tag,
+                            queue = %self.spec.queue,
+                            error = %e,
+                            retry_in = ?delay,
+                            "consumer could not be started again yet"
+                        );
+                        tokio::select! {
+                            biased;
+                            _ = &mut self.dropped => {
+                                self.owner_dropped.store(true, Ordering::Release);
+                                return;
+                            }
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        min_generation = next.generation;
                     }
                     Err(e) => {
                         tracing::error!(
@@ -673,6 +1023,75 @@ impl ConsumerTask {
         }
     }
 
+    /// The broker cancelled the consumer: find out whether its queue is
+    /// gone (then forget it, so that recovery does not declare it again,
+    /// and refuse to settle its deliveries), report it, and hand the
+    /// stream its error; unless this connection deleted the queue itself,
+    /// when the stream just ends.
+    async fn cancelled_by_broker(&mut self) {
+        let queue = &self.spec.queue;
+        let tag = &self.spec.tag;
+        if !self.spec.is_direct_reply() && self.shared.deleted_here(queue) {
+            // The application deleted it through this connection: the
+            // stream just ends, as after a cancel.
+            *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(format!("its queue {queue:?} was deleted"));
+            return;
+        }
+        let exists = if self.spec.is_direct_reply() {
+            Ok(true)
+        } else {
+            self.shared.queue_exists(queue).await
+        };
+        let (reason, error) = match exists {
+            Ok(false) => {
+                let reason = format!("queue {queue:?} was deleted");
+                self.shared.forget_deleted_queue(queue);
+                *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(format!("its queue {queue:?} was deleted"));
+                (
+                    reason.clone(),
+                    Error::Closed(format!(
+                        "the broker cancelled consumer {tag}: {reason}; unsettled deliveries are lost with it"
+                    )),
+                )
+            }
+            Ok(true) => {
+                let reason = format!(
+                    "queue {queue:?} still exists (RabbitMQ cancels consumers when, e.g., a queue moves to another node)"
+                );
+                (
+                    reason.clone(),
+                    Error::backend(
+                        "amqp",
+                        true,
+                        format!(
+                            "the broker cancelled consumer {tag}: {reason}; consuming again can succeed"
+                        ),
+                    ),
+                )
+            }
+            Err(e) => {
+                let reason = format!("could not tell why: checking queue {queue:?} failed ({e})");
+                (
+                    reason.clone(),
+                    Error::backend(
+                        "amqp",
+                        e.is_temporary(),
+                        format!("the broker cancelled consumer {tag}; {reason}"),
+                    ),
+                )
+            }
+        };
+        tracing::warn!(consumer_tag = %tag, %queue, %reason, "the broker cancelled the consumer");
+        self.shared.emit(RecoveryEvent::ConsumerCancelled {
+            consumer_tag: tag.clone(),
+            queue: queue.clone(),
+            reason,
+        });
+        self.send_error(error);
+    }
+
     /// The consumer is over: end the stream, keep the channel open so that
     /// deliveries already handed out can still be settled, and close it
     /// once the application drops the consumer.
@@ -684,6 +1103,15 @@ impl ConsumerTask {
         let _ = (&mut self.dropped).await;
         self.owner_dropped.store(true, Ordering::Release);
         self.set_current(None);
+        self.flush_on_drop().await;
         close_channel(&channel).await;
+    }
+
+    /// Sends the acks the application queued before it dropped the
+    /// consumer, before the channel closes and the broker requeues the rest.
+    async fn flush_on_drop(&self) {
+        if let Some(batch) = self.control.batch() {
+            batch.flush_logged("drop").await;
+        }
     }
 }

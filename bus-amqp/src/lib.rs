@@ -31,14 +31,26 @@
 //!   (written `%2f`); `amqp://host` also means `/`, `amqp://host/` the empty
 //!   virtual host, `amqp://host/prod` the virtual host `prod`.
 //! * `amqps://user:pw@rabbit.example.com/%2f`: TLS through rustls (ring),
-//!   port 5671 by default, the bundled web roots plus
-//!   [`AmqpOptions::tls_ca_pem`] for a private CA.
+//!   port 5671 by default, the bundled web roots plus a private CA from
+//!   the URL's `cacertfile` or [`AmqpOptions::tls_ca_pem`], and a client
+//!   certificate from `certfile`/`keyfile` or
+//!   [`AmqpOptions::tls_client_identity`].
 //! * `amqp://u:p@rabbit-1:5672,rabbit-2:5672,rabbit-3/%2f`: the nodes of a
 //!   cluster, tried in order; the connection goes to the first that
 //!   answers, and so does every reconnection. [`AmqpOptions::hosts`] adds
 //!   nodes after the URL's.
 //! * Query: `heartbeat` (seconds), `connection_timeout` (ms), `frame_max`,
-//!   `channel_max`.
+//!   `channel_max`; for `amqps://`, the names of RabbitMQ's URI spec and
+//!   Erlang client: `cacertfile` (PEM CA file trusted besides the web
+//!   roots), `certfile` and `keyfile` (client certificate and PKCS#8 key,
+//!   for mutual TLS), e.g.
+//!   `amqps://u:p@rabbit/%2f?cacertfile=/etc/ca.pem&certfile=/etc/me.pem&keyfile=/etc/me.key`.
+//!   The broker's certificate is always verified against the URL's host
+//!   (`server_name_indication` and `verify` are refused). A CA or
+//!   certificate file that cannot be read, or holds no PEM certificate,
+//!   is `InvalidArgument` naming it; a TLS handshake failure (untrusted
+//!   certificate, client certificate refused) is permanent, not
+//!   `is_temporary`.
 //!
 //! User and password are percent-decoded. They never appear in `Debug`
 //! output, log lines or error messages: URLs are shown as
@@ -71,8 +83,11 @@
 //!   confirm. A mandatory message no queue takes is
 //!   [`Error::Unroutable`](bus_core::Error::Unroutable) with the message
 //!   handed back; a negative confirm (e.g. `x-overflow = reject-publish`)
-//!   is `Nacked`. A publish to an exchange not yet seen on this connection
-//!   is preceded by a passive check on the topology channel, so a missing
+//!   is `Nacked`, and the next publish goes out on a new channel (a
+//!   channel that joined a quorum queue during its leader election can
+//!   refuse everything while a new one publishes at once). A publish to
+//!   an exchange not yet seen on this connection is preceded by a
+//!   passive check on the topology channel, so a missing
 //!   exchange is `NotFound` without closing the publisher channel. Should
 //!   the broker close it anyway (an exchange deleted meanwhile), the
 //!   publishes to that exchange get its error, every other publish in
@@ -89,7 +104,14 @@
 //!   [`cancel`](bus_core::Consumer::cancel) the channel stays open until the
 //!   consumer is dropped, so deliveries already received can be settled.
 //!   Delivery tags keep growing across the channels a consumer goes through
-//!   after recoveries.
+//!   after recoveries. When the broker cancels a consumer itself
+//!   (`basic.cancel`), because another client deleted its queue or for
+//!   another reason, the stream yields one error saying why (`Closed`
+//!   for a deleted queue, a temporary backend error when the queue is
+//!   still there) and ends, with a [`RecoveryEvent::ConsumerCancelled`];
+//!   a deleted queue is forgotten, so recovery never declares it again,
+//!   and settling one of its deliveries fails with `Closed`. A queue this
+//!   connection deleted itself just ends its consumers' streams.
 //! * **Direct reply-to**: [`reply_queue`](bus_core::Connection::reply_queue)
 //!   consumes `amq.rabbitmq.reply-to` with auto-ack on a channel of its
 //!   own in confirm mode, and returns a publisher on that same channel
@@ -152,6 +174,55 @@
 //!   `Err(ConnectionLost)` item before going on, so an RPC client fails its
 //!   calls in flight at once instead of waiting for their time-outs.
 //!
+//! # Limits
+//!
+//! * A message body over [`AmqpOptions::max_message_size`] (128 MiB by
+//!   default, RabbitMQ 3.x's limit; 4.x defaults to 16 MiB) is refused
+//!   before sending with the permanent `PreconditionFailed`. Should the
+//!   broker's limit be lower, the broker closes the publisher channel
+//!   (406): the oversized message fails with `PreconditionFailed`, the
+//!   others in flight with the temporary `ConnectionLost` (retrying them
+//!   succeeds), and the broker's limit is adopted for what follows.
+//! * Each consumer holds a channel; a new consumer that would take one of
+//!   the four channels kept for publishing and topology (of the
+//!   negotiated `channel_max`) is refused with a temporary error naming
+//!   `channel_max`, so publishing never starves.
+//!
+//! # RabbitMQ 4.x rules
+//!
+//! * Poison messages: [`QueueArguments::delivery_limit`](bus_core::QueueArguments::delivery_limit)
+//!   writes an integer `x-delivery-limit` (quorum queues); a string value
+//!   in the raw arguments, which RabbitMQ 3.x would silently ignore, is
+//!   refused with `PreconditionFailed`, as are other known arguments of
+//!   the wrong type.
+//! * Settling one message with requeue (`nack`, `reject`) sends
+//!   `basic.reject`, which 4.x quorum queues count towards the delivery
+//!   limit; several at once (`nack_multiple`) send `basic.nack`.
+//! * Prefetch is per consumer (`basic.qos` with `global = false`), never
+//!   global QoS, which 4.x quorum queues refuse.
+//! * [`ConsumeOptions::consumer_timeout`](bus_core::ConsumeOptions::consumer_timeout)
+//!   asks for a per-consumer `x-consumer-timeout` where the broker has it;
+//!   when the broker's consumer timeout closes the channel, the consumer
+//!   starts again on a new channel (the message comes again, its ack on
+//!   the closed channel fails with `ConnectionLost`).
+//!
+//! # Flow control
+//!
+//! When RabbitMQ runs low on memory or disk it blocks the connections
+//! that publish (`connection.blocked`) until the alarm clears. The
+//! connection reports it ([`RecoveryEvent::Blocked`], then
+//! [`RecoveryEvent::Unblocked`]), and while it lasts a publish or a
+//! topology operation waits without sending anything, up to
+//! [`AmqpOptions::publish_timeout`] or [`AmqpOptions::operation_timeout`]
+//! (30 s by default), then fails with the temporary
+//! [`Error::Blocked`](bus_core::Error::Blocked): nothing was sent, and a
+//! publish the application gives up on (drops) is not sent later either.
+//! The publish that meets the block (RabbitMQ blocks a connection when it
+//! next publishes) has already been handed over: past its deadline it
+//! fails with the temporary `Timeout`, its outcome unknown, and reaches
+//! the queue once the alarm clears. Every publish and topology call ends
+//! by its deadline, whatever the broker does.
+//!
 //! Recovery replays only what this connection declared. Durable queues and
 //! persistent messages survive a broker restart by themselves; transient
 //! queues come back empty.
@@ -187,7 +258,7 @@ mod url;
 
 pub use connection::AmqpConnection;
 pub use events::RecoveryEvent;
-pub use options::{AmqpOptions, ReconnectPolicy, ReplyMode};
+pub use options::{AckCoalescing, AmqpOptions, ReconnectPolicy, ReplyMode};
 pub use url::{redact_url, AmqpUrl, BrokerHost};
 
 /// What every [`AmqpConnection`] offers: everything RabbitMQ does, with

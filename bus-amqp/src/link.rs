@@ -105,6 +105,9 @@ pub(crate) async fn connect_any(
 ) -> Result<(Link, futures::stream::BoxStream<'static, Event>)> {
     let mut failures = Vec::new();
     let mut last = None;
+    // Whether every node failed in a way retrying cannot cure (a
+    // certificate the client does not trust, say).
+    let mut permanent = true;
     for host in &url.hosts {
         match tokio::time::timeout(options.connect_timeout, connect_one(url, options, host)).await {
             Ok(Ok(conn)) => {
@@ -119,12 +122,17 @@ pub(crate) async fn connect_any(
                     events,
                 ));
             }
+            // A TLS file that cannot be read or parsed is the same for
+            // every node.
+            Ok(Err(e @ Error::InvalidArgument(_))) => return Err(e),
             Ok(Err(e)) => {
                 tracing::debug!(host = %host, error = %e, "could not connect");
+                permanent &= !e.is_temporary();
                 failures.push(format!("{host}: {e}"));
                 last = Some(e);
             }
             Err(_) => {
+                permanent = false;
                 let e = Error::Timeout(options.connect_timeout);
                 failures.push(format!(
                     "{host}: no answer within {:?}",
@@ -144,6 +152,11 @@ pub(crate) async fn connect_any(
         Some(Error::NotFound(_)) if url.hosts.len() == 1 => {
             Error::NotFound(format!("{}: {all}", url.redacted()))
         }
+        Some(_) if permanent => Error::backend(
+            "amqp",
+            false,
+            format!("could not connect to any node of {}: {all}", url.redacted()),
+        ),
         _ => Error::ConnectionLost(format!(
             "could not connect to any node of {}: {all}",
             url.redacted()
@@ -194,10 +207,7 @@ async fn connect_one(
     if let Some(name) = &options.connection_name {
         props = props.with_connection_name(LongString::from(name.as_bytes()));
     }
-    let tls = lapin::tcp::OwnedTLSConfig {
-        identity: None,
-        cert_chain: options.tls_ca_pem.clone(),
-    };
+    let tls = tls_config(url, options)?;
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
         Error::NotSupported(format!("the AMQP transport needs a tokio runtime: {e}"))
     })?;
@@ -210,8 +220,91 @@ async fn connect_one(
             }
             Some(c) => error_from_code(c.code, c.text),
             None => match e.kind() {
+                lapin::ErrorKind::IOError(io) if url.tls && is_tls_failure(io) => Error::backend(
+                    "amqp",
+                    false,
+                    format!("TLS handshake with {host} failed: {io}"),
+                ),
                 lapin::ErrorKind::IOError(io) => Error::ConnectionLost(io.to_string()),
                 _ => Error::ConnectionLost(e.to_string()),
             },
         })
+}
+
+/// Whether an I/O error is a TLS failure that retrying cannot cure: a
+/// certificate the client does not trust (or that does not name the
+/// host), or a broker refusing the client's certificate. rustls reports
+/// them as `InvalidData`; a broker's alert closes the handshake.
+fn is_tls_failure(io: &std::io::Error) -> bool {
+    if io.kind() == std::io::ErrorKind::InvalidData {
+        return true;
+    }
+    let text = io.to_string().to_ascii_lowercase();
+    ["certificate", "handshake", "alert", "tls"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
+/// Reads a PEM file named by the URL, with an error naming it.
+fn read_pem(what: &str, path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Error::InvalidArgument(format!("cannot read the {what} {}: {e}", path.display()))
+    })
+}
+
+/// Refuses PEM text that holds no certificate, or one that does not parse,
+/// rather than trusting nothing and failing later with an unknown issuer.
+fn check_certificates(what: &str, pem: &str) -> Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        cert.map_err(|e| Error::InvalidArgument(format!("the {what} is not valid PEM: {e}")))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the {what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    Ok(())
+}
+
+/// The TLS settings of a connection: the URL's files win over the options.
+fn tls_config(url: &AmqpUrl, options: &AmqpOptions) -> Result<lapin::tcp::OwnedTLSConfig> {
+    if !url.tls {
+        return Ok(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: None,
+        });
+    }
+    let cert_chain = match &url.cacertfile {
+        Some(path) => {
+            let pem = read_pem("CA file", path)?;
+            check_certificates(&format!("CA file {}", path.display()), &pem)?;
+            Some(pem)
+        }
+        None => {
+            if let Some(pem) = &options.tls_ca_pem {
+                check_certificates("CA certificate of AmqpOptions::tls_ca_pem", pem)?;
+            }
+            options.tls_ca_pem.clone()
+        }
+    };
+    let identity = match (&url.certfile, &url.keyfile) {
+        (Some(cert), Some(key)) => Some((
+            read_pem("client certificate file", cert)?,
+            read_pem("client key file", key)?,
+        )),
+        _ => options.tls_client_identity.clone(),
+    };
+    if let Some((cert, _)) = &identity {
+        check_certificates("client certificate", cert)?;
+    }
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: pem.into_bytes(),
+            key: key.into_bytes(),
+        }),
+        cert_chain,
+    })
 }

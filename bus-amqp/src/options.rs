@@ -68,6 +68,51 @@ impl ReconnectPolicy {
     }
 }
 
+/// Ack coalescing for manual-ack consumers ([`AmqpOptions::ack_coalescing`]):
+/// instead of one `basic.ack` per [`Delivery::ack`](bus_core::Delivery::ack),
+/// the consumer sends one `basic.ack` with `multiple` set once `max_acks`
+/// acks are waiting or `max_delay` after the first of them, whichever comes
+/// first, and whenever the consumer is cancelled, dropped or its connection
+/// closed.
+///
+/// A coalesced ack only ever covers deliveries the application settled: it
+/// goes up to the highest tag below which every delivery was acked (or
+/// nacked, which is sent at once on its own). Acks above a delivery still
+/// unsettled are sent one by one at the flush instead of being covered.
+///
+/// What changes for the application: [`Delivery::ack`](bus_core::Delivery::ack)
+/// returns `Ok` once the ack is queued in the consumer's batch, not once its
+/// frame is handed to the connection; until the flush, the message stays
+/// unacked on the broker (it counts towards the prefetch, and a lost
+/// channel requeues it). If a flush fails, the channel or connection is
+/// gone and the broker has requeued every message whose ack had not been
+/// sent: they are delivered again (with `redelivered` set), exactly as a
+/// message whose uncoalesced ack frame was lost with the connection. The
+/// failure is reported by the next `ack`/`nack` of that consumer's
+/// deliveries (`ConnectionLost`), by [`Consumer::cancel`](bus_core::Consumer::cancel)
+/// and by [`close`](bus_core::Connection::close) when they flush; a flush on
+/// a timer or on drop has no caller and logs it (`tracing` warning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckCoalescing {
+    /// Flush once this many acks are waiting (at least 1; 1 sends every
+    /// ack at once, as without coalescing). Keep it below the consumer's
+    /// prefetch: unflushed acks hold prefetch slots until `max_delay`.
+    pub max_acks: u16,
+    /// Flush at the latest this long after the first waiting ack.
+    pub max_delay: Duration,
+}
+
+impl AckCoalescing {
+    /// Flush every `max_acks` acks or after `max_delay`, whichever first.
+    #[must_use]
+    pub fn new(max_acks: u16, max_delay: Duration) -> Self {
+        AckCoalescing {
+            max_acks: max_acks.max(1),
+            max_delay,
+        }
+    }
+}
+
 /// Options of an [`AmqpConnection`](crate::AmqpConnection), built from
 /// [`Default`] with `#[must_use]` `with_*` methods.
 ///
@@ -108,6 +153,30 @@ pub struct AmqpOptions {
     /// Extra certificate authorities, PEM, trusted for `amqps://` besides
     /// the bundled web roots (for a broker with a private CA).
     pub tls_ca_pem: Option<String>,
+    /// A client certificate (PEM) and its private key (PKCS#8 PEM) for
+    /// mutual TLS; the URL's `certfile` and `keyfile` win.
+    pub tls_client_identity: Option<(String, String)>,
+    /// The longest a publish may take, from the call to the broker's
+    /// confirm, waiting for a reconnection or for the broker to lift a
+    /// block included. Past it the publish fails with the temporary
+    /// `Blocked` (the broker held publishers back the whole time and the
+    /// message was not sent) or `Timeout` (sent, outcome unknown).
+    pub publish_timeout: Duration,
+    /// The longest a topology operation (declare, bind, delete, purge,
+    /// inspect) may take, waiting for a reconnection or a lifted block
+    /// included; past it, the temporary `Blocked` or `Timeout` as for
+    /// [`AmqpOptions::publish_timeout`].
+    pub operation_timeout: Duration,
+    /// The largest message body this connection sends: a larger one is
+    /// refused before sending with the permanent `PreconditionFailed`.
+    /// RabbitMQ's own limit (`max_message_size`) is 128 MiB on 3.x and
+    /// 16 MiB by default on 4.x; set this to the broker's. A lower limit
+    /// the broker reveals by refusing a message is adopted by the
+    /// connection from then on.
+    pub max_message_size: u64,
+    /// Coalesce the acks of this connection's manual-ack consumers
+    /// ([`AckCoalescing`]); `None` (the default) sends each ack at once.
+    pub ack_coalescing: Option<AckCoalescing>,
 }
 
 impl Default for AmqpOptions {
@@ -121,6 +190,11 @@ impl Default for AmqpOptions {
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             tls_ca_pem: None,
+            tls_client_identity: None,
+            publish_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
+            max_message_size: 128 << 20,
+            ack_coalescing: None,
         }
     }
 }
@@ -136,6 +210,17 @@ impl fmt::Debug for AmqpOptions {
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<pem>"))
+            .field(
+                "tls_client_identity",
+                &self
+                    .tls_client_identity
+                    .as_ref()
+                    .map(|_| "<certificate and key>"),
+            )
+            .field("publish_timeout", &self.publish_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("ack_coalescing", &self.ack_coalescing)
             .finish()
     }
 }
@@ -192,6 +277,48 @@ impl AmqpOptions {
     #[must_use]
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest a publish may take ([`AmqpOptions::publish_timeout`]).
+    #[must_use]
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest a topology operation may take
+    /// ([`AmqpOptions::operation_timeout`]).
+    #[must_use]
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest message body sent ([`AmqpOptions::max_message_size`]).
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Coalesces consumers' acks: one `basic.ack` with `multiple` every
+    /// `max_acks` acks or `max_delay`, whichever first ([`AckCoalescing`]).
+    #[must_use]
+    pub fn with_ack_coalescing(mut self, max_acks: u16, max_delay: Duration) -> Self {
+        self.ack_coalescing = Some(AckCoalescing::new(max_acks, max_delay));
+        self
+    }
+
+    /// Presents this client certificate (PEM) with its private key
+    /// (PKCS#8 PEM) for mutual TLS.
+    #[must_use]
+    pub fn with_tls_client_identity(
+        mut self,
+        cert_pem: impl Into<String>,
+        key_pem: impl Into<String>,
+    ) -> Self {
+        self.tls_client_identity = Some((cert_pem.into(), key_pem.into()));
         self
     }
 

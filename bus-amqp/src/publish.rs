@@ -142,6 +142,47 @@ impl ChannelSource {
         }
     }
 
+    /// Stops handing out `channel` for new publishes after the broker
+    /// refused (nacked) a message on it, and closes it once the publishes
+    /// still in flight on it have their confirms.
+    ///
+    /// A channel that attached to a queue while that queue could not take
+    /// messages (a quorum queue electing a new leader after a node died)
+    /// can keep refusing every publish long after the queue is back, while
+    /// a new channel publishes at once. A nack is rare otherwise (a full
+    /// queue with `x-overflow = reject-publish`), so the next publish
+    /// always gets a fresh channel. The channel of a direct reply-to
+    /// consumer is never replaced: requests must leave on it.
+    fn retire(&self, generation: u64, channel: &Arc<lapin::Channel>) {
+        let ChannelSource::Own(own) = self else {
+            return;
+        };
+        let retired = {
+            let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*current {
+                Some((g, c)) if *g == generation && Arc::ptr_eq(c, channel) => current.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, channel)) = retired {
+            tracing::debug!(
+                channel = channel.id(),
+                "the broker refused a publish: replacing the publisher channel"
+            );
+            tokio::spawn(async move {
+                // The publishes in flight on it get their own confirms
+                // first; a channel that never answers is closed anyway.
+                let _ =
+                    tokio::time::timeout(RETIRED_CONFIRM_WAIT, channel.wait_for_confirms()).await;
+                if channel.status().connected() {
+                    let _ = channel
+                        .close(200, "publisher channel replaced".into())
+                        .await;
+                }
+            });
+        }
+    }
+
     fn forget(&self, generation: u64, channel: &lapin::Channel) {
         if let ChannelSource::Own(own) = self {
             let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -151,6 +192,10 @@ impl ChannelSource {
         }
     }
 }
+
+/// How long a publisher channel replaced after a nack stays open for the
+/// confirms of the publishes still in flight on it.
+const RETIRED_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A new channel on `link`, in confirm mode; `None` when the link died
 /// first.
@@ -180,6 +225,7 @@ pub(crate) async fn publish_via(
     // RabbitMQ closes the whole channel for these two; refusing them here
     // keeps the other messages in flight on that channel safe.
     message.ttl()?;
+    shared.check_size(message.body.len())?;
     if let Some(user) = &message.properties.user_id {
         if *user != shared.url.username {
             return Err(Error::PreconditionFailed(format!(
@@ -187,7 +233,21 @@ pub(crate) async fn publish_via(
             )));
         }
     }
-    shared.ensure_exchange_exists(exchange).await?;
+    let timeout = shared.options.publish_timeout;
+    let until = tokio::time::Instant::now() + timeout;
+    // Nothing sent yet: a deadline passing here is `Blocked` while the
+    // broker holds publishers back, else `Timeout`.
+    let not_sent = || {
+        match shared.blocked_reason() {
+        Some(reason) => Error::Blocked(format!(
+            "the broker holds back publishers on this connection ({reason}); the message was not sent within {timeout:?}"
+        )),
+        None => Error::Timeout(timeout),
+    }
+    };
+    tokio::time::timeout_at(until, shared.ensure_exchange_exists(exchange))
+        .await
+        .map_err(|_| not_sent())??;
     // What goes on the wire, built again only for a retry: lapin takes
     // it by value, and most publishes go out on the first attempt.
     let wire = || -> Result<(ShortString, BasicProperties)> {
@@ -221,17 +281,28 @@ pub(crate) async fn publish_via(
     let (generation, channel, confirm) = loop {
         attempts += 1;
         let (key, properties) = wire()?;
-        let (generation, channel) = source.get(shared).await?;
-        match channel
-            .basic_publish(
-                exchange_name.clone(),
-                key,
-                publish_options,
-                &message.body,
-                properties,
-            )
+        let (generation, channel) = tokio::time::timeout_at(until, source.get(shared))
             .await
-        {
+            .map_err(|_| not_sent())??;
+        // While the broker blocks the connection, lapin holds what it is
+        // given and sends it once the block is lifted, even if the caller
+        // gave up long before: the message waits here instead, unsent.
+        if shared.blocked_reason().is_some() {
+            shared.wait_unblocked(until, "the message").await?;
+        }
+        let written = channel.basic_publish(
+            exchange_name.clone(),
+            key,
+            publish_options,
+            &message.body,
+            properties,
+        );
+        let Ok(written) = tokio::time::timeout_at(until, written).await else {
+            // Handed to the connection just as the broker blocked it (or
+            // the socket stalled): it may still go out.
+            return Err(unknown_outcome(shared, timeout));
+        };
+        match written {
             Ok(confirm) => break (generation, channel, confirm),
             Err(e)
                 if attempts < 3 && (!channel.status().connected() || is_connection_error(&e)) =>
@@ -245,7 +316,10 @@ pub(crate) async fn publish_via(
             Err(e) => return Err(shared.fail(&e)),
         }
     };
-    match confirm.await {
+    let Ok(confirmed) = tokio::time::timeout_at(until, confirm).await else {
+        return Err(unknown_outcome(shared, timeout));
+    };
+    match confirmed {
         Ok(Confirmation::Ack(None)) => Ok(()),
         Ok(Confirmation::Ack(Some(returned))) => {
             let routing_key = resolved_key(shared, exchange, routing_key);
@@ -262,9 +336,13 @@ pub(crate) async fn publish_via(
             })
         }
         Ok(Confirmation::Nack(_)) => {
+            source.retire(generation, &channel);
             let routing_key = resolved_key(shared, exchange, routing_key);
             Err(Error::Nacked(format!(
-                "the broker refused the message published to exchange {exchange:?} with routing key {routing_key:?} (e.g. a full queue with x-overflow = reject-publish)"
+                "the broker refused (nacked) the message published to exchange {exchange:?} with routing key {routing_key:?}: \
+                 a queue it routes to did not take it (a full queue with x-overflow = reject-publish, \
+                 or a queue that is not available, such as a quorum queue without a leader); \
+                 the next publish goes out on a new channel and may succeed"
             )))
         }
         Ok(Confirmation::NotRequested) => Err(Error::backend(
@@ -274,9 +352,26 @@ pub(crate) async fn publish_via(
         )),
         Err(e) => {
             source.forget(generation, &channel);
-            Err(attribute_channel_error(shared, &e, exchange))
+            Err(attribute_channel_error(
+                shared,
+                &e,
+                exchange,
+                message.body.len(),
+            ))
         }
     }
+}
+
+/// The error of a publish handed to the connection but not confirmed
+/// within `timeout`: its outcome is unknown, as for a lost connection.
+fn unknown_outcome(shared: &Shared, timeout: std::time::Duration) -> Error {
+    match shared.blocked_reason() {
+        Some(reason) => {
+            tracing::debug!(%reason, "publish not confirmed while the broker blocks the connection");
+        }
+        None => tracing::debug!(?timeout, "publish not confirmed in time"),
+    }
+    Error::Timeout(timeout)
 }
 
 /// The routing key a publish went out with: through the default exchange,
@@ -296,8 +391,23 @@ fn resolved_key(shared: &Shared, exchange: &str, routing_key: &str) -> String {
 /// channel error. Only those that name the exchange the broker complained
 /// about get its error; for the others the outcome is unknown, which is a
 /// temporary `ConnectionLost`, never success.
-fn attribute_channel_error(shared: &Shared, e: &lapin::Error, exchange: &str) -> Error {
+fn attribute_channel_error(shared: &Shared, e: &lapin::Error, exchange: &str, len: usize) -> Error {
     match broker_close(e) {
+        // "message size N is larger than configured max size M": the
+        // message over M caused it; the limit is kept, so that the next
+        // oversized message is refused before it closes a channel.
+        Some(close) if !close.hard && close.code == 406 && close.text.contains("max size") => {
+            match shared.learn_size_limit(&close.text) {
+                Some(max) if len as u64 > max => Error::PreconditionFailed(format!(
+                    "the broker refused the message: {} (its body is {len} bytes)",
+                    close.text
+                )),
+                _ => Error::ConnectionLost(format!(
+                    "the publisher channel was closed by the broker for another message ({} {}) before this one was confirmed; its outcome is unknown",
+                    close.code, close.text
+                )),
+            }
+        }
         Some(close) if !close.hard => {
             if close.text.contains(&format!("exchange '{exchange}'")) {
                 if close.code == 404 {

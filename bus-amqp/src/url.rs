@@ -2,6 +2,7 @@
 //! and redaction.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bus_core::{Error, Result};
@@ -71,6 +72,15 @@ pub struct AmqpUrl {
     pub frame_max: Option<u32>,
     /// Most channels asked for (`channel_max=`).
     pub channel_max: Option<u16>,
+    /// `cacertfile=`: a PEM file of certificate authorities trusted for
+    /// `amqps://`, besides the bundled web roots (the name RabbitMQ's URI
+    /// query parameters and its Erlang client use).
+    pub cacertfile: Option<PathBuf>,
+    /// `certfile=`: the client certificate (PEM) for mutual TLS; needs
+    /// `keyfile`.
+    pub certfile: Option<PathBuf>,
+    /// `keyfile=`: the client certificate's private key (PKCS#8 PEM).
+    pub keyfile: Option<PathBuf>,
 }
 
 fn invalid(redacted: &str, why: impl fmt::Display) -> Error {
@@ -221,6 +231,9 @@ impl AmqpUrl {
             connection_timeout: None,
             frame_max: None,
             channel_max: None,
+            cacertfile: None,
+            certfile: None,
+            keyfile: None,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -247,15 +260,43 @@ impl AmqpUrl {
                 "channel_max" => {
                     parsed.channel_max = Some(u16::try_from(number(k)?).map_err(|_| too_big(k))?)
                 }
+                "cacertfile" | "certfile" | "keyfile" => {
+                    if !tls {
+                        return Err(invalid(
+                            &redacted,
+                            format!("query parameter {k} is for TLS: use amqps://"),
+                        ));
+                    }
+                    let path = Some(PathBuf::from(decode(v, k, &redacted)?));
+                    match k {
+                        "cacertfile" => parsed.cacertfile = path,
+                        "certfile" => parsed.certfile = path,
+                        _ => parsed.keyfile = path,
+                    }
+                }
+                "server_name_indication" | "verify" => {
+                    return Err(invalid(
+                        &redacted,
+                        format!(
+                            "query parameter {k} is not supported: the broker's certificate is always verified, against the host name of the URL"
+                        ),
+                    ))
+                }
                 other => {
                     return Err(invalid(
                         &redacted,
                         format!(
-                            "unknown query parameter {other:?}; known: heartbeat, connection_timeout, frame_max, channel_max"
+                            "unknown query parameter {other:?}; known: heartbeat, connection_timeout, frame_max, channel_max, cacertfile, certfile, keyfile"
                         ),
                     ))
                 }
             }
+        }
+        if parsed.certfile.is_some() != parsed.keyfile.is_some() {
+            return Err(invalid(
+                &redacted,
+                "certfile and keyfile go together (the client certificate and its key)",
+            ));
         }
         Ok(parsed)
     }

@@ -528,5 +528,7 @@ async fn amqps_speaks_tls_and_fails_cleanly_against_a_plain_port() {
     .await
     .unwrap_err();
     assert!(!format!("{e} {e:?}").contains("tls-secret-xyz"), "{e:?}");
-    assert!(e.is_temporary(), "{e}");
+    // A port that does not speak TLS does not start to on a retry.
+    assert!(!e.is_temporary(), "{e}");
+    assert!(e.to_string().contains("TLS"), "{e}");
 }

@@ -91,6 +91,13 @@ pub enum Error {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 
+    /// The broker is holding back publishers for now (RabbitMQ's
+    /// `connection.blocked` under a memory or disk alarm), and the
+    /// operation's deadline passed while it was. Nothing was sent; trying
+    /// again once the broker lifts the block can succeed.
+    #[error("blocked by the broker: {0}")]
+    Blocked(String),
+
     /// The transport does not offer this operation or option; its
     /// [`Capabilities`](crate::Capabilities) say so too.
     #[error("not supported: {0}")]
@@ -129,7 +136,8 @@ impl Error {
     /// Whether the same operation may succeed if tried again later, on this
     /// connection once it recovers or on a new one.
     ///
-    /// Temporary: lost connections, time-outs, refused publishes (a full queue
+    /// Temporary: lost connections, time-outs, a broker's block on
+    /// publishers, refused publishes (a full queue
     /// may drain), locked resources (the connection owning an exclusive
     /// queue may go away), I/O errors that the OS reports as transient, and
     /// backend errors marked so. Everything else describes the request
@@ -139,6 +147,7 @@ impl Error {
         match self {
             Error::ConnectionLost(_)
             | Error::Timeout(_)
+            | Error::Blocked(_)
             | Error::Nacked(_)
             | Error::ResourceLocked(_) => true,
             Error::Io(e) => matches!(
@@ -190,6 +199,7 @@ mod tests {
     fn temporary_errors_are_the_retryable_ones() {
         assert!(Error::ConnectionLost("reset".into()).is_temporary());
         assert!(Error::Timeout(Duration::from_secs(1)).is_temporary());
+        assert!(Error::Blocked("memory alarm".into()).is_temporary());
         assert!(!Error::NotFound("queue 'q'".into()).is_temporary());
         assert!(!Error::PreconditionFailed("x".into()).is_temporary());
         assert!(Error::backend("amqp", true, "socket").is_temporary());

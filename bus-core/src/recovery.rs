@@ -88,6 +88,31 @@ pub enum RecoveryEvent {
         /// Why.
         error: String,
     },
+    /// The broker cancelled a consumer (`basic.cancel` from the server:
+    /// its queue was deleted, or RabbitMQ stopped it for another reason,
+    /// such as a queue moving to another node). Its stream yields an
+    /// error saying why, then ends. A deleted queue is forgotten: recovery
+    /// does not declare it again.
+    ConsumerCancelled {
+        /// The consumer tag.
+        consumer_tag: String,
+        /// The queue, as the application named it.
+        queue: String,
+        /// Why, as far as the connection could tell.
+        reason: String,
+    },
+    /// The broker holds back this connection's publishers
+    /// (`connection.blocked`, RabbitMQ's memory or disk alarm): publishes
+    /// and topology operations wait, without being sent, until
+    /// [`RecoveryEvent::Unblocked`] or their deadline (bus-amqp's
+    /// `AmqpOptions::publish_timeout`).
+    Blocked {
+        /// The broker's reason, e.g. `low on memory`.
+        reason: String,
+    },
+    /// The broker lifted its block (`connection.unblocked`), or the
+    /// connection was replaced by a new one that is not blocked.
+    Unblocked,
     /// Reconnection gave up (the transport's reconnect policy ran out);
     /// the connection is closed for good.
     GaveUp {

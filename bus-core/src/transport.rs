@@ -137,6 +137,22 @@ impl ConsumeOptions {
         }
     }
 
+    /// Asks the broker to give this consumer `timeout` to settle each
+    /// delivery (the `x-consumer-timeout` consumer argument, in whole
+    /// milliseconds), e.g. longer than the 30-minute default for long GPU
+    /// jobs. Honoured where the broker supports a per-consumer timeout
+    /// (RabbitMQ 4.x quorum queues); RabbitMQ 3.10 ignores the argument
+    /// and applies its node-wide `consumer_timeout`. When the timeout
+    /// passes, RabbitMQ closes the consumer's channel and requeues what it
+    /// held; the RabbitMQ transport then starts the consumer again.
+    #[must_use]
+    pub fn consumer_timeout(mut self, timeout: std::time::Duration) -> Self {
+        let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        self.arguments
+            .insert("x-consumer-timeout".into(), crate::FieldValue::I64(ms));
+        self
+    }
+
     /// Auto-ack, unlimited prefetch.
     #[must_use]
     pub fn auto_ack() -> Self {

@@ -5,6 +5,8 @@
 // it: what one binary leaves unused is not dead.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::process::Command;
