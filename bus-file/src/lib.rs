@@ -110,7 +110,7 @@ pub mod legacy;
 mod names;
 mod topology;
 
-pub use connection::{FileConnection, FileOptions};
+pub use connection::{FileConnection, FileOptions, DEFAULT_MAX_MESSAGE_SIZE};
 pub use envelope::{Envelope, ENVELOPE_VERSION};
 pub use layout::FORMAT_VERSION;
 pub use names::check_path_name;

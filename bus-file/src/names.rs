@@ -46,6 +46,30 @@ pub(crate) fn new_owner_id() -> String {
     format!("o{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Whether `s` has the shape of an owner id ([`new_owner_id`]: `o` and 32
+/// lowercase hex digits). Owner ids read from disk (topology, lock, claim
+/// and consumer file names) are used only when they pass, so a crafted one
+/// can never be a path.
+pub(crate) fn is_owner_id(s: &str) -> bool {
+    s.len() == 33
+        && s.starts_with('o')
+        && s[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The owner of a consumer registration file `<owner>.<n>[.x]`, when the
+/// name has that shape.
+pub(crate) fn consumer_file_owner(file: &str) -> Option<(&str, bool)> {
+    let (owner, rest) = file.split_once('.')?;
+    let (n, exclusive) = match rest.strip_suffix(".x") {
+        Some(n) => (n, true),
+        None => (rest, false),
+    };
+    (is_owner_id(owner) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then_some((owner, exclusive))
+}
+
 /// Milliseconds since the Unix epoch on the transport's clock.
 ///
 /// Anchored on the wall clock once per process, then advanced by tokio's
