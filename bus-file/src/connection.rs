@@ -1262,19 +1262,17 @@ fn queue_settings_equal(a: &QueueRecord, b: &QueueRecord) -> bool {
         && matches!((typed(&a.arguments), typed(&b.arguments)), (Ok(x), Ok(y)) if x == y)
 }
 
-#[async_trait]
-impl Connection for FileConnection {
-    fn capabilities(&self) -> Capabilities {
-        crate::capabilities()
-    }
-
-    async fn declare_exchange(
+/// The topology operations, synchronous: each runs whole on the blocking
+/// pool ([`blocking`]), since it takes the topology `flock`, which another
+/// process may hold for as long as it likes.
+impl Inner {
+    fn declare_exchange_sync(
         &self,
         name: &str,
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
             return Err(Error::AccessRefused(
@@ -1325,8 +1323,8 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
-        let inner = &self.inner;
+    fn delete_exchange_sync(&self, name: &str, if_unused: bool) -> Result<()> {
+        let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
             return Err(Error::AccessRefused(
@@ -1354,8 +1352,8 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
-        let inner = &self.inner;
+    fn declare_queue_sync(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        let inner = self;
         inner.check_open()?;
         if options.passive {
             check_path_name("queue", name)?;
@@ -1440,8 +1438,8 @@ impl Connection for FileConnection {
         inner.counts(&name)
     }
 
-    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
-        let inner = &self.inner;
+    fn delete_queue_sync(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        let inner = self;
         inner.check_open()?;
         check_path_name("queue", name)?;
         let deleted = inner.modify(|t| {
@@ -1477,8 +1475,8 @@ impl Connection for FileConnection {
         }
     }
 
-    async fn purge_queue(&self, name: &str) -> Result<u32> {
-        let inner = &self.inner;
+    fn purge_queue_sync(&self, name: &str) -> Result<u32> {
+        let inner = self;
         inner.check_open()?;
         check_path_name("queue", name)?;
         let snap = inner.snapshot()?;
@@ -1500,14 +1498,14 @@ impl Connection for FileConnection {
         Ok(n)
     }
 
-    async fn bind_queue(
+    fn bind_queue_sync(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             let q = t
@@ -1526,14 +1524,14 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn unbind_queue(
+    fn unbind_queue_sync(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             if let Some(q) = t.queues.get(queue) {
@@ -1547,6 +1545,76 @@ impl Connection for FileConnection {
             t.drop_unused_auto_delete_exchange(exchange);
             Ok(((), true))
         })
+    }
+}
+
+#[async_trait]
+impl Connection for FileConnection {
+    fn capabilities(&self) -> Capabilities {
+        crate::capabilities()
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.declare_exchange_sync(&name, kind, options)).await
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.delete_exchange_sync(&name, if_unused)).await
+    }
+
+    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.declare_queue_sync(&name, options)).await
+    }
+
+    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.delete_queue_sync(&name, options)).await
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u32> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.purge_queue_sync(&name)).await
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let queue = queue.to_owned();
+        let exchange = exchange.to_owned();
+        let routing_key = routing_key.to_owned();
+        blocking(move || inner.bind_queue_sync(&queue, &exchange, &routing_key, arguments)).await
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let queue = queue.to_owned();
+        let exchange = exchange.to_owned();
+        let routing_key = routing_key.to_owned();
+        blocking(move || inner.unbind_queue_sync(&queue, &exchange, &routing_key, arguments)).await
     }
 
     async fn publish(
