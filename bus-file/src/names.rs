@@ -248,3 +248,32 @@ mod tests {
         assert!(b > a);
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! File-name parsing against arbitrary names (the `message_name` fuzz
+    //! target runs the same check where `cargo fuzz` is installed).
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_round_trips(name in "[0-9a-f.er-]{0,80}|\\PC{0,40}") {
+            if let Some(m) = MessageName::parse(&name) {
+                prop_assert_eq!(MessageName::parse(&m.file_name()), Some(m));
+            }
+            let _ = consumer_file_owner(&name);
+            let _ = is_owner_id(&name);
+        }
+
+        #[test]
+        fn any_message_name_round_trips(
+            rank in any::<u8>(), stamp in any::<u64>(), len in any::<u64>(),
+            exp in proptest::option::of(any::<u64>()), redelivered in any::<bool>(),
+            origin in "[0-9a-f]{1,16}",
+        ) {
+            let m = MessageName { rank, stamp, origin, body_len: len, expires_at_ms: exp, redelivered };
+            prop_assert_eq!(MessageName::parse(&m.file_name()), Some(m));
+        }
+    }
+}

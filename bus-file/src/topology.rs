@@ -331,3 +331,51 @@ mod tests {
         assert!(Topology::decode(&bad).is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! The decoder against arbitrary bytes, in place of a fuzz run where
+    //! `cargo fuzz` is not installed (the `topology_decode` fuzz target
+    //! runs the same check).
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes with a valid magic, version and checksum around `body`, so the
+    /// decoder's inner parsing and validation are reached.
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = MAGIC.to_vec();
+        v.push(VERSION);
+        v.extend_from_slice(body);
+        let crc = crc32(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_and_what_it_accepts_round_trips(
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+            raw in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = Topology::decode(&raw);
+            if let Ok(t) = Topology::decode(&framed(&body)) {
+                prop_assert_eq!(Topology::decode(&t.encode()).expect("re-decodes"), t);
+            }
+        }
+
+        #[test]
+        fn names_from_disk_are_checked(name in "[ -~]{0,20}") {
+            let mut t = Topology::default();
+            t.queues.insert(name.clone(), QueueRecord {
+                id: "1".into(),
+                durable: false,
+                exclusive_owner: None,
+                auto_delete: false,
+                arguments: FieldTable::new(),
+            });
+            let decoded = Topology::decode(&t.encode());
+            let valid = !name.is_empty() && check_path_name("queue", &name).is_ok();
+            prop_assert_eq!(decoded.is_ok(), valid, "{:?}", name);
+        }
+    }
+}
