@@ -1160,7 +1160,7 @@ fn check_owned(layout: &Layout, rel: &Path, shared_group: bool) -> Result<()> {
         layout.fs.stat(rel)?
     };
     let me = rustix::process::geteuid().as_raw();
-    let mode = st.st_mode as u32;
+    let mode = st.st_mode;
     let path = layout.root.join(rel);
     if st.st_uid != me && !shared_group {
         return Err(Error::AccessRefused(format!(

@@ -437,7 +437,8 @@ impl InboxConsumer {
                 Readiness::DoneMarker => fs.exists(Path::new(&format!("{name}.done"))),
                 Readiness::Stable(d) => {
                     let size = meta.st_size as u64;
-                    let mtime_ns = (meta.st_mtime as i64)
+                    let mtime_ns = meta
+                        .st_mtime
                         .saturating_mul(1_000_000_000)
                         .saturating_add(meta.st_mtime_nsec as i64);
                     let entry = seen.entry(name.clone()).or_insert(Seen {
@@ -482,7 +483,7 @@ impl InboxConsumer {
                 }
             };
             let was = self.requeued.lock().expect("requeued lock").remove(&name);
-            self.deliver(name, body, (meta.st_mtime as i64).max(0) as u64, was);
+            self.deliver(name, body, meta.st_mtime.max(0) as u64, was);
         }
         next
     }
@@ -932,7 +933,8 @@ impl LegacyRpc {
             Readiness::DoneMarker => results.exists(Path::new(&format!("{file}.done"))),
             Readiness::Stable(d) => {
                 let size = meta.st_size as u64;
-                let mtime = (meta.st_mtime as i64)
+                let mtime = meta
+                    .st_mtime
                     .saturating_mul(1_000_000_000)
                     .saturating_add(meta.st_mtime_nsec as i64);
                 match seen {

@@ -246,11 +246,13 @@ pub(crate) const MAX_TOPOLOGY_BYTES: u64 = 64 << 20;
 pub(crate) fn stamp(root: &fsys::Root) -> io::Result<Option<FileStamp>> {
     match root.stat(Path::new("topology")) {
         Ok(m) => Ok(Some(FileStamp {
-            ino: m.st_ino as u64,
-            mtime_ns: (m.st_mtime as i64)
+            ino: m.st_ino,
+            mtime_ns: m
+                .st_mtime
                 .saturating_mul(1_000_000_000)
                 .saturating_add(m.st_mtime_nsec as i64),
-            ctime_ns: (m.st_ctime as i64)
+            ctime_ns: m
+                .st_ctime
                 .saturating_mul(1_000_000_000)
                 .saturating_add(m.st_ctime_nsec as i64),
             size: m.st_size as u64,
