@@ -51,9 +51,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Connection>> {
         "file" => {
             // file:///abs/path or file://localhost/abs/path, as RFC 8089.
             let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            // `.` and `..` are resolved by the transport, which refuses a
+            // path that climbs above `/` (`file:///../..`) or is `/` itself.
             if !path.starts_with('/') {
                 return Err(Error::InvalidArgument(format!(
-                    "{url:?}: expected file:///absolute/path (a local absolute path)"
+                    "{:?}: expected file:///absolute/path (a local absolute path)",
+                    redact_url(url)
                 )));
             }
             Ok(Arc::new(bus_file::FileConnection::open(path).await?))
@@ -73,26 +76,6 @@ fn compiled_out(scheme: &str, feature: &str) -> Error {
     Error::NotSupported(format!(
         "the {scheme}:// transport is compiled out: enable the `{feature}` feature of `bus`"
     ))
-}
-
-/// The URL with any `user:password@` part replaced by `***@`: what to print
-/// or log instead of a bus URL, which may carry credentials.
-#[must_use]
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some(parts) => parts,
-        None => ("", url),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let shown = match rest[..authority_end].rfind('@') {
-        Some(at) => format!("***{}", &rest[at..]),
-        None => rest.to_owned(),
-    };
-    if scheme.is_empty() && !url.contains("://") {
-        shown
-    } else {
-        format!("{scheme}://{shown}")
-    }
 }
 
 #[cfg(test)]
@@ -132,12 +115,38 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "file")]
+    #[tokio::test]
+    async fn hostile_file_urls_are_refused_without_credentials() {
+        for url in [
+            "file:///../..",
+            "file:///..",
+            "file:///",
+            "file://localhost/../../..",
+        ] {
+            assert!(
+                matches!(connect(url).await, Err(Error::InvalidArgument(_))),
+                "{url}"
+            );
+        }
+        match connect("file://user:pw@elsewhere/srv/bus").await {
+            Err(Error::InvalidArgument(m)) => assert!(!m.contains("pw"), "{m}"),
+            Err(other) => panic!("expected InvalidArgument, got {other:?}"),
+            Ok(_) => panic!("a remote file URL was accepted"),
+        }
+    }
+
     #[test]
-    fn redaction_hides_user_info_only() {
+    fn redaction_is_bus_cores() {
         assert_eq!(redact_url("amqp://u:p@h:5672/%2f"), "amqp://***@h:5672/%2f");
-        assert_eq!(redact_url("amqp://h:5672/a@b"), "amqp://h:5672/a@b");
-        assert_eq!(redact_url("memory://x"), "memory://x");
-        assert_eq!(redact_url("u:p@h"), "***@h");
+        assert_eq!(
+            redact_url("amqp://guest:S3CR3T/x@host/"),
+            "amqp://***@host/"
+        );
+        assert_eq!(
+            redact_url("file://user:pw@localhost/x"),
+            "file://***@localhost/x"
+        );
     }
 
     #[test]

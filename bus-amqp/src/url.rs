@@ -142,17 +142,7 @@ fn parse_host(spec: &str, default_port: u16, redacted: &str) -> Result<BrokerHos
 /// Use it before a URL goes into a log line or an error message.
 #[must_use]
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    // The authority ends at the first '/', '?' or '#'; user info is whatever
-    // precedes its last '@'.
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}://***@{}{tail}", &authority[at + 1..]),
-        None => url.to_owned(),
-    }
+    bus_core::redact_url(url)
 }
 
 impl AmqpUrl {

@@ -19,6 +19,7 @@ pub mod routing;
 pub mod rpc;
 mod topology;
 mod transport;
+pub mod url;
 mod value;
 pub mod worker;
 
@@ -35,6 +36,7 @@ pub use transport::{
     classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishOptions,
     Publisher, ReplyQueue,
 };
+pub use url::redact_url;
 pub use value::{FieldTable, FieldValue};
 
 pub use bytes::Bytes;

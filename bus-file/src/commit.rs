@@ -24,7 +24,11 @@ use crate::fsys;
 /// publishers need not fsync their files) rather than fsyncing folders.
 pub(crate) const SYNCS_FILE_SYSTEM: bool = cfg!(target_os = "linux");
 
-type Waiter = (Vec<PathBuf>, oneshot::Sender<Result<(), String>>);
+type Waiter = (
+    Arc<fsys::Root>,
+    Vec<PathBuf>,
+    oneshot::Sender<Result<(), String>>,
+);
 
 /// Batches folder fsyncs.
 #[derive(Debug, Default)]
@@ -39,13 +43,17 @@ struct State {
 }
 
 impl Committer {
-    /// Resolves once every folder in `dirs` has been fsynced by a batch
-    /// that started after this call.
-    pub(crate) async fn sync_dirs(self: &Arc<Self>, dirs: Vec<PathBuf>) -> io::Result<()> {
+    /// Resolves once every folder in `dirs` (relative to `root`) has been
+    /// fsynced by a batch that started after this call.
+    pub(crate) async fn sync_dirs(
+        self: &Arc<Self>,
+        root: Arc<fsys::Root>,
+        dirs: Vec<PathBuf>,
+    ) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut st = self.state.lock().expect("committer lock");
-            st.pending.push((dirs, tx));
+            st.pending.push((root, dirs, tx));
             !std::mem::replace(&mut st.running, true)
         };
         if start {
@@ -70,15 +78,18 @@ impl Committer {
                 }
                 std::mem::take(&mut st.pending)
             };
-            let dirs: BTreeSet<PathBuf> =
-                batch.iter().flat_map(|(d, _)| d.iter().cloned()).collect();
+            let root = batch[0].0.clone();
+            let dirs: BTreeSet<PathBuf> = batch
+                .iter()
+                .flat_map(|(_, d, _)| d.iter().cloned())
+                .collect();
             let result = tokio::task::spawn_blocking(move || {
                 #[cfg(target_os = "linux")]
-                if let Some(d) = dirs.iter().next() {
-                    return sync_file_system(d);
+                if !dirs.is_empty() {
+                    return sync_file_system(&root);
                 }
                 for d in &dirs {
-                    match fsys::sync_dir(d) {
+                    match root.sync_dir(d) {
                         Ok(()) => {}
                         // A queue deleted meanwhile has nothing left to keep.
                         Err(e) if fsys::is_not_found(&e) => {}
@@ -89,34 +100,26 @@ impl Committer {
             })
             .await
             .unwrap_or_else(|e| Err(format!("commit task failed: {e}")));
-            for (_, tx) in batch {
+            for (_, _, tx) in batch {
                 let _ = tx.send(result.clone());
             }
         }
     }
 }
 
-/// Flushes the file system holding `dir` (every folder of a batch lives
-/// under the same root, on one file system: messages are renamed and hard
-/// linked between them).
+/// Flushes the file system holding the root (every folder of a batch
+/// lives under the same root, on one file system: messages are renamed
+/// between them).
 #[cfg(target_os = "linux")]
-fn sync_file_system(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::io::AsRawFd;
-    // Any folder of the root would do; a queue deleted meanwhile leaves the
-    // root itself, found by walking up.
-    let file = dir
-        .ancestors()
-        .find_map(|d| std::fs::File::open(d).ok())
-        .ok_or_else(|| format!("syncfs of {}: no folder to open", dir.display()))?;
+fn sync_file_system(root: &fsys::Root) -> Result<(), String> {
+    let fd = root
+        .dir(std::path::Path::new(""))
+        .map_err(|e| format!("syncfs of {}: {e}", root.path().display()))?;
     loop {
-        // SAFETY: syncfs takes a valid open descriptor, which `file` owns
-        // for the duration of the call.
-        if unsafe { libc::syncfs(file.as_raw_fd()) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("syncfs of {}: {e}", dir.display()));
+        match rustix::fs::syncfs(&fd) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(format!("syncfs of {}: {e}", root.path().display())),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! [`FileConnection`]: the transport contract over a folder.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -41,6 +40,21 @@ pub struct FileOptions {
     /// (file and folder) before their publish resolves. Default true;
     /// turning it off trades crash durability for speed.
     pub sync_persistent: bool,
+    /// The largest message body accepted, by publish and when reading a
+    /// message file: a bigger publish fails with
+    /// [`Error::PreconditionFailed`] (as RabbitMQ's `max_message_size`), a
+    /// bigger file is quarantined unread. Default 128 MiB, RabbitMQ's
+    /// default.
+    pub max_message_size: u64,
+    /// Whether the root may be shared with the members of its group: with
+    /// it, folders may be group-writable (and owned by another member);
+    /// without it (the default), the root and its folders must be owned by
+    /// the current user and writable by nobody else, or the open fails.
+    ///
+    /// Every member of the group can then read, forge, move or delete any
+    /// message, queue and topology entry: only share a root with programs
+    /// you trust as much as your own.
+    pub shared_group: bool,
 }
 
 impl Default for FileOptions {
@@ -48,6 +62,8 @@ impl Default for FileOptions {
         FileOptions {
             rescan_interval: Duration::from_secs(1),
             sync_persistent: true,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            shared_group: false,
         }
     }
 }
@@ -66,7 +82,29 @@ impl FileOptions {
         self.sync_persistent = on;
         self
     }
+
+    /// Sets [`FileOptions::max_message_size`].
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`FileOptions::shared_group`] (read its risks first).
+    #[must_use]
+    pub fn with_shared_group(mut self, on: bool) -> Self {
+        self.shared_group = on;
+        self
+    }
 }
+
+/// The default of [`FileOptions::max_message_size`]: 128 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
+
+/// What a message file may hold besides its body (envelope header,
+/// exchange, routing key, properties and headers): AMQP puts all of it in
+/// one frame, which RabbitMQ caps at 128 KiB by default; this leaves room.
+pub(crate) const MAX_ENVELOPE_OVERHEAD: u64 = 1 << 20;
 
 /// A connection to the folder transport: every process that opens the same
 /// root shares its exchanges, queues and messages.
@@ -215,20 +253,9 @@ impl FileConnection {
     /// # Errors
     /// As [`FileConnection::open`].
     pub async fn open_with(root: impl AsRef<Path>, options: FileOptions) -> Result<FileConnection> {
-        let root = root.as_ref();
-        fsys::create_dir_private(root, fsys::DIR_MODE)?;
-        let root = root.canonicalize()?;
-        let layout = Layout { root };
-        layout.create()?;
-        check_format(&layout)?;
-
-        let owner = names::new_owner_id();
-        // Locked before it has its final name, so no scanner can ever see
-        // the lock file of a live connection unlocked.
-        let tmp_lock = layout.owners().join(format!(".{owner}.lock.tmp"));
-        let lock = FileLock::lock_file(fsys::create_new(&tmp_lock, fsys::FILE_MODE)?)?;
-        fs::rename(&tmp_lock, layout.owner_lock(&owner))?;
-        lock.file().sync_all()?;
+        let root = root.as_ref().to_owned();
+        let shared_group = options.shared_group;
+        let (layout, owner, lock) = blocking(move || open_root(&root, shared_group)).await?;
 
         let inner = Arc::new(Inner {
             layout,
@@ -283,14 +310,16 @@ impl FileConnection {
 
 fn check_format(layout: &Layout) -> Result<()> {
     let path = layout.format_file();
-    let text = match fsys::read_regular(&path) {
+    let text = match layout.fs.read_checked(&path, 0, 4096, false) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) if fsys::is_not_found(&e) => {
             let content = format!("bus-file on-disk format {FORMAT_VERSION}\n");
             let tmp = layout
                 .tmp()
                 .join(format!(".FORMAT.{}", names::process_tag()));
-            fsys::write_atomic(&tmp, &path, content.as_bytes(), fsys::FILE_MODE, true)?;
+            layout
+                .fs
+                .write_atomic(&tmp, &path, content.as_bytes(), fsys::FILE_MODE, true)?;
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -304,7 +333,7 @@ fn check_format(layout: &Layout) -> Result<()> {
         Some(FORMAT_VERSION) => Ok(()),
         _ => Err(Error::NotSupported(format!(
             "{} says {:?}; this library reads format {FORMAT_VERSION}",
-            path.display(),
+            layout.root.join(path).display(),
             text.trim()
         ))),
     }
@@ -337,15 +366,14 @@ impl Inner {
 
     /// The current topology, re-read only when the file changed.
     pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>> {
-        let path = self.layout.topology();
-        let stamp = topology::stamp(&path)?;
+        let stamp = topology::stamp(&self.layout.fs)?;
         let mut cache = self.cache.lock().expect("cache lock");
         if let Some((s, snap)) = cache.as_ref() {
             if *s == stamp {
                 return Ok(snap.clone());
             }
         }
-        let snap = Arc::new(Snapshot::new(topology::read(&path)?));
+        let snap = Arc::new(Snapshot::new(topology::read(&self.layout.fs)?));
         *cache = Some((stamp, snap.clone()));
         Ok(snap)
     }
@@ -356,12 +384,12 @@ impl Inner {
         &self,
         f: impl FnOnce(&mut Topology) -> Result<(T, bool)>,
     ) -> Result<T> {
-        let _lock = FileLock::lock(&self.layout.topology_lock())?;
-        let mut t = topology::read(&self.layout.topology())?;
+        let _lock = FileLock::lock(&self.layout.fs, &self.layout.topology_lock())?;
+        let mut t = topology::read(&self.layout.fs)?;
         let (out, changed) = f(&mut t)?;
         if changed {
             t.generation += 1;
-            topology::write(&self.layout.root, &t)?;
+            topology::write(&self.layout.fs, &t)?;
             *self.cache.lock().expect("cache lock") = None;
         }
         Ok(out)
@@ -372,7 +400,10 @@ impl Inner {
         if owner == self.owner {
             return self.is_open();
         }
-        match FileLock::try_lock(&self.layout.owner_lock(owner)) {
+        if !names::is_owner_id(owner) {
+            return false;
+        }
+        match FileLock::try_lock(&self.layout.fs, &self.layout.owner_lock(owner)) {
             Ok(Some(_unlocked)) => false,
             Ok(None) => true,
             Err(e) if fsys::is_not_found(&e) => false,
@@ -417,12 +448,13 @@ impl Inner {
 
     /// Consumers of a queue whose owners are alive: (owner, exclusive).
     pub(crate) fn live_consumers(&self, queue: &str) -> Vec<(String, bool)> {
-        layout::list_names(&self.layout.consumers(queue))
+        self.layout
+            .list_names(&self.layout.consumers(queue))
             .unwrap_or_default()
             .into_iter()
             .filter_map(|f| {
-                let (owner, rest) = f.split_once('.')?;
-                Some((owner.to_owned(), rest.ends_with(".x")))
+                let (owner, exclusive) = names::consumer_file_owner(&f)?;
+                Some((owner.to_owned(), exclusive))
             })
             .filter(|(o, _)| self.owner_alive(o))
             .collect()
@@ -430,7 +462,9 @@ impl Inner {
 
     fn counts(&self, name: &str) -> Result<QueueInfo> {
         let now = names::now_ms().max(0) as u64;
-        let ready = layout::list_messages(&self.layout.ready(name))?
+        let ready = self
+            .layout
+            .list_messages(&self.layout.ready(name))?
             .into_iter()
             .filter(|(_, m)| m.expires_at_ms.is_none_or(|e| e > now))
             .count();
@@ -545,7 +579,9 @@ impl Inner {
                 return Ok(d.clone());
             }
         }
-        fsys::create_dir_private(&self.layout.claim_dir(name, &self.owner), fsys::DIR_MODE)?;
+        self.layout
+            .fs
+            .create_dir_all(&self.layout.claim_dir(name, &self.owner), fsys::DIR_MODE)?;
         let args = QueueArguments::from_table(&record.arguments)?;
         let d = Arc::new(Dispatcher::new(
             name.to_owned(),
@@ -575,7 +611,11 @@ impl Inner {
     /// redelivered mark.
     pub(crate) fn requeue(&self, queue: &str, claim: &Claim) {
         let name = claim.name.redelivered().file_name();
-        match fs::rename(&claim.path, self.layout.ready(queue).join(&name)) {
+        match self
+            .layout
+            .fs
+            .rename(&claim.path, &self.layout.ready(queue).join(&name))
+        {
             Ok(()) => self.announce(queue, &name),
             Err(e) if fsys::is_not_found(&e) => {}
             Err(e) => tracing::warn!(queue, error = %e, "could not requeue a message"),
@@ -611,7 +651,7 @@ impl Inner {
                     }
                 }
             }
-            match fs::remove_file(&claim.path) {
+            match self.layout.fs.remove_file(&claim.path) {
                 Ok(()) => Ok(()),
                 Err(e) if fsys::is_not_found(&e) => Ok(()),
                 Err(e) => Err(e.into()),
@@ -627,11 +667,15 @@ impl Inner {
         if overflow == Overflow::DropHead {
             return Ok(Admission::Accept);
         }
-        let ready = layout::list_messages(&self.layout.ready(queue))?;
+        let ready = self.layout.list_messages(&self.layout.ready(queue))?;
         let count = ready.len() as u64;
-        let bytes: u64 = ready.iter().map(|(_, m)| m.body_len).sum();
+        // Lengths come from file names anyone with write access can craft:
+        // the sums saturate (a queue "holding" u64::MAX bytes is full).
+        let bytes = sum_lengths(&ready);
         let full = args.max_length.is_some_and(|m| count >= m)
-            || args.max_length_bytes.is_some_and(|m| bytes + body_len > m);
+            || args
+                .max_length_bytes
+                .is_some_and(|m| bytes.saturating_add(body_len) > m);
         Ok(if full {
             Admission::Refuse {
                 dead_letter: overflow == Overflow::RejectPublishDlx,
@@ -649,10 +693,10 @@ impl Inner {
         {
             return Ok(());
         }
-        let mut ready = layout::list_messages(&self.layout.ready(queue))?;
+        let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
         ready.sort_by(|a, b| a.0.cmp(&b.0));
         let mut count = ready.len() as u64;
-        let mut bytes: u64 = ready.iter().map(|(_, m)| m.body_len).sum();
+        let mut bytes = sum_lengths(&ready);
         let over = |count: u64, bytes: u64| {
             args.max_length.is_some_and(|m| count > m)
                 || args.max_length_bytes.is_some_and(|m| bytes > m)
@@ -662,7 +706,7 @@ impl Inner {
                 break;
             }
             count -= 1;
-            bytes -= name.body_len;
+            bytes = bytes.saturating_sub(name.body_len);
             if let Some(claim) = self.claim_file(queue, &file, name)? {
                 self.dead_letter_or_drop(queue, args, &claim, "maxlen")
                     .await?;
@@ -685,19 +729,20 @@ impl Inner {
         // The claim folder is made when the queue's dispatcher starts, not
         // per claim: a missing one (taken back by a reaper) shows as a
         // rename failing with "not found", and is made again then.
-        match fs::rename(&from, &path) {
+        let fs = &self.layout.fs;
+        match fs.rename(&from, &path) {
             Ok(()) => {}
             Err(e) if fsys::is_not_found(&e) => {
-                match fs::symlink_metadata(&claim_dir) {
+                match fs.stat(&claim_dir) {
                     Ok(_) => return Ok(None),
                     Err(e) if fsys::is_not_found(&e) => {}
                     Err(e) => return Err(e.into()),
                 }
-                if fs::symlink_metadata(&from).is_err() {
+                if !fs.exists(&from) {
                     return Ok(None);
                 }
-                fsys::create_dir_private(&claim_dir, fsys::DIR_MODE)?;
-                match fs::rename(&from, &path) {
+                fs.create_dir_all(&claim_dir, fsys::DIR_MODE)?;
+                match fs.rename(&from, &path) {
                     Ok(()) => {}
                     Err(e) if fsys::is_not_found(&e) => return Ok(None),
                     Err(e) => return Err(e.into()),
@@ -705,7 +750,13 @@ impl Inner {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(consumer::read_claim(&self.layout, queue, path, name))
+        Ok(consumer::read_claim(
+            &self.layout,
+            queue,
+            path,
+            name,
+            self.options.max_message_size,
+        ))
     }
 
     /// [`Inner::publish_message`] behind a `dyn Send` box, for the
@@ -733,6 +784,13 @@ impl Inner {
         mandatory: bool,
     ) -> Result<()> {
         let msg_ttl = message.ttl()?;
+        if message.body.len() as u64 > self.options.max_message_size {
+            return Err(Error::PreconditionFailed(format!(
+                "message size {} is larger than the configured maximum {}",
+                message.body.len(),
+                self.options.max_message_size
+            )));
+        }
         let snap = self.snapshot()?;
         if let Some(x) = snap.topo.exchanges.get(exchange) {
             if x.internal {
@@ -816,24 +874,21 @@ impl Inner {
                 .iter()
                 .map(|(q, f, _)| self.layout.ready(q).join(f))
                 .collect();
-            let linked = if bytes.len() < 64 * 1024 && !durable {
-                write_and_link(&tmp, &bytes, false, &dests)?
-            } else {
-                // Where the group commit flushes the whole file system once
-                // per batch, that flush covers the files' data too.
-                let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
-                tokio::task::spawn_blocking(move || {
-                    write_and_link(&tmp, &bytes, fsync_files, &dests)
-                })
-                .await
-                .map_err(|e| Error::backend("file", true, e.to_string()))??
-            };
+            // Where the group commit flushes the whole file system once
+            // per batch, that flush covers the files' data too.
+            let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
+            let fs = self.layout.fs.clone();
+            let linked =
+                blocking(move || Ok(write_and_link(&fs, &tmp, &bytes, fsync_files, &dests)?))
+                    .await?;
             if durable {
                 let dirs = linked
                     .iter()
                     .map(|&i| self.layout.ready(&links[i].0))
                     .collect();
-                self.committer.sync_dirs(dirs).await?;
+                self.committer
+                    .sync_dirs(self.layout.fs.clone(), dirs)
+                    .await?;
             }
             linked
         };
@@ -911,7 +966,10 @@ impl Inner {
         }
         crate::janitor::release_owner(self, &self.owner);
         *self.watcher.lock().expect("watcher lock") = None;
-        let _ = fs::remove_file(self.layout.owner_lock(&self.owner));
+        let _ = self
+            .layout
+            .fs
+            .remove_file(&self.layout.owner_lock(&self.owner));
         self.owner_lock.lock().expect("owner lock").take();
         registry()
             .lock()
@@ -954,53 +1012,180 @@ impl Inner {
     }
 }
 
-/// Writes the envelope once and links it under its name into each queue
-/// folder: the one step that makes it visible, whole. Returns the indexes
-/// of the destinations it reached (a queue deleted meanwhile is skipped).
+/// Writes the envelope under its name into each queue folder, one file per
+/// queue (written under `tmp/`, then renamed in: the one step that makes it
+/// visible, whole). Not hard links: a message file has exactly one name, so
+/// a reader can refuse any file with more (a hard link planted from
+/// elsewhere). Returns the indexes of the destinations it reached (a queue
+/// deleted meanwhile is skipped).
 fn write_and_link(
+    root: &fsys::Root,
     tmp: &Path,
     bytes: &[u8],
     durable: bool,
     dests: &[PathBuf],
 ) -> io::Result<Vec<usize>> {
-    let mut f = fsys::create_new(tmp, fsys::FILE_MODE)?;
-    let written = f
-        .write_all(bytes)
-        .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
-    drop(f);
-    if let Err(e) = written {
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
     let mut linked = Vec::with_capacity(dests.len());
-    let mut result = Ok(());
     for (i, dest) in dests.iter().enumerate() {
-        let r = if dests.len() == 1 {
-            fs::rename(tmp, dest)
-        } else {
-            fs::hard_link(tmp, dest).or_else(|e| {
-                // Some file systems have no hard links: a copy per queue.
-                if fsys::is_not_found(&e) {
-                    Err(e)
-                } else {
-                    let copy = tmp.with_extension(format!("copy{i}"));
-                    fsys::write_atomic(&copy, dest, bytes, fsys::FILE_MODE, durable)
-                }
-            })
-        };
-        match r {
+        let mut tmp = tmp.as_os_str().to_owned();
+        tmp.push(format!(".{i}"));
+        let tmp = PathBuf::from(tmp);
+        let mut f = root.create_new(&tmp, fsys::FILE_MODE)?;
+        let written = f
+            .write_all(bytes)
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+        drop(f);
+        match written.and_then(|()| root.rename(&tmp, dest)) {
             Ok(()) => linked.push(i),
-            Err(e) if fsys::is_not_found(&e) => {}
             Err(e) => {
-                result = Err(e);
-                break;
+                let _ = root.remove_file(&tmp);
+                if !fsys::is_not_found(&e) {
+                    return Err(e);
+                }
             }
         }
     }
-    if dests.len() != 1 || linked.is_empty() {
-        let _ = fs::remove_file(tmp);
+    Ok(linked)
+}
+
+/// The sum of the body lengths file names claim, saturating.
+fn sum_lengths(ready: &[(String, MessageName)]) -> u64 {
+    ready
+        .iter()
+        .fold(0u64, |acc, (_, m)| acc.saturating_add(m.body_len))
+}
+
+/// Runs file-system work on the blocking pool, so that a slow disk or a
+/// lock held by another process never stalls the runtime's threads, and a
+/// `tokio::time::timeout` around any call returns on time (as object_store's
+/// local store does).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::backend("file", false, e.to_string()))?
+}
+
+/// Opens (creating it private if missing) a root: checks who owns it,
+/// creates its folders, checks its format, and creates and locks this
+/// connection's owner file.
+fn open_root(root: &Path, shared_group: bool) -> Result<(Layout, String, FileLock)> {
+    let root = normalize_root(root)?;
+    fsys::create_dir_private(&root, fsys::DIR_MODE)?;
+    let root = root.canonicalize()?;
+    let fs = Arc::new(fsys::Root::open(&root)?);
+    let layout = Layout {
+        root,
+        fs: fs.clone(),
+    };
+    check_owned(&layout, Path::new(""), shared_group)?;
+    layout.create()?;
+    for d in [
+        layout.owners(),
+        layout.tmp(),
+        layout.quarantine(),
+        layout.trash(),
+        layout.queues(),
+    ] {
+        check_owned(&layout, &d, shared_group)?;
     }
-    result.map(|()| linked)
+    for q in layout::list_queue_dirs(&layout) {
+        for d in [
+            layout.queue(&q),
+            layout.ready(&q),
+            layout.claims(&q),
+            layout.consumers(&q),
+        ] {
+            match check_owned(&layout, &d, shared_group) {
+                Err(Error::Io(e)) if fsys::is_not_found(&e) => {}
+                other => other?,
+            }
+        }
+    }
+    check_format(&layout)?;
+
+    let owner = names::new_owner_id();
+    // Locked before it has its final name, so no scanner can ever see
+    // the lock file of a live connection unlocked.
+    let tmp_lock = layout.owners().join(format!(".{owner}.lock.tmp"));
+    let lock = FileLock::lock_file(fs.create_new(&tmp_lock, fsys::FILE_MODE)?)?;
+    fs.rename(&tmp_lock, &layout.owner_lock(&owner))?;
+    lock.file().sync_all()?;
+    Ok((layout, owner, lock))
+}
+
+/// A root path as given, with `.` and `..` resolved lexically; one that
+/// climbs above `/` (`/../..`) is refused rather than taken as `/`.
+fn normalize_root(root: &Path) -> Result<PathBuf> {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    let mut depth = 0usize;
+    for c in root.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => out.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if depth == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "the root {} climbs out of its top folder",
+                        root.display()
+                    )));
+                }
+                out.pop();
+                depth -= 1;
+            }
+            Component::Normal(n) => {
+                out.push(n);
+                depth += 1;
+            }
+        }
+    }
+    if depth == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the root {} is a top folder, not a folder of its own",
+            root.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Refuses a folder of the root owned by someone else or writable by
+/// others (by the group too, unless `shared_group`): whoever can write
+/// there can forge, move and delete messages and topology.
+fn check_owned(layout: &Layout, rel: &Path, shared_group: bool) -> Result<()> {
+    let st = if rel.as_os_str().is_empty() {
+        layout.fs.stat_root()?
+    } else {
+        layout.fs.stat(rel)?
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let mode = st.st_mode;
+    let path = layout.root.join(rel);
+    if st.st_uid != me && !shared_group {
+        return Err(Error::AccessRefused(format!(
+            "{} is owned by uid {}, not by this user (uid {me}); the file transport \
+             refuses a root others control (FileOptions::shared_group relaxes this for \
+             a shared group)",
+            path.display(),
+            st.st_uid
+        )));
+    }
+    let forbidden = if shared_group { 0o002 } else { 0o022 };
+    if mode & forbidden != 0 {
+        return Err(Error::AccessRefused(format!(
+            "{} is writable by {} (mode {:o}); the file transport refuses a root \
+             others can write into",
+            path.display(),
+            if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            mode & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// The message as it is dead-lettered from `queue`: an `x-death` entry as
@@ -1077,19 +1262,17 @@ fn queue_settings_equal(a: &QueueRecord, b: &QueueRecord) -> bool {
         && matches!((typed(&a.arguments), typed(&b.arguments)), (Ok(x), Ok(y)) if x == y)
 }
 
-#[async_trait]
-impl Connection for FileConnection {
-    fn capabilities(&self) -> Capabilities {
-        crate::capabilities()
-    }
-
-    async fn declare_exchange(
+/// The topology operations, synchronous: each runs whole on the blocking
+/// pool ([`blocking`]), since it takes the topology `flock`, which another
+/// process may hold for as long as it likes.
+impl Inner {
+    fn declare_exchange_sync(
         &self,
         name: &str,
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
             return Err(Error::AccessRefused(
@@ -1140,8 +1323,8 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
-        let inner = &self.inner;
+    fn delete_exchange_sync(&self, name: &str, if_unused: bool) -> Result<()> {
+        let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
             return Err(Error::AccessRefused(
@@ -1169,8 +1352,8 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
-        let inner = &self.inner;
+    fn declare_queue_sync(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        let inner = self;
         inner.check_open()?;
         if options.passive {
             check_path_name("queue", name)?;
@@ -1255,8 +1438,8 @@ impl Connection for FileConnection {
         inner.counts(&name)
     }
 
-    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
-        let inner = &self.inner;
+    fn delete_queue_sync(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        let inner = self;
         inner.check_open()?;
         check_path_name("queue", name)?;
         let deleted = inner.modify(|t| {
@@ -1292,8 +1475,8 @@ impl Connection for FileConnection {
         }
     }
 
-    async fn purge_queue(&self, name: &str) -> Result<u32> {
-        let inner = &self.inner;
+    fn purge_queue_sync(&self, name: &str) -> Result<u32> {
+        let inner = self;
         inner.check_open()?;
         check_path_name("queue", name)?;
         let snap = inner.snapshot()?;
@@ -1305,8 +1488,8 @@ impl Connection for FileConnection {
         inner.check_exclusive(name, q)?;
         let ready = inner.layout.ready(name);
         let mut n = 0u32;
-        for (file, _) in layout::list_messages(&ready)? {
-            match fs::remove_file(ready.join(file)) {
+        for (file, _) in inner.layout.list_messages(&ready)? {
+            match inner.layout.fs.remove_file(&ready.join(file)) {
                 Ok(()) => n += 1,
                 Err(e) if fsys::is_not_found(&e) => {}
                 Err(e) => return Err(e.into()),
@@ -1315,14 +1498,14 @@ impl Connection for FileConnection {
         Ok(n)
     }
 
-    async fn bind_queue(
+    fn bind_queue_sync(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             let q = t
@@ -1341,14 +1524,14 @@ impl Connection for FileConnection {
         })
     }
 
-    async fn unbind_queue(
+    fn unbind_queue_sync(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
-        let inner = &self.inner;
+        let inner = self;
         let b = inner.binding_record(queue, exchange, routing_key, arguments)?;
         inner.modify(|t| {
             if let Some(q) = t.queues.get(queue) {
@@ -1362,6 +1545,76 @@ impl Connection for FileConnection {
             t.drop_unused_auto_delete_exchange(exchange);
             Ok(((), true))
         })
+    }
+}
+
+#[async_trait]
+impl Connection for FileConnection {
+    fn capabilities(&self) -> Capabilities {
+        crate::capabilities()
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.declare_exchange_sync(&name, kind, options)).await
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.delete_exchange_sync(&name, if_unused)).await
+    }
+
+    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.declare_queue_sync(&name, options)).await
+    }
+
+    async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.delete_queue_sync(&name, options)).await
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u32> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        blocking(move || inner.purge_queue_sync(&name)).await
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let queue = queue.to_owned();
+        let exchange = exchange.to_owned();
+        let routing_key = routing_key.to_owned();
+        blocking(move || inner.bind_queue_sync(&queue, &exchange, &routing_key, arguments)).await
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let queue = queue.to_owned();
+        let exchange = exchange.to_owned();
+        let routing_key = routing_key.to_owned();
+        blocking(move || inner.unbind_queue_sync(&queue, &exchange, &routing_key, arguments)).await
     }
 
     async fn publish(
@@ -1428,13 +1681,21 @@ impl Connection for FileConnection {
                     "queue {queue:?} has consumers; cannot consume exclusively"
                 )));
             }
-            fsys::create_new(&consumer_file, fsys::FILE_MODE)?.write_all(tag.as_bytes())?;
+            // An empty file: its name says all there is to know, and
+            // creating it is the one step (nothing written after it can
+            // fail and leave a phantom half-registered consumer; creating an
+            // empty file needs no data block, so it works on a full disk,
+            // where consuming is how the disk gets freed).
+            inner
+                .layout
+                .fs
+                .create_new(&consumer_file, fsys::FILE_MODE)?;
             Ok(((), false))
         })?;
         let dispatcher = match inner.dispatcher(queue, &rec) {
             Ok(d) => d,
             Err(e) => {
-                let _ = fs::remove_file(&consumer_file);
+                let _ = inner.layout.fs.remove_file(&consumer_file);
                 return Err(e);
             }
         };

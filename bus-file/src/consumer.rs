@@ -3,7 +3,6 @@
 //! round-robin to the connection's consumers with free prefetch capacity.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,10 +43,37 @@ pub(crate) fn read_claim(
     queue: &str,
     path: PathBuf,
     name: MessageName,
+    max_message_size: u64,
 ) -> Option<Claim> {
-    let decoded = fsys::read_regular(&path)
-        .map_err(|e| format!("unreadable: {e}"))
-        .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()));
+    // The name's length and the configured maximum bound the read, checked
+    // against the file's real size before anything is allocated: a sparse
+    // or lying file is quarantined unread.
+    let decoded = if name.body_len > max_message_size {
+        Err(format!(
+            "the name claims a {}-byte body, over the maximum of {max_message_size}",
+            name.body_len
+        ))
+    } else {
+        let max = name
+            .body_len
+            .saturating_add(crate::connection::MAX_ENVELOPE_OVERHEAD);
+        layout
+            .fs
+            .read_checked(&path, name.body_len, max, true)
+            .map_err(|e| format!("unreadable: {e}"))
+    }
+    .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()))
+    .and_then(|env| {
+        if env.message.body.len() as u64 == name.body_len {
+            Ok(env)
+        } else {
+            Err(format!(
+                "the body is {} bytes, the name says {}",
+                env.message.body.len(),
+                name.body_len
+            ))
+        }
+    });
     match decoded {
         Ok(envelope) => Some(Claim {
             path,
@@ -191,7 +217,7 @@ impl Dispatcher {
 
     fn rescan(&self, inner: &Inner) {
         let ready = self.layout.ready(&self.queue);
-        for foreign in layout::list_foreign(&ready).unwrap_or_default() {
+        for foreign in self.layout.list_foreign(&ready).unwrap_or_default() {
             layout::quarantine(
                 &self.layout,
                 &self.queue,
@@ -199,7 +225,7 @@ impl Dispatcher {
                 "not a message file name",
             );
         }
-        let listed = match layout::list_messages(&ready) {
+        let listed = match self.layout.list_messages(&ready) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(queue = self.queue, error = %e, "cannot list queue");
@@ -235,7 +261,10 @@ impl Dispatcher {
             }
             let candidates = if self.args.single_active_consumer {
                 if st.single_active.is_none() {
-                    match FileLock::try_lock_create(&self.layout.sac_lock(&self.queue)) {
+                    match FileLock::try_lock_create(
+                        &self.layout.fs,
+                        &self.layout.sac_lock(&self.queue),
+                    ) {
                         Ok(Some(l)) => st.single_active = Some(l),
                         _ => break,
                     }
@@ -274,7 +303,7 @@ impl Dispatcher {
             if let Some(claim) = c.hand_over(claim) {
                 // Its stream is gone: the message goes back untouched.
                 let back = self.layout.ready(&self.queue).join(claim.name.file_name());
-                if fs::rename(&claim.path, back).is_ok() {
+                if self.layout.fs.rename(&claim.path, &back).is_ok() {
                     st.insert_ready(claim.name.file_name(), &claim.name);
                 }
                 st.consumers.remove(idx);
@@ -355,6 +384,7 @@ pub(crate) struct ConsumerShared {
     dispatcher: Weak<Dispatcher>,
     inner: Weak<Inner>,
     me: Weak<ConsumerShared>,
+    fs: Arc<fsys::Root>,
 }
 
 impl ConsumerShared {
@@ -391,7 +421,7 @@ impl ConsumerShared {
             acker,
         );
         if self.auto_ack {
-            let _ = fs::remove_file(&claim.path);
+            let _ = self.fs.remove_file(&claim.path);
         } else {
             self.unacked
                 .lock()
@@ -415,7 +445,7 @@ impl ConsumerShared {
             .dispatcher
             .upgrade()
             .is_some_and(|d| d.remove_consumer(self));
-        let _ = fs::remove_file(&self.consumer_file);
+        let _ = self.fs.remove_file(&self.consumer_file);
         if removed {
             if let Some(inner) = self.inner.upgrade() {
                 inner.consumer_left(&self.queue);
@@ -427,7 +457,7 @@ impl ConsumerShared {
     /// back to the queue, redelivered.
     pub(crate) fn release(&self, inner: &Inner) {
         self.end_stream();
-        let _ = fs::remove_file(&self.consumer_file);
+        let _ = self.fs.remove_file(&self.consumer_file);
         self.released.store(true, Ordering::Release);
         let held = std::mem::take(&mut *self.unacked.lock().expect("unacked lock"));
         for claim in held.values() {
@@ -491,7 +521,7 @@ impl ConsumerShared {
 impl Acknowledger for ConsumerShared {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
         for claim in self.take(tag, multiple)? {
-            match fs::remove_file(&claim.path) {
+            match self.fs.remove_file(&claim.path) {
                 Ok(()) => {}
                 Err(e) if fsys::is_not_found(&e) => {}
                 Err(e) => return Err(e.into()),
@@ -591,6 +621,7 @@ pub(crate) fn start(
         dispatcher: Arc::downgrade(dispatcher),
         inner: Arc::downgrade(inner),
         me: me.clone(),
+        fs: inner.layout.fs.clone(),
     });
     dispatcher.lock().consumers.push(shared.clone());
     dispatcher.wake();

@@ -2,11 +2,16 @@
 //! private permissions, no symlink following, durable atomic replacement,
 //! and advisory locks.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsString;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 /// Mode of folders the transport creates: private to the user.
 pub(crate) const DIR_MODE: u32 = 0o700;
@@ -35,91 +40,40 @@ pub(crate) fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads a whole regular file, refusing symlinks and anything that is not a
-/// regular file (a FIFO would block forever).
-///
-/// Message files are never changed once renamed into place, so one read of
-/// the size `fstat` reports (plus one byte, to notice a file that grew)
-/// normally reads it all: open, fstat, read, close.
-pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+/// Reads an open file as [`Root::read_checked`] describes.
+pub(crate) fn read_open_checked(
+    mut f: File,
+    min: u64,
+    max: u64,
+    single_link: bool,
+) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
     let meta = f.metadata()?;
     if !meta.file_type().is_file() {
-        return Err(io::Error::other("not a regular file"));
+        return Err(refused("not a regular file".into()));
     }
-    let size = usize::try_from(meta.len().min(1 << 30)).unwrap_or(1 << 30);
-    let mut buf = vec![0u8; size + 1];
-    let mut filled = 0;
-    loop {
-        match f.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => {
-                filled += n;
-                if filled == size {
-                    // The size fstat saw, read in full; a file that grew
-                    // since would have filled the spare byte instead.
-                    break;
-                }
-                if filled == buf.len() {
-                    buf.truncate(filled);
-                    f.read_to_end(&mut buf)?;
-                    return Ok(buf);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    if single_link && meta.nlink() > 1 {
+        return Err(refused(format!(
+            "the file has {} names (a hard link), which is refused",
+            meta.nlink()
+        )));
     }
-    buf.truncate(filled);
+    let size = meta.len();
+    if size < min || size > max {
+        return Err(refused(format!(
+            "the file is {size} bytes; between {min} and {max} were expected"
+        )));
+    }
+    let size = usize::try_from(size).map_err(|_| refused("too large to read".into()))?;
+    let mut buf = vec![0u8; size];
+    f.read_exact(&mut buf)
+        .map_err(|e| refused(format!("shorter than its size ({e})")))?;
+    let mut spare = [0u8; 1];
+    if f.read(&mut spare)? != 0 {
+        return Err(refused("the file grew while being read".into()));
+    }
     Ok(buf)
-}
-
-/// Creates a new file (failing if the name exists) with `mode`, never
-/// through a symlink.
-pub(crate) fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// Makes a folder's entries durable (a rename or link into it survives a
-/// power cut once this returns).
-pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
-}
-
-/// Writes `bytes` to `dest` atomically: a reader sees the old content or
-/// the new, never a part. `tmp` must be on the same file system. With
-/// `durable`, the file and the folder are fsynced before returning.
-pub(crate) fn write_atomic(
-    tmp: &Path,
-    dest: &Path,
-    bytes: &[u8],
-    mode: u32,
-    durable: bool,
-) -> io::Result<()> {
-    let _ = fs::remove_file(tmp);
-    let mut f = create_new(tmp, mode)?;
-    let written = f
-        .write_all(bytes)
-        .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
-    drop(f);
-    if let Err(e) = written.and_then(|()| fs::rename(tmp, dest)) {
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
-    if durable {
-        if let Some(parent) = dest.parent() {
-            sync_dir(parent)?;
-        }
-    }
-    Ok(())
 }
 
 /// An advisory whole-file lock (`flock`), released when dropped or when the
@@ -130,10 +84,11 @@ pub(crate) struct FileLock {
 }
 
 impl FileLock {
-    /// Opens (creating it private if missing) and locks `path` exclusively,
-    /// waiting for the lock.
-    pub(crate) fn lock(path: &Path) -> io::Result<FileLock> {
-        let file = open_lock_file(path, true)?;
+    /// Opens (creating it private if missing) and locks `rel` under
+    /// `root` exclusively, waiting for the lock: call it off the runtime
+    /// threads.
+    pub(crate) fn lock(root: &Root, rel: &Path) -> io::Result<FileLock> {
+        let file = root.open_lock(rel, true)?;
         flock(&file, libc::LOCK_EX)?;
         Ok(FileLock { file })
     }
@@ -145,20 +100,18 @@ impl FileLock {
         Ok(FileLock { file })
     }
 
-    /// Tries to lock `path` exclusively without waiting. `Ok(None)` when
+    /// Tries to lock `rel` exclusively without waiting. `Ok(None)` when
     /// another open file holds it; `NotFound` when the file is missing.
-    pub(crate) fn try_lock(path: &Path) -> io::Result<Option<FileLock>> {
-        let file = open_lock_file(path, false)?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => Ok(Some(FileLock { file })),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-            Err(e) => Err(e),
-        }
+    pub(crate) fn try_lock(root: &Root, rel: &Path) -> io::Result<Option<FileLock>> {
+        Self::try_locking(root.open_lock(rel, false)?)
     }
 
-    /// Tries to lock `path` without waiting, creating it if missing.
-    pub(crate) fn try_lock_create(path: &Path) -> io::Result<Option<FileLock>> {
-        let file = open_lock_file(path, true)?;
+    /// Tries to lock `rel` without waiting, creating it if missing.
+    pub(crate) fn try_lock_create(root: &Root, rel: &Path) -> io::Result<Option<FileLock>> {
+        Self::try_locking(root.open_lock(rel, true)?)
+    }
+
+    fn try_locking(file: File) -> io::Result<Option<FileLock>> {
         match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => Ok(Some(FileLock { file })),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
@@ -170,16 +123,6 @@ impl FileLock {
     pub(crate) fn file(&self) -> &File {
         &self.file
     }
-}
-
-fn open_lock_file(path: &Path, create: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }
 
 fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
@@ -197,17 +140,301 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Removes a folder tree without following symlinks out of it.
-pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// Whether an I/O error means "the entry is not there (any more)".
 pub(crate) fn is_not_found(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
+}
+
+/// A folder opened once, under which every operation walks with
+/// `openat(O_NOFOLLOW | O_DIRECTORY)` component by component: a symlink
+/// anywhere below it, or a folder swapped for one after it was opened, is
+/// an error (`ELOOP` / `ENOTDIR`), never followed. Paths given to it are
+/// relative and made of plain components only (no `..`, no root).
+///
+/// The folder itself is held by descriptor, so renaming or replacing its
+/// path later does not redirect the operations either.
+#[derive(Debug)]
+pub(crate) struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+fn plain_components(rel: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
+    rel.components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a plain relative path", rel.display()),
+            )),
+        })
+        .collect()
+}
+
+impl Root {
+    /// Opens `path` as a root. Its last component must be a folder, not a
+    /// symlink; the components before it are the caller's choice and are
+    /// resolved as usual.
+    pub(crate) fn open(path: &Path) -> io::Result<Root> {
+        let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty()).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: not a folder, or a symlink ({e})", path.display()),
+            )
+        })?;
+        Ok(Root {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The path this root was opened at (for messages and file-system
+    /// watches, never for operations).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The absolute path of `rel`, for messages and watches only.
+    pub(crate) fn display_path(&self, rel: &Path) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// The root's owner, mode and device, from `fstat`.
+    pub(crate) fn stat_root(&self) -> io::Result<rustix::fs::Stat> {
+        Ok(rustix::fs::fstat(&self.fd)?)
+    }
+
+    /// Opens the folder `rel` (the root itself when empty), refusing a
+    /// symlink or non-folder at every component.
+    pub(crate) fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        // A new open file description, never a `dup` of the root's: a dup
+        // shares the directory offset, so listing through one would leave
+        // the next listing empty.
+        let mut fd = rustix::fs::openat(&self.fd, ".", DIR_FLAGS, Mode::empty())?;
+        for c in plain_components(rel)? {
+            fd = rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty())?;
+        }
+        Ok(fd)
+    }
+
+    /// Opens the parent folder of `rel` and returns it with the last
+    /// component's name.
+    fn parent<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a std::ffi::OsStr)> {
+        let name = rel
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an empty relative path"))?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        Ok((self.dir(parent)?, name))
+    }
+
+    /// Creates the folder `rel` and its missing parents with `mode`; an
+    /// existing folder is fine, a symlink or file in the way is an error.
+    pub(crate) fn create_dir_all(&self, rel: &Path, mode: u32) -> io::Result<()> {
+        let mut fd = rustix::fs::openat(&self.fd, ".", DIR_FLAGS, Mode::empty())?;
+        for c in plain_components(rel)? {
+            match rustix::fs::mkdirat(&fd, c, Mode::from_raw_mode(mode)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            fd = rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty()).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!(
+                        "{} is not a folder (a symlink is not followed): {e}",
+                        self.display_path(rel).display()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Renames `from` to `to` (both relative to this root).
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.rename_to(from, self, to)
+    }
+
+    /// Renames `from` under this root to `to` under `other`.
+    pub(crate) fn rename_to(&self, from: &Path, other: &Root, to: &Path) -> io::Result<()> {
+        let (a, an) = self.parent(from)?;
+        let (b, bn) = other.parent(to)?;
+        Ok(rustix::fs::renameat(&a, an, &b, bn)?)
+    }
+
+    /// Removes the file (or symlink, never its target) `rel`.
+    pub(crate) fn remove_file(&self, rel: &Path) -> io::Result<()> {
+        let (d, n) = self.parent(rel)?;
+        Ok(rustix::fs::unlinkat(&d, n, AtFlags::empty())?)
+    }
+
+    /// Removes the empty folder `rel`.
+    pub(crate) fn remove_dir(&self, rel: &Path) -> io::Result<()> {
+        let (d, n) = self.parent(rel)?;
+        Ok(rustix::fs::unlinkat(&d, n, AtFlags::REMOVEDIR)?)
+    }
+
+    /// Removes `rel` and, when it is a folder, everything in it, never
+    /// following a symlink (a symlink is removed, not its target).
+    /// Missing is fine.
+    pub(crate) fn remove_tree(&self, rel: &Path) -> io::Result<()> {
+        let (d, n) = match self.parent(rel) {
+            Ok(x) => x,
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        remove_tree_at(&d, n)
+    }
+
+    /// `lstat` of `rel`: a symlink is reported as one.
+    pub(crate) fn stat(&self, rel: &Path) -> io::Result<rustix::fs::Stat> {
+        let (d, n) = self.parent(rel)?;
+        Ok(rustix::fs::statat(&d, n, AtFlags::SYMLINK_NOFOLLOW)?)
+    }
+
+    /// Whether `rel` exists (as anything, a symlink included).
+    pub(crate) fn exists(&self, rel: &Path) -> bool {
+        self.stat(rel).is_ok()
+    }
+
+    /// The entry names of the folder `rel` (without `.` and `..`), as
+    /// raw names; empty when the folder is missing.
+    pub(crate) fn list_raw(&self, rel: &Path) -> io::Result<Vec<OsString>> {
+        let fd = match self.dir(rel) {
+            Ok(fd) => fd,
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::new(fd)? {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push(OsString::from_vec(name.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the file `rel` for reading, never through a symlink and
+    /// without blocking on a FIFO.
+    pub(crate) fn open_read(&self, rel: &Path) -> io::Result<File> {
+        let (d, n) = self.parent(rel)?;
+        let fd = rustix::fs::openat(
+            &d,
+            n,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads the whole regular file `rel`, never through a symlink, after
+    /// checking what `fstat` says of it, before allocating anything: its
+    /// size must lie in `min..=max`, and with `single_link` it must have
+    /// one name only (a hard link to a file elsewhere is refused). A file
+    /// that grows while being read is refused too. Refusals are
+    /// `InvalidData` errors saying why.
+    pub(crate) fn read_checked(
+        &self,
+        rel: &Path,
+        min: u64,
+        max: u64,
+        single_link: bool,
+    ) -> io::Result<Vec<u8>> {
+        read_open_checked(self.open_read(rel)?, min, max, single_link)
+    }
+
+    /// Creates the new file `rel` (failing if the name exists) with `mode`.
+    pub(crate) fn create_new(&self, rel: &Path, mode: u32) -> io::Result<File> {
+        let (d, n) = self.parent(rel)?;
+        let fd = rustix::fs::openat(
+            &d,
+            n,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens (creating it private if missing and `create`) a lock file.
+    pub(crate) fn open_lock(&self, rel: &Path, create: bool) -> io::Result<File> {
+        let (d, n) = self.parent(rel)?;
+        let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        if create {
+            flags |= OFlags::CREATE;
+        }
+        let fd = rustix::fs::openat(&d, n, flags, Mode::from_raw_mode(FILE_MODE))?;
+        let file = File::from(fd);
+        if !file.metadata()?.file_type().is_file() {
+            return Err(io::Error::other("a lock file that is not a regular file"));
+        }
+        Ok(file)
+    }
+
+    /// fsyncs the folder `rel`, making its entries durable.
+    pub(crate) fn sync_dir(&self, rel: &Path) -> io::Result<()> {
+        Ok(rustix::fs::fsync(self.dir(rel)?)?)
+    }
+
+    /// Writes `bytes` to `dest` atomically through the temporary name
+    /// `tmp` (as [`write_atomic`]), both relative to this root.
+    pub(crate) fn write_atomic(
+        &self,
+        tmp: &Path,
+        dest: &Path,
+        bytes: &[u8],
+        mode: u32,
+        durable: bool,
+    ) -> io::Result<()> {
+        let _ = self.remove_file(tmp);
+        let mut f = self.create_new(tmp, mode)?;
+        let written = f
+            .write_all(bytes)
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+        drop(f);
+        if let Err(e) = written.and_then(|()| self.rename(tmp, dest)) {
+            let _ = self.remove_file(tmp);
+            return Err(e);
+        }
+        if durable {
+            self.sync_dir(dest.parent().unwrap_or(Path::new("")))?;
+        }
+        Ok(())
+    }
+}
+
+fn remove_tree_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<()> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        let sub = rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())?;
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&sub)? {
+            let entry = entry?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(OsString::from_vec(n.to_vec()));
+            }
+        }
+        for n in names {
+            remove_tree_at(&sub, &n)?;
+        }
+        match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }

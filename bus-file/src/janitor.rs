@@ -2,7 +2,6 @@
 //! connections (whose owner lock can be acquired: the owner is certainly
 //! gone) and expires messages whose TTL has passed.
 
-use std::fs;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -41,7 +40,7 @@ async fn expire(inner: &Inner) -> Option<Duration> {
     let now = names::now_ms().max(0) as u64;
     let mut next: Option<u64> = None;
     for (queue, rec) in &snap.topo.queues {
-        let Ok(listed) = layout::list_messages(&inner.layout.ready(queue)) else {
+        let Ok(listed) = inner.layout.list_messages(&inner.layout.ready(queue)) else {
             continue;
         };
         let mut due: Vec<_> = listed
@@ -78,38 +77,59 @@ async fn expire(inner: &Inner) -> Option<Duration> {
 /// claims back; also finishes the work of a reaper that died half-way
 /// (claim folders whose owner has no lock file).
 pub(crate) fn reap_dead_owners(inner: &Inner) {
-    for file in layout::list_names(&inner.layout.owners()).unwrap_or_default() {
+    let fs = &inner.layout.fs;
+    for file in inner
+        .layout
+        .list_names(&inner.layout.owners())
+        .unwrap_or_default()
+    {
         if file.starts_with('.') {
             continue;
         }
-        let Some(owner) = file.strip_suffix(".lock") else {
+        let Some(owner) = file.strip_suffix(".lock").filter(|o| names::is_owner_id(o)) else {
             continue;
         };
         if owner == inner.owner {
             continue;
         }
         let path = inner.layout.owner_lock(owner);
-        if let Ok(Some(lock)) = FileLock::try_lock(&path) {
+        if let Ok(Some(lock)) = FileLock::try_lock(fs, &path) {
             tracing::info!(owner, "a connection died; taking back its claims");
             release_owner(inner, owner);
             // Removed while still locked, so nobody can mistake a fresh
             // lock on the same name for a live owner.
-            let _ = fs::remove_file(&path);
+            let _ = fs.remove_file(&path);
             drop(lock);
         }
     }
-    for queue in layout::list_names(&inner.layout.queues()).unwrap_or_default() {
-        for owner in layout::list_names(&inner.layout.claims(&queue)).unwrap_or_default() {
-            if owner != inner.owner && !inner.layout.owner_lock(&owner).exists() {
+    for queue in layout::list_queue_dirs(&inner.layout) {
+        for owner in inner
+            .layout
+            .list_names(&inner.layout.claims(&queue))
+            .unwrap_or_default()
+        {
+            if !names::is_owner_id(&owner) {
+                tracing::warn!(
+                    queue,
+                    owner,
+                    "ignoring a claim folder with an invalid owner name"
+                );
+                continue;
+            }
+            if owner != inner.owner && !fs.exists(&inner.layout.owner_lock(&owner)) {
                 requeue_claims(inner, &queue, &owner);
             }
         }
-        for f in layout::list_names(&inner.layout.consumers(&queue)).unwrap_or_default() {
-            let Some((owner, _)) = f.split_once('.') else {
+        for f in inner
+            .layout
+            .list_names(&inner.layout.consumers(&queue))
+            .unwrap_or_default()
+        {
+            let Some((owner, _)) = names::consumer_file_owner(&f) else {
                 continue;
             };
-            if owner != inner.owner && !inner.layout.owner_lock(owner).exists() {
-                let _ = fs::remove_file(inner.layout.consumers(&queue).join(&f));
+            if owner != inner.owner && !fs.exists(&inner.layout.owner_lock(owner)) {
+                let _ = fs.remove_file(&inner.layout.consumers(&queue).join(&f));
                 inner.consumer_left(&queue);
             }
         }
@@ -150,13 +170,13 @@ pub(crate) fn reap_dead_owners(inner: &Inner) {
 /// Gives back everything `owner` held: its claims (marked redelivered),
 /// its consumer registrations and its temporary files.
 pub(crate) fn release_owner(inner: &Inner, owner: &str) {
-    for queue in layout::list_names(&inner.layout.queues()).unwrap_or_default() {
+    for queue in layout::list_queue_dirs(&inner.layout) {
         requeue_claims(inner, &queue, owner);
         let consumers = inner.layout.consumers(&queue);
         let mut left = false;
-        for f in layout::list_names(&consumers).unwrap_or_default() {
-            if f.split_once('.').is_some_and(|(o, _)| o == owner) {
-                let _ = fs::remove_file(consumers.join(&f));
+        for f in inner.layout.list_names(&consumers).unwrap_or_default() {
+            if names::consumer_file_owner(&f).is_some_and(|(o, _)| o == owner) {
+                let _ = inner.layout.fs.remove_file(&consumers.join(&f));
                 left = true;
             }
         }
@@ -165,9 +185,13 @@ pub(crate) fn release_owner(inner: &Inner, owner: &str) {
         }
     }
     let prefix = format!("{owner}.");
-    for f in layout::list_names(&inner.layout.tmp()).unwrap_or_default() {
+    for f in inner
+        .layout
+        .list_names(&inner.layout.tmp())
+        .unwrap_or_default()
+    {
         if f.starts_with(&prefix) {
-            let _ = fs::remove_file(inner.layout.tmp().join(f));
+            let _ = inner.layout.fs.remove_file(&inner.layout.tmp().join(f));
         }
     }
 }
@@ -175,13 +199,14 @@ pub(crate) fn release_owner(inner: &Inner, owner: &str) {
 fn requeue_claims(inner: &Inner, queue: &str, owner: &str) {
     let dir = inner.layout.claim_dir(queue, owner);
     let ready = inner.layout.ready(queue);
-    for (file, name) in layout::list_messages(&dir).unwrap_or_default() {
+    let fs = &inner.layout.fs;
+    for (file, name) in inner.layout.list_messages(&dir).unwrap_or_default() {
         let back = name.redelivered().file_name();
-        match fs::rename(dir.join(&file), ready.join(&back)) {
+        match fs.rename(&dir.join(&file), &ready.join(&back)) {
             Ok(()) => inner.announce(queue, &back),
             Err(e) if fsys::is_not_found(&e) => {}
             Err(e) => tracing::warn!(queue, owner, error = %e, "could not take back a claim"),
         }
     }
-    let _ = fs::remove_dir(&dir);
+    let _ = fs.remove_dir(&dir);
 }

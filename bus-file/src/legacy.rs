@@ -26,9 +26,8 @@
 //! [`bridge`]: bus_core::bridge
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
+use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +44,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::fsys::{self, FileLock};
+use crate::fsys::{self, FileLock, Root};
 use crate::names;
 
 /// When a file in an input folder counts as complete.
@@ -94,6 +93,7 @@ struct InboxShared {
     consumed: Consumed,
     failed: PathBuf,
     rescan: Duration,
+    max_size: u64,
     reasons: Mutex<HashMap<String, String>>,
 }
 
@@ -109,6 +109,7 @@ impl Inbox {
                 consumed: Consumed::MoveTo(dir.join("done")),
                 failed: dir.join("failed"),
                 rescan: Duration::from_secs(1),
+                max_size: crate::connection::DEFAULT_MAX_MESSAGE_SIZE,
                 reasons: Mutex::new(HashMap::new()),
                 dir,
             }),
@@ -146,6 +147,13 @@ impl Inbox {
         self.with(|s| s.rescan = every)
     }
 
+    /// Sets the largest input file taken (default 128 MiB): a bigger one
+    /// moves to the failed folder unread, with the reason beside it.
+    #[must_use]
+    pub fn with_max_size(self, bytes: u64) -> Self {
+        self.with(|s| s.max_size = bytes)
+    }
+
     /// The input folder.
     #[must_use]
     pub fn dir(&self) -> &Path {
@@ -181,30 +189,19 @@ impl Inbox {
     /// # Errors
     /// [`Error::Io`] when the folders cannot be created or locked.
     pub async fn consume(&self, prefetch: u16) -> Result<Consumer> {
+        let s = self.shared.clone();
+        let opened = tokio::task::spawn_blocking(move || open_inbox(&s))
+            .await
+            .map_err(|e| Error::backend("file", false, e.to_string()))??;
+        let (fs, failed_fs, done_fs, owner, claims, lock) = opened;
         let s = &self.shared;
-        let bus = s.dir.join(".bus");
-        for d in [
-            &s.dir,
-            &bus,
-            &bus.join("owners"),
-            &bus.join("claims"),
-            &s.failed,
-        ] {
-            fsys::create_dir_private(d, fsys::DIR_MODE)?;
-        }
-        if let Consumed::MoveTo(d) = &s.consumed {
-            fsys::create_dir_private(d, fsys::DIR_MODE)?;
-        }
-        let owner = names::new_owner_id();
-        let tmp_lock = bus.join("owners").join(format!(".{owner}.tmp"));
-        let lock = FileLock::lock_file(fsys::create_new(&tmp_lock, fsys::FILE_MODE)?)?;
-        fs::rename(&tmp_lock, bus.join("owners").join(format!("{owner}.lock")))?;
-        let claims = bus.join("claims").join(&owner);
-        fsys::create_dir_private(&claims, fsys::DIR_MODE)?;
 
         let (tx, rx) = mpsc::channel(64);
         let state = Arc::new(InboxConsumer {
             inbox: self.shared.clone(),
+            fs,
+            failed_fs,
+            done_fs,
             owner,
             claims,
             prefetch,
@@ -232,12 +229,71 @@ impl Inbox {
     }
 }
 
+type OpenedInbox = (Root, Root, Option<Root>, String, PathBuf, FileLock);
+
+/// Creates an inbox's folders (never through a symlink), opens them as
+/// roots, and registers a new owner, locked.
+fn open_inbox(s: &InboxShared) -> Result<OpenedInbox> {
+    let mut done = None;
+    for d in std::iter::once(&s.dir)
+        .chain(std::iter::once(&s.failed))
+        .chain(match &s.consumed {
+            Consumed::MoveTo(d) => Some(d),
+            Consumed::Delete => None,
+        })
+    {
+        fsys::create_dir_private(d, fsys::DIR_MODE)?;
+    }
+    let fs = Root::open(&s.dir)?;
+    let failed_fs = Root::open(&s.failed)?;
+    if let Consumed::MoveTo(d) = &s.consumed {
+        done = Some(Root::open(d)?);
+    }
+    for d in [".bus/owners", ".bus/claims"] {
+        fs.create_dir_all(Path::new(d), fsys::DIR_MODE)?;
+    }
+    let owner = names::new_owner_id();
+    let tmp_lock = PathBuf::from(format!(".bus/owners/.{owner}.tmp"));
+    let lock = FileLock::lock_file(fs.create_new(&tmp_lock, fsys::FILE_MODE)?)?;
+    fs.rename(&tmp_lock, &owner_lock(&owner))?;
+    let claims = PathBuf::from(".bus/claims").join(&owner);
+    fs.create_dir_all(&claims, fsys::DIR_MODE)?;
+    Ok((fs, failed_fs, done, owner, claims, lock))
+}
+
+fn owner_lock(owner: &str) -> PathBuf {
+    PathBuf::from(format!(".bus/owners/{owner}.lock"))
+}
+
+/// The name of the `.error` file beside a failed input: `<name>.error`
+/// when that fits in a file name (255 bytes), else a shortened name with a
+/// hash of the full one, so the reason is never lost to `ENAMETOOLONG`
+/// (the full name is then the first line of the file).
+fn error_file_name(name: &OsStr) -> (OsString, bool) {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = name.as_bytes();
+    if bytes.len() + ".error".len() <= 255 {
+        let mut n = name.to_owned();
+        n.push(".error");
+        return (n, false);
+    }
+    let lossy = name.to_string_lossy();
+    let short = crate::layout::truncate_bytes(&lossy, 200);
+    let hash = crate::codec::crc32(bytes);
+    (OsString::from(format!("{short}.{hash:08x}.error")), true)
+}
+
 /// Starts a watcher whose events only wake a task (never locks on
 /// notify's thread); `None` when events are unavailable (rescans remain).
 fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let mut w = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = tx.send(());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // Opening and reading (an access) changes nothing a scan looks
+        // for, and the scans themselves open the folder: only other events
+        // wake the task, or every scan would wake the next.
+        if !matches!(&ev, Ok(ev) if ev.kind.is_access()) {
+            let _ = tx.send(());
+        }
     })
     .ok()?;
     w.watch(dir, notify::RecursiveMode::NonRecursive).ok()?;
@@ -252,6 +308,11 @@ struct Held {
 #[derive(Debug)]
 struct InboxConsumer {
     inbox: Arc<InboxShared>,
+    /// The input folder, opened once: nothing under it is reached through
+    /// a symlink.
+    fs: Root,
+    failed_fs: Root,
+    done_fs: Option<Root>,
     owner: String,
     claims: PathBuf,
     prefetch: u16,
@@ -283,7 +344,7 @@ async fn run_inbox(
         if c.stopped.load(Ordering::Acquire) {
             return;
         }
-        reap_dead(&c.inbox.dir);
+        reap_dead(&c.fs);
         let next = c.scan(&mut seen);
         let wait = next.map_or(c.inbox.rescan, |d| d.min(c.inbox.rescan));
         tokio::select! {
@@ -294,12 +355,22 @@ async fn run_inbox(
     }
 }
 
-/// Gives back the claims of inbox consumers whose process died.
-fn reap_dead(dir: &Path) {
-    let bus = dir.join(".bus");
-    for owner in crate::layout::list_names(&bus.join("claims")).unwrap_or_default() {
-        let lock = bus.join("owners").join(format!("{owner}.lock"));
-        let dead = match FileLock::try_lock(&lock) {
+/// Gives back the claims of inbox consumers whose process died. Only
+/// entries shaped like owner ids count, and their claim folders are
+/// listed without following a symlink: an entry planted there cannot make
+/// the inbox read or move files from elsewhere.
+fn reap_dead(fs: &Root) {
+    let claims_dir = Path::new(".bus/claims");
+    for owner in crate::layout::list_utf8(fs.list_raw(claims_dir).unwrap_or_default()) {
+        if !names::is_owner_id(&owner) {
+            tracing::warn!(
+                entry = owner,
+                "ignoring an inbox claim folder with an invalid owner name"
+            );
+            continue;
+        }
+        let lock = owner_lock(&owner);
+        let dead = match FileLock::try_lock(fs, &lock) {
             Ok(Some(_)) => true,
             Ok(None) => false,
             Err(e) => fsys::is_not_found(&e),
@@ -307,12 +378,19 @@ fn reap_dead(dir: &Path) {
         if !dead {
             continue;
         }
-        let claims = bus.join("claims").join(&owner);
-        for f in crate::layout::list_names(&claims).unwrap_or_default() {
-            let _ = fs::rename(claims.join(&f), dir.join(&f));
+        let claims = claims_dir.join(&owner);
+        let listed = match fs.list_raw(&claims) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(entry = owner, error = %e, "not taking back an inbox claim folder");
+                continue;
+            }
+        };
+        for f in listed {
+            let _ = fs.rename(&claims.join(&f), Path::new(&f));
         }
-        let _ = fs::remove_dir(&claims);
-        let _ = fs::remove_file(&lock);
+        let _ = fs.remove_dir(&claims);
+        let _ = fs.remove_file(&lock);
     }
 }
 
@@ -328,8 +406,14 @@ impl InboxConsumer {
     /// Lists the folder, claims ready files and delivers them; returns how
     /// long until a file being watched for stability may be ready.
     fn scan(self: &Arc<Self>, seen: &mut HashMap<String, Seen>) -> Option<Duration> {
-        let dir = &self.inbox.dir;
-        let mut names = crate::layout::list_names(dir).unwrap_or_default();
+        let fs = &self.fs;
+        let mut names = Vec::new();
+        for raw in fs.list_raw(Path::new("")).unwrap_or_default() {
+            match raw.into_string() {
+                Ok(n) => names.push(n),
+                Err(raw) => self.refuse_raw(&raw, "the file name is not UTF-8"),
+            }
+        }
         names.retain(|n| is_candidate(n));
         names.sort();
         let now = Instant::now();
@@ -339,19 +423,24 @@ impl InboxConsumer {
             if !self.capacity() {
                 break;
             }
-            let path = dir.join(&name);
-            let Ok(meta) = fs::symlink_metadata(&path) else {
+            let path = PathBuf::from(&name);
+            let Ok(meta) = fs.stat(&path) else {
                 continue;
             };
-            if !meta.file_type().is_file() {
+            if rustix::fs::FileType::from_raw_mode(meta.st_mode)
+                != rustix::fs::FileType::RegularFile
+            {
                 continue;
             }
             let ready = match &self.inbox.readiness {
                 Readiness::RenamedIn => true,
-                Readiness::DoneMarker => dir.join(format!("{name}.done")).exists(),
+                Readiness::DoneMarker => fs.exists(Path::new(&format!("{name}.done"))),
                 Readiness::Stable(d) => {
-                    let size = meta.len();
-                    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                    let size = meta.st_size as u64;
+                    let mtime_ns = meta
+                        .st_mtime
+                        .saturating_mul(1_000_000_000)
+                        .saturating_add(meta.st_mtime_nsec as i64);
                     let entry = seen.entry(name.clone()).or_insert(Seen {
                         size,
                         mtime_ns,
@@ -379,11 +468,14 @@ impl InboxConsumer {
             }
             seen.remove(&name);
             let claimed = self.claims.join(&name);
-            match fs::rename(&path, &claimed) {
+            match fs.rename(&path, &claimed) {
                 Ok(()) => {}
                 Err(_) => continue,
             }
-            let body = match fsys::read_regular(&claimed) {
+            // Bounded by the configured maximum, checked against the real
+            // size before reading; a hard link (a file of elsewhere given a
+            // second name here) is refused.
+            let body = match fs.read_checked(&claimed, 0, self.inbox.max_size, true) {
                 Ok(b) => b,
                 Err(e) => {
                     self.fail_file(&name, &format!("unreadable: {e}"));
@@ -391,7 +483,7 @@ impl InboxConsumer {
                 }
             };
             let was = self.requeued.lock().expect("requeued lock").remove(&name);
-            self.deliver(name, body, meta.mtime().max(0) as u64, was);
+            self.deliver(name, body, meta.st_mtime.max(0) as u64, was);
         }
         next
     }
@@ -399,7 +491,7 @@ impl InboxConsumer {
     fn deliver(self: &Arc<Self>, name: String, body: Vec<u8>, mtime: u64, redelivered: bool) {
         let tx = self.tx.lock().expect("tx lock").clone();
         let Some(Ok(permit)) = tx.as_ref().map(mpsc::Sender::try_reserve) else {
-            let _ = fs::rename(self.claims.join(&name), self.inbox.dir.join(&name));
+            let _ = self.fs.rename(&self.claims.join(&name), Path::new(&name));
             return;
         };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed) + 1;
@@ -426,23 +518,63 @@ impl InboxConsumer {
 
     fn finish(&self, name: &str) -> io::Result<()> {
         let claimed = self.claims.join(name);
-        match &self.inbox.consumed {
-            Consumed::Delete => fs::remove_file(&claimed)?,
-            Consumed::MoveTo(d) => fs::rename(&claimed, d.join(name))?,
+        match &self.done_fs {
+            None => self.fs.remove_file(&claimed)?,
+            Some(done) => self.fs.rename_to(&claimed, done, Path::new(name))?,
         }
-        let _ = fs::remove_file(self.inbox.dir.join(format!("{name}.done")));
+        let _ = self.fs.remove_file(Path::new(&format!("{name}.done")));
         Ok(())
     }
 
+    /// Writes the `.error` file of a failed input (`name` is its name in
+    /// the failed folder).
+    fn write_error(&self, name: &OsStr, reason: &str) {
+        let (note, long) = error_file_name(name);
+        let text = if long {
+            format!("file: {}\n{reason}", name.to_string_lossy())
+        } else {
+            reason.to_owned()
+        };
+        let tmp = format!(".{}.error.tmp", uuid::Uuid::new_v4().simple());
+        if let Err(e) = self.failed_fs.write_atomic(
+            Path::new(&tmp),
+            Path::new(&note),
+            text.as_bytes(),
+            fsys::FILE_MODE,
+            true,
+        ) {
+            tracing::warn!(file = %name.to_string_lossy(), reason, error = %e, "could not write the reason of a failed input");
+        }
+    }
+
     fn fail_file(&self, name: &str, reason: &str) {
-        let failed = &self.inbox.failed;
-        let note = failed.join(format!("{name}.error"));
-        let tmp = failed.join(format!(".{name}.error.tmp"));
-        let _ = fsys::write_atomic(&tmp, &note, reason.as_bytes(), fsys::FILE_MODE, true);
-        if let Err(e) = fs::rename(self.claims.join(name), failed.join(name)) {
+        self.write_error(OsStr::new(name), reason);
+        if let Err(e) = self
+            .fs
+            .rename_to(&self.claims.join(name), &self.failed_fs, Path::new(name))
+        {
             tracing::warn!(file = name, error = %e, "could not move a failed input");
         }
-        let _ = fs::remove_file(self.inbox.dir.join(format!("{name}.done")));
+        let _ = self.fs.remove_file(Path::new(&format!("{name}.done")));
+    }
+
+    /// An input that cannot even be claimed under its name (not UTF-8):
+    /// moved straight to the failed folder with the reason beside it, so
+    /// it is reported rather than skipped.
+    fn refuse_raw(&self, raw: &OsStr, reason: &str) {
+        let path = Path::new(raw);
+        if !self.fs.stat(path).is_ok_and(|m| {
+            rustix::fs::FileType::from_raw_mode(m.st_mode) == rustix::fs::FileType::RegularFile
+        }) {
+            return;
+        }
+        self.write_error(raw, reason);
+        match self.fs.rename_to(path, &self.failed_fs, path) {
+            Ok(()) => tracing::warn!(file = %raw.to_string_lossy(), reason, "refused an input"),
+            Err(e) => {
+                tracing::warn!(file = %raw.to_string_lossy(), error = %e, "could not move a refused input")
+            }
+        }
     }
 
     fn requeue(&self, held: &Held) {
@@ -450,10 +582,9 @@ impl InboxConsumer {
             .lock()
             .expect("requeued lock")
             .insert(held.name.clone());
-        let _ = fs::rename(
-            self.claims.join(&held.name),
-            self.inbox.dir.join(&held.name),
-        );
+        let _ = self
+            .fs
+            .rename(&self.claims.join(&held.name), Path::new(&held.name));
         self.wake.notify_one();
     }
 
@@ -495,14 +626,8 @@ impl InboxConsumer {
             for h in &held {
                 self.requeue(h);
             }
-            let _ = fs::remove_dir(&self.claims);
-            let lock = self
-                .inbox
-                .dir
-                .join(".bus")
-                .join("owners")
-                .join(format!("{}.lock", self.owner));
-            let _ = fs::remove_file(lock);
+            let _ = self.fs.remove_dir(&self.claims);
+            let _ = self.fs.remove_file(&owner_lock(&self.owner));
         }
         self.wake.notify_one();
     }
@@ -583,6 +708,9 @@ impl Drop for InboxStream {
 #[derive(Clone, Debug)]
 pub struct ResultWriter {
     dir: PathBuf,
+    /// The folder, opened once: a result is never written through a
+    /// symlink swapped in for it later.
+    fs: Arc<Root>,
     extension: String,
 }
 
@@ -595,8 +723,10 @@ impl ResultWriter {
     pub fn new(dir: impl Into<PathBuf>, extension: &str) -> Result<Self> {
         let dir = dir.into();
         fsys::create_dir_private(&dir, fsys::DIR_MODE)?;
+        let fs = Arc::new(Root::open(&dir)?);
         Ok(ResultWriter {
             dir,
+            fs,
             extension: extension.trim_start_matches('.').to_owned(),
         })
     }
@@ -629,13 +759,11 @@ impl ResultWriter {
     pub async fn write(&self, request: &str, content: &[u8]) -> Result<PathBuf> {
         let name = self.result_name(request)?;
         let dest = self.dir.join(&name);
-        let tmp = self
-            .dir
-            .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let tmp = PathBuf::from(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
         let content = content.to_vec();
-        let d = dest.clone();
+        let fs = self.fs.clone();
         tokio::task::spawn_blocking(move || {
-            fsys::write_atomic(&tmp, &d, &content, fsys::FILE_MODE, true)
+            fs.write_atomic(&tmp, Path::new(&name), &content, fsys::FILE_MODE, true)
         })
         .await
         .map_err(|e| Error::backend("file", true, e.to_string()))??;
@@ -739,6 +867,8 @@ impl LegacyRpc {
         check_file_name(name)?;
         fsys::create_dir_private(&self.requests, fsys::DIR_MODE)?;
         fsys::create_dir_private(&self.results, fsys::DIR_MODE)?;
+        let requests = Root::open(&self.requests)?;
+        let results = Root::open(&self.results)?;
         let stem = Path::new(name)
             .file_stem()
             .and_then(|s| s.to_str())
@@ -746,27 +876,24 @@ impl LegacyRpc {
             .to_owned();
         let (tx, mut events) = mpsc::unbounded_channel();
         let _watcher = watch(&self.results, tx);
-        let tmp = self
-            .requests
-            .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        fsys::write_atomic(
-            &tmp,
-            &self.requests.join(name),
-            content,
-            fsys::FILE_MODE,
-            true,
-        )?;
+        let tmp = PathBuf::from(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        requests.write_atomic(&tmp, Path::new(name), content, fsys::FILE_MODE, true)?;
 
         let deadline = Instant::now() + self.timeout;
         let mut seen: Option<(String, u64, i64, Instant)> = None;
         loop {
             let now = Instant::now();
-            if let Some((file, ready)) = self.find_result(&stem, &mut seen, now) {
+            if let Some((file, ready)) = self.find_result(&results, &stem, &mut seen, now) {
                 if ready {
-                    let path = self.results.join(&file);
-                    let body = fsys::read_regular(&path)?;
-                    let _ = fs::remove_file(&path);
-                    let _ = fs::remove_file(self.results.join(format!("{file}.done")));
+                    let path = Path::new(&file);
+                    let body = results.read_checked(
+                        path,
+                        0,
+                        crate::connection::DEFAULT_MAX_MESSAGE_SIZE,
+                        true,
+                    )?;
+                    let _ = results.remove_file(path);
+                    let _ = results.remove_file(Path::new(&format!("{file}.done")));
                     return Ok(body);
                 }
             }
@@ -786,26 +913,30 @@ impl LegacyRpc {
 
     fn find_result(
         &self,
+        results: &Root,
         stem: &str,
         seen: &mut Option<(String, u64, i64, Instant)>,
         now: Instant,
     ) -> Option<(String, bool)> {
-        let mut names = crate::layout::list_names(&self.results).ok()?;
+        let mut names = crate::layout::list_utf8(results.list_raw(Path::new("")).ok()?);
         names.retain(|n| {
             is_candidate(n) && Path::new(n).file_stem().and_then(|s| s.to_str()) == Some(stem)
         });
         names.sort();
         let file = names.into_iter().next()?;
-        let meta = fs::symlink_metadata(self.results.join(&file)).ok()?;
-        if !meta.file_type().is_file() {
+        let meta = results.stat(Path::new(&file)).ok()?;
+        if rustix::fs::FileType::from_raw_mode(meta.st_mode) != rustix::fs::FileType::RegularFile {
             return None;
         }
         let ready = match &self.readiness {
             Readiness::RenamedIn => true,
-            Readiness::DoneMarker => self.results.join(format!("{file}.done")).exists(),
+            Readiness::DoneMarker => results.exists(Path::new(&format!("{file}.done"))),
             Readiness::Stable(d) => {
-                let size = meta.len();
-                let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                let size = meta.st_size as u64;
+                let mtime = meta
+                    .st_mtime
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(meta.st_mtime_nsec as i64);
                 match seen {
                     Some((f, s, m, since)) if *f == file && *s == size && *m == mtime => {
                         now - *since >= *d

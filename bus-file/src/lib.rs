@@ -86,16 +86,68 @@
 //! Non-durable queues live as long as the folder: there is no broker whose
 //! restart would drop them.
 //!
-//! # Security
+//! # Security and threat model
 //!
-//! Queue and exchange names become path components only after
-//! [`check_path_name`]: separators, a leading dot (so `.` and `..`), NUL and
-//! names over 255 bytes are refused with
-//! [`bus_core::Error::InvalidArgument`]. Folders are created `0700` and files
-//! `0600`. Files are opened with `O_NOFOLLOW` and must be regular files, so a
-//! symlink planted in a queue is never followed out of the root: it is
-//! quarantined like any file that does not parse, with the reason beside it,
-//! and the queue goes on.
+//! **Who is trusted.** The folder transport trusts the user that runs it
+//! and nobody else: everyone who can write under the root can read, forge,
+//! reorder and delete every message and the topology, so the root must be
+//! writable by that user alone. On open, the root and its folders (those
+//! of the root and of each queue) must be owned by the current user and
+//! not writable by group or others, or the open fails with
+//! [`bus_core::Error::AccessRefused`] saying which folder and why.
+//! [`FileOptions::shared_group`] lets the members of the root's group in
+//! (group-writable folders, owned by any member): each of them is then as
+//! trusted as the user, since each can do all of the above.
+//!
+//! **What is defended against** is a writer confined to the folders (a
+//! bug, a misbehaving peer, a hostile co-tenant of a shared group or of a
+//! legacy folder) trying to reach *outside* them, to make the transport
+//! hang, or to exhaust its memory:
+//!
+//! * Queue and exchange names become path components only after
+//!   [`check_path_name`] (separators, a leading dot so `.` and `..`, NUL,
+//!   over 255 bytes are refused with [`bus_core::Error::InvalidArgument`]).
+//!   Every name read from disk passes the same check before use: a
+//!   topology file naming an invalid queue, exchange, binding or owner is
+//!   refused whole as corrupt ("corrupt topology: ..."), and nothing acts on
+//!   it; owner ids, claim folders, consumer registrations and queue folders
+//!   that do not have the shape the transport writes are ignored.
+//! * The root is opened once and every operation below it walks with
+//!   `openat(O_NOFOLLOW | O_DIRECTORY)` component by component, and
+//!   renames, links and deletes with `renameat` / `unlinkat` relative to
+//!   those descriptors: a symlink anywhere below the root (a queue, its
+//!   `ready/` or `claims/<owner>/` folder, `tmp/`) is an error, never
+//!   followed. A symlink or FIFO named like a message is quarantined.
+//! * A message file must have one name (`st_nlink == 1`; a hard link to a
+//!   file elsewhere is quarantined), and is read only after `fstat` shows a
+//!   size between the body length its name claims and that plus 1 MiB, and
+//!   a body no larger than [`FileOptions::max_message_size`]: a sparse or
+//!   lying file is quarantined unread. Numbers parsed from names are summed
+//!   with saturation.
+//! * File-system work of topology operations runs on tokio's blocking
+//!   pool, so a `topology.lock` held by another process delays only the
+//!   operation that waits for it, and a `tokio::time::timeout` around it
+//!   returns on time.
+//! * Consumer registration is the creation of one empty file, so a full
+//!   disk cannot leave a half-registered consumer, and consuming (renames
+//!   and deletes) works on a full disk: a queue that filled it can be
+//!   drained.
+//!
+//! **Not defended against:** a writer under the root can still forge,
+//! delete or corrupt messages (checksums catch accidents, not forgers) and
+//! replace the topology with another valid one. Folders are created `0700`
+//! and files `0600`.
+//!
+//! **Legacy folders** ([`legacy`]) are written by other programs, possibly
+//! as other users, and are trusted only for the content of the inputs they
+//! drop: an input folder is opened once and walked the same way (no
+//! symlink below it is followed; symlinks and other non-files are not
+//! taken); `.bus/claims/` entries count only when shaped like owner ids
+//! and are listed without following symlinks; an input that is a hard link,
+//! larger than [`legacy::Inbox::with_max_size`], or whose name is not UTF-8
+//! moves to the failed folder with its reason beside it. A
+//! [`legacy::ResultWriter`] holds its folder open, so a symlink swapped in
+//! for it later does not redirect results.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod codec;
@@ -110,12 +162,36 @@ pub mod legacy;
 mod names;
 mod topology;
 
-pub use connection::{FileConnection, FileOptions};
+pub use connection::{FileConnection, FileOptions, DEFAULT_MAX_MESSAGE_SIZE};
 pub use envelope::{Envelope, ENVELOPE_VERSION};
 pub use layout::FORMAT_VERSION;
 pub use names::check_path_name;
 
 use bus_core::Capabilities;
+
+/// Entry points of the fuzz targets in `bus-file/fuzz`; not part of the
+/// API, no stability promised.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes `bytes` as a topology file; what decodes must encode and
+    /// decode back to the same topology. Panics on a violation.
+    pub fn topology_decode(bytes: &[u8]) {
+        if let Ok(t) = crate::topology::Topology::decode(bytes) {
+            let again = crate::topology::Topology::decode(&t.encode());
+            assert_eq!(again.ok(), Some(t), "a decoded topology round-trips");
+        }
+    }
+
+    /// Parses `name` as a message file name; what parses must round-trip.
+    /// Panics on a violation.
+    pub fn message_name(name: &str) {
+        if let Some(m) = crate::names::MessageName::parse(name) {
+            let again = crate::names::MessageName::parse(&m.file_name());
+            assert_eq!(again, Some(m), "a parsed name round-trips");
+        }
+        let _ = crate::names::consumer_file_owner(name);
+    }
+}
 
 /// What the folder transport offers, as its connections report it.
 #[must_use]

@@ -46,6 +46,30 @@ pub(crate) fn new_owner_id() -> String {
     format!("o{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Whether `s` has the shape of an owner id ([`new_owner_id`]: `o` and 32
+/// lowercase hex digits). Owner ids read from disk (topology, lock, claim
+/// and consumer file names) are used only when they pass, so a crafted one
+/// can never be a path.
+pub(crate) fn is_owner_id(s: &str) -> bool {
+    s.len() == 33
+        && s.starts_with('o')
+        && s[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The owner of a consumer registration file `<owner>.<n>[.x]`, when the
+/// name has that shape.
+pub(crate) fn consumer_file_owner(file: &str) -> Option<(&str, bool)> {
+    let (owner, rest) = file.split_once('.')?;
+    let (n, exclusive) = match rest.strip_suffix(".x") {
+        Some(n) => (n, true),
+        None => (rest, false),
+    };
+    (is_owner_id(owner) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then_some((owner, exclusive))
+}
+
 /// Milliseconds since the Unix epoch on the transport's clock.
 ///
 /// Anchored on the wall clock once per process, then advanced by tokio's
@@ -222,5 +246,34 @@ mod tests {
         let a = next_stamp();
         let b = next_stamp();
         assert!(b > a);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! File-name parsing against arbitrary names (the `message_name` fuzz
+    //! target runs the same check where `cargo fuzz` is installed).
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_round_trips(name in "[0-9a-f.er-]{0,80}|\\PC{0,40}") {
+            if let Some(m) = MessageName::parse(&name) {
+                prop_assert_eq!(MessageName::parse(&m.file_name()), Some(m));
+            }
+            let _ = consumer_file_owner(&name);
+            let _ = is_owner_id(&name);
+        }
+
+        #[test]
+        fn any_message_name_round_trips(
+            rank in any::<u8>(), stamp in any::<u64>(), len in any::<u64>(),
+            exp in proptest::option::of(any::<u64>()), redelivered in any::<bool>(),
+            origin in "[0-9a-f]{1,16}",
+        ) {
+            let m = MessageName { rank, stamp, origin, body_len: len, expires_at_ms: exp, redelivered };
+            prop_assert_eq!(MessageName::parse(&m.file_name()), Some(m));
+        }
     }
 }
