@@ -2,7 +2,7 @@
 //!
 //! A backend drops speech jobs on the `speech.jobs` queue; this worker
 //! transcribes them four at a time (prefetch and concurrency 4) and
-//! announces each result on the `speech.events` topic exchange. It shows
+//! announces each result on a `speech.events.<run>` topic exchange. It shows
 //! every path a job can take, and checks that each one was taken:
 //!
 //! - an ordinary job is handled and acked (`job.done` event);
@@ -40,7 +40,8 @@ struct SpeechJob {
     language: String,
 }
 
-/// The event announcing a result.
+/// The event announcing a result, on the run's `speech.events.<run>` topic
+/// exchange.
 #[derive(Serialize, Deserialize, Debug)]
 struct Transcribed {
     job: u32,
@@ -48,9 +49,7 @@ struct Transcribed {
     attempt: u32,
 }
 
-const EVENTS: &str = "speech.events";
-
-async fn transcribe(job: Job<SpeechJob>) -> std::result::Result<(), HandlerError> {
+async fn transcribe(events: &str, job: Job<SpeechJob>) -> std::result::Result<(), HandlerError> {
     let SpeechJob {
         job: id,
         audio,
@@ -77,7 +76,7 @@ async fn transcribe(job: Job<SpeechJob>) -> std::result::Result<(), HandlerError
         attempt: job.attempt,
     };
     // `?` turns a failed publish into a transient or permanent failure.
-    job.publish_value(EVENTS, &format!("job.done.{language}"), &event)
+    job.publish_value(events, &format!("job.done.{language}"), &event)
         .await?;
     Ok(())
 }
@@ -89,12 +88,13 @@ async fn main() -> Result<()> {
     // Fresh names, so that runs on a shared broker do not meet.
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let jobs = format!("speech.jobs.{run}");
-    conn.declare_exchange(EVENTS, ExchangeKind::Topic, ExchangeOptions::durable())
+    let events_x = format!("speech.events.{run}");
+    conn.declare_exchange(&events_x, ExchangeKind::Topic, ExchangeOptions::default())
         .await?;
-    let events_q = format!("speech.events.{run}");
+    let events_q = format!("speech.events.{run}.all");
     conn.declare_queue(&events_q, QueueOptions::exclusive())
         .await?;
-    conn.bind_queue(&events_q, EVENTS, "job.#", Default::default())
+    conn.bind_queue(&events_q, &events_x, "job.#", Default::default())
         .await?;
     let mut events = conn.consume(&events_q, ConsumeOptions::auto_ack()).await?;
 
@@ -108,7 +108,13 @@ async fn main() -> Result<()> {
                 .backoff(Duration::from_millis(10), Duration::from_millis(100))
                 .delayed([delay]),
         )
-        .handle(transcribe)
+        .handle({
+            let events_x = events_x.clone();
+            move |job| {
+                let events_x = events_x.clone();
+                async move { transcribe(&events_x, job).await }
+            }
+        })
         .await?;
     println!(
         "worker serving {} (concurrency 4, up to {} attempts)",
@@ -208,6 +214,10 @@ async fn main() -> Result<()> {
         format!("shutdown report: {report:?}"),
     )?;
     cleanup(&*conn, &jobs, delay).await?;
+    drop(events);
+    conn.delete_queue(&events_q, DeleteQueueOptions::default())
+        .await?;
+    conn.delete_exchange(&events_x, false).await?;
     conn.close().await?;
     println!("every path checked");
     Ok(())
