@@ -90,6 +90,7 @@ fn fresh_queue(what: &str) -> (String, QueueGuard) {
 struct Examples {
     rpc_server: PathBuf,
     rpc_client: PathBuf,
+    worker: PathBuf,
 }
 
 /// Builds the examples once per test run and returns their executables.
@@ -100,7 +101,8 @@ fn examples() -> &'static Examples {
         build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["build", "-p", "bus", "--example", "rpc_server"])
-            .args(["--example", "rpc_client", "--message-format=json"])
+            .args(["--example", "rpc_client", "--example", "worker"])
+            .arg("--message-format=json")
             .stdin(Stdio::null());
         // Generous: other builds may hold cargo's lock on the target folder.
         let out = run(build, None, 1800, "building the examples");
@@ -129,6 +131,7 @@ fn examples() -> &'static Examples {
         Examples {
             rpc_server: take("rpc_server"),
             rpc_client: take("rpc_client"),
+            worker: take("worker"),
         }
     })
 }
@@ -462,4 +465,46 @@ fn rpc_client_example_fails_clearly() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not JSON"), "{stderr}");
     broker.delete_queue(&queue);
+}
+
+// ------------------------------------------------------------ the worker
+
+/// Runs the `worker` example on `url` (the in-memory broker when `None`)
+/// and checks that it showed every path and exited 0.
+fn run_worker_example(url: Option<&str>) {
+    let mut command = Command::new(&examples().worker);
+    match url {
+        Some(url) => command.env("BUS_URL", url),
+        None => command.env_remove("BUS_URL"),
+    };
+    let out = run(command, None, 120, "the worker example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the worker example failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "job 3 on attempt 4",
+        "poisoned (Permanent) after 1 attempt(s)",
+        "poisoned (Undecodable) after 1 attempt(s)",
+        "poisoned (Exhausted) after 6 attempt(s)",
+        "every path checked",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "the worker example did not print {line:?}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn worker_example_shows_every_path_in_memory() {
+    run_worker_example(None);
+}
+
+#[test]
+fn worker_example_shows_every_path_on_rabbitmq() {
+    run_worker_example(Some(&amqp_addr()));
 }

@@ -134,6 +134,7 @@ impl Delivery {
     async fn settle_ack(&self, multiple: bool) -> Result<()> {
         let claimed = self.claim()?;
         self.mark_multiple(multiple);
+        tracing::debug!(delivery_tag = self.delivery_tag, multiple, "ack");
         match claimed {
             Some(acker) => acker.ack(self.delivery_tag, multiple).await,
             None => Ok(()),
@@ -144,6 +145,7 @@ impl Delivery {
         let claimed = self.claim()?;
         if claimed.is_some() {
             self.mark_multiple(multiple);
+            tracing::debug!(delivery_tag = self.delivery_tag, multiple, requeue, "nack");
         }
         match claimed {
             Some(acker) => acker.nack(self.delivery_tag, multiple, requeue).await,

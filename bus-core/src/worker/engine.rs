@@ -86,6 +86,8 @@ pub(crate) async fn run(
             }
         }
     };
+    // Handlers already done before the stop are not part of the drain.
+    while handling.try_join_next().is_some() {}
     let mut drained = Drained::default();
     if ended.is_ok() {
         match consumer.cancel().await {

@@ -430,7 +430,41 @@ where
     S::Future: Send + 'static,
 {
     fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
-        self.stats.send_modify(f);
+        self.stats.send_modify(|stats| {
+            #[cfg(feature = "metrics")]
+            let before = *stats;
+            f(stats);
+            #[cfg(feature = "metrics")]
+            self.export(&before, stats);
+        });
+    }
+
+    /// Adds what changed between two snapshots to the `metrics` counters
+    /// `bus_worker_<stat>_total`, labelled with the queue.
+    #[cfg(feature = "metrics")]
+    fn export(&self, before: &WorkerStats, after: &WorkerStats) {
+        let pairs = [
+            ("bus_worker_handled_total", after.handled - before.handled),
+            (
+                "bus_worker_failures_total",
+                after.failures - before.failures,
+            ),
+            ("bus_worker_retried_total", after.retried - before.retried),
+            ("bus_worker_delayed_total", after.delayed - before.delayed),
+            (
+                "bus_worker_poisoned_total",
+                after.poisoned - before.poisoned,
+            ),
+            (
+                "bus_worker_unsettled_total",
+                after.unsettled - before.unsettled,
+            ),
+        ];
+        for (name, n) in pairs {
+            if n > 0 {
+                metrics::counter!(name, "queue" => self.queue.clone()).increment(n);
+            }
+        }
     }
 
     async fn process(self: Arc<Self>, delivery: Delivery) {
@@ -493,7 +527,13 @@ where
                 attempt,
                 conn: self.conn.clone(),
             };
-            let error = match self.call(job).await {
+            #[cfg(feature = "metrics")]
+            let started = std::time::Instant::now();
+            let result = self.call(job).await;
+            #[cfg(feature = "metrics")]
+            metrics::histogram!("bus_worker_handling_seconds", "queue" => self.queue.clone())
+                .record(started.elapsed().as_secs_f64());
+            let error = match result {
                 Ok(()) => {
                     match delivery.ack().await {
                         Ok(()) => self.count(|s| s.handled += 1),

@@ -1,0 +1,126 @@
+//! The worker runtime on the in-process broker under tokio's paused clock:
+//! delayed retries complete at once and their delays are exact; tower's
+//! layers wrap a handler unchanged.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::worker::{FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker};
+use bus_core::{Connection, Message, PublishOptions};
+use bus_local::LocalBroker;
+use tokio::time::Instant;
+
+async fn publish(conn: &dyn Connection, queue: &str, body: &'static [u8]) {
+    conn.publish("", queue, Message::new(body), PublishOptions::default())
+        .await
+        .expect("publish");
+}
+
+#[tokio::test(start_paused = true)]
+async fn delayed_retries_take_exactly_their_delays() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let log = times.clone();
+    let worker = Worker::builder(conn.clone(), "jobs")
+        .retry(
+            RetryPolicy::none()
+                .immediate(1)
+                .backoff(Duration::from_millis(50), Duration::from_millis(50))
+                .jitter(false)
+                .delayed([Duration::from_secs(1), Duration::from_secs(10)]),
+        )
+        .handle_raw(move |job: Job| {
+            log.lock().unwrap().push((job.attempt, Instant::now()));
+            async { Err::<(), _>(HandlerError::transient("still failing")) }
+        })
+        .await
+        .expect("start the worker");
+    let start = Instant::now();
+    publish(&*conn, "jobs", b"job").await;
+    let stats = worker.wait_until(|s| s.poisoned == 1).await.unwrap();
+    assert_eq!((stats.failures, stats.retried, stats.delayed), (6, 3, 2));
+    let times = times.lock().unwrap().clone();
+    let at: Vec<(u32, Duration)> = times.iter().map(|(a, t)| (*a, *t - start)).collect();
+    let ms = Duration::from_millis;
+    assert_eq!(
+        at,
+        [
+            (1, ms(0)),
+            (2, ms(50)),
+            (3, ms(1_050)),
+            (4, ms(1_100)),
+            (5, ms(11_100)),
+            (6, ms(11_150)),
+        ],
+        "each retry after exactly its backoff or delay"
+    );
+    // What the broker holds, through its own test helpers.
+    broker.wait_idle().await;
+    assert_eq!(broker.queue_depth("jobs"), Some(0));
+    assert_eq!(broker.unacked_count("jobs"), Some(0));
+    assert_eq!(broker.queue_depth("jobs.error"), Some(1));
+    assert_eq!(broker.queue_depth("jobs.delay.1000ms"), Some(0));
+    let report = worker.shutdown(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(report.stats.poisoned, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_layers_wrap_a_handler() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let handler = tower::service_fn(|job: Job| async move {
+        if job.attempt == 1 {
+            // Longer than the timeout layer allows: a transient failure.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Ok::<_, HandlerError>(())
+    });
+    let service = tower::ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .service(handler);
+    let worker = Worker::builder(conn.clone(), "timed")
+        .retry(RetryPolicy::none().immediate(1).jitter(false))
+        .service(service)
+        .await
+        .expect("start the worker");
+    publish(&*conn, "timed", b"job").await;
+    let stats = worker.wait_until(|s| s.handled == 1).await.unwrap();
+    assert_eq!((stats.failures, stats.retried, stats.poisoned), (1, 1, 0));
+
+    // A service error that is a permanent HandlerError keeps its kind
+    // through the layer.
+    let failing = tower::ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .service(tower::service_fn(|_: Job| async {
+            Err::<(), _>(HandlerError::permanent("bad job"))
+        }));
+    let strict = Worker::builder(conn.clone(), "strict")
+        .retry(RetryPolicy::none().immediate(3))
+        .service(failing)
+        .await
+        .expect("start the second worker");
+    publish(&*conn, "strict", b"job").await;
+    let stats = strict.wait_until(|s| s.poisoned == 1).await.unwrap();
+    assert_eq!(stats.failures, 1, "no retry of a permanent failure");
+    let mut errors = conn
+        .consume("strict.error", bus_core::ConsumeOptions::auto_ack())
+        .await
+        .unwrap();
+    let poisoned = futures_next(&mut errors).await;
+    let report = FailureReport::of(&poisoned.message);
+    assert_eq!(report.reason, Some(PoisonReason::Permanent));
+    assert_eq!(report.error.as_deref(), Some("bad job"));
+    drop(errors);
+    worker.shutdown(Duration::from_secs(1)).await.unwrap();
+    strict.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+async fn futures_next(consumer: &mut bus_core::Consumer) -> bus_core::Delivery {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a poisoned message")
+        .expect("the consumer is open")
+        .expect("a delivery")
+}
