@@ -300,7 +300,7 @@ async fn consume_batched(url: &str, raw: &lapin::Connection, report: &mut Report
         "lapin",
         b.per_sec(),
         "msg/s",
-        &format!(
+        format!(
             "ack() per message, coalesced by bus-amqp into one multiple ack per {COALESCE_ACKS} (or {COALESCE_DELAY:?}); lapin acks one by one; prefetch {WINDOW}, {BODY}-byte bodies, queue pre-filled with {batch} (untimed)"
         ),
     );
