@@ -35,11 +35,17 @@ const RPC_IN_FLIGHT: usize = 64;
 /// client sends the same `expiration`.
 const RPC_TIMEOUT: Duration = Duration::from_secs(180);
 
-const SCENARIOS: [&str; 9] = [
+/// Acks per coalesced `basic.ack` in `amqp-consume-batched`, and the
+/// longest an ack waits.
+const COALESCE_ACKS: u16 = 64;
+const COALESCE_DELAY: Duration = Duration::from_millis(20);
+
+const SCENARIOS: [&str; 10] = [
     "amqp-publish",
     "amqp-publish-cpu",
     "amqp-consume",
     "amqp-consume-cpu",
+    "amqp-consume-batched",
     "amqp-rpc-seq",
     "amqp-rpc-seq-cpu",
     "amqp-rpc-64",
@@ -60,6 +66,9 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     }
     if any(&["amqp-consume", "amqp-consume-cpu"]) {
         consume(&ours, &raw, report).await;
+    }
+    if wanted("amqp-consume-batched") {
+        consume_batched(&url, &raw, report).await;
     }
     let seq = any(&["amqp-rpc-seq", "amqp-rpc-seq-cpu"]);
     let par = any(&["amqp-rpc-64", "amqp-rpc-64-cpu"]);
@@ -233,7 +242,78 @@ async fn publish(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
 }
 
 async fn consume(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &mut Report) {
-    let (q_ours, q_raw) = ("bench-consume-ours", "bench-consume-raw");
+    let batch = 10_000;
+    let (o, b) = consume_compare(
+        ours,
+        raw,
+        ("bench-consume-ours", "bench-consume-raw"),
+        batch,
+    )
+    .await;
+    let note = format!(
+        "consume and ack one by one, prefetch {WINDOW}, {BODY}-byte bodies, queue pre-filled with {batch} (untimed)"
+    );
+    report.throughput(
+        "amqp-consume",
+        o.per_sec(),
+        "lapin",
+        b.per_sec(),
+        "msg/s",
+        &note,
+    );
+    report.cost(
+        "amqp-consume-cpu",
+        o.cpu_us(),
+        "lapin",
+        b.cpu_us(),
+        "us/msg",
+        format!("client CPU (user+system) per message; {note}"),
+    );
+}
+
+/// Our consumer with coalesced acks against raw lapin's per-message ack
+/// loop: the application code is the same (`ack()` per delivery).
+async fn consume_batched(url: &str, raw: &lapin::Connection, report: &mut Report) {
+    let ours: Arc<dyn Connection> = match AmqpConnection::connect_with(
+        url,
+        AmqpOptions::default()
+            .with_connection_name("bench-ours-batched")
+            .with_ack_coalescing(COALESCE_ACKS, COALESCE_DELAY),
+    )
+    .await
+    {
+        Ok(c) => Arc::new(c),
+        Err(e) => broker_down(url, &e),
+    };
+    let batch = 10_000;
+    let (o, b) = consume_compare(
+        &ours,
+        raw,
+        ("bench-consume-batched-ours", "bench-consume-batched-raw"),
+        batch,
+    )
+    .await;
+    ours.close().await.expect("close");
+    report.throughput(
+        "amqp-consume-batched",
+        o.per_sec(),
+        "lapin",
+        b.per_sec(),
+        "msg/s",
+        format!(
+            "ack() per message, coalesced by bus-amqp into one multiple ack per {COALESCE_ACKS} (or {COALESCE_DELAY:?}); lapin acks one by one; prefetch {WINDOW}, {BODY}-byte bodies, queue pre-filled with {batch} (untimed)"
+        ),
+    );
+}
+
+/// Consumes `n` pre-filled messages and acks each, by `ours` and by raw
+/// lapin on their own queues, side by side.
+async fn consume_compare(
+    ours: &Arc<dyn Connection>,
+    raw: &lapin::Connection,
+    (q_ours, q_raw): (&'static str, &'static str),
+    batch: u64,
+) -> (support::Measured, support::Measured) {
     // Both queues are filled the same way: by raw lapin, untimed.
     let filler = confirm_channel(raw).await;
     for q in [q_ours, q_raw] {
@@ -251,7 +331,6 @@ async fn consume(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
             .expect("declare queue");
     }
     let body = body();
-    let batch = 10_000;
     let prefill = |q: &'static str, n: u64| {
         let (filler, body) = (&filler, &body);
         async move {
@@ -318,25 +397,7 @@ async fn consume(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &m
             .expect("delete");
     }
     let _ = filler.close(200, "done".into()).await;
-    let note = format!(
-        "consume and ack one by one, prefetch {WINDOW}, {BODY}-byte bodies, queue pre-filled with {batch} (untimed)"
-    );
-    report.throughput(
-        "amqp-consume",
-        o.per_sec(),
-        "lapin",
-        b.per_sec(),
-        "msg/s",
-        &note,
-    );
-    report.cost(
-        "amqp-consume-cpu",
-        o.cpu_us(),
-        "lapin",
-        b.cpu_us(),
-        "us/msg",
-        format!("client CPU (user+system) per message; {note}"),
-    );
+    (o, b)
 }
 
 #[derive(Serialize, Deserialize)]
