@@ -105,6 +105,9 @@ struct ChannelAcker {
     gone: Arc<Mutex<Option<String>>>,
     /// Where acks wait when they are coalesced.
     batch: Option<Arc<AckBatch>>,
+    /// Why the broker closed the channel, once the consumer has read it
+    /// (e.g. its consumer timeout): settle errors name it.
+    closed_by: Arc<Mutex<Option<String>>>,
 }
 
 impl ChannelAcker {
@@ -134,6 +137,16 @@ impl ChannelAcker {
         if self.dropped.load(Ordering::Acquire) {
             return Error::Closed(format!(
                 "consumer {} was dropped; its unsettled deliveries were requeued",
+                self.tag
+            ));
+        }
+        if let Some(why) = &*self
+            .closed_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Error::ConnectionLost(format!(
+                "the broker closed the channel of consumer {} ({why}); it requeued its unsettled deliveries, which will be delivered again",
                 self.tag
             ));
         }
@@ -405,6 +418,8 @@ struct Active {
     offset: u64,
     /// The lapin error the consumer ended with, if any.
     failure: Option<lapin::Error>,
+    /// Shared with the acknowledger: why the broker closed the channel.
+    closed_by: Arc<Mutex<Option<String>>>,
 }
 
 /// The application's end: deliveries in order; dropping it stops the task.
@@ -445,6 +460,7 @@ impl Drop for DeliveryReceiver {
 impl DeliveryReceiver {
     fn adopt(&mut self, epoch: u64, channel: lapin::Channel, consumer: lapin::Consumer) {
         let offset = self.highest;
+        let closed_by: Arc<Mutex<Option<String>>> = Arc::default();
         let acker: Option<Arc<dyn Acknowledger>> = if self.auto_ack {
             None
         } else {
@@ -472,6 +488,7 @@ impl DeliveryReceiver {
                 dropped: self.owner_dropped.clone(),
                 gone: self.gone.clone(),
                 batch,
+                closed_by: closed_by.clone(),
             }))
         };
         self.active = Some(Active {
@@ -481,6 +498,7 @@ impl DeliveryReceiver {
             acker,
             offset,
             failure: None,
+            closed_by,
         });
     }
 
@@ -554,6 +572,17 @@ impl Stream for DeliveryReceiver {
                         continue;
                     }
                     Poll::Ready(Some(Err(e))) => {
+                        // A channel the broker closed (a 406 of its
+                        // consumer timeout, say): the consumer starts
+                        // again on a new channel, and settling the old
+                        // deliveries says why they cannot be.
+                        if let Some(close) = crate::convert::broker_close(&e) {
+                            *active
+                                .closed_by
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner) =
+                                Some(format!("{} {}", close.code, close.text));
+                        }
                         active.failure = Some(e);
                         continue;
                     }

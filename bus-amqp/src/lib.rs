@@ -203,8 +203,10 @@
 //! * [`ConsumeOptions::consumer_timeout`](bus_core::ConsumeOptions::consumer_timeout)
 //!   asks for a per-consumer `x-consumer-timeout` where the broker has it;
 //!   when the broker's consumer timeout closes the channel, the consumer
-//!   starts again on a new channel (the message comes again, its ack on
-//!   the closed channel fails with `ConnectionLost`).
+//!   starts again on a new channel of the same stream, with a
+//!   [`RecoveryEvent::ConsumerResumed`]: the message comes again with
+//!   `redelivered` set, and its ack on the closed channel fails with
+//!   `ConnectionLost` naming the broker's 406 and its reason.
 //!
 //! # Flow control
 //!

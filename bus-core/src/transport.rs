@@ -144,7 +144,9 @@ impl ConsumeOptions {
     /// (RabbitMQ 4.x quorum queues); RabbitMQ 3.10 ignores the argument
     /// and applies its node-wide `consumer_timeout`. When the timeout
     /// passes, RabbitMQ closes the consumer's channel and requeues what it
-    /// held; the RabbitMQ transport then starts the consumer again.
+    /// held; the RabbitMQ transport then starts the consumer again on a
+    /// new channel of the same stream, where the message comes again
+    /// (`redelivered`), and settling the stale delivery returns an error.
     #[must_use]
     pub fn consumer_timeout(mut self, timeout: std::time::Duration) -> Self {
         let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
