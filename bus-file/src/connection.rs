@@ -101,11 +101,6 @@ impl FileOptions {
 /// The default of [`FileOptions::max_message_size`]: 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
 
-/// What a message file may hold besides its body (envelope header,
-/// exchange, routing key, properties and headers): AMQP puts all of it in
-/// one frame, which RabbitMQ caps at 128 KiB by default; this leaves room.
-pub(crate) const MAX_ENVELOPE_OVERHEAD: u64 = 1 << 20;
-
 /// A connection to the folder transport: every process that opens the same
 /// root shares its exchanges, queues and messages.
 ///
@@ -791,6 +786,7 @@ impl Inner {
                 self.options.max_message_size
             )));
         }
+        crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
         let snap = self.snapshot()?;
         if let Some(x) = snap.topo.exchanges.get(exchange) {
             if x.internal {

@@ -54,9 +54,7 @@ pub(crate) fn read_claim(
             name.body_len
         ))
     } else {
-        let max = name
-            .body_len
-            .saturating_add(crate::connection::MAX_ENVELOPE_OVERHEAD);
+        let max = crate::envelope::max_file_len(name.body_len);
         layout
             .fs
             .read_checked(&path, name.body_len, max, true)

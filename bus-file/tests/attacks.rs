@@ -349,6 +349,71 @@ async fn lengths_from_names_cannot_overflow_max_length_bytes() {
     assert!(matches!(e, Error::Nacked(_)), "{e:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn headers_too_long_for_the_reader_are_refused_at_publish() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("bus");
+    let conn = open(&root).await;
+    conn.declare_queue("q", QueueOptions::default())
+        .await
+        .expect("declare");
+    let big = "h".repeat((1 << 20) + 1);
+    let err = conn
+        .send_to_queue(
+            "q",
+            Message::new(&b"x"[..]).with_header("big", big.as_str()),
+        )
+        .await
+        .expect_err("an envelope over the reader's bound is refused");
+    assert!(
+        matches!(err, Error::PreconditionFailed(_)),
+        "a precondition error: {err:?}"
+    );
+    assert!(!err.is_temporary(), "permanent: {err}");
+    assert!(err.to_string().contains("headers"), "says why: {err}");
+    let info = conn
+        .declare_queue(
+            "q",
+            QueueOptions {
+                passive: true,
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .expect("passive");
+    assert_eq!(info.message_count, 0, "nothing was written");
+    assert!(
+        std::fs::read_dir(root.join("tmp"))
+            .expect("ls tmp")
+            .next()
+            .is_none(),
+        "no temp file left"
+    );
+    // Headers well within the bound go through and are read back whole.
+    let fits = "h".repeat(512 * 1024);
+    conn.send_to_queue(
+        "q",
+        Message::new(&b"ok"[..]).with_header("big", fits.as_str()),
+    )
+    .await
+    .expect("publish with large headers that fit");
+    let mut c = conn
+        .consume("q", ConsumeOptions::default())
+        .await
+        .expect("consume");
+    let d = next_delivery(&mut c).await;
+    assert_eq!(&d.message.body[..], b"ok");
+    assert_eq!(d.message.header("big"), Some(&fits.as_str().into()));
+    d.ack().await.expect("ack");
+    assert!(
+        std::fs::read_dir(root.join("quarantine"))
+            .expect("ls quarantine")
+            .next()
+            .is_none(),
+        "nothing quarantined"
+    );
+}
+
 #[tokio::test]
 async fn a_topology_lock_held_elsewhere_does_not_freeze_the_runtime() {
     use std::os::unix::io::AsRawFd;
