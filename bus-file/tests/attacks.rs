@@ -414,12 +414,45 @@ async fn headers_too_long_for_the_reader_are_refused_at_publish() {
     );
 }
 
+/// Whether `fut` was cut off by a short timeout (`true`) or finished;
+/// either way it must come back on time, not when a lock is released.
+async fn on_time<T>(fut: impl std::future::Future<Output = T>) -> bool {
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_millis(300), fut).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned at the timeout, not when the lock was released"
+    );
+    r.is_err()
+}
+
 #[tokio::test]
 async fn a_topology_lock_held_elsewhere_does_not_freeze_the_runtime() {
     use std::os::unix::io::AsRawFd;
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().join("bus");
     let conn = open(&root).await;
+    conn.declare_queue("work", QueueOptions::default())
+        .await
+        .expect("declare");
+    let auto = conn
+        .declare_queue(
+            "auto",
+            QueueOptions {
+                auto_delete: true,
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .expect("declare auto-delete");
+    let auto_consumer = conn
+        .consume(&auto.name, ConsumeOptions::default())
+        .await
+        .expect("consume auto-delete");
+    let dropped_consumer = conn
+        .consume("work", ConsumeOptions::default())
+        .await
+        .expect("consume");
     // Another open file description: flock is per description, so this is
     // what another process holding it looks like.
     let holder = std::fs::OpenOptions::new()
@@ -431,22 +464,71 @@ async fn a_topology_lock_held_elsewhere_does_not_freeze_the_runtime() {
         .expect("open lock");
     // SAFETY: a valid descriptor owned by `holder`.
     assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let started = std::time::Instant::now();
-    let r = tokio::time::timeout(
-        Duration::from_secs(1),
-        conn.declare_queue("q", QueueOptions::default()),
-    )
-    .await;
-    assert!(r.is_err(), "the timeout fired while the lock was held");
+
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "returned at the timeout, not when the lock was released"
+        on_time(conn.declare_queue("q", QueueOptions::default())).await,
+        "declare waits for the lock"
     );
+    assert!(
+        on_time(conn.consume("work", ConsumeOptions::default())).await,
+        "consume's registration waits for the lock"
+    );
+    // Publishing reads the topology without the lock: it may finish.
+    on_time(conn.send_to_queue("work", Message::new(&b"held"[..]))).await;
+    // The last consumer of an auto-delete queue leaving deletes it under
+    // the lock: cancelling returns on time, and so does dropping.
+    assert!(
+        on_time(auto_consumer.cancel()).await,
+        "the auto-delete waits for the lock"
+    );
+    let started = std::time::Instant::now();
+    drop(auto_consumer);
+    drop(dropped_consumer);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dropping consumers does not wait for the lock"
+    );
+    assert!(
+        on_time(conn.close()).await,
+        "close waits for the lock (it deletes exclusive queues under it)"
+    );
+    let other = open(&root).await;
+    let started = std::time::Instant::now();
+    drop(other);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "dropping a connection does not wait for the lock"
+    );
+
+    // Once the lock is free, the work handed off finishes: the auto-delete
+    // queue goes, and the connection is closed.
     drop(holder);
-    tokio::time::timeout(WAIT, conn.declare_queue("q", QueueOptions::default()))
+    let check = open(&root).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let passive = QueueOptions {
+                passive: true,
+                ..QueueOptions::default()
+            };
+            match check.declare_queue(&auto.name, passive).await {
+                Err(Error::NotFound(_)) => break,
+                Ok(_) => tokio::task::yield_now().await,
+                Err(e) => panic!("passive declare: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the auto-delete queue is deleted once the lock is free");
+    tokio::time::timeout(WAIT, conn.close())
+        .await
+        .expect("close in time once the lock is free")
+        .expect("close");
+    assert!(!conn.is_open());
+    tokio::time::timeout(WAIT, check.declare_queue("q", QueueOptions::default()))
         .await
         .expect("in time once the lock is free")
         .expect("declare");
+    check.close().await.expect("close");
 }
 
 #[tokio::test(start_paused = true)]
