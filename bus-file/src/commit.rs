@@ -14,7 +14,9 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 
 use tokio::sync::oneshot;
 
@@ -52,7 +54,7 @@ impl Committer {
     ) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         let start = {
-            let mut st = self.state.lock().expect("committer lock");
+            let mut st = self.state.lock();
             st.pending.push((root, dirs, tx));
             !std::mem::replace(&mut st.running, true)
         };
@@ -71,7 +73,7 @@ impl Committer {
     async fn run(self: Arc<Self>) {
         loop {
             let batch = {
-                let mut st = self.state.lock().expect("committer lock");
+                let mut st = self.state.lock();
                 if st.pending.is_empty() {
                     st.running = false;
                     return;

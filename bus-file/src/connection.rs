@@ -6,7 +6,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+
+use crate::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -277,7 +279,7 @@ impl FileConnection {
         match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             let _ = events_tx.send(ev);
         }) {
-            Ok(w) => *inner.watcher.lock().expect("watcher lock") = Some(w),
+            Ok(w) => *inner.watcher.lock() = Some(w),
             Err(e) => tracing::warn!(error = %e, "no file-system events; relying on rescans"),
         }
         let weak = Arc::downgrade(&inner);
@@ -290,12 +292,12 @@ impl FileConnection {
             }
         });
         {
-            let mut reg = registry().lock().expect("registry lock");
+            let mut reg = registry().lock();
             reg.retain(|w| w.strong_count() > 0);
             reg.push(Arc::downgrade(&inner));
         }
         let task = tokio::spawn(crate::janitor::run(Arc::downgrade(&inner)));
-        *inner.janitor.lock().expect("janitor lock") = Some(task);
+        *inner.janitor.lock() = Some(task);
         Ok(FileConnection { inner })
     }
 
@@ -399,7 +401,7 @@ impl Inner {
     /// The current topology, re-read only when the file changed.
     pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>> {
         let stamp = topology::stamp(&self.layout.fs)?;
-        let mut cache = self.cache.lock().expect("cache lock");
+        let mut cache = self.cache.lock();
         if let Some((s, snap)) = cache.as_ref() {
             if *s == stamp {
                 return Ok(snap.clone());
@@ -422,7 +424,7 @@ impl Inner {
         if changed {
             t.generation += 1;
             topology::write(&self.layout.fs, &t)?;
-            *self.cache.lock().expect("cache lock") = None;
+            *self.cache.lock() = None;
         }
         Ok(out)
     }
@@ -510,18 +512,13 @@ impl Inner {
     /// Hands a message that just became ready in `queue` to every
     /// dispatcher of this process on that queue.
     pub(crate) fn announce(&self, queue: &str, file: &str) {
-        let reg = registry().lock().expect("registry lock").clone();
+        let reg = registry().lock().clone();
         for w in reg {
             let Some(other) = w.upgrade() else { continue };
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .get(queue)
-                .cloned();
+            let d = other.dispatchers.lock().get(queue).cloned();
             if let Some(d) = d {
                 d.offer(file);
             }
@@ -530,17 +527,13 @@ impl Inner {
 
     /// Ends the local consumers of a queue that no longer exists.
     pub(crate) fn queue_gone(&self, queue: &str) {
-        let reg = registry().lock().expect("registry lock").clone();
+        let reg = registry().lock().clone();
         for w in reg {
             let Some(other) = w.upgrade() else { continue };
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .remove(queue);
+            let d = other.dispatchers.lock().remove(queue);
             if let Some(d) = d {
                 other.unwatch(&d);
                 d.stop();
@@ -553,7 +546,7 @@ impl Inner {
         let ev = match ev {
             Ok(ev) if !ev.need_rescan() => ev,
             _ => {
-                for d in self.dispatchers.lock().expect("dispatchers lock").values() {
+                for d in self.dispatchers.lock().values() {
                     d.request_rescan();
                 }
                 return;
@@ -584,12 +577,7 @@ impl Inner {
             else {
                 continue;
             };
-            let d = self
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .get(queue)
-                .cloned();
+            let d = self.dispatchers.lock().get(queue).cloned();
             if let (Some(d), Some(file)) = (d, file.to_str()) {
                 d.offer(file);
             }
@@ -598,14 +586,14 @@ impl Inner {
 
     pub(crate) fn unwatch(&self, d: &Dispatcher) {
         use notify::Watcher;
-        if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+        if let Some(w) = self.watcher.lock().as_mut() {
             let _ = w.unwatch(&self.layout.ready(&d.queue));
         }
     }
 
     /// The dispatcher of a queue in this connection, started on first use.
     fn dispatcher(self: &Arc<Self>, name: &str, record: &QueueRecord) -> Result<Arc<Dispatcher>> {
-        let mut map = self.dispatchers.lock().expect("dispatchers lock");
+        let mut map = self.dispatchers.lock();
         if let Some(d) = map.get(name) {
             if d.queue_id == record.id {
                 return Ok(d.clone());
@@ -623,7 +611,7 @@ impl Inner {
         ));
         {
             use notify::Watcher;
-            if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+            if let Some(w) = self.watcher.lock().as_mut() {
                 if let Err(e) = w.watch(
                     &self.layout.ready(name),
                     notify::RecursiveMode::NonRecursive,
@@ -1014,13 +1002,7 @@ impl Inner {
             .consumer_tag
             .clone()
             .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
-        if inner
-            .dispatchers
-            .lock()
-            .expect("dispatchers lock")
-            .values()
-            .any(|d| d.has_tag(&tag))
-        {
+        if inner.dispatchers.lock().values().any(|d| d.has_tag(&tag)) {
             return Err(Error::PreconditionFailed(format!(
                 "consumer tag {tag:?} is already in use on this connection"
             )));
@@ -1079,16 +1061,10 @@ impl Inner {
         if !self.open.swap(false, Ordering::AcqRel) {
             return;
         }
-        if let Some(t) = self.janitor.lock().expect("janitor lock").take() {
+        if let Some(t) = self.janitor.lock().take() {
             t.abort();
         }
-        let dispatchers: Vec<_> = self
-            .dispatchers
-            .lock()
-            .expect("dispatchers lock")
-            .drain()
-            .map(|(_, d)| d)
-            .collect();
+        let dispatchers: Vec<_> = self.dispatchers.lock().drain().map(|(_, d)| d).collect();
         let mut queues_left = BTreeSet::new();
         for d in dispatchers {
             for c in d.stop() {
@@ -1118,15 +1094,14 @@ impl Inner {
             self.queue_gone(&q);
         }
         crate::janitor::release_owner(self, &self.owner);
-        *self.watcher.lock().expect("watcher lock") = None;
+        *self.watcher.lock() = None;
         let _ = self
             .layout
             .fs
             .remove_file(&self.layout.owner_lock(&self.owner));
-        self.owner_lock.lock().expect("owner lock").take();
+        self.owner_lock.lock().take();
         registry()
             .lock()
-            .expect("registry lock")
             .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), self));
     }
 

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use crate::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -159,8 +161,8 @@ impl Dispatcher {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DispatchState> {
-        self.state.lock().expect("dispatcher lock")
+    fn lock(&self) -> MutexGuard<'_, DispatchState> {
+        self.state.lock()
     }
 
     /// A message file appeared in the ready folder.
@@ -403,18 +405,18 @@ pub(crate) struct ConsumerShared {
 
 impl ConsumerShared {
     fn has_capacity(&self) -> bool {
-        let tx = self.tx.lock().expect("tx lock");
+        let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         tx.capacity() > 0
             && (self.auto_ack
                 || self.prefetch == 0
-                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+                || self.unacked.lock().len() < usize::from(self.prefetch))
     }
 
     /// Sends a claimed message to the stream; gives it back (`Some`) if the
     /// stream is gone.
     fn hand_over(&self, claim: Claim) -> Option<Claim> {
-        let tx = self.tx.lock().expect("tx lock").clone();
+        let tx = self.tx.lock().clone();
         let Some(tx) = tx else { return Some(claim) };
         let Ok(permit) = tx.try_reserve() else {
             return Some(claim);
@@ -437,17 +439,14 @@ impl ConsumerShared {
         if self.auto_ack {
             let _ = self.fs.remove_file(&claim.path);
         } else {
-            self.unacked
-                .lock()
-                .expect("unacked lock")
-                .insert(tag, claim);
+            self.unacked.lock().insert(tag, claim);
         }
         permit.send(Ok(delivery));
         None
     }
 
     fn end_stream(&self) {
-        self.tx.lock().expect("tx lock").take();
+        self.tx.lock().take();
     }
 
     /// Stops deliveries: the consumer leaves its dispatcher and its
@@ -473,14 +472,14 @@ impl ConsumerShared {
         self.end_stream();
         let _ = self.fs.remove_file(&self.consumer_file);
         self.released.store(true, Ordering::Release);
-        let held = std::mem::take(&mut *self.unacked.lock().expect("unacked lock"));
+        let held = std::mem::take(&mut *self.unacked.lock());
         for claim in held.values() {
             inner.requeue(&self.queue, claim);
         }
     }
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Claim>> {
-        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let mut unacked = self.unacked.lock();
         self.take_from(&mut unacked, tag, multiple)
     }
 
@@ -490,7 +489,7 @@ impl ConsumerShared {
     /// no lock is held meanwhile (requeueing takes the dispatcher's).
     fn take_and_requeue(&self, inner: &Inner, tag: u64, multiple: bool) -> Result<()> {
         let claims: Vec<(u64, Claim)> = {
-            let unacked = self.unacked.lock().expect("unacked lock");
+            let unacked = self.unacked.lock();
             let mut probe = unacked.clone();
             self.take_from(&mut probe, tag, multiple)?;
             unacked
@@ -502,7 +501,7 @@ impl ConsumerShared {
         for (_, claim) in &claims {
             inner.requeue(&self.queue, claim);
         }
-        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let mut unacked = self.unacked.lock();
         for (k, _) in claims {
             unacked.remove(&k);
         }
@@ -550,7 +549,7 @@ impl ConsumerShared {
     /// read that empties the stream, and every ack after it, wake it.
     fn after_progress(&self) {
         let unread = {
-            let tx = self.tx.lock().expect("tx lock");
+            let tx = self.tx.lock();
             let Some(tx) = tx.as_ref() else { return };
             tx.max_capacity() - tx.capacity()
         };

@@ -31,7 +31,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -176,7 +178,6 @@ impl Inbox {
             self.shared
                 .reasons
                 .lock()
-                .expect("reasons lock")
                 .insert(name.to_owned(), reason.to_owned());
         }
         delivery.reject(false).await
@@ -396,11 +397,10 @@ fn reap_dead(fs: &Root) {
 
 impl InboxConsumer {
     fn capacity(&self) -> bool {
-        let tx = self.tx.lock().expect("tx lock");
+        let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         tx.capacity() > 0
-            && (self.prefetch == 0
-                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+            && (self.prefetch == 0 || self.unacked.lock().len() < usize::from(self.prefetch))
     }
 
     /// Lists the folder, claims ready files and delivers them; returns how
@@ -482,14 +482,14 @@ impl InboxConsumer {
                     continue;
                 }
             };
-            let was = self.requeued.lock().expect("requeued lock").remove(&name);
+            let was = self.requeued.lock().remove(&name);
             self.deliver(name, body, meta.st_mtime.max(0) as u64, was);
         }
         next
     }
 
     fn deliver(self: &Arc<Self>, name: String, body: Vec<u8>, mtime: u64, redelivered: bool) {
-        let tx = self.tx.lock().expect("tx lock").clone();
+        let tx = self.tx.lock().clone();
         let Some(Ok(permit)) = tx.as_ref().map(mpsc::Sender::try_reserve) else {
             let _ = self.fs.rename(&self.claims.join(&name), Path::new(&name));
             return;
@@ -501,10 +501,7 @@ impl InboxConsumer {
             .with_timestamp(mtime)
             .with_header(FILE_HEADER, name.as_str())
             .with_header("x-legacy-size", size);
-        self.unacked
-            .lock()
-            .expect("unacked lock")
-            .insert(tag, Held { name: name.clone() });
+        self.unacked.lock().insert(tag, Held { name: name.clone() });
         let acker: Arc<dyn Acknowledger> = Arc::new(InboxAcker(self.clone()));
         permit.send(Ok(Delivery::new(
             message,
@@ -578,10 +575,7 @@ impl InboxConsumer {
     }
 
     fn requeue(&self, held: &Held) {
-        self.requeued
-            .lock()
-            .expect("requeued lock")
-            .insert(held.name.clone());
+        self.requeued.lock().insert(held.name.clone());
         let _ = self
             .fs
             .rename(&self.claims.join(&held.name), Path::new(&held.name));
@@ -589,7 +583,7 @@ impl InboxConsumer {
     }
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Held>> {
-        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let mut unacked = self.unacked.lock();
         let tags: Vec<u64> = if multiple {
             unacked.keys().copied().filter(|t| *t <= tag).collect()
         } else {
@@ -614,15 +608,9 @@ impl InboxConsumer {
 
     fn stop(&self, requeue: bool) {
         self.stopped.store(true, Ordering::Release);
-        self.tx.lock().expect("tx lock").take();
+        self.tx.lock().take();
         if requeue {
-            let held: Vec<Held> = self
-                .unacked
-                .lock()
-                .expect("unacked lock")
-                .drain()
-                .map(|(_, h)| h)
-                .collect();
+            let held: Vec<Held> = self.unacked.lock().drain().map(|(_, h)| h).collect();
             for h in &held {
                 self.requeue(h);
             }
@@ -656,7 +644,6 @@ impl Acknowledger for InboxAcker {
                     .inbox
                     .reasons
                     .lock()
-                    .expect("reasons lock")
                     .remove(&h.name)
                     .unwrap_or_else(|| "rejected by the consumer".to_owned());
                 self.0.fail_file(&h.name, &reason);
