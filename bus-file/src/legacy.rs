@@ -21,7 +21,10 @@
 //!
 //! Names that start with a dot, and names ending in `.done`, `.tmp` or
 //! `.part`, are never taken as requests; sub-folders (like `done/` and
-//! `failed/`) are ignored.
+//! `failed/`) are ignored. Any other entry that is not a plain file (a
+//! symlink, which is never followed, a pipe, a socket, a device) and any
+//! name that is not UTF-8 is moved as it is to the failed folder with a
+//! `<name>.error` file saying why, so nothing dropped there goes unreported.
 //!
 //! [`bridge`]: bus_core::bridge
 
@@ -427,10 +430,20 @@ impl InboxConsumer {
             let Ok(meta) = fs.stat(&path) else {
                 continue;
             };
-            if rustix::fs::FileType::from_raw_mode(meta.st_mode)
-                != rustix::fs::FileType::RegularFile
-            {
-                continue;
+            match rustix::fs::FileType::from_raw_mode(meta.st_mode) {
+                rustix::fs::FileType::RegularFile => {}
+                // Folders (the failed and done folders may live here) are
+                // not inputs.
+                rustix::fs::FileType::Directory => continue,
+                // A symlink (never followed), a pipe, a socket or a device
+                // dropped here is reported, not silently skipped.
+                kind => {
+                    self.refuse(
+                        OsStr::new(&name),
+                        &format!("not a regular file but a {kind:?}; inputs must be plain files"),
+                    );
+                    continue;
+                }
             }
             let ready = match &self.inbox.readiness {
                 Readiness::RenamedIn => true,
@@ -561,10 +574,17 @@ impl InboxConsumer {
     fn refuse_raw(&self, raw: &OsStr, reason: &str) {
         let path = Path::new(raw);
         if !self.fs.stat(path).is_ok_and(|m| {
-            rustix::fs::FileType::from_raw_mode(m.st_mode) == rustix::fs::FileType::RegularFile
+            rustix::fs::FileType::from_raw_mode(m.st_mode) != rustix::fs::FileType::Directory
         }) {
             return;
         }
+        self.refuse(raw, reason);
+    }
+
+    /// Moves an entry of the input folder as it is (a symlink is moved, not
+    /// followed) to the failed folder, with the reason beside it.
+    fn refuse(&self, raw: &OsStr, reason: &str) {
+        let path = Path::new(raw);
         self.write_error(raw, reason);
         match self.fs.rename_to(path, &self.failed_fs, path) {
             Ok(()) => tracing::warn!(file = %raw.to_string_lossy(), reason, "refused an input"),

@@ -663,6 +663,53 @@ async fn legacy_hard_links_and_non_utf8_names_fail_with_a_reason() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn legacy_symlinks_and_special_files_are_reported_in_failed() {
+    use bus_file::legacy::{Inbox, Readiness};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sentinel = Sentinel::new(dir.path());
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).expect("mkdir");
+    symlink(sentinel.dir.join("secret.txt"), input.join("a-link.txt")).expect("symlink");
+    let fifo = std::ffi::CString::new(
+        input
+            .join("b-pipe.txt")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    std::fs::write(input.join("z-good.txt"), b"good").expect("write");
+    let inbox = Inbox::new(&input)
+        .with_readiness(Readiness::RenamedIn)
+        .with_rescan_interval(Duration::from_millis(100));
+    let mut c = inbox.consume(0).await.expect("consume");
+    // Inputs are taken in name order, so the two bad entries were handled
+    // by the time the good one arrives.
+    let d = next_delivery(&mut c).await;
+    assert_eq!(&d.message.body[..], b"good", "the good input is delivered");
+    d.ack().await.expect("ack");
+    let failed = input.join("failed");
+    for (name, kind) in [("a-link.txt", "Symlink"), ("b-pipe.txt", "Fifo")] {
+        let meta = std::fs::symlink_metadata(failed.join(name))
+            .unwrap_or_else(|e| panic!("{name} moved to failed/: {e}"));
+        assert!(!meta.is_file(), "{name} moved as it is");
+        let reason = std::fs::read_to_string(failed.join(format!("{name}.error")))
+            .unwrap_or_else(|e| panic!("{name}.error beside it: {e}"));
+        assert!(
+            reason.contains("not a regular file") && reason.contains(kind),
+            "{name}: {reason}"
+        );
+        assert!(!input.join(name).exists() && std::fs::symlink_metadata(input.join(name)).is_err());
+    }
+    assert!(
+        std::fs::read_link(failed.join("a-link.txt")).is_ok(),
+        "the symlink itself moved, not its target"
+    );
+    sentinel.assert_untouched();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_result_writer_never_writes_through_a_swapped_folder() {
     use bus_file::legacy::ResultWriter;
     let dir = tempfile::tempdir().expect("temp dir");
