@@ -348,8 +348,22 @@ async fn run_inbox(
         if c.stopped.load(Ordering::Acquire) {
             return;
         }
-        reap_dead(&c.fs);
-        let next = c.scan(&mut seen);
+        // The scan's file work runs on the blocking pool.
+        let c2 = c.clone();
+        let (back, next) = match tokio::task::spawn_blocking(move || {
+            reap_dead(&c2.fs);
+            let next = c2.scan(&mut seen);
+            (seen, next)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox scan failed");
+                (HashMap::new(), None)
+            }
+        };
+        seen = back;
         let wait = next.map_or(c.inbox.rescan, |d| d.min(c.inbox.rescan));
         tokio::select! {
             _ = c.wake.notified() => {}
