@@ -16,11 +16,10 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::sync::Mutex;
-
 use tokio::sync::oneshot;
 
 use crate::fsys;
+use crate::sync::Mutex;
 
 /// Whether a batch flushes the whole file system (covering file data, so
 /// publishers need not fsync their files) rather than fsyncing folders.

@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-
-use crate::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,6 +26,7 @@ use crate::envelope::Envelope;
 use crate::fsys::{self, FileLock};
 use crate::layout::{self, Layout, FORMAT_VERSION};
 use crate::names::{self, check_path_name, MessageName};
+use crate::sync::Mutex;
 use crate::topology::{self, BindingRecord, ExchangeRecord, FileStamp, QueueRecord, Topology};
 
 /// Settings of a [`FileConnection`], as `#[must_use]` builder methods over

@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-
-use crate::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -25,6 +23,7 @@ use crate::envelope::Envelope;
 use crate::fsys::{self, FileLock};
 use crate::layout::{self, Layout};
 use crate::names::{self, MessageName};
+use crate::sync::{Mutex, MutexGuard};
 
 /// Deliveries a consumer's stream buffers beyond what it has read.
 const STREAM_BUFFER: usize = 256;

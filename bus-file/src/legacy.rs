@@ -35,8 +35,6 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-
-use crate::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,8 +47,10 @@ use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use crate::connection::blocking;
 use crate::fsys::{self, FileLock, Root};
 use crate::names;
+use crate::sync::Mutex;
 
 /// When a file in an input folder counts as complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -661,28 +661,40 @@ struct InboxAcker(Arc<InboxConsumer>);
 #[async_trait]
 impl Acknowledger for InboxAcker {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        for h in self.0.take(tag, multiple)? {
-            self.0.finish(&h.name)?;
-        }
+        let held = self.0.take(tag, multiple)?;
+        let c = self.0.clone();
+        // The moves and deletions run on the blocking pool.
+        blocking(move || {
+            for h in held {
+                c.finish(&h.name)?;
+            }
+            Ok(())
+        })
+        .await?;
         self.0.wake.notify_one();
         Ok(())
     }
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        for h in self.0.take(tag, multiple)? {
-            if requeue {
-                self.0.requeue(&h);
-            } else {
-                let reason = self
-                    .0
-                    .inbox
-                    .reasons
-                    .lock()
-                    .remove(&h.name)
-                    .unwrap_or_else(|| "rejected by the consumer".to_owned());
-                self.0.fail_file(&h.name, &reason);
+        let held = self.0.take(tag, multiple)?;
+        let c = self.0.clone();
+        blocking(move || {
+            for h in held {
+                if requeue {
+                    c.requeue(&h);
+                } else {
+                    let reason = c
+                        .inbox
+                        .reasons
+                        .lock()
+                        .remove(&h.name)
+                        .unwrap_or_else(|| "rejected by the consumer".to_owned());
+                    c.fail_file(&h.name, &reason);
+                }
             }
-        }
+            Ok(())
+        })
+        .await?;
         self.0.wake.notify_one();
         Ok(())
     }
