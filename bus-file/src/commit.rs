@@ -14,11 +14,12 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
 use crate::fsys;
+use crate::sync::Mutex;
 
 /// Whether a batch flushes the whole file system (covering file data, so
 /// publishers need not fsync their files) rather than fsyncing folders.
@@ -52,7 +53,7 @@ impl Committer {
     ) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         let start = {
-            let mut st = self.state.lock().expect("committer lock");
+            let mut st = self.state.lock();
             st.pending.push((root, dirs, tx));
             !std::mem::replace(&mut st.running, true)
         };
@@ -71,7 +72,7 @@ impl Committer {
     async fn run(self: Arc<Self>) {
         loop {
             let batch = {
-                let mut st = self.state.lock().expect("committer lock");
+                let mut st = self.state.lock();
                 if st.pending.is_empty() {
                     st.running = false;
                     return;

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +26,7 @@ use crate::envelope::Envelope;
 use crate::fsys::{self, FileLock};
 use crate::layout::{self, Layout, FORMAT_VERSION};
 use crate::names::{self, check_path_name, MessageName};
+use crate::sync::Mutex;
 use crate::topology::{self, BindingRecord, ExchangeRecord, FileStamp, QueueRecord, Topology};
 
 /// Settings of a [`FileConnection`], as `#[must_use]` builder methods over
@@ -100,11 +101,6 @@ impl FileOptions {
 
 /// The default of [`FileOptions::max_message_size`]: 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 << 20;
-
-/// What a message file may hold besides its body (envelope header,
-/// exchange, routing key, properties and headers): AMQP puts all of it in
-/// one frame, which RabbitMQ caps at 128 KiB by default; this leaves room.
-pub(crate) const MAX_ENVELOPE_OVERHEAD: u64 = 1 << 20;
 
 /// A connection to the folder transport: every process that opens the same
 /// root shares its exchanges, queues and messages.
@@ -236,6 +232,8 @@ pub(crate) struct Inner {
     janitor: Mutex<Option<JoinHandle<()>>>,
     tmp_seq: AtomicU64,
     consumer_seq: AtomicU64,
+    /// This connection itself, for handing file work to the blocking pool.
+    me: Weak<Inner>,
 }
 
 impl FileConnection {
@@ -257,7 +255,8 @@ impl FileConnection {
         let shared_group = options.shared_group;
         let (layout, owner, lock) = blocking(move || open_root(&root, shared_group)).await?;
 
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             layout,
             owner,
             options,
@@ -279,7 +278,7 @@ impl FileConnection {
         match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             let _ = events_tx.send(ev);
         }) {
-            Ok(w) => *inner.watcher.lock().expect("watcher lock") = Some(w),
+            Ok(w) => *inner.watcher.lock() = Some(w),
             Err(e) => tracing::warn!(error = %e, "no file-system events; relying on rescans"),
         }
         let weak = Arc::downgrade(&inner);
@@ -292,12 +291,12 @@ impl FileConnection {
             }
         });
         {
-            let mut reg = registry().lock().expect("registry lock");
+            let mut reg = registry().lock();
             reg.retain(|w| w.strong_count() > 0);
             reg.push(Arc::downgrade(&inner));
         }
         let task = tokio::spawn(crate::janitor::run(Arc::downgrade(&inner)));
-        *inner.janitor.lock().expect("janitor lock") = Some(task);
+        *inner.janitor.lock() = Some(task);
         Ok(FileConnection { inner })
     }
 
@@ -341,8 +340,35 @@ fn check_format(layout: &Layout) -> Result<()> {
 
 impl Drop for FileConnection {
     fn drop(&mut self) {
-        self.inner.shutdown();
+        // Drop cannot wait: the shutdown's file work (which may wait on the
+        // topology lock) goes to the blocking pool.
+        let inner = self.inner.clone();
+        off_runtime(move || inner.shutdown());
     }
+}
+
+/// Runs `f` on the blocking pool without waiting for it when a runtime is
+/// there (from a `Drop` or another synchronous path on a runtime thread),
+/// else right here.
+pub(crate) fn off_runtime(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            drop(h.spawn_blocking(f));
+        }
+        Err(_) => f(),
+    }
+}
+
+/// What a publish did on disk, for the rest of it to finish: the links it
+/// made (queue, file name, arguments), which of them succeeded, and the
+/// queues that refused it.
+struct Prepared {
+    envelope: Envelope,
+    links: Vec<(String, String, QueueArguments)>,
+    linked: Vec<usize>,
+    durable: bool,
+    expiring: bool,
+    refused: Vec<(String, QueueArguments, bool)>,
 }
 
 /// Folder-level outcome of a publish into one queue.
@@ -356,6 +382,13 @@ impl Inner {
         self.open.load(Ordering::Acquire)
     }
 
+    /// This connection as an `Arc`, to move into blocking work.
+    pub(crate) fn arc(&self) -> Result<Arc<Inner>> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Error::Closed("the file connection is closed".into()))
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.is_open() {
             Ok(())
@@ -367,7 +400,7 @@ impl Inner {
     /// The current topology, re-read only when the file changed.
     pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>> {
         let stamp = topology::stamp(&self.layout.fs)?;
-        let mut cache = self.cache.lock().expect("cache lock");
+        let mut cache = self.cache.lock();
         if let Some((s, snap)) = cache.as_ref() {
             if *s == stamp {
                 return Ok(snap.clone());
@@ -390,7 +423,7 @@ impl Inner {
         if changed {
             t.generation += 1;
             topology::write(&self.layout.fs, &t)?;
-            *self.cache.lock().expect("cache lock") = None;
+            *self.cache.lock() = None;
         }
         Ok(out)
     }
@@ -478,18 +511,13 @@ impl Inner {
     /// Hands a message that just became ready in `queue` to every
     /// dispatcher of this process on that queue.
     pub(crate) fn announce(&self, queue: &str, file: &str) {
-        let reg = registry().lock().expect("registry lock").clone();
+        let reg = registry().lock().clone();
         for w in reg {
             let Some(other) = w.upgrade() else { continue };
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .get(queue)
-                .cloned();
+            let d = other.dispatchers.lock().get(queue).cloned();
             if let Some(d) = d {
                 d.offer(file);
             }
@@ -498,17 +526,13 @@ impl Inner {
 
     /// Ends the local consumers of a queue that no longer exists.
     pub(crate) fn queue_gone(&self, queue: &str) {
-        let reg = registry().lock().expect("registry lock").clone();
+        let reg = registry().lock().clone();
         for w in reg {
             let Some(other) = w.upgrade() else { continue };
             if other.layout.root != self.layout.root {
                 continue;
             }
-            let d = other
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .remove(queue);
+            let d = other.dispatchers.lock().remove(queue);
             if let Some(d) = d {
                 other.unwatch(&d);
                 d.stop();
@@ -521,7 +545,7 @@ impl Inner {
         let ev = match ev {
             Ok(ev) if !ev.need_rescan() => ev,
             _ => {
-                for d in self.dispatchers.lock().expect("dispatchers lock").values() {
+                for d in self.dispatchers.lock().values() {
                     d.request_rescan();
                 }
                 return;
@@ -552,12 +576,7 @@ impl Inner {
             else {
                 continue;
             };
-            let d = self
-                .dispatchers
-                .lock()
-                .expect("dispatchers lock")
-                .get(queue)
-                .cloned();
+            let d = self.dispatchers.lock().get(queue).cloned();
             if let (Some(d), Some(file)) = (d, file.to_str()) {
                 d.offer(file);
             }
@@ -566,14 +585,14 @@ impl Inner {
 
     pub(crate) fn unwatch(&self, d: &Dispatcher) {
         use notify::Watcher;
-        if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+        if let Some(w) = self.watcher.lock().as_mut() {
             let _ = w.unwatch(&self.layout.ready(&d.queue));
         }
     }
 
     /// The dispatcher of a queue in this connection, started on first use.
     fn dispatcher(self: &Arc<Self>, name: &str, record: &QueueRecord) -> Result<Arc<Dispatcher>> {
-        let mut map = self.dispatchers.lock().expect("dispatchers lock");
+        let mut map = self.dispatchers.lock();
         if let Some(d) = map.get(name) {
             if d.queue_id == record.id {
                 return Ok(d.clone());
@@ -591,7 +610,7 @@ impl Inner {
         ));
         {
             use notify::Watcher;
-            if let Some(w) = self.watcher.lock().expect("watcher lock").as_mut() {
+            if let Some(w) = self.watcher.lock().as_mut() {
                 if let Err(e) = w.watch(
                     &self.layout.ready(name),
                     notify::RecursiveMode::NonRecursive,
@@ -646,16 +665,19 @@ impl Inner {
                     // exchange; so does this transport.
                     Ok(()) | Err(Error::NotFound(_)) | Err(Error::Nacked(_)) => {}
                     Err(e) => {
-                        self.requeue(queue, claim);
+                        let (me, q, c) = (self.arc()?, queue.to_owned(), claim.clone());
+                        off_runtime(move || me.requeue(&q, &c));
                         return Err(e);
                     }
                 }
             }
-            match self.layout.fs.remove_file(&claim.path) {
+            let (fs, path) = (self.layout.fs.clone(), claim.path.clone());
+            blocking(move || match fs.remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if fsys::is_not_found(&e) => Ok(()),
                 Err(e) => Err(e.into()),
-            }
+            })
+            .await
         })
     }
 
@@ -693,6 +715,19 @@ impl Inner {
         {
             return Ok(());
         }
+        let (me, q, a) = (self.arc()?, queue.to_owned(), args.clone());
+        let claims = blocking(move || me.drop_head_claims(&q, &a)).await?;
+        for claim in claims {
+            self.dead_letter_or_drop(queue, args, &claim, "maxlen")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Claims the oldest ready messages of a `drop-head` queue beyond its
+    /// limits, for [`Inner::enforce_drop_head`] to drop or dead-letter.
+    fn drop_head_claims(&self, queue: &str, args: &QueueArguments) -> Result<Vec<Claim>> {
+        let mut claims = Vec::new();
         let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
         ready.sort_by(|a, b| a.0.cmp(&b.0));
         let mut count = ready.len() as u64;
@@ -708,11 +743,10 @@ impl Inner {
             count -= 1;
             bytes = bytes.saturating_sub(name.body_len);
             if let Some(claim) = self.claim_file(queue, &file, name)? {
-                self.dead_letter_or_drop(queue, args, &claim, "maxlen")
-                    .await?;
+                claims.push(claim);
             }
         }
-        Ok(())
+        Ok(claims)
     }
 
     /// Claims a ready message for this connection and reads it. `None` when
@@ -791,6 +825,68 @@ impl Inner {
                 self.options.max_message_size
             )));
         }
+        crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
+        let me = self.arc()?;
+        let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
+        // Routing, admission and the writes run whole on the blocking pool.
+        let Some(Prepared {
+            envelope,
+            links,
+            linked,
+            durable,
+            expiring,
+            refused,
+        }) = blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl)).await?
+        else {
+            return Ok(());
+        };
+        if durable && !linked.is_empty() {
+            let dirs = linked
+                .iter()
+                .map(|&i| self.layout.ready(&links[i].0))
+                .collect();
+            self.committer
+                .sync_dirs(self.layout.fs.clone(), dirs)
+                .await?;
+        }
+        for &i in &linked {
+            let (q, f, args) = &links[i];
+            self.announce(q, f);
+            self.enforce_drop_head(q, args).await?;
+        }
+        if expiring {
+            self.janitor_wake.notify_one();
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for (q, args, dead_letter) in &refused {
+            if let (true, Some(dlx)) = (*dead_letter, &args.dead_letter_exchange) {
+                let rk = args
+                    .dead_letter_routing_key
+                    .clone()
+                    .unwrap_or_else(|| routing_key.to_owned());
+                let m = dead_lettered(&envelope, q, "maxlen");
+                let _ = self.publish_boxed(dlx.clone(), rk, m).await;
+            }
+        }
+        Err(Error::Nacked(format!(
+            "queue {:?} is full (x-overflow reject-publish)",
+            refused[0].0
+        )))
+    }
+
+    /// The file work of a publish: routes it, checks every target queue's
+    /// limits, writes the message once and links it into each queue that
+    /// takes it. `None` when it goes nowhere (and is not mandatory).
+    fn prepare_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+        msg_ttl: Option<std::time::Duration>,
+    ) -> Result<Option<Prepared>> {
         let snap = self.snapshot()?;
         if let Some(x) = snap.topo.exchanges.get(exchange) {
             if x.internal {
@@ -808,7 +904,7 @@ impl Inner {
                     message: Box::new(message),
                 });
             }
-            return Ok(());
+            return Ok(None);
         }
         let now = names::now_ms();
         let stamp = names::next_stamp();
@@ -877,46 +973,84 @@ impl Inner {
             // Where the group commit flushes the whole file system once
             // per batch, that flush covers the files' data too.
             let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
-            let fs = self.layout.fs.clone();
-            let linked =
-                blocking(move || Ok(write_and_link(&fs, &tmp, &bytes, fsync_files, &dests)?))
-                    .await?;
-            if durable {
-                let dirs = linked
-                    .iter()
-                    .map(|&i| self.layout.ready(&links[i].0))
-                    .collect();
-                self.committer
-                    .sync_dirs(self.layout.fs.clone(), dirs)
-                    .await?;
-            }
-            linked
+            write_and_link(&self.layout.fs, &tmp, &bytes, fsync_files, &dests)?
         };
-        for &i in &linked {
-            let (q, f, args) = &links[i];
-            self.announce(q, f);
-            self.enforce_drop_head(q, args).await?;
+        Ok(Some(Prepared {
+            envelope,
+            links,
+            linked,
+            durable,
+            expiring,
+            refused,
+        }))
+    }
+
+    /// [`Connection::consume`] on the blocking pool: checks the queue,
+    /// registers the consumer under the topology lock and starts it.
+    fn consume_sync(self: &Arc<Self>, queue: &str, options: &ConsumeOptions) -> Result<Consumer> {
+        let inner = self;
+        let snap = inner.snapshot()?;
+        let rec = snap
+            .topo
+            .queues
+            .get(queue)
+            .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?
+            .clone();
+        inner.check_exclusive(queue, &rec)?;
+        let tag = options
+            .consumer_tag
+            .clone()
+            .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
+        if inner.dispatchers.lock().values().any(|d| d.has_tag(&tag)) {
+            return Err(Error::PreconditionFailed(format!(
+                "consumer tag {tag:?} is already in use on this connection"
+            )));
         }
-        if expiring {
-            self.janitor_wake.notify_one();
-        }
-        if refused.is_empty() {
-            return Ok(());
-        }
-        for (q, args, dead_letter) in &refused {
-            if let (true, Some(dlx)) = (*dead_letter, &args.dead_letter_exchange) {
-                let rk = args
-                    .dead_letter_routing_key
-                    .clone()
-                    .unwrap_or_else(|| routing_key.to_owned());
-                let m = dead_lettered(&envelope, q, "maxlen");
-                let _ = self.publish_boxed(dlx.clone(), rk, m).await;
+        // Registered under the topology lock so exclusive consumers are
+        // checked against every process at once.
+        let file = inner.next_consumer_file(options.exclusive);
+        let consumer_file = inner.layout.consumers(queue).join(&file);
+        inner.modify(|t| {
+            if t.queues.get(queue).is_none_or(|q| q.id != rec.id) {
+                return Err(Error::NotFound(format!("no queue {queue:?}")));
             }
-        }
-        Err(Error::Nacked(format!(
-            "queue {:?} is full (x-overflow reject-publish)",
-            refused[0].0
-        )))
+            let live = inner.live_consumers(queue);
+            if live.iter().any(|(_, x)| *x) {
+                // RabbitMQ answers ACCESS_REFUSED ("in exclusive use").
+                return Err(Error::AccessRefused(format!(
+                    "queue {queue:?} is in exclusive use by a consumer"
+                )));
+            }
+            if options.exclusive && !live.is_empty() {
+                return Err(Error::AccessRefused(format!(
+                    "queue {queue:?} has consumers; cannot consume exclusively"
+                )));
+            }
+            // An empty file: its name says all there is to know, and
+            // creating it is the one step (nothing written after it can
+            // fail and leave a phantom half-registered consumer; creating an
+            // empty file needs no data block, so it works on a full disk,
+            // where consuming is how the disk gets freed).
+            inner
+                .layout
+                .fs
+                .create_new(&consumer_file, fsys::FILE_MODE)?;
+            Ok(((), false))
+        })?;
+        let dispatcher = match inner.dispatcher(queue, &rec) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = inner.layout.fs.remove_file(&consumer_file);
+                return Err(e);
+            }
+        };
+        Ok(consumer::start(
+            inner,
+            &dispatcher,
+            tag,
+            consumer_file,
+            options,
+        ))
     }
 
     /// Ends the connection: consumers end, their unsettled deliveries go
@@ -926,16 +1060,10 @@ impl Inner {
         if !self.open.swap(false, Ordering::AcqRel) {
             return;
         }
-        if let Some(t) = self.janitor.lock().expect("janitor lock").take() {
+        if let Some(t) = self.janitor.lock().take() {
             t.abort();
         }
-        let dispatchers: Vec<_> = self
-            .dispatchers
-            .lock()
-            .expect("dispatchers lock")
-            .drain()
-            .map(|(_, d)| d)
-            .collect();
+        let dispatchers: Vec<_> = self.dispatchers.lock().drain().map(|(_, d)| d).collect();
         let mut queues_left = BTreeSet::new();
         for d in dispatchers {
             for c in d.stop() {
@@ -965,15 +1093,14 @@ impl Inner {
             self.queue_gone(&q);
         }
         crate::janitor::release_owner(self, &self.owner);
-        *self.watcher.lock().expect("watcher lock") = None;
+        *self.watcher.lock() = None;
         let _ = self
             .layout
             .fs
             .remove_file(&self.layout.owner_lock(&self.owner));
-        self.owner_lock.lock().expect("owner lock").take();
+        self.owner_lock.lock().take();
         registry()
             .lock()
-            .expect("registry lock")
             .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), self));
     }
 
@@ -1635,77 +1762,12 @@ impl Connection for FileConnection {
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
-        let inner = &self.inner;
-        inner.check_open()?;
+        self.inner.check_open()?;
         check_path_name("queue", queue)?;
-        let snap = inner.snapshot()?;
-        let rec = snap
-            .topo
-            .queues
-            .get(queue)
-            .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?
-            .clone();
-        inner.check_exclusive(queue, &rec)?;
-        let tag = options
-            .consumer_tag
-            .clone()
-            .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
-        if inner
-            .dispatchers
-            .lock()
-            .expect("dispatchers lock")
-            .values()
-            .any(|d| d.has_tag(&tag))
-        {
-            return Err(Error::PreconditionFailed(format!(
-                "consumer tag {tag:?} is already in use on this connection"
-            )));
-        }
-        // Registered under the topology lock so exclusive consumers are
-        // checked against every process at once.
-        let file = inner.next_consumer_file(options.exclusive);
-        let consumer_file = inner.layout.consumers(queue).join(&file);
-        inner.modify(|t| {
-            if t.queues.get(queue).is_none_or(|q| q.id != rec.id) {
-                return Err(Error::NotFound(format!("no queue {queue:?}")));
-            }
-            let live = inner.live_consumers(queue);
-            if live.iter().any(|(_, x)| *x) {
-                // RabbitMQ answers ACCESS_REFUSED ("in exclusive use").
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} is in exclusive use by a consumer"
-                )));
-            }
-            if options.exclusive && !live.is_empty() {
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} has consumers; cannot consume exclusively"
-                )));
-            }
-            // An empty file: its name says all there is to know, and
-            // creating it is the one step (nothing written after it can
-            // fail and leave a phantom half-registered consumer; creating an
-            // empty file needs no data block, so it works on a full disk,
-            // where consuming is how the disk gets freed).
-            inner
-                .layout
-                .fs
-                .create_new(&consumer_file, fsys::FILE_MODE)?;
-            Ok(((), false))
-        })?;
-        let dispatcher = match inner.dispatcher(queue, &rec) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = inner.layout.fs.remove_file(&consumer_file);
-                return Err(e);
-            }
-        };
-        Ok(consumer::start(
-            inner,
-            &dispatcher,
-            tag,
-            consumer_file,
-            &options,
-        ))
+        // The registration runs whole on the blocking pool: it waits on the
+        // topology lock.
+        let (inner, queue) = (self.inner.clone(), queue.to_owned());
+        blocking(move || inner.consume_sync(&queue, &options)).await
     }
 
     async fn reply_queue(&self) -> Result<ReplyQueue> {
@@ -1713,8 +1775,12 @@ impl Connection for FileConnection {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.shutdown();
-        Ok(())
+        let inner = self.inner.clone();
+        blocking(move || {
+            inner.shutdown();
+            Ok(())
+        })
+        .await
     }
 
     fn is_open(&self) -> bool {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -18,18 +18,19 @@ use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::connection::Inner;
+use crate::connection::{blocking, Inner};
 use crate::envelope::Envelope;
 use crate::fsys::{self, FileLock};
 use crate::layout::{self, Layout};
 use crate::names::{self, MessageName};
+use crate::sync::{Mutex, MutexGuard};
 
 /// Deliveries a consumer's stream buffers beyond what it has read.
 const STREAM_BUFFER: usize = 256;
 
 /// A message this connection has claimed: its file in the claim folder and
 /// its content.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Claim {
     pub(crate) path: PathBuf,
     pub(crate) name: MessageName,
@@ -54,9 +55,7 @@ pub(crate) fn read_claim(
             name.body_len
         ))
     } else {
-        let max = name
-            .body_len
-            .saturating_add(crate::connection::MAX_ENVELOPE_OVERHEAD);
+        let max = crate::envelope::max_file_len(name.body_len);
         layout
             .fs
             .read_checked(&path, name.body_len, max, true)
@@ -161,8 +160,8 @@ impl Dispatcher {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DispatchState> {
-        self.state.lock().expect("dispatcher lock")
+    fn lock(&self) -> MutexGuard<'_, DispatchState> {
+        self.state.lock()
     }
 
     /// A message file appeared in the ready folder.
@@ -338,11 +337,27 @@ pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
                 return;
             }
             let due = std::mem::take(&mut d.lock().rescan);
-            if due || Instant::now() >= next_rescan {
-                d.rescan(&inner);
+            let rescan = due || Instant::now() >= next_rescan;
+            if rescan {
                 next_rescan = Instant::now() + inner.options.rescan_interval;
             }
-            for claim in d.deliver(&inner) {
+            // Listing, claiming and reading run on the blocking pool.
+            let (d2, i2) = (d.clone(), inner.clone());
+            let expired = match tokio::task::spawn_blocking(move || {
+                if rescan {
+                    d2.rescan(&i2);
+                }
+                d2.deliver(&i2)
+            })
+            .await
+            {
+                Ok(expired) => expired,
+                Err(e) => {
+                    tracing::warn!(queue = d.queue, error = %e, "dispatching failed");
+                    Vec::new()
+                }
+            };
+            for claim in expired {
                 if let Err(e) = inner
                     .dead_letter_or_drop(&d.queue, &d.args, &claim, "expired")
                     .await
@@ -389,18 +404,18 @@ pub(crate) struct ConsumerShared {
 
 impl ConsumerShared {
     fn has_capacity(&self) -> bool {
-        let tx = self.tx.lock().expect("tx lock");
+        let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         tx.capacity() > 0
             && (self.auto_ack
                 || self.prefetch == 0
-                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+                || self.unacked.lock().len() < usize::from(self.prefetch))
     }
 
     /// Sends a claimed message to the stream; gives it back (`Some`) if the
     /// stream is gone.
     fn hand_over(&self, claim: Claim) -> Option<Claim> {
-        let tx = self.tx.lock().expect("tx lock").clone();
+        let tx = self.tx.lock().clone();
         let Some(tx) = tx else { return Some(claim) };
         let Ok(permit) = tx.try_reserve() else {
             return Some(claim);
@@ -423,17 +438,14 @@ impl ConsumerShared {
         if self.auto_ack {
             let _ = self.fs.remove_file(&claim.path);
         } else {
-            self.unacked
-                .lock()
-                .expect("unacked lock")
-                .insert(tag, claim);
+            self.unacked.lock().insert(tag, claim);
         }
         permit.send(Ok(delivery));
         None
     }
 
     fn end_stream(&self) {
-        self.tx.lock().expect("tx lock").take();
+        self.tx.lock().take();
     }
 
     /// Stops deliveries: the consumer leaves its dispatcher and its
@@ -459,17 +471,51 @@ impl ConsumerShared {
         self.end_stream();
         let _ = self.fs.remove_file(&self.consumer_file);
         self.released.store(true, Ordering::Release);
-        let held = std::mem::take(&mut *self.unacked.lock().expect("unacked lock"));
+        let held = std::mem::take(&mut *self.unacked.lock());
         for claim in held.values() {
             inner.requeue(&self.queue, claim);
         }
     }
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Claim>> {
-        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let mut unacked = self.unacked.lock();
+        self.take_from(&mut unacked, tag, multiple)
+    }
+
+    /// Takes the deliveries back to the queue. They stay in the unsettled
+    /// set until they are back, so the dispatcher (running elsewhere)
+    /// cannot see the freed capacity and hand out a later message first;
+    /// no lock is held meanwhile (requeueing takes the dispatcher's).
+    fn take_and_requeue(&self, inner: &Inner, tag: u64, multiple: bool) -> Result<()> {
+        let claims: Vec<(u64, Claim)> = {
+            let unacked = self.unacked.lock();
+            let mut probe = unacked.clone();
+            self.take_from(&mut probe, tag, multiple)?;
+            unacked
+                .iter()
+                .filter(|(k, _)| !probe.contains_key(k))
+                .map(|(k, c)| (*k, c.clone()))
+                .collect()
+        };
+        for (_, claim) in &claims {
+            inner.requeue(&self.queue, claim);
+        }
+        let mut unacked = self.unacked.lock();
+        for (k, _) in claims {
+            unacked.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn take_from(
+        &self,
+        unacked: &mut BTreeMap<u64, Claim>,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<Claim>> {
         if multiple {
             let rest = unacked.split_off(&(tag + 1));
-            let taken = std::mem::replace(&mut *unacked, rest);
+            let taken = std::mem::replace(unacked, rest);
             if taken.is_empty() && !self.released.load(Ordering::Acquire) {
                 return Err(Error::PreconditionFailed(format!(
                     "unknown delivery tag {tag}"
@@ -502,7 +548,7 @@ impl ConsumerShared {
     /// read that empties the stream, and every ack after it, wake it.
     fn after_progress(&self) {
         let unread = {
-            let tx = self.tx.lock().expect("tx lock");
+            let tx = self.tx.lock();
             let Some(tx) = tx.as_ref() else { return };
             tx.max_capacity() - tx.capacity()
         };
@@ -520,23 +566,38 @@ impl ConsumerShared {
 #[async_trait]
 impl Acknowledger for ConsumerShared {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        for claim in self.take(tag, multiple)? {
-            match self.fs.remove_file(&claim.path) {
-                Ok(()) => {}
-                Err(e) if fsys::is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
+        let claims = self.take(tag, multiple)?;
+        let fs = self.fs.clone();
+        blocking(move || {
+            for claim in claims {
+                match fs.remove_file(&claim.path) {
+                    Ok(()) => {}
+                    Err(e) if fsys::is_not_found(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
-        }
+            Ok(())
+        })
+        .await?;
         self.after_progress();
         Ok(())
     }
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        let claims = self.take(tag, multiple)?;
         let inner = self
             .inner
             .upgrade()
             .ok_or_else(|| Error::Closed("the file connection is closed".into()))?;
+        if requeue {
+            let me = self
+                .me
+                .upgrade()
+                .ok_or_else(|| Error::Closed("the consumer is gone".into()))?;
+            blocking(move || me.take_and_requeue(&inner, tag, multiple)).await?;
+            self.after_settle();
+            return Ok(());
+        }
+        let claims = self.take(tag, multiple)?;
         let args = self
             .dispatcher
             .upgrade()
@@ -544,9 +605,7 @@ impl Acknowledger for ConsumerShared {
             .unwrap_or_default();
         let mut result = Ok(());
         for claim in &claims {
-            if requeue {
-                inner.requeue(&self.queue, claim);
-            } else if let Err(e) = inner
+            if let Err(e) = inner
                 .dead_letter_or_drop(&self.queue, &args, claim, "rejected")
                 .await
             {
@@ -565,8 +624,12 @@ struct Control {
 #[async_trait]
 impl ConsumerControl for Control {
     async fn cancel(&self) -> Result<()> {
-        self.shared.cancel();
-        Ok(())
+        let shared = self.shared.clone();
+        blocking(move || {
+            shared.cancel();
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -590,11 +653,18 @@ impl Stream for ConsumerStream {
 
 impl Drop for ConsumerStream {
     fn drop(&mut self) {
-        self.shared.cancel();
+        self.shared.end_stream();
         self.rx.close();
-        if let Some(inner) = self.shared.inner.upgrade() {
-            self.shared.release(&inner);
-        }
+        // Drop cannot wait: leaving the queue (which may delete an
+        // auto-delete queue under the topology lock) and giving back what
+        // it held run on the blocking pool.
+        let shared = self.shared.clone();
+        crate::connection::off_runtime(move || {
+            shared.cancel();
+            if let Some(inner) = shared.inner.upgrade() {
+                shared.release(&inner);
+            }
+        });
     }
 }
 

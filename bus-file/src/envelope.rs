@@ -28,6 +28,45 @@ pub const ENVELOPE_VERSION: u8 = 1;
 const MAGIC: &[u8; 4] = b"BUSM";
 const HEADER_LEN: usize = 18;
 
+/// What a message file may hold besides its body (envelope header,
+/// exchange, routing key, properties and headers): AMQP puts all of it in
+/// one frame, which RabbitMQ caps at 128 KiB by default; this leaves room.
+/// The reader quarantines a file longer than its body plus this, so the
+/// publisher refuses such a message up front ([`check_overhead`]).
+pub(crate) const MAX_ENVELOPE_OVERHEAD: u64 = 1 << 20;
+
+/// The longest file a reader accepts for a message whose name claims a
+/// `body_len`-byte body.
+pub(crate) fn max_file_len(body_len: u64) -> u64 {
+    body_len.saturating_add(MAX_ENVELOPE_OVERHEAD)
+}
+
+/// Refuses a message whose envelope (everything in its file but the body)
+/// would be longer than [`MAX_ENVELOPE_OVERHEAD`], since no reader would
+/// accept its file.
+///
+/// # Errors
+/// [`Error::PreconditionFailed`] (permanent) saying how long it is.
+pub(crate) fn check_overhead(
+    exchange: &str,
+    routing_key: &str,
+    properties: &Properties,
+) -> Result<()> {
+    let mut meta = Writer::default();
+    meta.str(exchange);
+    meta.str(routing_key);
+    meta.i64(0);
+    write_properties(&mut meta, properties);
+    let overhead = (HEADER_LEN + meta.buf.len() + 4) as u64;
+    if overhead > MAX_ENVELOPE_OVERHEAD {
+        return Err(Error::PreconditionFailed(format!(
+            "the message's exchange, routing key, properties and headers take {overhead} bytes \
+             on disk, over the folder transport's limit of {MAX_ENVELOPE_OVERHEAD}"
+        )));
+    }
+    Ok(())
+}
+
 /// One message as stored in a queue folder: the message with all its
 /// properties, where it was published, and when.
 #[derive(Clone, Debug, PartialEq)]

@@ -9,6 +9,7 @@ use bus_core::QueueArguments;
 use tokio::time::Instant;
 
 use crate::connection::Inner;
+use crate::consumer::Claim;
 use crate::fsys::{self, FileLock};
 use crate::layout;
 use crate::names;
@@ -20,8 +21,30 @@ pub(crate) async fn run(inner: Weak<Inner>) {
         if !inner.is_open() {
             return;
         }
-        reap_dead_owners(&inner);
-        let next = expire(&inner).await;
+        // The pass's file work runs on the blocking pool.
+        let i = inner.clone();
+        let due = tokio::task::spawn_blocking(move || {
+            reap_dead_owners(&i);
+            claim_expired(&i)
+        })
+        .await;
+        let next = match due {
+            Ok((claims, next)) => {
+                for (queue, args, claim) in claims {
+                    if let Err(e) = inner
+                        .dead_letter_or_drop(&queue, &args, &claim, "expired")
+                        .await
+                    {
+                        tracing::warn!(queue, error = %e, "dead-lettering an expired message failed");
+                    }
+                }
+                next
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "janitor pass failed");
+                None
+            }
+        };
         let interval = inner.options.rescan_interval;
         let wait = next.map_or(interval, |d| d.min(interval));
         // A publish with a TTL wakes this pass early (a stored permit if it
@@ -33,10 +56,15 @@ pub(crate) async fn run(inner: Weak<Inner>) {
     }
 }
 
-/// Dead-letters (or drops) every expired ready message; returns how long
-/// until the next one expires.
-async fn expire(inner: &Inner) -> Option<Duration> {
-    let snap = inner.snapshot().ok()?;
+/// Claims every expired ready message, for the caller to dead-letter (or
+/// drop); also returns how long until the next one expires.
+type Expired = Vec<(String, QueueArguments, Claim)>;
+
+fn claim_expired(inner: &Inner) -> (Expired, Option<Duration>) {
+    let mut claims = Vec::new();
+    let Ok(snap) = inner.snapshot() else {
+        return (claims, None);
+    };
     let now = names::now_ms().max(0) as u64;
     let mut next: Option<u64> = None;
     for (queue, rec) in &snap.topo.queues {
@@ -61,16 +89,14 @@ async fn expire(inner: &Inner) -> Option<Duration> {
         let args = QueueArguments::from_table(&rec.arguments).unwrap_or_default();
         for (file, name) in due {
             if let Ok(Some(claim)) = inner.claim_file(queue, &file, name) {
-                if let Err(e) = inner
-                    .dead_letter_or_drop(queue, &args, &claim, "expired")
-                    .await
-                {
-                    tracing::warn!(queue, error = %e, "dead-lettering an expired message failed");
-                }
+                claims.push((queue.clone(), args.clone(), claim));
             }
         }
     }
-    next.map(|e| Duration::from_millis(e.saturating_sub(now)))
+    (
+        claims,
+        next.map(|e| Duration::from_millis(e.saturating_sub(now))),
+    )
 }
 
 /// Finds connections that died (their lock can be taken) and gives their

@@ -21,7 +21,10 @@
 //!
 //! Names that start with a dot, and names ending in `.done`, `.tmp` or
 //! `.part`, are never taken as requests; sub-folders (like `done/` and
-//! `failed/`) are ignored.
+//! `failed/`) are ignored. Any other entry that is not a plain file (a
+//! symlink, which is never followed, a pipe, a socket, a device) and any
+//! name that is not UTF-8 is moved as it is to the failed folder with a
+//! `<name>.error` file saying why, so nothing dropped there goes unreported.
 //!
 //! [`bridge`]: bus_core::bridge
 
@@ -31,7 +34,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,8 +47,10 @@ use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use crate::connection::blocking;
 use crate::fsys::{self, FileLock, Root};
 use crate::names;
+use crate::sync::Mutex;
 
 /// When a file in an input folder counts as complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +181,6 @@ impl Inbox {
             self.shared
                 .reasons
                 .lock()
-                .expect("reasons lock")
                 .insert(name.to_owned(), reason.to_owned());
         }
         delivery.reject(false).await
@@ -344,8 +348,22 @@ async fn run_inbox(
         if c.stopped.load(Ordering::Acquire) {
             return;
         }
-        reap_dead(&c.fs);
-        let next = c.scan(&mut seen);
+        // The scan's file work runs on the blocking pool.
+        let c2 = c.clone();
+        let (back, next) = match tokio::task::spawn_blocking(move || {
+            reap_dead(&c2.fs);
+            let next = c2.scan(&mut seen);
+            (seen, next)
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox scan failed");
+                (HashMap::new(), None)
+            }
+        };
+        seen = back;
         let wait = next.map_or(c.inbox.rescan, |d| d.min(c.inbox.rescan));
         tokio::select! {
             _ = c.wake.notified() => {}
@@ -396,11 +414,10 @@ fn reap_dead(fs: &Root) {
 
 impl InboxConsumer {
     fn capacity(&self) -> bool {
-        let tx = self.tx.lock().expect("tx lock");
+        let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         tx.capacity() > 0
-            && (self.prefetch == 0
-                || self.unacked.lock().expect("unacked lock").len() < usize::from(self.prefetch))
+            && (self.prefetch == 0 || self.unacked.lock().len() < usize::from(self.prefetch))
     }
 
     /// Lists the folder, claims ready files and delivers them; returns how
@@ -427,10 +444,20 @@ impl InboxConsumer {
             let Ok(meta) = fs.stat(&path) else {
                 continue;
             };
-            if rustix::fs::FileType::from_raw_mode(meta.st_mode)
-                != rustix::fs::FileType::RegularFile
-            {
-                continue;
+            match rustix::fs::FileType::from_raw_mode(meta.st_mode) {
+                rustix::fs::FileType::RegularFile => {}
+                // Folders (the failed and done folders may live here) are
+                // not inputs.
+                rustix::fs::FileType::Directory => continue,
+                // A symlink (never followed), a pipe, a socket or a device
+                // dropped here is reported, not silently skipped.
+                kind => {
+                    self.refuse(
+                        OsStr::new(&name),
+                        &format!("not a regular file but a {kind:?}; inputs must be plain files"),
+                    );
+                    continue;
+                }
             }
             let ready = match &self.inbox.readiness {
                 Readiness::RenamedIn => true,
@@ -482,14 +509,14 @@ impl InboxConsumer {
                     continue;
                 }
             };
-            let was = self.requeued.lock().expect("requeued lock").remove(&name);
+            let was = self.requeued.lock().remove(&name);
             self.deliver(name, body, meta.st_mtime.max(0) as u64, was);
         }
         next
     }
 
     fn deliver(self: &Arc<Self>, name: String, body: Vec<u8>, mtime: u64, redelivered: bool) {
-        let tx = self.tx.lock().expect("tx lock").clone();
+        let tx = self.tx.lock().clone();
         let Some(Ok(permit)) = tx.as_ref().map(mpsc::Sender::try_reserve) else {
             let _ = self.fs.rename(&self.claims.join(&name), Path::new(&name));
             return;
@@ -501,10 +528,7 @@ impl InboxConsumer {
             .with_timestamp(mtime)
             .with_header(FILE_HEADER, name.as_str())
             .with_header("x-legacy-size", size);
-        self.unacked
-            .lock()
-            .expect("unacked lock")
-            .insert(tag, Held { name: name.clone() });
+        self.unacked.lock().insert(tag, Held { name: name.clone() });
         let acker: Arc<dyn Acknowledger> = Arc::new(InboxAcker(self.clone()));
         permit.send(Ok(Delivery::new(
             message,
@@ -564,10 +588,17 @@ impl InboxConsumer {
     fn refuse_raw(&self, raw: &OsStr, reason: &str) {
         let path = Path::new(raw);
         if !self.fs.stat(path).is_ok_and(|m| {
-            rustix::fs::FileType::from_raw_mode(m.st_mode) == rustix::fs::FileType::RegularFile
+            rustix::fs::FileType::from_raw_mode(m.st_mode) != rustix::fs::FileType::Directory
         }) {
             return;
         }
+        self.refuse(raw, reason);
+    }
+
+    /// Moves an entry of the input folder as it is (a symlink is moved, not
+    /// followed) to the failed folder, with the reason beside it.
+    fn refuse(&self, raw: &OsStr, reason: &str) {
+        let path = Path::new(raw);
         self.write_error(raw, reason);
         match self.fs.rename_to(path, &self.failed_fs, path) {
             Ok(()) => tracing::warn!(file = %raw.to_string_lossy(), reason, "refused an input"),
@@ -578,10 +609,7 @@ impl InboxConsumer {
     }
 
     fn requeue(&self, held: &Held) {
-        self.requeued
-            .lock()
-            .expect("requeued lock")
-            .insert(held.name.clone());
+        self.requeued.lock().insert(held.name.clone());
         let _ = self
             .fs
             .rename(&self.claims.join(&held.name), Path::new(&held.name));
@@ -589,7 +617,7 @@ impl InboxConsumer {
     }
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Held>> {
-        let mut unacked = self.unacked.lock().expect("unacked lock");
+        let mut unacked = self.unacked.lock();
         let tags: Vec<u64> = if multiple {
             unacked.keys().copied().filter(|t| *t <= tag).collect()
         } else {
@@ -614,15 +642,9 @@ impl InboxConsumer {
 
     fn stop(&self, requeue: bool) {
         self.stopped.store(true, Ordering::Release);
-        self.tx.lock().expect("tx lock").take();
+        self.tx.lock().take();
         if requeue {
-            let held: Vec<Held> = self
-                .unacked
-                .lock()
-                .expect("unacked lock")
-                .drain()
-                .map(|(_, h)| h)
-                .collect();
+            let held: Vec<Held> = self.unacked.lock().drain().map(|(_, h)| h).collect();
             for h in &held {
                 self.requeue(h);
             }
@@ -639,29 +661,40 @@ struct InboxAcker(Arc<InboxConsumer>);
 #[async_trait]
 impl Acknowledger for InboxAcker {
     async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        for h in self.0.take(tag, multiple)? {
-            self.0.finish(&h.name)?;
-        }
+        let held = self.0.take(tag, multiple)?;
+        let c = self.0.clone();
+        // The moves and deletions run on the blocking pool.
+        blocking(move || {
+            for h in held {
+                c.finish(&h.name)?;
+            }
+            Ok(())
+        })
+        .await?;
         self.0.wake.notify_one();
         Ok(())
     }
 
     async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        for h in self.0.take(tag, multiple)? {
-            if requeue {
-                self.0.requeue(&h);
-            } else {
-                let reason = self
-                    .0
-                    .inbox
-                    .reasons
-                    .lock()
-                    .expect("reasons lock")
-                    .remove(&h.name)
-                    .unwrap_or_else(|| "rejected by the consumer".to_owned());
-                self.0.fail_file(&h.name, &reason);
+        let held = self.0.take(tag, multiple)?;
+        let c = self.0.clone();
+        blocking(move || {
+            for h in held {
+                if requeue {
+                    c.requeue(&h);
+                } else {
+                    let reason = c
+                        .inbox
+                        .reasons
+                        .lock()
+                        .remove(&h.name)
+                        .unwrap_or_else(|| "rejected by the consumer".to_owned());
+                    c.fail_file(&h.name, &reason);
+                }
             }
-        }
+            Ok(())
+        })
+        .await?;
         self.0.wake.notify_one();
         Ok(())
     }

@@ -160,6 +160,7 @@ mod janitor;
 mod layout;
 pub mod legacy;
 mod names;
+mod sync;
 mod topology;
 
 pub use connection::{FileConnection, FileOptions, DEFAULT_MAX_MESSAGE_SIZE};
