@@ -229,6 +229,12 @@ pub(crate) struct Inner {
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
     committer: Arc<Committer>,
     pub(crate) janitor_wake: Notify,
+    /// Publishes of this connection take it, first come first served, for
+    /// their file work: messages reach their queues in the order their
+    /// publishes were called, as on one AMQP channel, even with many in
+    /// flight. The durable flush happens after it is released, so
+    /// concurrent publishes still share one group commit.
+    publish_order: tokio::sync::Mutex<()>,
     janitor: Mutex<Option<JoinHandle<()>>>,
     tmp_seq: AtomicU64,
     consumer_seq: AtomicU64,
@@ -267,6 +273,7 @@ impl FileConnection {
             watcher: Mutex::new(None),
             committer: Arc::new(Committer::default()),
             janitor_wake: Notify::new(),
+            publish_order: tokio::sync::Mutex::new(()),
             janitor: Mutex::new(None),
             tmp_seq: AtomicU64::new(0),
             consumer_seq: AtomicU64::new(0),
@@ -828,7 +835,12 @@ impl Inner {
         crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
         let me = self.arc()?;
         let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
-        // Routing, admission and the writes run whole on the blocking pool.
+        // Routing, admission and the writes run whole on the blocking pool,
+        // one publish of this connection at a time, in call order.
+        let order = self.publish_order.lock().await;
+        let prepared =
+            blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl)).await;
+        drop(order);
         let Some(Prepared {
             envelope,
             links,
@@ -836,7 +848,7 @@ impl Inner {
             durable,
             expiring,
             refused,
-        }) = blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl)).await?
+        }) = prepared?
         else {
             return Ok(());
         };
