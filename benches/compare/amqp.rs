@@ -35,7 +35,8 @@ const RPC_IN_FLIGHT: usize = 64;
 /// client sends the same `expiration`.
 const RPC_TIMEOUT: Duration = Duration::from_secs(180);
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
+    "amqp-worker",
     "amqp-publish",
     "amqp-publish-cpu",
     "amqp-consume",
@@ -60,6 +61,9 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     }
     if any(&["amqp-consume", "amqp-consume-cpu"]) {
         consume(&ours, &raw, report).await;
+    }
+    if wanted("amqp-worker") {
+        worker(&ours, &raw, report).await;
     }
     let seq = any(&["amqp-rpc-seq", "amqp-rpc-seq-cpu"]);
     let par = any(&["amqp-rpc-64", "amqp-rpc-64-cpu"]);
@@ -742,4 +746,26 @@ async fn legacy(url: &str, report: &mut Report) {
         .expect("delete");
     let _ = server_conn.close().await;
     let _ = client_conn.close().await;
+}
+
+async fn worker(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &mut Report) {
+    // The queues are filled by raw lapin, untimed.
+    let filler = confirm_channel(raw).await;
+    let body = body();
+    let batch = 10_000;
+    let fill = |queue: String, n: u64| {
+        let (filler, body) = (&filler, &body);
+        async move { raw_publish(filler, &queue, body, n).await }
+    };
+    let prefix = format!("bench-worker-{}", uuid::Uuid::new_v4().simple());
+    let (o, b) = crate::worker::compare(ours, &prefix, batch, fill).await;
+    let _ = filler.close(200, "done".into()).await;
+    report.throughput(
+        "amqp-worker",
+        o.per_sec(),
+        "consume-loop",
+        b.per_sec(),
+        "msg/s",
+        crate::worker::note(batch),
+    );
 }

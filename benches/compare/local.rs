@@ -25,6 +25,9 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     if wanted("local-rpc") {
         rpc(report).await;
     }
+    if wanted("local-worker") {
+        worker(report).await;
+    }
     if wanted("local-memory") {
         let small = support::peak_rss_after(10_000);
         let large = support::peak_rss_after(1_000_000);
@@ -280,5 +283,31 @@ async fn rpc(report: &mut Report) {
         baseline,
         "calls/s",
         "64 calls in flight, msgpack both ways",
+    );
+}
+
+async fn worker(report: &mut Report) {
+    let broker = bus::local::LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let batch = 20_000;
+    let fill = |queue: String, n: u64| {
+        let conn = conn.clone();
+        async move {
+            let body = body();
+            for _ in 0..n {
+                conn.send_to_queue(&queue, Message::new(body.clone()))
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    let (o, b) = crate::worker::compare(&conn, "bench-worker", batch, fill).await;
+    report.throughput(
+        "local-worker",
+        o.per_sec(),
+        "consume-loop",
+        b.per_sec(),
+        "msg/s",
+        crate::worker::note(batch),
     );
 }
