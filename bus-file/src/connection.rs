@@ -1089,6 +1089,7 @@ impl Connection for FileConnection {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         let inner = &self.inner;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
@@ -1170,6 +1171,7 @@ impl Connection for FileConnection {
     }
 
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         let inner = &self.inner;
         inner.check_open()?;
         if options.passive {
@@ -1371,6 +1373,7 @@ impl Connection for FileConnection {
         message: Message,
         options: PublishOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange, routing_key, "publish");
         let inner = &self.inner;
         inner.check_open()?;
         if !exchange.is_empty() {

@@ -145,6 +145,7 @@ impl Connection for LocalConnection {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         self.broker()?.declare_exchange(name, kind, &options)
     }
 
@@ -153,6 +154,7 @@ impl Connection for LocalConnection {
     }
 
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         let (info, created) = self
             .broker()?
             .declare_queue(self.inner.id, name, &options)?;
@@ -214,6 +216,7 @@ impl Connection for LocalConnection {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
+        tracing::debug!(exchange, routing_key, "publish");
         let envelope = Arc::new(Envelope::published(exchange, routing_key, message));
         Box::pin(async move { self.broker()?.publish(envelope, options.mandatory) })
     }
