@@ -758,7 +758,7 @@ async fn worker(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &mu
         async move { raw_publish(filler, &queue, body, n).await }
     };
     let prefix = format!("bench-worker-{}", uuid::Uuid::new_v4().simple());
-    let (o, b) = crate::worker::compare(ours, &prefix, batch, fill).await;
+    let (o, b) = crate::worker::compare(ours, &prefix, batch, 1, fill).await;
     let _ = filler.close(200, "done".into()).await;
     report.throughput(
         "amqp-worker",
@@ -766,6 +766,6 @@ async fn worker(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &mu
         "consume-loop",
         b.per_sec(),
         "msg/s",
-        crate::worker::note(batch),
+        crate::worker::note(batch, 1),
     );
 }

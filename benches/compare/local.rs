@@ -26,7 +26,8 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
         rpc(report).await;
     }
     if wanted("local-worker") {
-        worker(report).await;
+        worker(report, 1).await;
+        worker(report, 256).await;
     }
     if wanted("local-memory") {
         let small = support::peak_rss_after(10_000);
@@ -286,7 +287,7 @@ async fn rpc(report: &mut Report) {
     );
 }
 
-async fn worker(report: &mut Report) {
+async fn worker(report: &mut Report, concurrency: usize) {
     let broker = bus::local::LocalBroker::new();
     let conn: Arc<dyn Connection> = Arc::new(broker.connect());
     let batch = 20_000;
@@ -301,13 +302,17 @@ async fn worker(report: &mut Report) {
             }
         }
     };
-    let (o, b) = crate::worker::compare(&conn, "bench-worker", batch, fill).await;
+    let (o, b) = crate::worker::compare(&conn, "bench-worker", batch, concurrency, fill).await;
+    let scenario = match concurrency {
+        1 => "local-worker".to_owned(),
+        n => format!("local-worker-{n}"),
+    };
     report.throughput(
-        "local-worker",
+        &scenario,
         o.per_sec(),
         "consume-loop",
         b.per_sec(),
         "msg/s",
-        crate::worker::note(batch),
+        crate::worker::note(batch, concurrency),
     );
 }

@@ -16,16 +16,15 @@ use crate::support::{side_by_side, Measured, Span};
 
 /// The prefetch of both sides.
 pub const PREFETCH: u16 = 256;
-/// Handlers the worker runs at once: 1, as the hand-written loop handles
-/// one message at a time.
-pub const CONCURRENCY: usize = 1;
 
-/// Measures both sides on `conn`; `fill(queue, n)` puts `n` messages in a
+/// Measures both sides on `conn`, the worker running `concurrency`
+/// handlers at once (1: one at a time, as the loop does); `fill(queue, n)` puts `n` messages in a
 /// queue declared with [`QueueOptions::default`] and nothing else in it.
 pub async fn compare<F, Fut>(
     conn: &Arc<dyn Connection>,
     prefix: &str,
     batch: u64,
+    concurrency: usize,
     fill: F,
 ) -> (Measured, Measured)
 where
@@ -49,7 +48,7 @@ where
                 let worker = Worker::builder(conn.clone(), q)
                     .queue_options(QueueOptions::default())
                     .prefetch(PREFETCH)
-                    .concurrency(CONCURRENCY)
+                    .concurrency(concurrency)
                     .handle_raw(|job: Job| async move {
                         std::hint::black_box(&job.body);
                         Ok::<(), HandlerError>(())
@@ -99,8 +98,8 @@ where
 }
 
 /// The note both scenarios print.
-pub fn note(batch: u64) -> String {
+pub fn note(batch: u64, concurrency: usize) -> String {
     format!(
-        "consume, no-op handler, ack; prefetch {PREFETCH}, worker concurrency {CONCURRENCY}; baseline: a consume-ack loop on the same connection; queue pre-filled with {batch} (untimed)"
+        "consume, no-op handler, ack; prefetch {PREFETCH}, worker concurrency {concurrency}; baseline: a consume-ack loop on the same connection; queue pre-filled with {batch} (untimed)"
     )
 }
