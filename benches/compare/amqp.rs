@@ -40,7 +40,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(180);
 const COALESCE_ACKS: u16 = 64;
 const COALESCE_DELAY: Duration = Duration::from_millis(20);
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
+    "amqp-worker",
     "amqp-publish",
     "amqp-publish-cpu",
     "amqp-consume",
@@ -67,6 +68,8 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     if any(&["amqp-consume", "amqp-consume-cpu"]) {
         consume(&ours, &raw, report).await;
     }
+    if wanted("amqp-worker") {
+        worker(&ours, &raw, report).await;
     if wanted("amqp-consume-batched") {
         consume_batched(&url, &raw, report).await;
     }
@@ -803,4 +806,26 @@ async fn legacy(url: &str, report: &mut Report) {
         .expect("delete");
     let _ = server_conn.close().await;
     let _ = client_conn.close().await;
+}
+
+async fn worker(ours: &Arc<dyn Connection>, raw: &lapin::Connection, report: &mut Report) {
+    // The queues are filled by raw lapin, untimed.
+    let filler = confirm_channel(raw).await;
+    let body = body();
+    let batch = 10_000;
+    let fill = |queue: String, n: u64| {
+        let (filler, body) = (&filler, &body);
+        async move { raw_publish(filler, &queue, body, n).await }
+    };
+    let prefix = format!("bench-worker-{}", uuid::Uuid::new_v4().simple());
+    let (o, b) = crate::worker::compare(ours, &prefix, batch, 1, fill).await;
+    let _ = filler.close(200, "done".into()).await;
+    report.throughput(
+        "amqp-worker",
+        o.per_sec(),
+        "consume-loop",
+        b.per_sec(),
+        "msg/s",
+        crate::worker::note(batch, 1),
+    );
 }

@@ -25,6 +25,10 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     if wanted("local-rpc") {
         rpc(report).await;
     }
+    if wanted("local-worker") {
+        worker(report, 1).await;
+        worker(report, 256).await;
+    }
     if wanted("local-memory") {
         let small = support::peak_rss_after(10_000);
         let large = support::peak_rss_after(1_000_000);
@@ -280,5 +284,35 @@ async fn rpc(report: &mut Report) {
         baseline,
         "calls/s",
         "64 calls in flight, msgpack both ways",
+    );
+}
+
+async fn worker(report: &mut Report, concurrency: usize) {
+    let broker = bus::local::LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let batch = 20_000;
+    let fill = |queue: String, n: u64| {
+        let conn = conn.clone();
+        async move {
+            let body = body();
+            for _ in 0..n {
+                conn.send_to_queue(&queue, Message::new(body.clone()))
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    let (o, b) = crate::worker::compare(&conn, "bench-worker", batch, concurrency, fill).await;
+    let scenario = match concurrency {
+        1 => "local-worker".to_owned(),
+        n => format!("local-worker-{n}"),
+    };
+    report.throughput(
+        &scenario,
+        o.per_sec(),
+        "consume-loop",
+        b.per_sec(),
+        "msg/s",
+        crate::worker::note(batch, concurrency),
     );
 }

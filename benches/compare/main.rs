@@ -18,6 +18,7 @@ mod support;
 mod amqp;
 mod file;
 mod local;
+mod worker;
 
 use support::Report;
 

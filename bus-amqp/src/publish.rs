@@ -218,6 +218,7 @@ pub(crate) async fn publish_via(
     message: Message,
     options: PublishOptions,
 ) -> Result<()> {
+    tracing::debug!(exchange, routing_key, "publish");
     shared.check_open()?;
     bus_core::validate_name("exchange", exchange)?;
     let exchange_name = short("exchange name", exchange)?;

@@ -14,6 +14,8 @@ pub mod conformance;
 mod delivery;
 mod error;
 mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod recovery;
 pub mod routing;
 pub mod rpc;

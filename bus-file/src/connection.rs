@@ -1411,6 +1411,7 @@ impl Inner {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
@@ -1492,6 +1493,7 @@ impl Inner {
     }
 
     fn declare_queue_sync(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         let inner = self;
         inner.check_open()?;
         if options.passive {
@@ -1763,6 +1765,7 @@ impl Connection for FileConnection {
         message: Message,
         options: PublishOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange, routing_key, "publish");
         let inner = &self.inner;
         inner.check_open()?;
         if !exchange.is_empty() {

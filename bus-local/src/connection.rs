@@ -479,6 +479,7 @@ impl Connection for LocalConnection {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         if !self.inner.slow {
             return self.broker()?.declare_exchange(name, kind, &options);
         }
@@ -501,6 +502,7 @@ impl Connection for LocalConnection {
     }
 
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         let broker = if self.inner.slow {
             let broker = self.inner.ready().await?;
             self.inner.check_declare(|| format!("of queue {name:?}"))?;
@@ -607,6 +609,7 @@ impl Connection for LocalConnection {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
+        tracing::debug!(exchange, routing_key, "publish");
         if self.inner.slow {
             return Box::pin(self.publish_slow(exchange, routing_key, message, options));
         }

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::codec::{error_reply, Format};
 use crate::delivery::Delivery;
@@ -228,13 +229,24 @@ impl RpcServerBuilder {
             .is_ok_and(|a| a.dead_letter_exchange.is_some());
         let (stop, stopped) = watch::channel(Stop::default());
         let serving = Arc::new(Serving {
+            system: engine::system(&*self.conn),
+            queue: info.name.clone(),
             conn: self.conn,
             handler,
             dead_letters,
         });
         let process: Process = Arc::new(move |delivery| {
             let serving = serving.clone();
-            async move { serving.handle(delivery).await }.boxed()
+            let span = engine::process_span(
+                serving.system,
+                &serving.queue,
+                &delivery,
+                &delivery.routing_key,
+                None,
+            );
+            async move { serving.handle(delivery).await }
+                .instrument(span)
+                .boxed()
         });
         let task = runtime.spawn(
             engine::run(consumer, usize::from(self.concurrency), process, stopped)
@@ -408,6 +420,8 @@ impl Drop for RpcServer {
 
 /// What the shared engine runs for each request.
 struct Serving {
+    system: &'static str,
+    queue: String,
     conn: Arc<dyn Connection>,
     handler: Handler,
     dead_letters: bool,
@@ -444,6 +458,7 @@ impl Serving {
         };
         if let Some(reply_to) = reply_to {
             reply.properties.correlation_id = correlation_id;
+            engine::trace(&mut reply);
             if let Err(e) = self
                 .conn
                 .publish(

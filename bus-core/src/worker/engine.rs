@@ -18,6 +18,8 @@ use tokio::task::JoinSet;
 
 use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::transport::Connection;
 
 /// Handles one delivery, settling it before it resolves.
 pub(crate) type Process = Arc<dyn Fn(Delivery) -> BoxFuture<'static, ()> + Send + Sync>;
@@ -143,4 +145,51 @@ where
         Error::NotSupported(format!("{what} must be started inside a tokio runtime"))
     })?;
     Ok(runtime.spawn(future))
+}
+
+/// The OpenTelemetry `messaging.system` of a connection's transport.
+pub(crate) fn system(conn: &dyn Connection) -> &'static str {
+    match conn.capabilities().name {
+        "amqp" => "rabbitmq",
+        other => other,
+    }
+}
+
+/// The span one delivery is processed in, with the OpenTelemetry messaging
+/// attributes; with feature `otel`, its parent is the trace the message
+/// carries, if any.
+pub(crate) fn process_span(
+    system: &'static str,
+    queue: &str,
+    delivery: &Delivery,
+    routing_key: &str,
+    attempt: Option<u32>,
+) -> tracing::Span {
+    let props = &delivery.message.properties;
+    let span = tracing::info_span!(
+        "process",
+        messaging.system = system,
+        messaging.destination.name = %queue,
+        messaging.operation = "process",
+        messaging.message.id = props.message_id.as_deref(),
+        messaging.message.conversation_id = props.correlation_id.as_deref(),
+        messaging.rabbitmq.destination.routing_key = %routing_key,
+        attempt = tracing::field::Empty,
+    );
+    if let Some(attempt) = attempt {
+        // OpenTelemetry has no unsigned integers: an i64 stays a number.
+        span.record("attempt", i64::from(attempt));
+    }
+    #[cfg(feature = "otel")]
+    crate::otel::set_parent(&span, &props.headers);
+    span
+}
+
+/// With feature `otel`, writes the current span's trace context into
+/// `message`'s headers; without it, does nothing.
+pub(crate) fn trace(message: &mut Message) {
+    #[cfg(feature = "otel")]
+    crate::otel::inject(message);
+    #[cfg(not(feature = "otel"))]
+    let _ = message;
 }

@@ -71,11 +71,19 @@ impl<T> Job<T> {
     }
 
     /// Publishes `message` through the worker's connection and waits for
-    /// its confirm.
+    /// its confirm. With feature `otel`, the message carries the trace
+    /// context of the current span (the job's `process` span inside a
+    /// handler), replacing any it had.
     ///
     /// # Errors
     /// Whatever [`Connection::publish`] reports.
-    pub async fn publish(&self, exchange: &str, routing_key: &str, message: Message) -> Result<()> {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+    ) -> Result<()> {
+        super::engine::trace(&mut message);
         self.conn
             .publish(exchange, routing_key, message, PublishOptions::default())
             .await

@@ -245,10 +245,7 @@ impl WorkerBuilder {
             let suffix = uuid::Uuid::new_v4().simple().to_string();
             format!("{queue}@{}.{}", std::process::id(), &suffix[..8])
         });
-        let system = match conn.capabilities().name {
-            "amqp" => "rabbitmq",
-            other => other,
-        };
+        let system = engine::system(&*conn);
         let (stats_tx, stats) = watch::channel(WorkerStats::default());
         let ctx = Arc::new(Ctx {
             conn: conn.clone(),
@@ -483,15 +480,12 @@ where
         let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER)
             .unwrap_or_else(|| delivery.routing_key.clone());
         let prior = poison::attempts(&props.headers).unwrap_or(0);
-        let span = tracing::info_span!(
-            "process",
-            messaging.system = self.system,
-            messaging.destination.name = %self.queue,
-            messaging.operation = "process",
-            messaging.message.id = props.message_id.as_deref(),
-            messaging.message.conversation_id = props.correlation_id.as_deref(),
-            messaging.rabbitmq.destination.routing_key = %routing_key,
-            attempt = prior + 1,
+        let span = engine::process_span(
+            self.system,
+            &self.queue,
+            &delivery,
+            &routing_key,
+            Some(prior + 1),
         );
         self.settle(delivery, exchange, routing_key, prior)
             .instrument(span)
@@ -622,6 +616,7 @@ where
             .or_insert_with(|| exchange.into());
         h.entry(poison::ORIGINAL_ROUTING_KEY_HEADER.into())
             .or_insert_with(|| routing_key.into());
+        engine::trace(&mut message);
         tracing::debug!(attempts, error = %error, ?delay, "retrying through a delay queue");
         match self
             .delays
@@ -658,6 +653,7 @@ where
             worker: &self.identity,
         }
         .mark(&mut message);
+        engine::trace(&mut message);
         let key = self.poison_queue.as_deref().unwrap_or(routing_key);
         tracing::warn!(
             reason = reason.as_str(),

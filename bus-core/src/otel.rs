@@ -1,0 +1,100 @@
+//! W3C Trace Context in message headers (feature `otel`).
+//!
+//! A message carries its trace in the headers [`TRACEPARENT_HEADER`] and
+//! [`TRACESTATE_HEADER`], as AMQP string values: the way the OpenTelemetry
+//! instrumentations for pika and the Java client write them, so traces run
+//! across Python, Java and Rust services.
+//!
+//! The current span is that of `tracing`, bridged to OpenTelemetry by
+//! [`tracing_opentelemetry`]: install its layer in the application's
+//! subscriber, or these headers carry nothing. Then:
+//! - what the worker runtime publishes ([`Job::publish`],
+//!   [`Job::publish_value`], delayed retries, poisoned messages) and the RPC
+//!   server's replies carry the context of the span they are published from;
+//!   [`inject`] does the same for a message of the user's;
+//! - the `process` span a worker or an RPC server opens for each delivery
+//!   has the context the message carries as its parent ([`set_parent`]). A
+//!   message without one (legacy peers send none) or with a malformed one is
+//!   handled as any other, in a trace of its own.
+//!
+//! [`Job::publish`]: crate::worker::Job::publish
+//! [`Job::publish_value`]: crate::worker::Job::publish_value
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry::Context;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::message::Message;
+use crate::value::{FieldTable, FieldValue};
+
+/// The header holding the W3C `traceparent` (version, trace id, parent
+/// span id, flags).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The header holding the W3C `tracestate` (vendor entries), when there is
+/// one.
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
+struct Headers<'a>(&'a mut FieldTable);
+
+impl Injector for Headers<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), FieldValue::String(value));
+    }
+}
+
+struct ReadHeaders<'a>(&'a FieldTable);
+
+impl Extractor for ReadHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0.get(key)? {
+            FieldValue::String(s) => Some(s),
+            // Some clients send header strings as byte arrays.
+            FieldValue::Bytes(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Writes the trace context of `span` into `headers`, replacing any there;
+/// leaves them as they are when `span` is in no trace.
+pub fn inject_span(span: &tracing::Span, headers: &mut FieldTable) {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    headers.remove(TRACESTATE_HEADER);
+    TraceContextPropagator::new().inject_context(&cx, &mut Headers(headers));
+}
+
+/// Writes the trace context of the current span into `message`'s headers
+/// (replacing any there), so that its consumer's handling joins the trace;
+/// leaves them as they are outside any trace.
+pub fn inject(message: &mut Message) {
+    inject_span(&tracing::Span::current(), &mut message.properties.headers);
+}
+
+/// The trace context `headers` carry, if they carry a well-formed one.
+#[must_use]
+pub fn extract(headers: &FieldTable) -> Option<Context> {
+    let cx =
+        TraceContextPropagator::new().extract_with_context(&Context::new(), &ReadHeaders(headers));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// Makes the trace context `headers` carry the parent of `span`, which must
+/// not have been entered yet; does nothing when they carry none or a
+/// malformed one.
+pub fn set_parent(span: &tracing::Span, headers: &FieldTable) {
+    if let Some(cx) = extract(headers) {
+        if let Err(e) = span.set_parent(cx) {
+            tracing::debug!(error = %e, "could not set a message's trace as a span's parent");
+        }
+    }
+}
