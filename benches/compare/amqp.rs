@@ -70,6 +70,7 @@ pub async fn run(wanted: &dyn Fn(&str) -> bool, report: &mut Report) {
     }
     if wanted("amqp-worker") {
         worker(&ours, &raw, report).await;
+    }
     if wanted("amqp-consume-batched") {
         consume_batched(&url, &raw, report).await;
     }
