@@ -91,6 +91,9 @@ struct Examples {
     rpc_server: PathBuf,
     rpc_client: PathBuf,
     worker: PathBuf,
+    quickstart: PathBuf,
+    topics: PathBuf,
+    work_queue: PathBuf,
 }
 
 /// Builds the examples once per test run and returns their executables.
@@ -102,6 +105,8 @@ fn examples() -> &'static Examples {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(["build", "-p", "bus", "--example", "rpc_server"])
             .args(["--example", "rpc_client", "--example", "worker"])
+            .args(["--example", "quickstart", "--example", "topics"])
+            .args(["--example", "work_queue"])
             .arg("--message-format=json")
             .stdin(Stdio::null());
         // Generous: other builds may hold cargo's lock on the target folder.
@@ -132,6 +137,9 @@ fn examples() -> &'static Examples {
             rpc_server: take("rpc_server"),
             rpc_client: take("rpc_client"),
             worker: take("worker"),
+            quickstart: take("quickstart"),
+            topics: take("topics"),
+            work_queue: take("work_queue"),
         }
     })
 }
@@ -507,4 +515,46 @@ fn worker_example_shows_every_path_in_memory() {
 #[test]
 fn worker_example_shows_every_path_on_rabbitmq() {
     run_worker_example(Some(&amqp_addr()));
+}
+
+/// Runs a self-checking example on the in-memory transport: it must exit 0
+/// and print `expected`.
+fn run_in_memory(path: &Path, what: &str, expected: &str) {
+    let mut command = Command::new(path);
+    command.env_remove("BUS_URL");
+    let out = run(command, None, 120, what);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(expected),
+        "{what} did not print {expected:?}:\n{stdout}"
+    );
+}
+
+#[test]
+fn quickstart_example_serves_every_job_despite_a_dead_worker() {
+    run_in_memory(&examples().quickstart, "the quickstart example", "0 lost");
+}
+
+#[test]
+fn topics_example_routes_as_bound() {
+    run_in_memory(
+        &examples().topics,
+        "the topics example",
+        "topic and fanout routing behaved as bound",
+    );
+}
+
+#[test]
+fn work_queue_example_redelivers_the_nacked_job() {
+    run_in_memory(
+        &examples().work_queue,
+        "the work_queue example",
+        "done exactly once; 1 redelivered",
+    );
 }
