@@ -234,9 +234,9 @@ struct Walk<F> {
 }
 
 impl<F> Walk<F> {
-    fn visit<T>(&mut self, node: &Node<T>, rest: Rest<'_>, hashes_on_path: u32)
+    fn visit<'t, T>(&mut self, node: &'t Node<T>, rest: Rest<'_>, hashes_on_path: u32)
     where
-        F: FnMut(&T),
+        F: FnMut(&'t T),
     {
         match rest {
             None => {
@@ -265,9 +265,9 @@ impl<F> Walk<F> {
     /// Enters a `#` node having consumed the key up to `rest`, and lets the
     /// `#` swallow each number of further words in turn (a loop rather than
     /// recursion, so a long key cannot deepen the stack).
-    fn visit_hash<T>(&mut self, hash: &Node<T>, mut rest: Rest<'_>, hashes_on_path: u32)
+    fn visit_hash<'t, T>(&mut self, hash: &'t Node<T>, mut rest: Rest<'_>, hashes_on_path: u32)
     where
-        F: FnMut(&T),
+        F: FnMut(&'t T),
     {
         loop {
             if hashes_on_path >= 2 {
@@ -430,7 +430,7 @@ impl<T: Clone + PartialEq> TopicMatcher<T> {
     /// removes in the same order give the same order of matches on every
     /// run. Allocates nothing unless a matching pattern holds two or more
     /// `#`.
-    pub fn for_each_match(&self, key: &str, mut f: impl FnMut(&T)) {
+    pub fn for_each_match<'t>(&'t self, key: &str, mut f: impl FnMut(&'t T)) {
         let rest = (!key.is_empty()).then_some(key);
         let mut walk = Walk {
             emit: &mut f,
