@@ -17,15 +17,15 @@ use bus_core::{
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::consume::{self, AckBatch, ConsumerSpec, DIRECT_REPLY_TO};
 use crate::convert::{broker_close, is_connection_error, map_error, short, table_to_amqp};
 use crate::events::RecoveryEvent;
-use crate::journal::{BindingRecord, Journal};
+use crate::journal::{BindingRecord, ExchangeBindingRecord, Journal};
 use crate::link::{connect_any, unless_lost, Link, LinkState};
 use crate::options::{AmqpOptions, ReplyMode};
 use crate::publish::{publish_via, ChannelSource, LinkedChannel, OwnChannel, ReplyPublisher};
@@ -651,6 +651,27 @@ impl Shared {
                 )?;
             }
         }
+        for b in &journal.exchange_bindings {
+            let ch = channel!();
+            let r = ch
+                .exchange_bind(
+                    short("exchange name", &b.destination)?,
+                    short("exchange name", &b.source)?,
+                    short("routing key", &b.routing_key)?,
+                    ExchangeBindOptions::default(),
+                    table_to_amqp(&b.arguments)?,
+                )
+                .await;
+            if let Err(e) = r {
+                report(
+                    format!(
+                        "binding of exchange {:?} to exchange {:?} with key {:?}",
+                        b.destination, b.source, b.routing_key
+                    ),
+                    &e,
+                )?;
+            }
+        }
         if let Some(ch) = channel {
             if ch.status().connected() {
                 let _ = ch.close(200, "topology recovered".into()).await;
@@ -1137,6 +1158,62 @@ impl Connection for AmqpConnection {
         lock(&self.shared.journal).forget_binding(&BindingRecord {
             queue: queue.to_owned(),
             exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        });
+        Ok(())
+    }
+
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("exchange", destination)?;
+        validate_name("exchange", source)?;
+        let d = short("exchange name", destination)?;
+        let x = short("exchange name", source)?;
+        let k = short("routing key", routing_key)?;
+        let args = table_to_amqp(&arguments)?;
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.exchange_bind(d, x, k, ExchangeBindOptions::default(), args)
+                    .await
+            })
+            .await?;
+        lock(&self.shared.journal).record_exchange_binding(ExchangeBindingRecord {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        });
+        Ok(())
+    }
+
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        validate_name("exchange", destination)?;
+        validate_name("exchange", source)?;
+        let d = short("exchange name", destination)?;
+        let x = short("exchange name", source)?;
+        let k = short("routing key", routing_key)?;
+        let args = table_to_amqp(&arguments)?;
+        self.shared
+            .topology_op(move |ch| async move {
+                ch.exchange_unbind(d, x, k, ExchangeUnbindOptions::default(), args)
+                    .await
+            })
+            .await?;
+        lock(&self.shared.journal).forget_exchange_binding(&ExchangeBindingRecord {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
             routing_key: routing_key.to_owned(),
             arguments,
         });

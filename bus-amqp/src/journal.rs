@@ -2,4 +2,4 @@
 //! reconnection: `bus-core`'s journal, shared with the in-process broker's
 //! simulated recovery.
 
-pub(crate) use bus_core::recovery::{BindingRecord, Journal};
+pub(crate) use bus_core::recovery::{BindingRecord, ExchangeBindingRecord, Journal};

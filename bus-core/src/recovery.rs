@@ -145,8 +145,22 @@ pub struct BindingRecord {
     pub arguments: FieldTable,
 }
 
+/// An exchange-to-exchange binding the connection made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExchangeBindingRecord {
+    /// The exchange the binding leads to.
+    pub destination: String,
+    /// The exchange whose messages it takes.
+    pub source: String,
+    /// The binding key.
+    pub routing_key: String,
+    /// The binding arguments.
+    pub arguments: FieldTable,
+}
+
 /// Exchanges, queues and bindings this connection declared and did not
-/// delete since, in the order they must be replayed.
+/// delete since, in the order they must be replayed: exchanges, queues,
+/// queue bindings, then exchange-to-exchange bindings.
 #[derive(Clone, Debug, Default)]
 pub struct Journal {
     /// Exchanges by name, with their kind and options.
@@ -156,6 +170,8 @@ pub struct Journal {
     pub queues: BTreeMap<String, QueueRecord>,
     /// Bindings, in the order they were made.
     pub bindings: Vec<BindingRecord>,
+    /// Exchange-to-exchange bindings, in the order they were made.
+    pub exchange_bindings: Vec<ExchangeBindingRecord>,
 }
 
 impl Journal {
@@ -180,10 +196,13 @@ impl Journal {
         self.exchanges.insert(name.to_owned(), (kind, options));
     }
 
-    /// Forgets a deleted exchange and its bindings.
+    /// Forgets a deleted exchange and its bindings: queue bindings from it
+    /// and exchange bindings from or to it.
     pub fn forget_exchange(&mut self, name: &str) {
         self.exchanges.remove(name);
         self.bindings.retain(|b| b.exchange != name);
+        self.exchange_bindings
+            .retain(|b| b.source != name && b.destination != name);
     }
 
     /// Records a declared queue. `requested` is the name the application
@@ -236,6 +255,18 @@ impl Journal {
         });
     }
 
+    /// Records an exchange-to-exchange binding, once.
+    pub fn record_exchange_binding(&mut self, b: ExchangeBindingRecord) {
+        if !self.exchange_bindings.contains(&b) {
+            self.exchange_bindings.push(b);
+        }
+    }
+
+    /// Forgets an unbound exchange-to-exchange binding.
+    pub fn forget_exchange_binding(&mut self, b: &ExchangeBindingRecord) {
+        self.exchange_bindings.retain(|x| x != b);
+    }
+
     /// After a recovery: the queue known as `handle` is now `current`.
     pub fn rename(&mut self, handle: &str, current: &str) {
         if let Some(q) = self.queues.get_mut(handle) {
@@ -280,8 +311,22 @@ mod tests {
         j.record_exchange("x", ExchangeKind::Topic, ExchangeOptions::default());
         j.record_queue("q", "q", QueueOptions::default());
         j.record_binding(binding("q"));
+        let e2e = |d: &str, s: &str| ExchangeBindingRecord {
+            destination: d.into(),
+            source: s.into(),
+            routing_key: "k".into(),
+            arguments: FieldTable::new(),
+        };
+        j.record_exchange_binding(e2e("x", "a"));
+        j.record_exchange_binding(e2e("b", "x"));
+        j.record_exchange_binding(e2e("b", "x"));
+        j.record_exchange_binding(e2e("b", "a"));
+        assert_eq!(j.exchange_bindings.len(), 3);
         j.forget_exchange("x");
         assert!(j.exchanges.is_empty() && j.bindings.is_empty());
+        assert_eq!(j.exchange_bindings, vec![e2e("b", "a")]);
+        j.forget_exchange_binding(&e2e("b", "a"));
+        assert!(j.exchange_bindings.is_empty());
         assert_eq!(j.queues.len(), 1);
     }
 }

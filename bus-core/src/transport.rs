@@ -201,7 +201,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
         options: ExchangeOptions,
     ) -> Result<()>;
 
-    /// Deletes an exchange and its bindings.
+    /// Deletes an exchange and its bindings: those it is the source of and
+    /// those it is the destination of (exchange-to-exchange bindings). An
+    /// auto-delete exchange left without bindings by that is deleted too.
     ///
     /// Deleting an exchange that does not exist succeeds, as in RabbitMQ.
     ///
@@ -266,6 +268,44 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
         &self,
         queue: &str,
         exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()>;
+
+    /// Binds exchange `destination` to exchange `source` (RabbitMQ's
+    /// `exchange.bind` extension): messages `source` routes through this
+    /// binding go on to be routed by `destination`, as a queue binding with
+    /// the same key and arguments would take them. Binding the same
+    /// destination, source, key and arguments again is a no-op.
+    ///
+    /// Routing follows such bindings through any number of exchanges, each
+    /// exchange routing a message at most once (so loops of bindings end),
+    /// and a queue reached along several paths receives one copy.
+    ///
+    /// # Errors
+    /// `NotFound` if either exchange is missing; `AccessRefused` when either
+    /// is the default exchange; `PreconditionFailed` for binding arguments
+    /// the source refuses (an unknown `x-match` on a headers exchange).
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()>;
+
+    /// Removes an exchange-to-exchange binding; routing through it stops at
+    /// once. An auto-delete source left without bindings is deleted.
+    ///
+    /// Removing a binding or exchange that does not exist succeeds, as in
+    /// RabbitMQ.
+    ///
+    /// # Errors
+    /// `AccessRefused` when either exchange is the default exchange.
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()>;

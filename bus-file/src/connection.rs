@@ -10,7 +10,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus_core::routing::{headers_match, TopicMatcher};
+use bus_core::routing::{
+    alternate_exchange, auto_delete, check_binding_arguments, check_sender_routes, delete_exchange,
+    sender_routes, strip_bcc, BindingStore, Destination, Exchange, ExchangeGraph,
+};
 use bus_core::{
     classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
     DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message,
@@ -27,7 +30,9 @@ use crate::fsys::{self, FileLock};
 use crate::layout::{self, Layout, FORMAT_VERSION};
 use crate::names::{self, check_path_name, MessageName};
 use crate::sync::Mutex;
-use crate::topology::{self, BindingRecord, ExchangeRecord, FileStamp, QueueRecord, Topology};
+use crate::topology::{
+    self, BindingRecord, ExchangeBindingRecord, ExchangeRecord, FileStamp, QueueRecord, Topology,
+};
 
 /// Settings of a [`FileConnection`], as `#[must_use]` builder methods over
 /// the defaults.
@@ -111,86 +116,69 @@ pub struct FileConnection {
     inner: Arc<Inner>,
 }
 
-/// The routing view of one topology version.
+/// The routing view of one topology version: its exchanges and bindings
+/// indexed once in the exchange graph, for every publish until the
+/// topology changes.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     pub(crate) topo: Topology,
-    topics: HashMap<String, TopicMatcher<usize>>,
+    graph: ExchangeGraph<String>,
 }
 
 impl Snapshot {
     fn new(topo: Topology) -> Self {
-        let mut topics: HashMap<String, TopicMatcher<usize>> = HashMap::new();
-        for (i, b) in topo.bindings.iter().enumerate() {
-            if exchange_kind(&topo, &b.exchange) == Some(ExchangeKind::Topic) {
-                topics
-                    .entry(b.exchange.clone())
-                    .or_default()
-                    .insert(&b.routing_key, i);
+        let mut graph = ExchangeGraph::with_predeclared();
+        for (name, x) in &topo.exchanges {
+            // A file written before alternate exchanges were checked may
+            // hold one that is not a string: ignored, as it was then.
+            let alternate = alternate_exchange(name, &x.arguments).ok().flatten();
+            graph.insert(
+                name,
+                Exchange::new(x.kind, x.durable, x.auto_delete, x.internal, alternate),
+            );
+        }
+        for b in &topo.bindings {
+            if let Some(x) = graph.get_mut(&b.exchange) {
+                x.bind(
+                    &b.routing_key,
+                    Destination::Queue(b.queue.clone()),
+                    b.arguments.clone(),
+                );
             }
         }
-        Snapshot { topo, topics }
+        for b in &topo.exchange_bindings {
+            if let Some(x) = graph.get_mut(&b.source) {
+                x.bind(
+                    &b.routing_key,
+                    Destination::Exchange(b.destination.clone()),
+                    b.arguments.clone(),
+                );
+            }
+        }
+        Snapshot { topo, graph }
     }
 
-    /// The queues a message goes to, each once.
+    /// The queues a message goes to, each once, in name order.
     fn route(
         &self,
         exchange: &str,
         routing_key: &str,
         headers: &FieldTable,
     ) -> Result<Vec<String>> {
-        let mut out = BTreeSet::new();
-        let mut seen = BTreeSet::new();
-        let mut current = exchange.to_owned();
-        loop {
-            seen.insert(current.clone());
-            if current.is_empty() {
-                if self.topo.queues.contains_key(routing_key) {
-                    out.insert(routing_key.to_owned());
-                }
-                break;
-            }
-            let Some(kind) = exchange_kind(&self.topo, &current) else {
-                if current == exchange {
-                    return Err(Error::NotFound(format!("no exchange {current:?}")));
-                }
-                break;
-            };
-            let bindings = self.topo.bindings.iter().filter(|b| b.exchange == current);
-            match kind {
-                ExchangeKind::Direct => out.extend(
-                    bindings
-                        .filter(|b| b.routing_key == routing_key)
-                        .map(|b| b.queue.clone()),
-                ),
-                ExchangeKind::Fanout => out.extend(bindings.map(|b| b.queue.clone())),
-                ExchangeKind::Headers => out.extend(
-                    bindings
-                        .filter(|b| headers_match(&b.arguments, headers))
-                        .map(|b| b.queue.clone()),
-                ),
-                ExchangeKind::Topic => {
-                    if let Some(m) = self.topics.get(&current) {
-                        m.for_each_match(routing_key, |&i| {
-                            out.insert(self.topo.bindings[i].queue.clone());
-                        });
-                    }
-                }
-            }
-            // An alternate exchange takes what the exchange could not route.
-            let alternate = self
-                .topo
-                .exchanges
-                .get(&current)
-                .and_then(|x| x.arguments.get("alternate-exchange"))
-                .and_then(FieldValue::as_str)
-                .map(str::to_owned);
-            match alternate {
-                Some(a) if out.is_empty() && !seen.contains(&a) => current = a,
-                _ => break,
-            }
+        let mut out = Vec::new();
+        let keys = std::iter::once(routing_key).chain(sender_routes(headers));
+        let queues = &self.topo.queues;
+        let found = self.graph.route(
+            exchange,
+            keys,
+            headers,
+            |q| queues.contains_key(q).then(|| q.to_owned()),
+            &mut out,
+        );
+        if !found {
+            return Err(Error::NotFound(format!("no exchange {exchange:?}")));
         }
-        Ok(out.into_iter().collect())
+        Ok(out)
     }
 }
 
@@ -900,13 +888,8 @@ impl Inner {
         msg_ttl: Option<std::time::Duration>,
     ) -> Result<Option<Prepared>> {
         let snap = self.snapshot()?;
-        if let Some(x) = snap.topo.exchanges.get(exchange) {
-            if x.internal {
-                return Err(Error::AccessRefused(format!(
-                    "cannot publish to internal exchange {exchange:?}"
-                )));
-            }
-        }
+        snap.graph.check_publish(exchange)?;
+        check_sender_routes(&message.properties.headers)?;
         let targets = snap.route(exchange, routing_key, &message.properties.headers)?;
         if targets.is_empty() {
             if mandatory {
@@ -918,6 +901,9 @@ impl Inner {
             }
             return Ok(None);
         }
+        // BCC routes but is never delivered.
+        let mut message = message;
+        strip_bcc(&mut message.properties.headers);
         let now = names::now_ms();
         let stamp = names::next_stamp();
         let body_len = message.body.len() as u64;
@@ -1443,6 +1429,7 @@ impl Inner {
                 "exchange name {name:?} contains reserved prefix 'amq.*'"
             )));
         }
+        alternate_exchange(name, &options.arguments)?;
         let rec = ExchangeRecord {
             kind,
             durable: options.durable,
@@ -1481,13 +1468,12 @@ impl Inner {
             if !t.exchanges.contains_key(name) {
                 return Ok(((), false));
             }
-            if if_unused && t.bindings.iter().any(|b| b.exchange == name) {
+            if if_unused && t.has_bindings_from(name) {
                 return Err(Error::PreconditionFailed(format!(
                     "exchange {name:?} in use"
                 )));
             }
-            t.exchanges.remove(name);
-            t.bindings.retain(|b| b.exchange != name);
+            delete_exchange(t, name);
             Ok(((), true))
         })
     }
@@ -1654,9 +1640,9 @@ impl Inner {
                 .get(queue)
                 .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?;
             inner.check_exclusive(queue, q)?;
-            if exchange_kind(t, exchange).is_none() {
-                return Err(Error::NotFound(format!("no exchange {exchange:?}")));
-            }
+            let kind = exchange_kind(t, exchange)
+                .ok_or_else(|| Error::NotFound(format!("no exchange {exchange:?}")))?;
+            check_binding_arguments(kind, &b.arguments)?;
             if t.bindings.contains(&b) {
                 return Ok(((), false));
             }
@@ -1683,9 +1669,56 @@ impl Inner {
             if t.bindings.len() == before {
                 return Ok(((), false));
             }
-            t.drop_unused_auto_delete_exchange(exchange);
+            auto_delete(t, [exchange.to_owned()]);
             Ok(((), true))
         })
+    }
+
+    fn bind_exchange_sync(&self, b: ExchangeBindingRecord) -> Result<()> {
+        let b = self.exchange_binding_record(b)?;
+        self.modify(|t| {
+            for name in [&b.destination, &b.source] {
+                if exchange_kind(t, name).is_none() {
+                    return Err(Error::NotFound(format!("no exchange {name:?}")));
+                }
+            }
+            let kind = exchange_kind(t, &b.source).expect("checked above");
+            check_binding_arguments(kind, &b.arguments)?;
+            if t.exchange_bindings.contains(&b) {
+                return Ok(((), false));
+            }
+            t.exchange_bindings.push(b);
+            Ok(((), true))
+        })
+    }
+
+    fn unbind_exchange_sync(&self, b: ExchangeBindingRecord) -> Result<()> {
+        let b = self.exchange_binding_record(b)?;
+        self.modify(|t| {
+            let before = t.exchange_bindings.len();
+            t.exchange_bindings.retain(|x| *x != b);
+            if t.exchange_bindings.len() == before {
+                return Ok(((), false));
+            }
+            auto_delete(t, [b.source.clone()]);
+            Ok(((), true))
+        })
+    }
+
+    /// The checks binding and unbinding exchanges make first: the
+    /// connection is open, the names are safe path components, and neither
+    /// is the default exchange.
+    fn exchange_binding_record(&self, b: ExchangeBindingRecord) -> Result<ExchangeBindingRecord> {
+        self.check_open()?;
+        for name in [&b.destination, &b.source] {
+            if name == DEFAULT_EXCHANGE {
+                return Err(Error::AccessRefused(
+                    "operation not permitted on the default exchange".into(),
+                ));
+            }
+            check_path_name("exchange", name)?;
+        }
+        Ok(b)
     }
 }
 
@@ -1756,6 +1789,40 @@ impl Connection for FileConnection {
         let exchange = exchange.to_owned();
         let routing_key = routing_key.to_owned();
         blocking(move || inner.unbind_queue_sync(&queue, &exchange, &routing_key, arguments)).await
+    }
+
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let b = ExchangeBindingRecord {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        blocking(move || inner.bind_exchange_sync(b)).await
+    }
+
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let b = ExchangeBindingRecord {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        };
+        blocking(move || inner.unbind_exchange_sync(b)).await
     }
 
     async fn publish(

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
+use bus_core::routing::{auto_delete, BindingStore};
 use bus_core::{ExchangeKind, FieldTable};
 
 use crate::codec::{crc32, DecodeError, Reader, Writer};
@@ -13,7 +14,11 @@ use crate::fsys;
 use crate::names::{check_path_name, is_owner_id};
 
 const MAGIC: &[u8; 4] = b"BUST";
+/// The format without exchange-to-exchange bindings: written whenever there
+/// are none, so that a library that only knows it keeps reading the file.
 const VERSION: u8 = 1;
+/// Version 1 followed by the exchange-to-exchange bindings.
+const VERSION_E2E: u8 = 2;
 
 /// A declared exchange.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +52,15 @@ pub(crate) struct BindingRecord {
     pub(crate) arguments: FieldTable,
 }
 
+/// A binding of an exchange to another (`exchange.bind`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ExchangeBindingRecord {
+    pub(crate) destination: String,
+    pub(crate) source: String,
+    pub(crate) routing_key: String,
+    pub(crate) arguments: FieldTable,
+}
+
 /// The whole topology.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Topology {
@@ -54,6 +68,7 @@ pub(crate) struct Topology {
     pub(crate) exchanges: BTreeMap<String, ExchangeRecord>,
     pub(crate) queues: BTreeMap<String, QueueRecord>,
     pub(crate) bindings: Vec<BindingRecord>,
+    pub(crate) exchange_bindings: Vec<ExchangeBindingRecord>,
 }
 
 fn kind_byte(k: ExchangeKind) -> u8 {
@@ -69,7 +84,8 @@ impl Topology {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.buf.extend_from_slice(MAGIC);
-        w.u8(VERSION);
+        let e2e = !self.exchange_bindings.is_empty();
+        w.u8(if e2e { VERSION_E2E } else { VERSION });
         w.u64(self.generation);
         w.u32(self.exchanges.len() as u32);
         for (name, x) in &self.exchanges {
@@ -96,6 +112,15 @@ impl Topology {
             w.str(&b.routing_key);
             w.table(&b.arguments);
         }
+        if e2e {
+            w.u32(self.exchange_bindings.len() as u32);
+            for b in &self.exchange_bindings {
+                w.str(&b.destination);
+                w.str(&b.source);
+                w.str(&b.routing_key);
+                w.table(&b.arguments);
+            }
+        }
         let crc = crc32(&w.buf);
         w.u32(crc);
         w.buf
@@ -105,7 +130,8 @@ impl Topology {
         if bytes.len() < 9 || &bytes[..4] != MAGIC {
             return Err(DecodeError("not a topology file".into()));
         }
-        if bytes[4] != VERSION {
+        let version = bytes[4];
+        if version != VERSION && version != VERSION_E2E {
             return Err(DecodeError(format!(
                 "topology version {} is not supported",
                 bytes[4]
@@ -157,6 +183,16 @@ impl Topology {
                 arguments: r.table(0)?,
             });
         }
+        if version == VERSION_E2E {
+            for _ in 0..r.u32()? {
+                t.exchange_bindings.push(ExchangeBindingRecord {
+                    destination: r.string()?,
+                    source: r.string()?,
+                    routing_key: r.string()?,
+                    arguments: r.table(0)?,
+                });
+            }
+        }
         if r.remaining() != 0 {
             return Err(DecodeError("trailing bytes in topology".into()));
         }
@@ -174,6 +210,11 @@ impl Topology {
         };
         let names = self.exchanges.keys().chain(self.queues.keys());
         let names = names.chain(self.bindings.iter().flat_map(|b| [&b.queue, &b.exchange]));
+        let names = names.chain(
+            self.exchange_bindings
+                .iter()
+                .flat_map(|b| [&b.destination, &b.source]),
+        );
         if names.into_iter().any(String::is_empty) {
             return Err(DecodeError("corrupt topology: an empty name".into()));
         }
@@ -200,6 +241,11 @@ impl Topology {
             check_path_name("queue", &b.queue).map_err(|e| corrupt("binding queue", e))?;
             check_path_name("exchange", &b.exchange).map_err(|e| corrupt("binding exchange", e))?;
         }
+        for b in &self.exchange_bindings {
+            for name in [&b.destination, &b.source] {
+                check_path_name("exchange", name).map_err(|e| corrupt("binding exchange", e))?;
+            }
+        }
         Ok(())
     }
 
@@ -207,25 +253,47 @@ impl Topology {
     /// without bindings. Returns whether the queue was there.
     pub(crate) fn remove_queue(&mut self, name: &str) -> bool {
         let had = self.queues.remove(name).is_some();
-        let before: Vec<String> = self
+        let sources: Vec<String> = self
             .bindings
             .iter()
             .filter(|b| b.queue == name)
             .map(|b| b.exchange.clone())
             .collect();
         self.bindings.retain(|b| b.queue != name);
-        for x in before {
-            self.drop_unused_auto_delete_exchange(&x);
-        }
+        auto_delete(self, sources);
         had
     }
+}
 
-    /// Deletes an auto-delete exchange that has no bindings left.
-    pub(crate) fn drop_unused_auto_delete_exchange(&mut self, exchange: &str) {
-        let unused = !self.bindings.iter().any(|b| b.exchange == exchange);
-        if unused && self.exchanges.get(exchange).is_some_and(|x| x.auto_delete) {
-            self.exchanges.remove(exchange);
+/// The records as the topology rules of `bus_core::routing` see them.
+impl BindingStore for Topology {
+    fn is_auto_delete(&self, name: &str) -> bool {
+        self.exchanges.get(name).is_some_and(|x| x.auto_delete)
+    }
+
+    fn has_bindings_from(&self, name: &str) -> bool {
+        self.bindings.iter().any(|b| b.exchange == name)
+            || self.exchange_bindings.iter().any(|b| b.source == name)
+    }
+
+    fn remove_exchange(&mut self, name: &str) -> bool {
+        if self.exchanges.remove(name).is_none() {
+            return false;
         }
+        self.bindings.retain(|b| b.exchange != name);
+        self.exchange_bindings.retain(|b| b.source != name);
+        true
+    }
+
+    fn remove_bindings_to_exchange(&mut self, name: &str) -> Vec<String> {
+        let sources = self
+            .exchange_bindings
+            .iter()
+            .filter(|b| b.destination == name)
+            .map(|b| b.source.clone())
+            .collect();
+        self.exchange_bindings.retain(|b| b.destination != name);
+        sources
     }
 }
 
@@ -328,9 +396,36 @@ mod tests {
             arguments: FieldTable::new(),
         });
         assert_eq!(Topology::decode(&t.encode()).unwrap(), t);
+        assert_eq!(t.encode()[4], VERSION, "no exchange bindings: version 1");
         let mut bad = t.encode();
         bad[10] ^= 1;
         assert!(Topology::decode(&bad).is_err());
+        t.exchange_bindings.push(ExchangeBindingRecord {
+            destination: "x".into(),
+            source: "amq.fanout".into(),
+            routing_key: "k".into(),
+            arguments: [("x-match".to_string(), "any".into())].into(),
+        });
+        assert_eq!(t.encode()[4], VERSION_E2E);
+        assert_eq!(Topology::decode(&t.encode()).unwrap(), t);
+    }
+
+    /// A file written before exchange-to-exchange bindings existed (version
+    /// 1, bytes as that version wrote them) still reads.
+    #[test]
+    fn a_version_1_file_reads() {
+        let mut v1 = MAGIC.to_vec();
+        v1.push(1);
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let t = Topology::decode(&v1).unwrap();
+        assert_eq!(t.generation, 3);
+        assert!(t.exchanges.is_empty() && t.bindings.is_empty() && t.exchange_bindings.is_empty());
+        assert_eq!(t.encode(), v1);
     }
 }
 
@@ -344,9 +439,9 @@ mod props {
 
     /// Bytes with a valid magic, version and checksum around `body`, so the
     /// decoder's inner parsing and validation are reached.
-    fn framed(body: &[u8]) -> Vec<u8> {
+    fn framed(version: u8, body: &[u8]) -> Vec<u8> {
         let mut v = MAGIC.to_vec();
-        v.push(VERSION);
+        v.push(version);
         v.extend_from_slice(body);
         let crc = crc32(&v);
         v.extend_from_slice(&crc.to_le_bytes());
@@ -358,9 +453,11 @@ mod props {
         fn decode_never_panics_and_what_it_accepts_round_trips(
             body in proptest::collection::vec(any::<u8>(), 0..600),
             raw in proptest::collection::vec(any::<u8>(), 0..64),
+            e2e in any::<bool>(),
         ) {
             let _ = Topology::decode(&raw);
-            if let Ok(t) = Topology::decode(&framed(&body)) {
+            let version = if e2e { VERSION_E2E } else { VERSION };
+            if let Ok(t) = Topology::decode(&framed(version, &body)) {
                 prop_assert_eq!(Topology::decode(&t.encode()).expect("re-decodes"), t);
             }
         }

@@ -7,15 +7,18 @@
 //! to unrelated queues only share a read lock for routing, and no lock is
 //! ever held across an `.await`.
 
+use std::cmp::Ordering as CmpOrdering;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
+use bus_core::routing::{
+    check_sender_routes, strip_bcc, Destination, Exchange, ExchangeGraph, NameMap,
+};
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
     ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments, QueueInfo,
-    QueueOptions, Result, PREDECLARED_EXCHANGES,
+    QueueOptions, Result,
 };
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -27,18 +30,17 @@ use crate::declaration::{
     check_equivalent_args, check_exchange_redeclare, check_queue_flags, check_queue_type,
     queue_arguments,
 };
-use crate::exchange::{alternate_exchange, Binding, Exchange};
 use crate::faults::{Fault, FaultState};
 use crate::queue::{Effects, Envelope, NewConsumer, Now, Queue, QueueState, Settle};
 
 /// The queues a publish reaches.
 enum Targets {
-    One(Arc<Queue>),
-    Many(Vec<Arc<Queue>>),
+    One(QueueRef),
+    Many(Vec<QueueRef>),
 }
 
 impl Targets {
-    fn as_slice(&self) -> &[Arc<Queue>] {
+    fn as_slice(&self) -> &[QueueRef] {
         match self {
             Targets::One(q) => std::slice::from_ref(q),
             Targets::Many(list) => list,
@@ -46,92 +48,51 @@ impl Targets {
     }
 }
 
-/// A fast hash for exchange and queue names. Every publish looks one up,
-/// and SipHash was a visible part of a publish; names come from the
-/// process's own code, so flooding resistance buys nothing here.
-#[derive(Default, Clone, Copy)]
-struct NameHasher(u64);
+/// A queue as the exchange graph holds it: identified, and ordered, by its
+/// creation sequence, so a message reaching several queues enters them in
+/// the order they were declared.
+#[derive(Clone)]
+pub(crate) struct QueueRef(pub(crate) Arc<Queue>);
 
-impl NameHasher {
-    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+impl PartialEq for QueueRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.seq == other.0.seq
     }
 }
 
-impl Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
+impl Eq for QueueRef {}
 
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
+impl PartialOrd for QueueRef {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
     }
 }
 
-type NameMap<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+impl Ord for QueueRef {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.0.seq.cmp(&other.0.seq)
+    }
+}
 
-#[derive(Default)]
 struct Topology {
-    exchanges: NameMap<Exchange>,
+    exchanges: ExchangeGraph<QueueRef>,
     queues: NameMap<Arc<Queue>>,
 }
 
 impl Topology {
-    /// The queues `keys` reach through `exchange`, in queue creation order,
-    /// each once. `None` if the exchange does not exist.
-    fn route(&self, envelope: &Envelope) -> Option<Vec<Arc<Queue>>> {
-        let exchange = envelope.exchange.as_str();
-        let keys = envelope.routing_keys();
-        let headers = &envelope.message.properties.headers;
+    /// The queues `envelope` reaches through its exchange, in queue
+    /// creation order, each once. `None` if the exchange does not exist.
+    fn route(&self, envelope: &Envelope) -> Option<Vec<QueueRef>> {
         let mut out = Vec::new();
-        if exchange.is_empty() {
-            out.extend(keys.filter_map(|k| self.queues.get(k).cloned()));
-        } else {
-            let mut x = self.exchanges.get(exchange)?;
-            let mut visited = vec![exchange];
-            loop {
-                for key in keys.clone() {
-                    x.route(key, headers, &mut out);
-                }
-                // Unrouted messages follow the alternate exchange chain,
-                // stopping at a cycle as RabbitMQ does.
-                let next = match &x.alternate {
-                    Some(ae) if out.is_empty() && !visited.contains(&ae.as_str()) => ae,
-                    _ => break,
-                };
-                match self.exchanges.get(next) {
-                    Some(ax) => {
-                        visited.push(next);
-                        x = ax;
-                    }
-                    None => break,
-                }
-            }
-        }
-        out.sort_by_key(|q| q.seq);
-        out.dedup_by_key(|q| q.seq);
-        Some(out)
+        self.exchanges
+            .route(
+                &envelope.exchange,
+                envelope.routing_keys(),
+                &envelope.message.properties.headers,
+                |name| self.queues.get(name).cloned().map(QueueRef),
+                &mut out,
+            )
+            .then_some(out)
     }
 }
 
@@ -197,6 +158,24 @@ fn check_routing_key(exchange: &str, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// The checks binding and unbinding exchanges share, before any lookup.
+fn check_exchange_binding_names(
+    operation: &str,
+    destination: &str,
+    source: &str,
+    key: &str,
+) -> Result<()> {
+    validate_name("exchange", destination)?;
+    validate_name("exchange", source)?;
+    check_routing_key(source, key)?;
+    if destination.is_empty() || source.is_empty() {
+        return Err(default_exchange_refused(&format!(
+            "{operation} exchange '{destination}' to exchange '{source}'"
+        )));
+    }
+    Ok(())
+}
+
 /// The checks binding and unbinding share, before any lookup.
 fn check_binding_names(operation: &str, queue: &str, exchange: &str, key: &str) -> Result<()> {
     validate_name("queue", queue)?;
@@ -212,13 +191,10 @@ fn check_binding_names(operation: &str, queue: &str, exchange: &str, key: &str) 
 
 impl BrokerInner {
     pub(crate) fn new(name: Option<String>, faults: Option<FaultState>) -> Self {
-        let mut topology = Topology::default();
-        for (name, kind) in PREDECLARED_EXCHANGES {
-            topology.exchanges.insert(
-                name.to_owned(),
-                Exchange::new(kind, true, false, false, None),
-            );
-        }
+        let topology = Topology {
+            exchanges: ExchangeGraph::with_predeclared(),
+            queues: NameMap::default(),
+        };
         BrokerInner {
             name,
             topology: RwLock::new(topology),
@@ -268,7 +244,7 @@ impl BrokerInner {
         for queue in &doomed_queues {
             self.remove_queue(queue);
         }
-        self.write().exchanges.retain(|_, x| x.durable);
+        self.write().exchanges.retain_exchanges(|_, x| x.durable);
         for queue in &kept_queues {
             let mut st = queue.lock();
             Queue::drop_transient(&mut st);
@@ -329,11 +305,11 @@ impl BrokerInner {
         // A missing dead-letter exchange drops the message, as in RabbitMQ.
         let Some(mut targets) = targets else { return };
         if dead.reason != Reason::Rejected {
-            targets.retain(|q| !is_cycle(&q.name, &env.message.properties.headers));
+            targets.retain(|q| !is_cycle(&q.0.name, &env.message.properties.headers));
         }
         let env = Arc::new(env);
         let mut now = Now::default();
-        for queue in targets {
+        for QueueRef(queue) in targets {
             let mut fx = Effects::default();
             let mut st = queue.lock();
             queue.publish(&mut st, &env, None, &mut now, &mut fx);
@@ -469,31 +445,22 @@ impl BrokerInner {
             return Err(default_exchange_refused("declare exchange ''"));
         }
         if options.passive {
-            return match self.read().exchanges.contains_key(name) {
+            return match self.read().exchanges.get(name).is_some() {
                 true => Ok(()),
                 false => Err(not_found_exchange(name)),
             };
         }
-        let alternate = alternate_exchange(name, &options.arguments)?;
+        let exchange = Exchange::declared(name, kind, options)?;
         let mut topo = self.write();
         if let Some(x) = topo.exchanges.get(name) {
-            return check_exchange_redeclare(name, x, kind, options, &alternate);
+            return check_exchange_redeclare(name, x, &exchange);
         }
         if is_reserved_name(name) {
             return Err(Error::AccessRefused(format!(
                 "exchange name '{name}' contains reserved prefix 'amq.*'"
             )));
         }
-        topo.exchanges.insert(
-            name.to_owned(),
-            Exchange::new(
-                kind,
-                options.durable,
-                options.auto_delete,
-                options.internal,
-                alternate,
-            ),
-        );
+        topo.exchanges.insert(name, exchange);
         Ok(())
     }
 
@@ -516,7 +483,7 @@ impl BrokerInner {
                 "exchange '{name}' in use"
             )));
         }
-        topo.exchanges.remove(name);
+        topo.exchanges.delete_exchange(name);
         Ok(())
     }
 
@@ -646,15 +613,7 @@ impl BrokerInner {
                 }
                 _ => return 0,
             }
-            let mut emptied = Vec::new();
-            for (name, x) in &mut topo.exchanges {
-                if x.unbind_queue(queue) && x.auto_delete && x.binding_count() == 0 {
-                    emptied.push(name.clone());
-                }
-            }
-            for name in emptied {
-                topo.exchanges.remove(&name);
-            }
+            topo.exchanges.remove_queue(&QueueRef(queue.clone()));
         }
         let mut st = queue.lock();
         Queue::mark_deleted(&mut st)
@@ -695,14 +654,8 @@ impl BrokerInner {
             .exchanges
             .get_mut(exchange)
             .ok_or_else(|| not_found_exchange(exchange))?;
-        x.check_binding(exchange, &arguments)?;
-        x.bind(
-            key,
-            Binding {
-                queue: q,
-                arguments,
-            },
-        );
+        x.check_binding(&arguments)?;
+        x.bind(key, Destination::Queue(QueueRef(q)), arguments);
         Ok(())
     }
 
@@ -719,16 +672,38 @@ impl BrokerInner {
         let Some(q) = topo.queues.get(queue).cloned() else {
             return Ok(());
         };
-        let Some(x) = topo.exchanges.get_mut(exchange) else {
-            return Ok(());
-        };
-        let binding = Binding {
-            queue: q,
-            arguments,
-        };
-        if x.unbind(key, &binding) && x.auto_delete && x.binding_count() == 0 {
-            topo.exchanges.remove(exchange);
-        }
+        topo.exchanges
+            .unbind_queue(&QueueRef(q), exchange, key, &arguments);
+        Ok(())
+    }
+
+    /// Binds exchange `destination` to exchange `source`.
+    pub(crate) fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        check_exchange_binding_names("bind", destination, source, key)?;
+        self.write()
+            .exchanges
+            .bind_exchange(destination, source, key, arguments)?;
+        Ok(())
+    }
+
+    /// Removes an exchange-to-exchange binding; a missing one is no error.
+    pub(crate) fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        check_exchange_binding_names("unbind", destination, source, key)?;
+        self.write()
+            .exchanges
+            .unbind_exchange(destination, source, key, &arguments);
         Ok(())
     }
 
@@ -773,21 +748,11 @@ impl BrokerInner {
                 // The common send-to-queue: one key, at most one queue, no
                 // list to build, sort or free.
                 match topo.queues.get(routing_key) {
-                    Some(q) => Targets::One(q.clone()),
+                    Some(q) => Targets::One(QueueRef(q.clone())),
                     None => Targets::Many(Vec::new()),
                 }
             } else {
-                if !exchange.is_empty() {
-                    match topo.exchanges.get(exchange) {
-                        None => return Err(not_found_exchange(exchange)),
-                        Some(x) if x.internal => {
-                            return Err(Error::AccessRefused(format!(
-                                "cannot publish to internal exchange '{exchange}'"
-                            )))
-                        }
-                        Some(_) => {}
-                    }
-                }
+                topo.exchanges.check_publish(exchange)?;
                 Targets::Many(
                     topo.route(&envelope)
                         .ok_or_else(|| not_found_exchange(exchange))?,
@@ -795,17 +760,7 @@ impl BrokerInner {
             }
         };
         let message_ttl = message.ttl()?;
-        for name in ["CC", "BCC"] {
-            match message.properties.headers.get(name) {
-                None | Some(FieldValue::Array(_)) => {}
-                Some(other) => {
-                    return Err(Error::PreconditionFailed(format!(
-                        "invalid message: header {name} must be an array of routing keys, got {}",
-                        other.type_name()
-                    )))
-                }
-            }
-        }
+        check_sender_routes(&message.properties.headers)?;
         self.record(exchange, routing_key, message);
         let targets = targets.as_slice();
         if targets.is_empty() {
@@ -825,16 +780,12 @@ impl BrokerInner {
         // BCC routes but is never seen by consumers. The envelope is not
         // shared yet, so this changes it in place.
         if message.properties.headers.contains_key("BCC") {
-            Arc::make_mut(&mut envelope)
-                .message
-                .properties
-                .headers
-                .remove("BCC");
+            strip_bcc(&mut Arc::make_mut(&mut envelope).message.properties.headers);
         }
         let mut now = Now::default();
         let mut refused = None;
         let mut work = VecDeque::new();
-        for queue in targets {
+        for QueueRef(queue) in targets {
             let mut fx = Effects::default();
             let mut st = queue.lock();
             if !queue.publish(&mut st, &envelope, message_ttl, &mut now, &mut fx)

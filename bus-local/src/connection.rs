@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bus_core::recovery::BindingRecord;
+use bus_core::recovery::{BindingRecord, ExchangeBindingRecord};
 use bus_core::{
     classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteQueueOptions,
     Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions, QueueInfo,
@@ -586,6 +586,50 @@ impl Connection for LocalConnection {
             j.forget_binding(&BindingRecord {
                 queue: queue.to_owned(),
                 exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments,
+            });
+        });
+        Ok(())
+    }
+
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let broker = self.inner.ready().await?;
+        if self.inner.slow {
+            self.inner
+                .check_declare(|| format!("binding {destination:?} to {source:?}"))?;
+        }
+        broker.bind_exchange(destination, source, routing_key, arguments.clone())?;
+        self.inner.journal(|j| {
+            j.record_exchange_binding(ExchangeBindingRecord {
+                destination: destination.to_owned(),
+                source: source.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments,
+            });
+        });
+        Ok(())
+    }
+
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<()> {
+        let broker = self.inner.ready().await?;
+        broker.unbind_exchange(destination, source, routing_key, arguments.clone())?;
+        self.inner.journal(|j| {
+            j.forget_exchange_binding(&ExchangeBindingRecord {
+                destination: destination.to_owned(),
+                source: source.to_owned(),
                 routing_key: routing_key.to_owned(),
                 arguments,
             });

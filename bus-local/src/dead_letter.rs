@@ -3,6 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bus_core::routing::sender_routes;
 use bus_core::{FieldTable, FieldValue};
 
 use crate::queue::Envelope;
@@ -36,17 +37,6 @@ pub(crate) struct DeadLetter {
     pub(crate) reason: Reason,
 }
 
-/// The routing keys carried by the `CC` and `BCC` headers (RabbitMQ's
-/// sender-selected distribution). Entries that are not strings are ignored,
-/// as RabbitMQ ignores them.
-pub(crate) fn header_routes(headers: &FieldTable) -> impl Iterator<Item = &str> {
-    ["CC", "BCC"]
-        .into_iter()
-        .filter_map(|h| headers.get(h).and_then(FieldValue::as_array))
-        .flatten()
-        .filter_map(FieldValue::as_str)
-}
-
 /// Builds the dead-lettered copy of `envelope` leaving `queue` for `dlx`, as
 /// `rabbit_dead_letter:make_msg` does: `x-death` updated (newest first, the
 /// count of an existing queue-and-reason entry incremented), `x-first-death-*`
@@ -64,7 +54,7 @@ pub(crate) fn dead_letter(
     let props = &mut message.properties;
     let first_key = envelope.routing_key.clone();
     let mut routes = vec![FieldValue::String(first_key)];
-    routes.extend(header_routes(&props.headers).map(FieldValue::from));
+    routes.extend(sender_routes(&props.headers).map(FieldValue::from));
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -2,11 +2,9 @@
 //! redeclaration matches what exists (RabbitMQ's "inequivalent arg"
 //! checks, in RabbitMQ's order), and a queue type allows the options.
 
-use bus_core::{
-    Error, ExchangeKind, ExchangeOptions, QueueArguments, QueueOptions, QueueType, Result,
-};
+use bus_core::routing::Exchange;
+use bus_core::{Error, QueueArguments, QueueOptions, QueueType, Result};
 
-use crate::exchange::Exchange;
 use crate::queue::Queue;
 
 /// The queue's arguments, normalised, or the first one that is refused,
@@ -21,20 +19,19 @@ pub(crate) fn queue_arguments(name: &str, options: &QueueOptions) -> Result<Queu
 }
 
 /// Checks a redeclaration of an existing exchange.
-pub(crate) fn check_exchange_redeclare(
+pub(crate) fn check_exchange_redeclare<Q: Clone + PartialEq>(
     name: &str,
-    existing: &Exchange,
-    kind: ExchangeKind,
-    options: &ExchangeOptions,
-    alternate: &Option<String>,
+    existing: &Exchange<Q>,
+    declared: &Exchange<Q>,
 ) -> Result<()> {
-    if existing.kind != kind {
+    let kind = declared.kind();
+    if existing.kind() != kind {
         return Err(inequivalent(
             "exchange",
             name,
             "type",
             &format!("'{kind}'"),
-            &format!("'{}'", existing.kind),
+            &format!("'{}'", existing.kind()),
         ));
     }
     same_flag(
@@ -42,29 +39,29 @@ pub(crate) fn check_exchange_redeclare(
         name,
         "durable",
         existing.durable,
-        options.durable,
+        declared.durable,
     )?;
     same_flag(
         "exchange",
         name,
         "auto_delete",
         existing.auto_delete,
-        options.auto_delete,
+        declared.auto_delete,
     )?;
     same_flag(
         "exchange",
         name,
         "internal",
         existing.internal,
-        options.internal,
+        declared.internal,
     )?;
-    if existing.alternate != *alternate {
+    if existing.alternate() != declared.alternate() {
         return Err(inequivalent(
             "exchange",
             name,
             "alternate-exchange",
-            &show(alternate),
-            &show(&existing.alternate),
+            &show(&declared.alternate()),
+            &show(&existing.alternate()),
         ));
     }
     Ok(())

@@ -166,7 +166,6 @@ mod connection;
 mod consumer;
 mod dead_letter;
 mod declaration;
-mod exchange;
 mod faults;
 mod queue;
 mod recovery;

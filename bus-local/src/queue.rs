@@ -10,11 +10,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bus_core::routing::sender_routes;
 use bus_core::{Error, Message, Overflow, QueueArguments, Result};
 use tokio::time::Instant;
 
 use crate::consumer::{ConsumerShared, Handover};
-use crate::dead_letter::{dead_letter, header_routes, DeadLetter, Reason};
+use crate::dead_letter::{dead_letter, DeadLetter, Reason};
 
 /// The time, read from tokio's clock at most once per operation and only
 /// when something needs it: most queues have no TTL, and reading the clock
@@ -49,7 +50,7 @@ impl Envelope {
         let cc = if message.properties.headers.is_empty() {
             Vec::new()
         } else {
-            header_routes(&message.properties.headers)
+            sender_routes(&message.properties.headers)
                 .map(str::to_owned)
                 .collect()
         };

@@ -166,6 +166,22 @@ impl RecoveryState {
                 );
             }
         }
+        for b in &journal.exchange_bindings {
+            if let Err(e) = broker.bind_exchange(
+                &b.destination,
+                &b.source,
+                &b.routing_key,
+                b.arguments.clone(),
+            ) {
+                failed(
+                    format!(
+                        "binding of exchange {:?} to exchange {:?} with key {:?}",
+                        b.destination, b.source, b.routing_key
+                    ),
+                    e,
+                );
+            }
+        }
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 

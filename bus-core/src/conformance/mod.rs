@@ -30,6 +30,7 @@ use crate::{Capabilities, Connection, RecoveryEvent};
 
 pub mod dead_letter;
 pub mod delivery;
+pub mod exchanges;
 pub mod lifetimes;
 pub mod properties;
 pub mod recovery;
@@ -213,6 +214,20 @@ macro_rules! conformance_tests {
             routing::mandatory_unroutable_is_returned,
             routing::mandatory_routed_succeeds,
             routing::publish_to_missing_exchange_is_not_found,
+            // Sender-selected distribution, alternate and exchange-to-exchange routing
+            exchanges::cc_and_bcc_route_on_a_direct_exchange,
+            exchanges::cc_and_bcc_route_on_a_topic_exchange,
+            exchanges::cc_and_bcc_route_through_the_default_exchange,
+            exchanges::alternate_exchanges_chain,
+            exchanges::alternate_exchange_loops_end,
+            exchanges::alternate_exchange_must_be_a_string,
+            exchanges::alternate_exchange_skipped_when_an_exchange_binding_matches,
+            exchanges::exchange_bindings_route_through_exchanges,
+            exchanges::exchange_bindings_deliver_once_per_queue,
+            exchanges::exchange_binding_loops_end,
+            exchanges::exchange_bind_to_missing_or_default_exchange,
+            exchanges::exchange_unbind_stops_routing,
+            exchanges::exchange_delete_removes_exchange_bindings,
             // Delivery
             delivery::one_consumer_sees_publish_order,
             delivery::delivery_reports_exchange_key_and_redelivery,
