@@ -467,16 +467,33 @@ pub async fn exchange_unbind_stops_routing(h: &dyn Harness) {
 
 /// Deleting an exchange removes the exchange-to-exchange bindings it is
 /// the destination of and those it is the source of: declared again, it
-/// has none. Only bindings it is the source of make it "in use".
+/// has none. Only bindings it is the source of make it "in use". An
+/// auto-delete source left without bindings by the deletion goes too.
 pub async fn exchange_delete_removes_exchange_bindings(h: &dyn Harness) {
     let conn = h.connect().await;
     let source = exchange(&*conn, "e2e-del-src", ExchangeKind::Fanout).await;
     let dest = exchange(&*conn, "e2e-del-dst", ExchangeKind::Fanout).await;
+    let auto_source = fresh_name("e2e-del-auto");
+    let auto = ExchangeOptions {
+        auto_delete: true,
+        ..ExchangeOptions::default()
+    };
+    conn.declare_exchange(&auto_source, ExchangeKind::Direct, auto)
+        .await
+        .expect("declare an auto-delete source");
     let q = queue(&*conn, "e2e-del").await;
     bind_exchange(&*conn, &dest, &source, "").await;
+    bind_exchange(&*conn, &dest, &auto_source, "").await;
     conn.delete_exchange(&dest, true)
         .await
         .expect("a destination with no bindings of its own is unused");
+    assert!(
+        !conn
+            .exchange_exists(&auto_source)
+            .await
+            .expect("passive declare"),
+        "an auto-delete source left without bindings goes with the destination"
+    );
     expect_unroutable(
         &*conn,
         &source,
