@@ -276,6 +276,7 @@ macro_rules! conformance_tests {
             properties::invalid_expiration_is_refused,
             // Recovery after the broker drops a connection
             recovery::lost_connection_requeues_and_resumes,
+            recovery::lost_connection_declares_exchange_bindings_again,
             recovery::lost_connection_without_recovery_hands_its_messages_over,
             recovery::lost_connection_never_falsely_confirms_publishes_in_flight,
             // The worker runtime

@@ -12,12 +12,13 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::support::{
-    bind, body, cleanup, consume, exchange, expect_err, not_applicable, queue, queue_with, recv,
+    bind, body, cleanup, consume, exchange, expect_bodies, expect_err, not_applicable, queue,
+    queue_with, recv,
 };
 use super::{DroppableConnection, Harness, WAIT};
 use crate::{
-    ConnectionExt, ConsumeOptions, Error, ExchangeKind, Message, PublishOptions, QueueOptions,
-    RecoveryEvent,
+    ConnectionExt, ConsumeOptions, Error, ExchangeKind, FieldTable, Message, PublishOptions,
+    QueueOptions, RecoveryEvent,
 };
 
 /// A droppable connection, or `None` after printing why the case does not
@@ -196,6 +197,65 @@ pub async fn lost_connection_requeues_and_resumes(h: &dyn Harness) {
 
     drop((consumer, private_consumer));
     cleanup(&*conn, &[&q], &[&x]).await;
+    conn.close().await.expect("close");
+}
+
+/// Recovery declares exchange-to-exchange bindings again: another client
+/// deletes the destination exchange (and with it the binding from the
+/// source and the destination's queue binding), the broker drops the
+/// recovering connection, and once it is back its journal has declared
+/// the exchange, the queue binding and the exchange binding again, so a
+/// mandatory publish to the source routes to the queue.
+pub async fn lost_connection_declares_exchange_bindings_again(h: &dyn Harness) {
+    let case = "lost_connection_declares_exchange_bindings_again";
+    let Some(dropped) = droppable(h, true, case).await else {
+        return;
+    };
+    let conn = dropped.connection.clone();
+    let mut events = dropped.events.resubscribe();
+    let source = exchange(&*conn, "recovery-e2e-src", ExchangeKind::Fanout).await;
+    let dest = exchange(&*conn, "recovery-e2e-dst", ExchangeKind::Topic).await;
+    let q = queue(&*conn, "recovery-e2e").await;
+    bind(&*conn, &q, &dest, "a.*").await;
+    conn.bind_exchange(&dest, &source, "", FieldTable::new())
+        .await
+        .expect("bind the destination to the source");
+    let other = h.connect().await;
+    other
+        .delete_exchange(&dest, false)
+        .await
+        .expect("another client deletes the destination");
+    expect_err!(
+        "mandatory publish once the destination is gone",
+        conn.publish(
+            &source,
+            "a.b",
+            Message::new("lost"),
+            PublishOptions::mandatory()
+        )
+        .await,
+        Error::Unroutable { .. }
+    );
+
+    dropped.drop_from_broker().await;
+    wait_event(&mut events, "Reconnected (generation 2)", |e| {
+        assert!(
+            !matches!(e, RecoveryEvent::TopologyRecoveryFailed { .. }),
+            "nothing fails to be declared again: {e:?}"
+        );
+        matches!(e, RecoveryEvent::Reconnected { generation: 2, .. })
+    })
+    .await;
+    conn.publish(
+        &source,
+        "a.b",
+        Message::new("through"),
+        PublishOptions::mandatory(),
+    )
+    .await
+    .expect("the exchange binding was declared again");
+    expect_bodies(&*conn, &q, &["through"]).await;
+    cleanup(&*conn, &[&q], &[&source, &dest]).await;
     conn.close().await.expect("close");
 }
 
