@@ -2,8 +2,9 @@
 //! library.
 //!
 //! Services program against [`Connection`]; transports (the in-process
-//! broker, RabbitMQ, a folder) implement it. [`routing`] holds the topic and
-//! headers matchers transports that route by themselves share. With the
+//! broker, RabbitMQ, a folder) implement it. [`routing`] is the toolkit of
+//! the transports that route messages themselves: the exchange graph and
+//! its one routing algorithm, the topic and headers matchers. With the
 //! `conformance` feature, [`conformance`] is the behaviour suite every
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

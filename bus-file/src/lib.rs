@@ -22,7 +22,7 @@
 //! | path | what |
 //! |---|---|
 //! | `FORMAT` | the format version |
-//! | `topology` | exchanges, queues, bindings: one binary file (magic `BUST`, version, generation, records, CRC-32), replaced atomically (write to `tmp/`, fsync, rename, fsync the root) |
+//! | `topology` | exchanges, queues, bindings: one binary file (magic `BUST`, version, generation, records, CRC-32), replaced atomically (write to `tmp/`, fsync, rename, fsync the root); version 1 without exchange-to-exchange bindings, version 2 (written only when there are some) with them after the queue bindings |
 //! | `topology.lock` | `flock`ed by whoever changes the topology, so changes from several processes are serialised |
 //! | `owners/<owner>.lock` | one per open connection, `flock`ed for its whole life: the proof that it is alive |
 //! | `tmp/` | messages being written (`<owner>.<n>`); never read as messages |
