@@ -735,7 +735,9 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     table_to_amqp(&spec.options.arguments)?;
     let deadline = shared.recovery_deadline();
     let mut link = shared.link_after(0, deadline).await?;
-    shared.check_channel_room(&link)?;
+    shared.reserve_consumer_channel(&link)?;
+    // Gives the reservation back if the start fails; the task keeps it.
+    let counted = Counted(shared.clone());
     let (channel, consumer) = match open(&shared, &link, &spec).await {
         Ok(started) => started,
         // The link died after it was handed out: the consumer died with it
@@ -780,9 +782,8 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         gone: gone.clone(),
     };
     receiver.adopt(0, channel.clone(), consumer);
-    shared.consumers.fetch_add(1, Ordering::AcqRel);
     let task = ConsumerTask {
-        _counted: Counted(shared.clone()),
+        _counted: counted,
         shared,
         spec,
         control: control.clone(),
