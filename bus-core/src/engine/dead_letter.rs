@@ -129,8 +129,15 @@ impl DeadLetter {
     /// such a queue out of the dead letter's targets.
     #[must_use]
     pub fn cycles_into(&self, queue: &str) -> bool {
-        self.reason != Reason::Rejected && is_cycle(queue, &self.message.properties.headers)
+        cycles_into(self.reason, queue, &self.message.properties.headers)
     }
+}
+
+/// [`DeadLetter::cycles_into`] for a transport that keeps the dead-lettered
+/// message's `headers` and the `reason` it died for in its own form.
+#[must_use]
+pub fn cycles_into(reason: Reason, queue: &str, headers: &FieldTable) -> bool {
+    reason != Reason::Rejected && is_cycle(queue, headers)
 }
 
 /// The dead-lettering of `message` as it leaves the queue declared with
