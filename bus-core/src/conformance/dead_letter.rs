@@ -562,3 +562,462 @@ pub async fn reject_publish_dlx_nacks_and_dead_letters(h: &dyn Harness) {
     cleanup(&*conn, &[&q], &[]).await;
     dl.finish(&*conn).await;
 }
+
+/// The `x-death` array of a dead-lettered message, each entry a table.
+fn x_deaths(d: &Delivery) -> Vec<FieldTable> {
+    let deaths = d
+        .message
+        .properties
+        .headers
+        .get("x-death")
+        .unwrap_or_else(|| panic!("a dead-lettered message has an x-death header: {d:?}"));
+    deaths
+        .as_array()
+        .unwrap_or_else(|| panic!("x-death is an array: {deaths:?}"))
+        .iter()
+        .map(|e| {
+            e.as_table()
+                .unwrap_or_else(|| panic!("an x-death entry is a table: {e:?}"))
+                .clone()
+        })
+        .collect()
+}
+
+/// Each entry's (queue, reason, count), in order.
+fn death_summary(d: &Delivery) -> Vec<(String, String, Option<FieldValue>)> {
+    x_deaths(d)
+        .iter()
+        .map(|t| {
+            let text = |f: &str| {
+                t.get(f)
+                    .and_then(FieldValue::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (text("queue"), text("reason"), t.get("count").cloned())
+        })
+        .collect()
+}
+
+/// The `x-first-death-*` headers a dead-lettered message has.
+fn first_death_headers_of(d: &Delivery) -> Vec<(String, FieldValue)> {
+    d.message
+        .properties
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-first-death-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A time in the past that no transport could write as the time of a
+/// death now (2001-09-09).
+const LONG_AGO: u64 = 1_000_000_000;
+
+/// A publisher-made `x-death` entry for `queue` and `reason`.
+fn forged_entry(queue: &str, reason: &str, count: Option<FieldValue>) -> FieldValue {
+    let mut t = FieldTable::new();
+    t.insert("queue".into(), queue.into());
+    t.insert("reason".into(), reason.into());
+    t.insert("time".into(), FieldValue::Timestamp(LONG_AGO));
+    t.insert("exchange".into(), "elsewhere".into());
+    t.insert(
+        "routing-keys".into(),
+        FieldValue::Array(vec!["before".into()]),
+    );
+    if let Some(count) = count {
+        t.insert("count".into(), count);
+    }
+    FieldValue::Table(t)
+}
+
+/// Every field of a first `x-death` entry, as RabbitMQ writes it: `count`
+/// (1, a 64-bit integer), `reason`, `queue`, `time` (a timestamp: the time
+/// of death), `exchange` (the one the message was published to),
+/// `routing-keys` (the publish key, then the `CC` keys; not the `BCC` ones)
+/// and `original-expiration` (the `expiration` property, which the dead
+/// letter no longer has); nothing else. The `x-first-death-*` headers are
+/// set, no `x-last-death-*` ones, and the `CC` header stays.
+pub async fn x_death_records_every_field(h: &dyn Harness) {
+    if !applicable(h, "x_death_records_every_field", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let x = exchange(&*conn, "dl-fields", ExchangeKind::Direct).await;
+    let q = queue_with(&*conn, "dl-fields", dl.options()).await;
+    bind(&*conn, &q, &x, "k").await;
+    let (cc, bcc) = (super::fresh_name("cc"), super::fresh_name("bcc"));
+    let sent = Message::new("every field")
+        .with_expiration_ms(600_000)
+        .with_header("CC", vec![FieldValue::from(cc.as_str())])
+        .with_header("BCC", vec![FieldValue::from(bcc.as_str())]);
+    publish(&*conn, &x, "k", sent).await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let d = dl.recv("the dead-lettered message").await;
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (dl.exchange.as_str(), "k")
+    );
+    let entry = x_death(&d);
+    let s = |v: &str| FieldValue::from(v);
+    assert_eq!(entry.get("count"), Some(&FieldValue::I64(1)), "{entry:?}");
+    assert_eq!(entry.get("reason"), Some(&s("rejected")), "{entry:?}");
+    assert_eq!(entry.get("queue"), Some(&s(&q)), "{entry:?}");
+    assert_eq!(entry.get("exchange"), Some(&s(&x)), "{entry:?}");
+    assert_eq!(
+        entry.get("routing-keys"),
+        Some(&FieldValue::Array(vec![s("k"), s(&cc)])),
+        "the publish key and the CC keys, not BCC: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("original-expiration"),
+        Some(&s("600000")),
+        "{entry:?}"
+    );
+    let mut fields: Vec<&str> = entry.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "count",
+            "exchange",
+            "original-expiration",
+            "queue",
+            "reason",
+            "routing-keys",
+            "time"
+        ],
+        "no other fields"
+    );
+    let p = &d.message.properties;
+    assert_eq!(p.expiration, None, "dead-lettering removes the expiration");
+    assert_eq!(
+        p.headers.get("CC"),
+        Some(&FieldValue::Array(vec![s(&cc)])),
+        "CC stays without a dead-letter routing key"
+    );
+    assert_eq!(
+        first_death_headers_of(&d),
+        [
+            ("x-first-death-exchange".to_owned(), s(&x)),
+            ("x-first-death-queue".to_owned(), s(&q)),
+            ("x-first-death-reason".to_owned(), s("rejected")),
+        ]
+    );
+    assert!(
+        !p.headers.keys().any(|k| k.starts_with("x-last-death")),
+        "RabbitMQ 3.10 writes no x-last-death headers: {:?}",
+        p.headers
+    );
+    drop(c);
+    cleanup(&*conn, &[&q], &[&x]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A death in a queue for a reason the message already has an `x-death`
+/// entry for keeps that entry as it is, `time` (the first death's),
+/// `exchange` and `routing-keys` included, and adds one to its `count`;
+/// the entry of that first death gets no `original-expiration` now, though
+/// the `expiration` property is removed. `x-first-death-*` headers are
+/// written only for a message without `x-death`.
+pub async fn x_death_keeps_the_first_time_of_a_repeated_death(h: &dyn Harness) {
+    if !applicable(
+        h,
+        "x_death_keeps_the_first_time_of_a_repeated_death",
+        false,
+        false,
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let q = queue_with(&*conn, "dl-again", dl.options()).await;
+    let sent = Message::new("died before")
+        .with_expiration_ms(600_000)
+        .with_header(
+            "x-death",
+            FieldValue::Array(vec![forged_entry(&q, "rejected", Some(FieldValue::I64(1)))]),
+        );
+    publish(&*conn, "", &q, sent).await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let d = dl.recv("the dead-lettered message").await;
+    let deaths = x_deaths(&d);
+    assert_eq!(
+        deaths.len(),
+        1,
+        "one entry per queue and reason: {deaths:?}"
+    );
+    let FieldValue::Table(want) = forged_entry(&q, "rejected", Some(FieldValue::I64(2))) else {
+        unreachable!("an entry is a table")
+    };
+    assert_eq!(deaths[0], want, "the first death's entry, counted again");
+    assert_eq!(d.message.properties.expiration, None);
+    assert_eq!(
+        first_death_headers_of(&d),
+        [],
+        "x-death was there: no first death"
+    );
+    drop(c);
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A message rejected around a loop of two queues (each dead-lettering to
+/// the other through the default exchange) carries one entry per queue,
+/// the latest death first, each counting its queue's deaths, over two
+/// cycles; `x-first-death-queue` stays the first queue.
+pub async fn x_death_counts_grow_over_two_cycles(h: &dyn Harness) {
+    if !applicable(h, "x_death_counts_grow_over_two_cycles", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let (a, b) = (super::fresh_name("dl-ping"), super::fresh_name("dl-pong"));
+    // Each queue names the other, so both names are chosen up front.
+    for (me, next) in [(&a, &b), (&b, &a)] {
+        let mut options = QueueOptions::default();
+        options.arguments.dead_letter_exchange = Some(String::new());
+        options.arguments.dead_letter_routing_key = Some(next.clone());
+        conn.declare_queue(me, options)
+            .await
+            .unwrap_or_else(|e| panic!("declare queue {me:?}: {e:?}"));
+    }
+    publish_text(&*conn, "", &a, "ball").await;
+    let mut ca = consume(&*conn, &a, ConsumeOptions::prefetch(1)).await;
+    let mut cb = consume(&*conn, &b, ConsumeOptions::prefetch(1)).await;
+    let d = recv(&mut ca, "the first serve").await;
+    assert!(!d.message.properties.headers.contains_key("x-death"));
+    d.reject(false).await.expect("reject in a");
+    let i = |n| Some(FieldValue::I64(n));
+    let st = |q: &str, n| (q.to_owned(), "rejected".to_owned(), i(n));
+    // (in b?, x-death after the death)
+    let expected = [
+        (true, vec![st(&a, 1)]),
+        (false, vec![st(&b, 1), st(&a, 1)]),
+        (true, vec![st(&a, 2), st(&b, 1)]),
+        (false, vec![st(&b, 2), st(&a, 2)]),
+    ];
+    let last = expected.len() - 1;
+    for (n, (in_b, want)) in expected.into_iter().enumerate() {
+        let consumer = if in_b { &mut cb } else { &mut ca };
+        let d = recv(consumer, "the ball after a death").await;
+        assert_eq!(death_summary(&d), want, "after death {}", n + 1);
+        assert_eq!(
+            d.message.properties.headers.get("x-first-death-queue"),
+            Some(&FieldValue::from(a.as_str()))
+        );
+        if n == last {
+            d.ack().await.expect("ack");
+        } else {
+            d.reject(false).await.expect("reject");
+        }
+    }
+    drop((ca, cb));
+    cleanup(&*conn, &[&a, &b], &[]).await;
+}
+
+/// Rejects `sent` from a fresh queue dead-lettering to `dl` and returns
+/// the dead letter; `sent` is built for the queue's name.
+async fn reject_through(
+    conn: &dyn Connection,
+    dl: &mut DeadLetters,
+    sent: impl FnOnce(&str) -> Message,
+) -> (String, Delivery) {
+    let q = queue_with(conn, "dl-hostile", dl.options()).await;
+    publish(conn, "", &q, sent(&q)).await;
+    let mut c = consume(conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let d = dl.recv("the dead-lettered message").await;
+    drop(c);
+    cleanup(conn, &[&q], &[]).await;
+    (q, d)
+}
+
+/// `x-death` values a publisher made up are handled as RabbitMQ 3.10 does,
+/// and never break the transport: a `count` of `i64::MAX` wraps to
+/// `i64::MIN` (RabbitMQ adds one and writes 64 bits), a negative one counts
+/// up, a missing one becomes 1; an `x-death` that is not an array, or an
+/// empty one, is replaced by one new entry, and no `x-first-death-*`
+/// headers are written (the header was there).
+pub async fn x_death_from_a_publisher_is_handled_as_rabbitmq_does(h: &dyn Harness) {
+    if !applicable(
+        h,
+        "x_death_from_a_publisher_is_handled_as_rabbitmq_does",
+        false,
+        false,
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    for (count, want) in [
+        (Some(FieldValue::I64(i64::MAX)), FieldValue::I64(i64::MIN)),
+        (Some(FieldValue::I64(-5)), FieldValue::I64(-4)),
+        (None, FieldValue::I64(1)),
+    ] {
+        let (q, d) = reject_through(&*conn, &mut dl, |q| {
+            Message::new("counted").with_header(
+                "x-death",
+                FieldValue::Array(vec![forged_entry(q, "rejected", count.clone())]),
+            )
+        })
+        .await;
+        let deaths = x_deaths(&d);
+        assert_eq!(deaths.len(), 1, "{deaths:?}");
+        assert_eq!(deaths[0].get("count"), Some(&want), "count {count:?}");
+        assert_eq!(deaths[0].get("queue"), Some(&FieldValue::from(q.as_str())));
+        assert_eq!(
+            deaths[0].get("time"),
+            Some(&FieldValue::Timestamp(LONG_AGO)),
+            "the entry is kept"
+        );
+    }
+    for hostile in [
+        FieldValue::from("not an array"),
+        FieldValue::Table(FieldTable::new()),
+        FieldValue::Array(Vec::new()),
+    ] {
+        let (q, d) = reject_through(&*conn, &mut dl, |_| {
+            Message::new("hostile").with_header("x-death", hostile.clone())
+        })
+        .await;
+        let entry = x_death(&d);
+        expect_death(&entry, "rejected", &q, "", &q, 1);
+        assert_eq!(
+            first_death_headers_of(&d),
+            [],
+            "x-death {hostile:?} was there: no first death"
+        );
+    }
+    dl.finish(&*conn).await;
+}
+
+/// Entries of other queues a message carries are kept as they are. Where
+/// there are two or more, RabbitMQ 3.10 groups them by queue and reason
+/// (the first of each kept) in reverse order before the new entry goes in
+/// front.
+pub async fn x_death_of_other_queues_is_kept(h: &dyn Harness) {
+    if !applicable(h, "x_death_of_other_queues_is_kept", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let i = |n| Some(FieldValue::I64(n));
+    let (q, d) = reject_through(&*conn, &mut dl, |_| {
+        Message::new("travelled").with_header(
+            "x-death",
+            FieldValue::Array(vec![
+                forged_entry("q1", "expired", i(1)),
+                forged_entry("q3", "maxlen", i(9)),
+                forged_entry("q1", "expired", i(7)),
+                forged_entry("q2", "expired", i(4)),
+            ]),
+        )
+    })
+    .await;
+    let st = |q: &str, r: &str, n| (q.to_owned(), r.to_owned(), i(n));
+    assert_eq!(
+        death_summary(&d),
+        [
+            st(&q, "rejected", 1),
+            st("q2", "expired", 4),
+            st("q3", "maxlen", 9),
+            st("q1", "expired", 1),
+        ]
+    );
+    let deaths = x_deaths(&d);
+    assert_eq!(
+        deaths[1].get("time"),
+        Some(&FieldValue::Timestamp(LONG_AGO)),
+        "{deaths:?}"
+    );
+    dl.finish(&*conn).await;
+}
+
+/// With `x-dead-letter-routing-key`, the dead letter loses its `CC` header
+/// (it is routed with that key only), while its `x-death` entry still names
+/// the CC keys it was published with.
+pub async fn dead_letter_routing_key_drops_cc(h: &dyn Harness) {
+    if !applicable(h, "dead_letter_routing_key_drops_cc", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let dlx = exchange(&*conn, "dlx-cc", ExchangeKind::Direct).await;
+    let dead = queue(&*conn, "dead-cc").await;
+    bind(&*conn, &dead, &dlx, "dead").await;
+    let mut options = QueueOptions::default();
+    options.arguments.dead_letter_exchange = Some(dlx.clone());
+    options.arguments.dead_letter_routing_key = Some("dead".into());
+    let q = queue_with(&*conn, "dl-cc", options).await;
+    let cc = super::fresh_name("cc");
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new("copied").with_header("CC", vec![FieldValue::from(cc.as_str())]),
+    )
+    .await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(false)
+        .await
+        .expect("reject");
+    let mut dc = consume(&*conn, &dead, ConsumeOptions::auto_ack()).await;
+    let d = recv(&mut dc, "the dead-lettered message").await;
+    assert_eq!(d.routing_key, "dead");
+    assert!(
+        !d.message.properties.headers.contains_key("CC"),
+        "CC removed: {:?}",
+        d.message.properties.headers
+    );
+    assert_eq!(
+        x_death(&d).get("routing-keys"),
+        Some(&FieldValue::Array(vec![
+            FieldValue::from(q.as_str()),
+            FieldValue::from(cc.as_str())
+        ]))
+    );
+    drop((c, dc));
+    cleanup(&*conn, &[&q, &dead], &[&dlx]).await;
+}
+
+/// A message that expires in a queue and is dead-lettered back into it,
+/// with no rejection on the way, is dropped there rather than cycling
+/// (RabbitMQ's cycle rule); other queues the dead letter reaches get it.
+pub async fn expiry_cycles_are_dropped(h: &dyn Harness) {
+    if !applicable(h, "expiry_cycles_are_dropped", true, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let mut options = dl.options();
+    options.arguments.message_ttl = Some(Duration::from_millis(50));
+    let q = queue_with(&*conn, "dl-cycle", options).await;
+    bind(&*conn, &q, &dl.exchange, "").await;
+    publish_text(&*conn, "", &q, "round and round").await;
+    let d = dl.recv("the expired message").await;
+    assert_eq!(body(&d), "round and round");
+    expect_death(&x_death(&d), "expired", &q, "", &q, 1);
+    // Had the copy for the queue itself not been dropped, it would expire
+    // again and reach the dead-letter queue a second time before the
+    // marker `finish` sends after this wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_bodies(&*conn, &q, &[]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
