@@ -211,7 +211,29 @@ async fn connect_one(
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
         Error::NotSupported(format!("the AMQP transport needs a tokio runtime: {e}"))
     })?;
-    lapin::Connection::connect_uri_with_config(uri, props, tls, runtime)
+    // lapin's own connector, except that the TLS name (SNI and the name
+    // the certificate must carry) can differ from the host connected to.
+    let server_name = url.server_name.clone();
+    let tls_name = url.server_name.as_deref().unwrap_or(&host.host);
+    let connect = async move |uri: AMQPUri, runtime| {
+        use lapin::tcp::{AMQPUriTcpExt, TLSConfig};
+        let stream = match (&uri.scheme, &server_name) {
+            (AMQPScheme::AMQPS, Some(name)) => {
+                let plain = AMQPUri {
+                    scheme: AMQPScheme::AMQP,
+                    ..uri.clone()
+                };
+                plain
+                    .connect_with_config_async(TLSConfig::default(), &runtime)
+                    .await?
+                    .into_tls(name, tls.as_ref())
+                    .await
+            }
+            _ => uri.connect_with_config_async(tls.as_ref(), &runtime).await,
+        };
+        stream.map_err(lapin::Error::from)
+    };
+    lapin::Connection::connector(uri, runtime, connect, props)
         .await
         .map_err(|e| match broker_close(&e) {
             // 530 NOT_ALLOWED is how RabbitMQ refuses a missing virtual host.
@@ -223,7 +245,7 @@ async fn connect_one(
                 lapin::ErrorKind::IOError(io) if url.tls && is_tls_failure(io) => Error::backend(
                     "amqp",
                     false,
-                    format!("TLS handshake with {host} failed: {io}"),
+                    format!("TLS handshake with {host} (as {tls_name:?}) failed: {io}"),
                 ),
                 lapin::ErrorKind::IOError(io) => Error::ConnectionLost(io.to_string()),
                 _ => Error::ConnectionLost(e.to_string()),

@@ -78,7 +78,7 @@ impl Certificates {
             std::fs::write(
                 d.join(format!("{who}.ext")),
                 format!(
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:rabbit.test\nbasicConstraints=CA:FALSE\n\
                      keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
                 ),
             )
@@ -200,6 +200,45 @@ async fn tls_from_the_url_private_ca_client_certificate_and_clear_failures() {
         conn.delete_queue(&q, Default::default()).await.unwrap();
         conn.close().await.unwrap();
     }
+
+    // A TLS name other than the host (`server_name_indication`): the node
+    // is reached at 127.0.0.1, and its certificate is checked for
+    // rabbit.test, a name it carries but that resolves nowhere.
+    let conn = within(
+        30,
+        "the TLS connection with a server name",
+        AmqpConnection::connect(&url(
+            "127.0.0.1",
+            &format!("cacertfile={ca}&{identity}&server_name_indication=rabbit.test"),
+        )),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("TLS to 127.0.0.1 as rabbit.test: {e}"));
+    assert!(conn.is_open());
+    conn.close().await.unwrap();
+    // A name the certificate does not carry: refused, permanently, and the
+    // error says which name was checked.
+    let e = connect_err(&url(
+        "127.0.0.1",
+        &format!("cacertfile={ca}&{identity}&server_name_indication=other.test"),
+    ))
+    .await;
+    assert!(!e.is_temporary(), "a name mismatch is permanent: {e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("\"other.test\"") && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
+    // A malformed name is refused before connecting.
+    let e = connect_err(&url(
+        "127.0.0.1",
+        &format!("cacertfile={ca}&server_name_indication=not%20a%20name"),
+    ))
+    .await;
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("server_name_indication")),
+        "{e:?}"
+    );
 
     // A CA that did not sign the broker's certificate: permanent.
     let e = connect_err(&url(

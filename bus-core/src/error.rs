@@ -77,7 +77,9 @@ pub enum Error {
     Nacked(String),
 
     /// The connection, channel or consumer was closed by its owner, or the
-    /// entity it used was deleted. Not temporary: the handle is finished.
+    /// entity it used was deleted; or a delivery is settled after its
+    /// channel or connection was lost (the broker requeued it and delivers
+    /// it again). Not temporary: the handle is finished.
     #[error("closed: {0}")]
     Closed(String),
 

@@ -4,7 +4,9 @@
 //! Services program against [`Connection`]; transports (the in-process
 //! broker, RabbitMQ, a folder) implement it. [`routing`] is the toolkit of
 //! the transports that route messages themselves: the exchange graph and
-//! its one routing algorithm, the topic and headers matchers. With the
+//! its one routing algorithm, the topic and headers matchers; [`engine`]
+//! the dead-lettering, queue policy and delivery-tag bookkeeping of
+//! transports that keep their own queues. With the
 //! `conformance` feature, [`conformance`] is the behaviour suite every
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -13,6 +15,7 @@ pub mod bridge;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod delivery;
+pub mod engine;
 mod error;
 mod message;
 #[cfg(feature = "otel")]

@@ -259,6 +259,10 @@ macro_rules! conformance_tests {
             dead_letter::dead_letter_routing_key_replaces_the_key,
             dead_letter::x_death_counts_repeated_deaths,
             dead_letter::first_death_headers,
+            dead_letter::x_death_records_every_field,
+            dead_letter::x_death_keeps_the_first_time_of_a_repeated_death,
+            dead_letter::x_death_counts_grow_over_two_cycles,
+            dead_letter::x_death_from_a_publisher_is_handled_as_rabbitmq_does,
             dead_letter::queue_ttl_expires_messages,
             dead_letter::message_ttl_expires_messages,
             dead_letter::expired_message_is_never_delivered,
@@ -295,19 +299,29 @@ macro_rules! conformance_tests {
     };
 }
 
-/// Generates one test per `module::case`; the recursion lets the attribute
-/// list be repeated for every case.
+/// Generates one test per `module::case`. The harness and the attribute
+/// list travel to [`__conformance_case!`](crate::__conformance_case) as one
+/// token tree each, so every case gets the whole list without recursion
+/// (a recursion per case would hit the compiler's recursion limit as the
+/// suite grows).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
-    ($harness:tt [$(#[$meta:meta])+] $(,)?) => {};
-    ($harness:tt [$(#[$meta:meta])+] $module:ident :: $case:ident $(, $($rest:tt)*)?) => {
+    ($harness:tt $attributes:tt $($module:ident :: $case:ident),* $(,)?) => {
+        $( $crate::__conformance_case!($harness $attributes $module $case); )*
+    };
+}
+
+/// One test of [`__conformance_cases!`](crate::__conformance_cases).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_case {
+    ({ $harness:expr } [$(#[$meta:meta])+] $module:ident $case:ident) => {
         $(#[$meta])+
         async fn $case() {
             let harness = $harness;
             $crate::conformance::$module::$case(&harness).await;
         }
-        $crate::__conformance_cases!($harness [$(#[$meta])+] $($($rest)*)?);
     };
 }
 
