@@ -2,13 +2,16 @@
 //! `BCC`), alternate exchanges with their chains and loops, and
 //! exchange-to-exchange bindings with their loops, unbinding and deletion.
 
+use std::time::Duration;
+
 use super::support::{
-    bind, cleanup, consume, exchange, expect_bodies, expect_err, publish, publish_text, queue, recv,
+    bind, cleanup, consume, exchange, expect_bodies, expect_err, not_applicable, publish,
+    publish_text, queue, queue_with, recv,
 };
 use super::{fresh_name, Harness};
 use crate::{
     Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    FieldValue, Message, PublishOptions,
+    FieldValue, Message, PublishOptions, QueueOptions,
 };
 
 /// Declares a fresh exchange of `kind` whose alternate exchange is `ae`.
@@ -554,4 +557,35 @@ pub async fn alternate_exchange_skipped_when_an_exchange_binding_matches(h: &dyn
     publish_text(&*conn, &a, "unbound", "alternate").await;
     expect_bodies(&*conn, &q, &["alternate"]).await;
     cleanup(&*conn, &[&q], &[&a, &ae, &empty]).await;
+}
+
+/// A dead letter is routed, not published: a dead-letter exchange may be
+/// internal, and a message expiring in a queue reaches the queues bound to
+/// it.
+pub async fn internal_exchange_takes_dead_letters(h: &dyn Harness) {
+    let case = "internal_exchange_takes_dead_letters";
+    let caps = h.capabilities();
+    if not_applicable(h, caps.dead_lettering, case, "no dead-letter exchanges")
+        || not_applicable(h, caps.message_ttl, case, "no message TTL")
+    {
+        return;
+    }
+    let conn = h.connect().await;
+    let dlx = fresh_name("dl-internal");
+    let internal = ExchangeOptions {
+        internal: true,
+        ..ExchangeOptions::default()
+    };
+    conn.declare_exchange(&dlx, ExchangeKind::Fanout, internal)
+        .await
+        .expect("declare an internal dead-letter exchange");
+    let dead = queue(&*conn, "dl-internal-dead").await;
+    bind(&*conn, &dead, &dlx, "").await;
+    let mut options = QueueOptions::default();
+    options.arguments.message_ttl = Some(Duration::from_millis(50));
+    options.arguments.dead_letter_exchange = Some(dlx.clone());
+    let source = queue_with(&*conn, "dl-internal-src", options).await;
+    publish_text(&*conn, "", &source, "expired").await;
+    expect_bodies(&*conn, &dead, &["expired"]).await;
+    cleanup(&*conn, &[&source, &dead], &[&dlx]).await;
 }

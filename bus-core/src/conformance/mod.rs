@@ -228,6 +228,7 @@ macro_rules! conformance_tests {
             exchanges::exchange_bind_to_missing_or_default_exchange,
             exchanges::exchange_unbind_stops_routing,
             exchanges::exchange_delete_removes_exchange_bindings,
+            exchanges::internal_exchange_takes_dead_letters,
             // Delivery
             delivery::one_consumer_sees_publish_order,
             delivery::delivery_reports_exchange_key_and_redelivery,
