@@ -650,12 +650,8 @@ impl BrokerInner {
         if !topo.queues.get(queue).is_some_and(|x| Arc::ptr_eq(x, &q)) {
             return Err(not_found_queue(queue));
         }
-        let x = topo
-            .exchanges
-            .get_mut(exchange)
-            .ok_or_else(|| not_found_exchange(exchange))?;
-        x.check_binding(&arguments)?;
-        x.bind(key, Destination::Queue(QueueRef(q)), arguments);
+        topo.exchanges
+            .bind(exchange, key, Destination::Queue(QueueRef(q)), arguments)?;
         Ok(())
     }
 
@@ -672,8 +668,8 @@ impl BrokerInner {
         let Some(q) = topo.queues.get(queue).cloned() else {
             return Ok(());
         };
-        topo.exchanges
-            .unbind_queue(&QueueRef(q), exchange, key, &arguments);
+        let queue = Destination::Queue(QueueRef(q));
+        topo.exchanges.unbind(exchange, key, &queue, &arguments);
         Ok(())
     }
 
@@ -686,9 +682,10 @@ impl BrokerInner {
         arguments: FieldTable,
     ) -> Result<()> {
         check_exchange_binding_names("bind", destination, source, key)?;
+        let destination = Destination::Exchange(destination.to_owned());
         self.write()
             .exchanges
-            .bind_exchange(destination, source, key, arguments)?;
+            .bind(source, key, destination, arguments)?;
         Ok(())
     }
 
@@ -701,9 +698,10 @@ impl BrokerInner {
         arguments: FieldTable,
     ) -> Result<()> {
         check_exchange_binding_names("unbind", destination, source, key)?;
+        let destination = Destination::Exchange(destination.to_owned());
         self.write()
             .exchanges
-            .unbind_exchange(destination, source, key, &arguments);
+            .unbind(source, key, &destination, &arguments);
         Ok(())
     }
 

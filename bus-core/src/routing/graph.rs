@@ -471,73 +471,51 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
         }
     }
 
-    /// Adds an exchange-to-exchange binding.
+    /// Adds a binding from exchange `source` to `destination`; `false` if
+    /// the same one was there. The caller has checked that a destination
+    /// queue exists.
     ///
     /// # Errors
-    /// [`Error::NotFound`] naming the missing source or destination
-    /// (destination checked first, as RabbitMQ does);
+    /// [`Error::NotFound`] naming the missing source, or the missing
+    /// destination exchange (checked first, as RabbitMQ does);
     /// [`Error::PreconditionFailed`] for binding arguments the source
     /// refuses.
-    pub fn bind_exchange(
+    pub fn bind(
         &mut self,
-        destination: &str,
         source: &str,
         key: &str,
+        destination: Destination<Q>,
         arguments: FieldTable,
     ) -> Result<bool> {
-        if !self.exchanges.contains_key(destination) {
-            return Err(not_found_exchange(destination));
+        if let Destination::Exchange(d) = &destination {
+            if !self.exchanges.contains_key(d) {
+                return Err(not_found_exchange(d));
+            }
         }
         let x = self
             .exchanges
             .get_mut(source)
             .ok_or_else(|| not_found_exchange(source))?;
         x.check_binding(&arguments)?;
-        Ok(x.bind(
-            key,
-            Destination::Exchange(destination.to_owned()),
-            arguments,
-        ))
+        Ok(x.bind(key, destination, arguments))
     }
 
-    /// Removes an exchange-to-exchange binding (nothing if it, or either
-    /// exchange, is missing, as in RabbitMQ), then auto-deletes the source
-    /// if that was its last binding. Returns the exchanges auto-deleted.
-    pub fn unbind_exchange(
+    /// Removes a binding (nothing if it, or its source, is missing, as in
+    /// RabbitMQ), then auto-deletes the source if that was its last
+    /// binding. Returns the exchanges auto-deleted.
+    pub fn unbind(
         &mut self,
-        destination: &str,
         source: &str,
         key: &str,
+        destination: &Destination<Q>,
         arguments: &FieldTable,
     ) -> Vec<String> {
-        let dest = Destination::Exchange(destination.to_owned());
         let removed = self
             .exchanges
             .get_mut(source)
-            .is_some_and(|x| x.unbind(key, &dest, arguments));
+            .is_some_and(|x| x.unbind(key, destination, arguments));
         if removed {
             auto_delete(self, [source.to_owned()])
-        } else {
-            Vec::new()
-        }
-    }
-
-    /// Removes a queue binding, then auto-deletes the exchange if that was
-    /// its last binding. Returns the exchanges auto-deleted.
-    pub fn unbind_queue(
-        &mut self,
-        queue: &Q,
-        exchange: &str,
-        key: &str,
-        arguments: &FieldTable,
-    ) -> Vec<String> {
-        let dest = Destination::Queue(queue.clone());
-        let removed = self
-            .exchanges
-            .get_mut(exchange)
-            .is_some_and(|x| x.unbind(key, &dest, arguments));
-        if removed {
-            auto_delete(self, [exchange.to_owned()])
         } else {
             Vec::new()
         }
@@ -782,6 +760,22 @@ mod tests {
             .bind(key, Destination::Queue(q), FieldTable::new()));
     }
 
+    /// Binds exchange `destination` to `source`.
+    fn bind_x(
+        g: &mut G,
+        destination: &str,
+        source: &str,
+        key: &str,
+        args: FieldTable,
+    ) -> Result<bool> {
+        g.bind(
+            source,
+            key,
+            Destination::Exchange(destination.to_owned()),
+            args,
+        )
+    }
+
     fn route(g: &G, x: &str, keys: &[&str]) -> Option<Vec<u32>> {
         let mut out = Vec::new();
         g.route(
@@ -816,9 +810,9 @@ mod tests {
         use ExchangeKind::*;
         let mut g = graph(&[("a", Direct, Some("b")), ("b", Direct, Some("a"))]);
         assert_eq!(route(&g, "a", &["k"]), Some(vec![]));
-        g.bind_exchange("b", "a", "k", FieldTable::new()).unwrap();
-        g.bind_exchange("a", "b", "k", FieldTable::new()).unwrap();
-        g.bind_exchange("a", "a", "k", FieldTable::new()).unwrap();
+        bind_x(&mut g, "b", "a", "k", FieldTable::new()).unwrap();
+        bind_x(&mut g, "a", "b", "k", FieldTable::new()).unwrap();
+        bind_x(&mut g, "a", "a", "k", FieldTable::new()).unwrap();
         bind(&mut g, "b", "k", 7);
         bind(&mut g, "a", "k", 7);
         assert_eq!(route(&g, "a", &["k", "k"]), Some(vec![7]));
@@ -833,7 +827,7 @@ mod tests {
             ("ae", Fanout, None),
         ]);
         bind(&mut g, "ae", "", 9);
-        g.bind_exchange("b", "a", "", FieldTable::new()).unwrap();
+        bind_x(&mut g, "b", "a", "", FieldTable::new()).unwrap();
         assert_eq!(route(&g, "a", &["k"]), Some(vec![]));
     }
 
@@ -841,7 +835,7 @@ mod tests {
     fn queues_come_once_in_their_order() {
         use ExchangeKind::*;
         let mut g = graph(&[("f", Fanout, None), ("t", Topic, None)]);
-        g.bind_exchange("t", "f", "", FieldTable::new()).unwrap();
+        bind_x(&mut g, "t", "f", "", FieldTable::new()).unwrap();
         bind(&mut g, "f", "", 5);
         bind(&mut g, "t", "#", 5);
         bind(&mut g, "t", "a.*", 2);
@@ -869,12 +863,9 @@ mod tests {
             "keep",
             Exchange::new(ExchangeKind::Fanout, false, true, false, None),
         );
-        g.bind_exchange("mid", "src", "", FieldTable::new())
-            .unwrap();
-        g.bind_exchange("dst", "mid", "", FieldTable::new())
-            .unwrap();
-        g.bind_exchange("dst", "keep", "", FieldTable::new())
-            .unwrap();
+        bind_x(&mut g, "mid", "src", "", FieldTable::new()).unwrap();
+        bind_x(&mut g, "dst", "mid", "", FieldTable::new()).unwrap();
+        bind_x(&mut g, "dst", "keep", "", FieldTable::new()).unwrap();
         bind(&mut g, "keep", "", 1);
         assert_eq!(g.delete_exchange("dst"), vec!["dst", "mid", "src"]);
         assert!(g.get("keep").is_some_and(|x| x.binding_count() == 1));
@@ -887,18 +878,17 @@ mod tests {
         let mut g = graph(&[("h", ExchangeKind::Headers, None)]);
         let bad: FieldTable = [("x-match".to_owned(), FieldValue::from("most"))].into();
         assert!(matches!(
-            g.bind_exchange("h", "h", "", bad),
+            bind_x(&mut g, "h", "h", "", bad),
             Err(Error::PreconditionFailed(_))
         ));
         assert!(matches!(
-            g.bind_exchange("nope", "h", "", FieldTable::new()),
+            bind_x(&mut g, "nope", "h", "", FieldTable::new()),
             Err(Error::NotFound(m)) if m.contains("nope")
         ));
-        assert!(g.bind_exchange("h", "h", "", FieldTable::new()).unwrap());
-        assert!(!g.bind_exchange("h", "h", "", FieldTable::new()).unwrap());
-        assert!(g
-            .unbind_exchange("h", "h", "", &FieldTable::new())
-            .is_empty());
+        assert!(bind_x(&mut g, "h", "h", "", FieldTable::new()).unwrap());
+        assert!(!bind_x(&mut g, "h", "h", "", FieldTable::new()).unwrap());
+        let h = Destination::Exchange("h".to_owned());
+        assert!(g.unbind("h", "", &h, &FieldTable::new()).is_empty());
         assert_eq!(g.get("h").unwrap().binding_count(), 0);
     }
 
