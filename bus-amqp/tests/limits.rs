@@ -5,7 +5,7 @@
 mod support;
 
 use bus_amqp::{AmqpConnection, AmqpOptions};
-use bus_core::{Connection, ConnectionExt, ConsumeOptions, Error, Message, QueueOptions};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Error, Message, QueueOptions, Requeue};
 use support::*;
 
 #[tokio::test]
@@ -142,7 +142,7 @@ async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
             d = next_delivery(&mut consumer, 10, "the poison message") => {
                 deliveries += 1;
                 assert!(deliveries <= 3, "delivered {deliveries} times despite the limit of 2");
-                d.nack(true).await.unwrap();
+                d.nack(Requeue::Yes).await.unwrap();
             }
             d = next_delivery(&mut dead, 10, "the dead letter") => break d,
         }

@@ -10,7 +10,7 @@ use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
     Bytes, Connection, ConnectionExt, ConsumeOptions, DeliveryMode, Error, ExchangeKind,
     ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties, PublishOptions,
-    QueueArguments, QueueOptions, QueueType,
+    QueueArguments, QueueOptions, QueueType, Requeue,
 };
 use futures::StreamExt;
 use support::*;
@@ -296,14 +296,14 @@ async fn manual_acks_nacks_and_prefetch() {
     // Two free slots: m2 and m3 are both in flight now.
     let d2 = next_delivery(&mut c, 10, "m2").await;
     assert_eq!(d2.message.body, "m2");
-    d2.nack(true).await.unwrap();
+    d2.nack(Requeue::Yes).await.unwrap();
     let d3 = next_delivery(&mut c, 10, "m3").await;
     assert_eq!(d3.message.body, "m3");
     let again = next_delivery(&mut c, 10, "m2 again").await;
     assert_eq!(again.message.body, "m2");
     assert!(again.redelivered);
     assert!(again.delivery_tag > d3.delivery_tag);
-    again.reject(false).await.unwrap();
+    again.reject(Requeue::No).await.unwrap();
     d3.ack().await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().message_count, 0);
 }

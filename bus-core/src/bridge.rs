@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::{Consumer, Delivery, PublishOptions, Publisher, Result};
+use crate::{Consumer, Delivery, PublishOptions, Publisher, Requeue, Result};
 
 /// How a bridge picks the routing key of what it forwards.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,7 +127,7 @@ impl Bridge {
         {
             Ok(()) => delivery.ack().await,
             Err(e) => {
-                delivery.nack(true).await?;
+                delivery.nack(Requeue::Yes).await?;
                 Err(e)
             }
         }

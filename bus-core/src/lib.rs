@@ -25,7 +25,10 @@ pub mod url;
 mod value;
 pub mod worker;
 
-pub use delivery::{Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream};
+pub use delivery::{
+    AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream, NackOptions,
+    Requeue,
+};
 pub use error::{Error, Result};
 pub use message::{DeliveryMode, Message, Properties};
 pub use recovery::RecoveryEvent;

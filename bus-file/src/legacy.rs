@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{
-    Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message, PublishOptions,
-    Publisher, Result,
+    AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message,
+    NackOptions, PublishOptions, Publisher, Requeue, Result,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
@@ -183,7 +183,7 @@ impl Inbox {
                 .lock()
                 .insert(name.to_owned(), reason.to_owned());
         }
-        delivery.reject(false).await
+        delivery.reject(Requeue::No).await
     }
 
     /// Starts consuming the folder: a stream of one delivery per ready
@@ -660,8 +660,8 @@ struct InboxAcker(Arc<InboxConsumer>);
 
 #[async_trait]
 impl Acknowledger for InboxAcker {
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        let held = self.0.take(tag, multiple)?;
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+        let held = self.0.take(tag, options.multiple)?;
         let c = self.0.clone();
         // The moves and deletions run on the blocking pool.
         blocking(move || {
@@ -675,8 +675,9 @@ impl Acknowledger for InboxAcker {
         Ok(())
     }
 
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        let held = self.0.take(tag, multiple)?;
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
+        let held = self.0.take(tag, options.multiple)?;
+        let requeue = options.requeue == Requeue::Yes;
         let c = self.0.clone();
         blocking(move || {
             for h in held {

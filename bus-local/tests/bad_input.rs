@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bus_core::{
     Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldValue,
-    Message, PublishOptions, QueueArguments, QueueOptions, MAX_TTL,
+    Message, PublishOptions, QueueArguments, QueueOptions, Requeue, MAX_TTL,
 };
 use common::*;
 use futures::StreamExt;
@@ -185,7 +185,7 @@ async fn settling_twice_or_nacking_an_auto_ack_delivery_says_which_delivery() {
     assert_eq!(d.body(), &b"b"[..]);
     assert!(d.is_settled());
     d.ack().await.unwrap();
-    let e = d.nack(true).await.unwrap_err();
+    let e = d.nack(Requeue::Yes).await.unwrap_err();
     assert!(
         matches!(&e, Error::PreconditionFailed(m) if m.contains("auto-ack")),
         "{e}"

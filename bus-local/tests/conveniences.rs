@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use bus_core::{Connection, ConsumeOptions, ExchangeKind, FieldValue, Message, PublishOptions};
+use bus_core::{
+    Connection, ConsumeOptions, ExchangeKind, FieldValue, Message, PublishOptions, Requeue,
+};
 use bus_local::LocalBroker;
 use common::*;
 use futures::StreamExt;
@@ -110,7 +112,7 @@ async fn published_records_what_reached_an_exchange() {
     .await;
     send(&conn, "dl-src", "rejected").await;
     let mut c = consume(&conn, "dl-src", 1).await;
-    next(&mut c).await.reject(false).await.unwrap();
+    next(&mut c).await.reject(Requeue::No).await.unwrap();
     let dead = b.published("dlx");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0, "dl-src");
@@ -206,9 +208,9 @@ async fn scenario() -> Vec<String> {
                 // Every third delivery is requeued once, every seventh is
                 // rejected to the dead-letter queue; the rest are acked.
                 if n % 3 == 0 && !d.redelivered {
-                    d.nack(true).await.unwrap();
+                    d.nack(Requeue::Yes).await.unwrap();
                 } else if n % 7 == 0 && name != "failed" {
-                    d.reject(false).await.unwrap();
+                    d.reject(Requeue::No).await.unwrap();
                 } else {
                     d.ack().await.unwrap();
                 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bus_core::{
     Connection, Error, ExchangeKind, FieldValue, Message, Overflow, PublishOptions, QueueArguments,
-    QueueOptions,
+    QueueOptions, Requeue,
 };
 use common::*;
 
@@ -56,7 +56,7 @@ async fn rejected_messages_carry_x_death() {
     .await
     .unwrap();
     let mut src = consume(&conn, "src", 1).await;
-    next(&mut src).await.reject(false).await.unwrap();
+    next(&mut src).await.reject(Requeue::No).await.unwrap();
     let mut dead = consume(&conn, "dead", 1).await;
     let d = next(&mut dead).await;
     assert_eq!((d.exchange.as_str(), d.routing_key.as_str()), ("dlx", "k1"));
@@ -95,8 +95,8 @@ async fn ping_pong_counts_deaths_per_queue_and_reason() {
     let mut a = consume(&conn, "a", 1).await;
     let mut b = consume(&conn, "b", 1).await;
     for _ in 0..3 {
-        next(&mut a).await.reject(false).await.unwrap();
-        next(&mut b).await.reject(false).await.unwrap();
+        next(&mut a).await.reject(Requeue::No).await.unwrap();
+        next(&mut b).await.reject(Requeue::No).await.unwrap();
     }
     let d = next(&mut a).await;
     assert_eq!(d.routing_key, "a");
@@ -351,7 +351,7 @@ async fn missing_dead_letter_exchange_drops() {
     queue_with(&conn, "q", with_args(dlx_args("nowhere"))).await;
     send(&conn, "q", "x").await;
     let mut c = consume(&conn, "q", 1).await;
-    next(&mut c).await.reject(false).await.unwrap();
+    next(&mut c).await.reject(Requeue::No).await.unwrap();
     assert_eq!(
         (b.queue_depth("q"), b.unacked_count("q")),
         (Some(0), Some(0))

@@ -10,7 +10,7 @@ use super::support::{
 use super::Harness;
 use crate::{
     Connection, ConsumeOptions, Consumer, Delivery, Error, ExchangeKind, FieldTable, FieldValue,
-    Message, Overflow, PublishOptions, QueueArguments, QueueOptions,
+    Message, Overflow, PublishOptions, QueueArguments, QueueOptions, Requeue,
 };
 
 /// A fresh fanout dead-letter exchange with one queue bound to it, and a
@@ -175,7 +175,7 @@ pub async fn rejected_message_is_dead_lettered_with_x_death(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "the message to reject")
         .await
-        .reject(false)
+        .reject(Requeue::No)
         .await
         .expect("reject");
     let d = dl.recv("the dead-lettered message").await;
@@ -222,7 +222,7 @@ pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "the message to nack")
         .await
-        .nack(false)
+        .nack(Requeue::No)
         .await
         .expect("nack");
     let mut dc = consume(&*conn, &dead, ConsumeOptions::auto_ack()).await;
@@ -253,7 +253,7 @@ pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     let d = recv(&mut c, "first life").await;
     assert!(!d.message.properties.headers.contains_key("x-death"));
-    d.reject(false).await.expect("reject");
+    d.reject(Requeue::No).await.expect("reject");
     let d = recv(&mut c, "second life").await;
     assert_eq!(d.exchange, lx);
     assert_eq!(
@@ -261,7 +261,7 @@ pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
         Some(&FieldValue::I64(1)),
         "count after one death"
     );
-    d.reject(false).await.expect("reject again");
+    d.reject(Requeue::No).await.expect("reject again");
     let d = recv(&mut c, "third life").await;
     let entry = x_death(&d);
     assert_eq!(entry.get("count"), Some(&FieldValue::I64(2)), "{entry:?}");
@@ -288,7 +288,7 @@ pub async fn first_death_headers(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "to reject")
         .await
-        .reject(false)
+        .reject(Requeue::No)
         .await
         .expect("reject");
     let d = dl.recv("dead-lettered").await;

@@ -8,7 +8,7 @@ use super::support::{
 use super::{fresh_name, Harness};
 use crate::{
     ConnectionExt, ConsumeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, QueueOptions, QueueType, PREDECLARED_EXCHANGES,
+    FieldTable, FieldValue, QueueOptions, QueueType, Requeue, PREDECLARED_EXCHANGES,
 };
 use futures::StreamExt;
 
@@ -695,7 +695,7 @@ pub async fn purge_removes_ready_messages_only(h: &dyn Harness) {
     if h.capabilities().exact_counts {
         assert_eq!(purged, 2, "purge reports the ready messages it removed");
     }
-    held.nack(true).await.expect("nack with requeue");
+    held.nack(Requeue::Yes).await.expect("nack with requeue");
     let again = recv(&mut consumer, "the unacked delivery survives a purge").await;
     assert_eq!(&again.message.body[..], b"one");
     assert!(
