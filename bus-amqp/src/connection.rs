@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::{
     classic_reply_queue, is_reserved_name, validate_name, Capabilities, Connection, ConsumeOptions,
-    Consumer, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message,
-    PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
+    Consumer, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
+    FieldTable, Message, PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -1000,8 +1000,9 @@ impl Connection for AmqpConnection {
         Ok(())
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
         validate_name("exchange", name)?;
+        let if_unused = options.if_unused;
         let exchange = short("exchange name", name)?;
         self.shared
             .topology_op(move |ch| async move {

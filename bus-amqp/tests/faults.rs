@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use bus_amqp::{AmqpOptions, ReconnectPolicy, RecoveryEvent};
 use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    Message, PublishOptions, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, Message, PublishOptions, QueueOptions,
 };
 use futures::StreamExt;
 use support::*;
@@ -150,7 +150,9 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
 
     drop(consumer);
     delete_queue(&*conn, &q).await;
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
     conn.close().await.unwrap();
 }
 

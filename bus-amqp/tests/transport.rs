@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
-    Bytes, Connection, ConnectionExt, ConsumeOptions, DeliveryMode, Error, ExchangeKind,
-    ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties, PublishOptions,
-    QueueArguments, QueueOptions, QueueType, Requeue,
+    Bytes, Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeliveryMode, Error,
+    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties,
+    PublishOptions, QueueArguments, QueueOptions, QueueType, Requeue,
 };
 use futures::StreamExt;
 use support::*;
@@ -246,7 +246,9 @@ async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
     assert!(matches!(e, Error::Nacked(_)), "{e}");
     assert!(e.is_temporary());
     delete_queue(&*conn, &q).await;
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! `bus declare`, `bind`, `unbind`, `inspect`, `purge`, `delete`.
 
 use bus::{
-    ConnectionExt, DeleteQueueOptions, ExchangeKind, ExchangeOptions, FieldTable, QueueArguments,
-    QueueOptions,
+    ConnectionExt, DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind, ExchangeOptions,
+    FieldTable, QueueArguments, QueueOptions,
 };
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -302,7 +302,11 @@ pub async fn run_delete(url: &str, a: DeleteArgs) -> CliResult {
             )
             .await
             .map(|n| println!("{n}")),
-        DeleteWhat::Exchange { name, if_unused } => conn.delete_exchange(&name, if_unused).await,
+        DeleteWhat::Exchange { name, if_unused } => {
+            let mut options = DeleteExchangeOptions::default();
+            options.if_unused = if_unused;
+            conn.delete_exchange(&name, options).await
+        }
     };
     let _ = conn.close().await;
     Ok(r?)

@@ -33,9 +33,9 @@ pub use error::{Error, Result};
 pub use message::{DeliveryMode, Message, Properties};
 pub use recovery::RecoveryEvent;
 pub use topology::{
-    is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions, Overflow,
-    QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL,
-    PREDECLARED_EXCHANGES,
+    is_reserved_name, validate_name, DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind,
+    ExchangeOptions, Overflow, QueueArguments, QueueInfo, QueueOptions, QueueType,
+    DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL, PREDECLARED_EXCHANGES,
 };
 pub use transport::{
     classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishOptions,

@@ -438,6 +438,25 @@ pub struct DeleteQueueOptions {
     pub if_empty: bool,
 }
 
+/// Options of an exchange deletion.
+///
+/// `DeleteExchangeOptions::default()` deletes unconditionally;
+/// [`DeleteExchangeOptions::if_unused`] only when nothing is bound to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteExchangeOptions {
+    /// Refuse (`PRECONDITION_FAILED`) if the exchange has bindings.
+    pub if_unused: bool,
+}
+
+impl DeleteExchangeOptions {
+    /// Delete only when nothing is bound to the exchange.
+    #[must_use]
+    pub fn if_unused() -> Self {
+        DeleteExchangeOptions { if_unused: true }
+    }
+}
+
 /// What a queue declaration reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueInfo {

@@ -10,7 +10,8 @@ use crate::delivery::Consumer;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::{
-    DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo, QueueOptions, DEFAULT_EXCHANGE,
+    DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo,
+    QueueOptions, DEFAULT_EXCHANGE,
 };
 use crate::value::FieldTable;
 
@@ -206,9 +207,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// Deleting an exchange that does not exist succeeds, as in RabbitMQ.
     ///
     /// # Errors
-    /// `PreconditionFailed` with `if_unused` when it has bindings;
-    /// `AccessRefused` for the default or `amq.` exchanges.
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()>;
+    /// `PreconditionFailed` with [`DeleteExchangeOptions::if_unused`] when
+    /// it has bindings; `AccessRefused` for the default or `amq.` exchanges.
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()>;
 
     /// Declares a queue (an empty name asks for a generated one), or checks
     /// it when `options.passive`, and reports its name and counts.

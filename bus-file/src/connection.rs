@@ -13,9 +13,9 @@ use async_trait::async_trait;
 use bus_core::routing::{headers_match, TopicMatcher};
 use bus_core::{
     classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
-    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message,
-    Overflow, PublishOptions, QueueArguments, QueueInfo, QueueOptions, QueueType, ReplyQueue,
-    Result, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
+    DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
+    FieldValue, Message, Overflow, PublishOptions, QueueArguments, QueueInfo, QueueOptions,
+    QueueType, ReplyQueue, Result, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -1706,7 +1706,8 @@ impl Connection for FileConnection {
         blocking(move || inner.declare_exchange_sync(&name, kind, options)).await
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+        let if_unused = options.if_unused;
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_exchange_sync(&name, if_unused)).await

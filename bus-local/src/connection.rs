@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bus_core::recovery::BindingRecord;
 use bus_core::{
-    classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteQueueOptions,
-    Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions, QueueInfo,
-    QueueOptions, RecoveryEvent, ReplyQueue, Result,
+    classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
+    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
+    QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
 };
 use tokio::sync::broadcast;
 
@@ -494,9 +494,9 @@ impl Connection for LocalConnection {
         Ok(())
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
         let broker = self.inner.ready().await?;
-        broker.delete_exchange(name, if_unused)?;
+        broker.delete_exchange(name, options.if_unused)?;
         self.inner.journal(|j| j.forget_exchange(name));
         Ok(())
     }

@@ -3,8 +3,9 @@
 mod common;
 
 use bus_core::{
-    Connection, ConnectionExt, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, Message, PublishOptions, QueueArguments, QueueOptions, QueueType,
+    Connection, ConnectionExt, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, Message, PublishOptions, QueueArguments, QueueOptions,
+    QueueType,
 };
 use common::*;
 
@@ -23,7 +24,8 @@ async fn the_default_exchange_cannot_be_touched() {
         .unwrap_err();
     assert!(matches!(e, Error::AccessRefused(_)), "{e}");
     assert!(matches!(
-        conn.delete_exchange("", false).await,
+        conn.delete_exchange("", DeleteExchangeOptions::default())
+            .await,
         Err(Error::AccessRefused(_))
     ));
     assert!(matches!(
@@ -48,7 +50,8 @@ async fn predeclared_exchanges_exist_and_are_protected() {
     ] {
         assert!(conn.exchange_exists(name).await.unwrap(), "{name}");
         assert!(matches!(
-            conn.delete_exchange(name, false).await,
+            conn.delete_exchange(name, DeleteExchangeOptions::default())
+                .await,
             Err(Error::AccessRefused(_))
         ));
     }
@@ -130,7 +133,9 @@ async fn exchange_redeclaration_must_match() {
 #[tokio::test(start_paused = true)]
 async fn deleting_missing_things_succeeds() {
     let (_b, conn) = setup();
-    conn.delete_exchange("nope", false).await.unwrap();
+    conn.delete_exchange("nope", DeleteExchangeOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         conn.delete_queue("nope", DeleteQueueOptions::default())
             .await
@@ -378,7 +383,8 @@ async fn delete_conditions() {
     exchange(&conn, "x", ExchangeKind::Direct).await;
     bind(&conn, "q", "x", "k").await;
     assert!(matches!(
-        conn.delete_exchange("x", true).await,
+        conn.delete_exchange("x", DeleteExchangeOptions::if_unused())
+            .await,
         Err(Error::PreconditionFailed(_))
     ));
     // The consumer took the message (auto-ack off, then dropped: requeued).
@@ -390,7 +396,9 @@ async fn delete_conditions() {
     );
     assert_eq!(b.queue_depth("q"), None);
     // The queue's bindings went with it.
-    conn.delete_exchange("x", true).await.unwrap();
+    conn.delete_exchange("x", DeleteExchangeOptions::if_unused())
+        .await
+        .unwrap();
 }
 
 async fn routed(

@@ -7,8 +7,9 @@ use super::support::{
 };
 use super::{fresh_name, Harness};
 use crate::{
-    ConnectionExt, ConsumeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, QueueOptions, QueueType, Requeue, PREDECLARED_EXCHANGES,
+    ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, QueueOptions, QueueType, Requeue,
+    PREDECLARED_EXCHANGES,
 };
 use futures::StreamExt;
 
@@ -76,7 +77,8 @@ pub async fn predeclared_exchanges_cannot_be_deleted(h: &dyn Harness) {
     for (name, _) in PREDECLARED_EXCHANGES {
         expect_err!(
             format!("delete predeclared {name:?}"),
-            conn.delete_exchange(name, false).await,
+            conn.delete_exchange(name, DeleteExchangeOptions::default())
+                .await,
             Error::AccessRefused(_)
         );
         assert!(
@@ -104,7 +106,8 @@ pub async fn default_exchange_cannot_be_deleted(h: &dyn Harness) {
     let conn = h.connect().await;
     expect_err!(
         "delete the default exchange",
-        conn.delete_exchange("", false).await,
+        conn.delete_exchange("", DeleteExchangeOptions::default())
+            .await,
         Error::AccessRefused(_)
     );
     let q = queue(&*conn, "default-delete").await;
@@ -539,7 +542,9 @@ pub async fn exchange_delete_removes_its_bindings(h: &dyn Harness) {
     let x = exchange(&*conn, "delete-exchange", ExchangeKind::Direct).await;
     let q = queue(&*conn, "delete-exchange").await;
     bind(&*conn, &q, &x, "k").await;
-    conn.delete_exchange(&x, false).await.expect("delete");
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .expect("delete");
     assert!(!conn.exchange_exists(&x).await.expect("passive"));
     expect_err!(
         "publish to the deleted exchange",
@@ -564,7 +569,8 @@ pub async fn exchange_delete_if_unused(h: &dyn Harness) {
     bind(&*conn, &q, &x, "k").await;
     expect_err!(
         "delete a bound exchange if unused",
-        conn.delete_exchange(&x, true).await,
+        conn.delete_exchange(&x, DeleteExchangeOptions::if_unused())
+            .await,
         Error::PreconditionFailed(_)
     );
     publish_text(&*conn, &x, "k", "still routes").await;
@@ -572,7 +578,7 @@ pub async fn exchange_delete_if_unused(h: &dyn Harness) {
     conn.unbind_queue(&q, &x, "k", FieldTable::new())
         .await
         .expect("unbind");
-    conn.delete_exchange(&x, true)
+    conn.delete_exchange(&x, DeleteExchangeOptions::if_unused())
         .await
         .expect("delete an unbound exchange if unused");
     assert!(!conn.exchange_exists(&x).await.expect("passive"));
@@ -588,7 +594,7 @@ pub async fn delete_of_missing_entities_succeeds(h: &dyn Harness) {
         .await
         .expect("delete a missing queue");
     assert_eq!(n, 0, "a missing queue held no messages");
-    conn.delete_exchange(&fresh_name("missing"), false)
+    conn.delete_exchange(&fresh_name("missing"), DeleteExchangeOptions::default())
         .await
         .expect("delete a missing exchange");
 }
