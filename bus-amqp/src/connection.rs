@@ -583,7 +583,7 @@ impl Shared {
             let r = ch
                 .exchange_declare(
                     short("exchange name", name)?,
-                    lapin_kind(*kind),
+                    lapin_kind(kind),
                     ExchangeDeclareOptions {
                         passive: false,
                         durable: options.durable,
@@ -660,12 +660,13 @@ impl Shared {
     }
 }
 
-fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+fn lapin_kind(kind: &ExchangeKind) -> lapin::ExchangeKind {
     match kind {
         ExchangeKind::Direct => lapin::ExchangeKind::Direct,
         ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
         ExchangeKind::Topic => lapin::ExchangeKind::Topic,
         ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        ExchangeKind::Custom(name) => lapin::ExchangeKind::Custom(name.clone()),
     }
 }
 
@@ -979,6 +980,9 @@ impl Connection for AmqpConnection {
         options: ExchangeOptions,
     ) -> Result<()> {
         validate_name("exchange", name)?;
+        if !options.passive {
+            kind.validate()?;
+        }
         let exchange = short("exchange name", name)?;
         let arguments = table_to_amqp(&options.arguments)?;
         let declare = ExchangeDeclareOptions {
@@ -988,9 +992,10 @@ impl Connection for AmqpConnection {
             internal: options.internal,
             nowait: false,
         };
+        let lapin_kind = lapin_kind(&kind);
         self.shared
             .topology_op(move |ch| async move {
-                ch.exchange_declare(exchange, lapin_kind(kind), declare, arguments)
+                ch.exchange_declare(exchange, lapin_kind, declare, arguments)
                     .await
             })
             .await?;

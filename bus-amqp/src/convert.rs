@@ -228,6 +228,12 @@ pub(crate) fn error_from_code(code: u16, text: String) -> Error {
         // CONNECTION_FORCED: an operator or a node shutting down closed us.
         320 => Error::ConnectionLost(text),
         540 => Error::NotSupported(text),
+        // COMMAND_INVALID for an `exchange.declare` of a type no enabled
+        // plugin provides ("unknown exchange type 'x-delayed-message'"); the
+        // broker closes the connection, which then recovers.
+        503 if text.contains("exchange type") => Error::NotSupported(format!(
+            "{text}: the broker has no such exchange type; enable the plugin that provides it"
+        )),
         // RESOURCE_ERROR: the broker lacks resources right now.
         506 => Error::backend("amqp", true, format!("{code} {text}")),
         _ => Error::backend("amqp", false, format!("{code} {text}")),

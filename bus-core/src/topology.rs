@@ -28,7 +28,7 @@ pub const PREDECLARED_EXCHANGES: [(&str, ExchangeKind); 5] = [
 ];
 
 /// How an exchange chooses the queues a message goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ExchangeKind {
     /// Routing key equals binding key.
     Direct,
@@ -38,17 +38,99 @@ pub enum ExchangeKind {
     Topic,
     /// Message headers matched against binding arguments.
     Headers,
+    /// An exchange type a broker plugin provides, by its AMQP name:
+    /// `x-delayed-message`, `x-consistent-hash`, ...
+    ///
+    /// Passed through to RabbitMQ. A type no enabled plugin provides is
+    /// refused with a permanent [`Error::NotSupported`] naming it (RabbitMQ
+    /// closes the whole connection over it, which then recovers). The
+    /// transports that route by themselves (in-process,
+    /// folder) refuse every custom type with [`Error::NotSupported`]. The
+    /// name must not be empty, longer than [`MAX_NAME_LEN`] bytes, or one of
+    /// the four built-in kinds: those have their own variant, so that a
+    /// kind has one spelling (`Custom("topic")` is refused with
+    /// [`Error::InvalidArgument`]).
+    Custom(String),
 }
 
+/// The names of the built-in kinds, in variant order.
+const BUILT_IN_KINDS: [(&str, ExchangeKind); 4] = [
+    ("direct", ExchangeKind::Direct),
+    ("fanout", ExchangeKind::Fanout),
+    ("topic", ExchangeKind::Topic),
+    ("headers", ExchangeKind::Headers),
+];
+
 impl ExchangeKind {
-    /// The AMQP name: `direct`, `fanout`, `topic` or `headers`.
+    /// The AMQP name: `direct`, `fanout`, `topic`, `headers`, or the custom
+    /// type's name.
     #[must_use]
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             ExchangeKind::Direct => "direct",
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Topic => "topic",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::Custom(name) => name,
+        }
+    }
+
+    /// A plugin's exchange type, by name: [`ExchangeKind::Custom`].
+    #[must_use]
+    pub fn custom(name: impl Into<String>) -> Self {
+        ExchangeKind::Custom(name.into())
+    }
+
+    /// Whether this is [`ExchangeKind::Custom`].
+    #[must_use]
+    pub fn is_custom(&self) -> bool {
+        matches!(self, ExchangeKind::Custom(_))
+    }
+
+    /// Checks the kind of a declaration before anything changes: a custom
+    /// name must be a non-empty AMQP short string that is not a built-in
+    /// kind's name.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the problem.
+    pub fn validate(&self) -> Result<()> {
+        let ExchangeKind::Custom(name) = self else {
+            return Ok(());
+        };
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "exchange type: a custom type needs a name, e.g. \"x-delayed-message\"".into(),
+            ));
+        }
+        if let Some((_, kind)) = BUILT_IN_KINDS.iter().find(|(n, _)| n == name) {
+            return Err(Error::InvalidArgument(format!(
+                "exchange type Custom({name:?}) is the built-in kind: use ExchangeKind::{kind:?}"
+            )));
+        }
+        if name.len() > MAX_NAME_LEN {
+            let start: String = name.chars().take(32).collect();
+            return Err(Error::InvalidArgument(format!(
+                "exchange type {start:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+                name.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// For a transport that routes by itself and knows only the built-in
+    /// kinds: [`ExchangeKind::validate`], then [`Error::NotSupported`] for a
+    /// custom type, naming it and `transport` (`"local"`, `"file"`).
+    ///
+    /// # Errors
+    /// As said.
+    pub fn require_built_in(&self, transport: &str) -> Result<()> {
+        self.validate()?;
+        match self {
+            ExchangeKind::Custom(name) => Err(Error::NotSupported(format!(
+                "exchange type '{name}': the {transport} transport routes only the built-in \
+                 types (direct, fanout, topic, headers); plugin types need RabbitMQ"
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -59,18 +141,24 @@ impl fmt::Display for ExchangeKind {
     }
 }
 
+/// Parses `direct`, `fanout`, `topic` and `headers` into their variants,
+/// and a name starting with `x-` (the plugin convention:
+/// `x-delayed-message`) into [`ExchangeKind::Custom`].
 impl FromStr for ExchangeKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "direct" => Ok(ExchangeKind::Direct),
-            "fanout" => Ok(ExchangeKind::Fanout),
-            "topic" => Ok(ExchangeKind::Topic),
-            "headers" => Ok(ExchangeKind::Headers),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown exchange kind {other:?}"
-            ))),
+        if let Some((_, kind)) = BUILT_IN_KINDS.iter().find(|(n, _)| *n == s) {
+            return Ok(kind.clone());
         }
+        if s.starts_with("x-") {
+            let kind = ExchangeKind::Custom(s.to_owned());
+            kind.validate()?;
+            return Ok(kind);
+        }
+        Err(Error::InvalidArgument(format!(
+            "unknown exchange kind {s:?}: expected direct, fanout, topic, headers, \
+             or a plugin's type starting with x- (x-delayed-message)"
+        )))
     }
 }
 
@@ -573,6 +661,32 @@ mod tests {
             ..QueueArguments::default()
         };
         assert!(too_long.normalized().is_err());
+    }
+
+    #[test]
+    fn custom_kinds_have_one_spelling() {
+        assert_eq!(
+            "topic".parse::<ExchangeKind>().unwrap(),
+            ExchangeKind::Topic
+        );
+        let delayed: ExchangeKind = "x-delayed-message".parse().unwrap();
+        assert_eq!(delayed, ExchangeKind::custom("x-delayed-message"));
+        assert_eq!(delayed.as_str(), "x-delayed-message");
+        assert_eq!(delayed.to_string(), "x-delayed-message");
+        assert!(delayed.validate().is_ok());
+        assert!("topc".parse::<ExchangeKind>().is_err());
+        for bad in ["", "topic", "headers", &"x".repeat(256)] {
+            let e = ExchangeKind::custom(bad).validate().unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}: {e:?}");
+        }
+        let e = ExchangeKind::custom("topic").validate().unwrap_err();
+        assert!(e.to_string().contains("ExchangeKind::Topic"), "{e}");
+        let e = delayed.require_built_in("local").unwrap_err();
+        assert!(
+            matches!(&e, Error::NotSupported(m) if m.contains("'x-delayed-message'") && m.contains("local")),
+            "{e:?}"
+        );
+        assert!(ExchangeKind::Headers.require_built_in("local").is_ok());
     }
 
     #[test]

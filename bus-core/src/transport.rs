@@ -30,6 +30,11 @@ pub struct Capabilities {
     pub server_named_queues: bool,
     /// Headers exchanges.
     pub headers_exchange: bool,
+    /// [`ExchangeKind::Custom`] declarations are passed to a broker, which
+    /// accepts the types its plugins provide (`x-delayed-message`, ...).
+    /// Without it every custom type is refused with
+    /// [`Error::NotSupported`].
+    pub plugin_exchange_kinds: bool,
     /// Per-queue and per-message TTL.
     pub message_ttl: bool,
     /// Queue expiry (`x-expires`).
@@ -73,6 +78,7 @@ impl Capabilities {
             auto_delete_queues: true,
             server_named_queues: true,
             headers_exchange: true,
+            plugin_exchange_kinds: true,
             message_ttl: true,
             queue_expiry: true,
             max_length: true,

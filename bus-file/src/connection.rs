@@ -176,6 +176,9 @@ impl Snapshot {
                         });
                     }
                 }
+                // Never in a topology: `declare_exchange` refuses custom
+                // kinds (`ExchangeKind::require_built_in`).
+                ExchangeKind::Custom(_) => {}
             }
             // An alternate exchange takes what the exchange could not route.
             let alternate = self
@@ -198,15 +201,15 @@ fn exchange_kind(topo: &Topology, name: &str) -> Option<ExchangeKind> {
     PREDECLARED_EXCHANGES
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, k)| *k)
-        .or_else(|| topo.exchanges.get(name).map(|x| x.kind))
+        .map(|(_, k)| k.clone())
+        .or_else(|| topo.exchanges.get(name).map(|x| x.kind.clone()))
 }
 
 fn predeclared(name: &str) -> Option<ExchangeKind> {
     PREDECLARED_EXCHANGES
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, k)| *k)
+        .map(|(_, k)| k.clone())
 }
 
 /// Connections of this process by root, so that a publish wakes this
@@ -1414,6 +1417,11 @@ impl Inner {
         tracing::debug!(exchange = name, ?kind, "declare exchange");
         let inner = self;
         inner.check_open()?;
+        // As RabbitMQ, the type is checked first, and not at all by a
+        // passive declaration.
+        if !options.passive {
+            kind.require_built_in("file")?;
+        }
         if name == DEFAULT_EXCHANGE {
             return Err(Error::AccessRefused(
                 "operation not permitted on the default exchange".into(),

@@ -200,6 +200,7 @@ pub fn capabilities() -> Capabilities {
     Capabilities {
         queue_expiry: false,
         quorum_queues: false,
+        plugin_exchange_kinds: false,
         direct_reply: false,
         recovery: false,
         ..Capabilities::all("file")

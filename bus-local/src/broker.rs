@@ -461,10 +461,15 @@ impl BrokerInner {
     pub(crate) fn declare_exchange(
         &self,
         name: &str,
-        kind: ExchangeKind,
+        kind: &ExchangeKind,
         options: &ExchangeOptions,
     ) -> Result<()> {
         validate_name("exchange", name)?;
+        // As RabbitMQ, the type is checked first, and not at all by a
+        // passive declaration.
+        if !options.passive {
+            kind.require_built_in("local")?;
+        }
         if name.is_empty() {
             return Err(default_exchange_refused("declare exchange ''"));
         }
@@ -487,7 +492,7 @@ impl BrokerInner {
         topo.exchanges.insert(
             name.to_owned(),
             Exchange::new(
-                kind,
+                kind.clone(),
                 options.durable,
                 options.auto_delete,
                 options.internal,

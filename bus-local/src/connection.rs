@@ -360,6 +360,7 @@ impl LocalConnection {
         Capabilities {
             durability: false,
             cross_process: false,
+            plugin_exchange_kinds: false,
             quorum_queues: false,
             direct_reply: false,
             ..Capabilities::all("local")
@@ -481,12 +482,12 @@ impl Connection for LocalConnection {
     ) -> Result<()> {
         tracing::debug!(exchange = name, ?kind, "declare exchange");
         if !self.inner.slow {
-            return self.broker()?.declare_exchange(name, kind, &options);
+            return self.broker()?.declare_exchange(name, &kind, &options);
         }
         let broker = self.inner.ready().await?;
         self.inner
             .check_declare(|| format!("of exchange {name:?}"))?;
-        broker.declare_exchange(name, kind, &options)?;
+        broker.declare_exchange(name, &kind, &options)?;
         if !options.passive {
             self.inner
                 .journal(|j| j.record_exchange(name, kind, options));

@@ -24,11 +24,11 @@ pub(crate) fn queue_arguments(name: &str, options: &QueueOptions) -> Result<Queu
 pub(crate) fn check_exchange_redeclare(
     name: &str,
     existing: &Exchange,
-    kind: ExchangeKind,
+    kind: &ExchangeKind,
     options: &ExchangeOptions,
     alternate: &Option<String>,
 ) -> Result<()> {
-    if existing.kind != kind {
+    if existing.kind != *kind {
         return Err(inequivalent(
             "exchange",
             name,

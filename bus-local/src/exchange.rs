@@ -71,6 +71,10 @@ impl Exchange {
             ExchangeKind::Fanout => Bindings::Fanout(Vec::new()),
             ExchangeKind::Topic => Bindings::Topic(TopicMatcher::new()),
             ExchangeKind::Headers => Bindings::Headers(Vec::new()),
+            // Never built: `declare_exchange` refuses custom kinds first
+            // (`ExchangeKind::require_built_in`); such an exchange would
+            // route nothing.
+            ExchangeKind::Custom(_) => Bindings::Fanout(Vec::new()),
         };
         Exchange {
             kind,

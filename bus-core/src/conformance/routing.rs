@@ -20,7 +20,7 @@ async fn check_routes(
     keys: &[&str],
     expected: &[(&str, &[&str])],
 ) {
-    let x = exchange(conn, "routes", kind).await;
+    let x = exchange(conn, "routes", kind.clone()).await;
     let mut queues = Vec::new();
     for (pattern, _) in expected {
         let q = queue(conn, "routes").await;

@@ -116,7 +116,7 @@ pub(crate) async fn queue(conn: &dyn Connection, prefix: &str) -> String {
 /// Declares a fresh exchange of `kind` and returns its name.
 pub(crate) async fn exchange(conn: &dyn Connection, prefix: &str, kind: ExchangeKind) -> String {
     let name = fresh_name(prefix);
-    conn.declare_exchange(&name, kind, ExchangeOptions::default())
+    conn.declare_exchange(&name, kind.clone(), ExchangeOptions::default())
         .await
         .unwrap_or_else(|e| panic!("declare {kind} exchange {name:?}: {e:?}"));
     name

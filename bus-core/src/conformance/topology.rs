@@ -38,7 +38,7 @@ pub async fn predeclared_exchanges_exist(h: &dyn Harness) {
 pub async fn predeclared_exchanges_redeclare_with_their_settings(h: &dyn Harness) {
     let conn = h.connect().await;
     for (name, kind) in PREDECLARED_EXCHANGES {
-        conn.declare_exchange(name, kind, ExchangeOptions::durable())
+        conn.declare_exchange(name, kind.clone(), ExchangeOptions::durable())
             .await
             .unwrap_or_else(|e| panic!("redeclare {name:?} as durable {kind}: {e:?}"));
     }
@@ -167,7 +167,7 @@ pub async fn exchange_redeclare_other_kind_fails(h: &dyn Harness) {
     ] {
         expect_err!(
             format!("redeclare a direct exchange as {kind}"),
-            conn.declare_exchange(&x, kind, ExchangeOptions::default())
+            conn.declare_exchange(&x, kind.clone(), ExchangeOptions::default())
                 .await,
             Error::PreconditionFailed(_)
         );
@@ -558,6 +558,57 @@ pub async fn exchange_delete_removes_its_bindings(h: &dyn Harness) {
     publish_text(&*conn, &x, "k", "no binding left").await;
     expect_bodies(&*conn, &q, &[]).await;
     cleanup(&*conn, &[&q], &[&x]).await;
+}
+
+/// A custom exchange type that nothing provides is `NotSupported`, naming
+/// the type, permanent, and creates nothing; on a transport without
+/// [`plugin_exchange_kinds`](crate::Capabilities::plugin_exchange_kinds)
+/// well-known plugin types are refused the same way. A custom spelling of a
+/// built-in kind (`Custom("topic")`) is `InvalidArgument`. The connection
+/// stays usable afterwards (RabbitMQ closes it over an unknown type; it
+/// recovers).
+pub async fn unknown_exchange_kinds_are_refused(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let x = fresh_name("custom-kind");
+    let mut types = vec!["x-bus-test-no-such-type"];
+    if !h.capabilities().plugin_exchange_kinds {
+        types.extend(["x-delayed-message", "x-consistent-hash"]);
+    }
+    for t in types {
+        let e = expect_err!(
+            format!("declare an exchange of type {t:?}"),
+            conn.declare_exchange(&x, ExchangeKind::custom(t), ExchangeOptions::default())
+                .await,
+            Error::NotSupported(_)
+        );
+        assert!(
+            e.to_string().contains(t),
+            "the refusal names the type {t:?}: {e}"
+        );
+        assert!(!e.is_temporary(), "the refusal is permanent: {e:?}");
+        assert!(
+            !conn
+                .exchange_exists(&x)
+                .await
+                .expect("passive declare after the refusal"),
+            "a refused declaration of type {t:?} created the exchange"
+        );
+    }
+    expect_err!(
+        "declare an exchange of type Custom(\"topic\")",
+        conn.declare_exchange(
+            &x,
+            ExchangeKind::custom("topic"),
+            ExchangeOptions::default()
+        )
+        .await,
+        Error::InvalidArgument(_)
+    );
+    assert!(!conn.exchange_exists(&x).await.expect("passive declare"));
+    let q = queue(&*conn, "custom-kind").await;
+    publish_text(&*conn, "", &q, "still usable").await;
+    expect_bodies(&*conn, &q, &["still usable"]).await;
+    cleanup(&*conn, &[&q], &[]).await;
 }
 
 /// `delete_exchange(if_unused)` is `PreconditionFailed` while the exchange
