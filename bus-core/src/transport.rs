@@ -2,9 +2,11 @@
 //! implements, and what services program against.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::delivery::Consumer;
 use crate::error::{Error, Result};
@@ -189,7 +191,80 @@ impl ConsumeOptions {
 /// `amq.` name, arguments of the wrong type, or a different redeclaration
 /// fails with an error and changes nothing.
 ///
-/// Use it as `Arc<dyn Connection>`; [`ConnectionExt`] adds conveniences.
+/// Use it as `Arc<dyn Connection>`, or any `Arc<C>` or `Box<C>` of a
+/// connection `C`, which are connections too; [`ConnectionExt`] adds
+/// conveniences.
+///
+/// # The methods as `async fn`
+///
+/// The trait is written with `#[async_trait]`, so each `async fn` below
+/// appears in these docs with the boxed future it returns
+/// (`Pin<Box<dyn Future<Output = ...> + Send + 'async_trait>>`). An
+/// implementation, here a wrapper that forwards to another connection,
+/// writes them as `async fn`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use bus_core::{
+///     Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
+///     DeleteQueueOptions, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
+///     QueueInfo, QueueOptions, ReplyQueue, Result,
+/// };
+///
+/// #[derive(Debug)]
+/// struct Forward(Arc<dyn Connection>);
+///
+/// #[async_trait::async_trait]
+/// impl Connection for Forward {
+///     fn capabilities(&self) -> Capabilities {
+/// #       self.0.capabilities()
+///     }
+///     async fn declare_exchange(
+///         &self, name: &str, kind: ExchangeKind, options: ExchangeOptions,
+///     ) -> Result<()> {
+/// #       self.0.declare_exchange(name, kind, options).await
+///     }
+///     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+/// #       self.0.delete_exchange(name, options).await
+///     }
+///     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+/// #       self.0.declare_queue(name, options).await
+///     }
+///     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+/// #       self.0.delete_queue(name, options).await
+///     }
+///     async fn purge_queue(&self, name: &str) -> Result<u32> {
+/// #       self.0.purge_queue(name).await
+///     }
+///     async fn bind_queue(
+///         &self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.bind_queue(queue, exchange, routing_key, arguments).await
+///     }
+///     async fn unbind_queue(
+///         &self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.unbind_queue(queue, exchange, routing_key, arguments).await
+///     }
+///     async fn publish(
+///         &self, exchange: &str, routing_key: &str, message: Message, options: PublishOptions,
+///     ) -> Result<()> {
+/// #       self.0.publish(exchange, routing_key, message, options).await
+///     }
+///     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
+/// #       self.0.consume(queue, options).await
+///     }
+///     async fn reply_queue(&self) -> Result<ReplyQueue> {
+/// #       self.0.reply_queue().await
+///     }
+///     async fn close(&self) -> Result<()> {
+/// #       self.0.close().await
+///     }
+///     fn is_open(&self) -> bool {
+/// #       self.0.is_open()
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// What this transport supports.
@@ -321,16 +396,19 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     fn is_open(&self) -> bool;
 }
 
-/// Conveniences over any [`Connection`].
-#[async_trait]
+/// Conveniences over any [`Connection`], implemented for every one
+/// (`Arc<dyn Connection>` included).
+///
+/// Each method returns a plain `impl Future + Send` that holds the
+/// connection's own future: nothing is boxed beyond the connection's call.
 pub trait ConnectionExt: Connection {
     /// Passive queue declaration: the queue's counts.
     ///
     /// # Errors
     /// `NotFound` if the queue is missing; `ResourceLocked` if it is
     /// exclusive to another connection.
-    async fn inspect_queue(&self, name: &str) -> Result<QueueInfo> {
-        self.declare_queue(name, QueueOptions::passive()).await
+    fn inspect_queue(&self, name: &str) -> impl Future<Output = Result<QueueInfo>> + Send {
+        async move { self.declare_queue(name, QueueOptions::passive()).await }
     }
 
     /// Whether an exchange exists (a passive declaration).
@@ -342,17 +420,19 @@ pub trait ConnectionExt: Connection {
     /// # Errors
     /// Whatever the passive declaration reports other than `NotFound`
     /// (`Closed`, `ConnectionLost`, an invalid name).
-    async fn exchange_exists(&self, name: &str) -> Result<bool> {
-        if name == DEFAULT_EXCHANGE {
-            return Ok(true);
-        }
-        match self
-            .declare_exchange(name, ExchangeKind::Direct, ExchangeOptions::passive())
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(Error::NotFound(_)) => Ok(false),
-            Err(e) => Err(e),
+    fn exchange_exists(&self, name: &str) -> impl Future<Output = Result<bool>> + Send {
+        async move {
+            if name == DEFAULT_EXCHANGE {
+                return Ok(true);
+            }
+            match self
+                .declare_exchange(name, ExchangeKind::Direct, ExchangeOptions::passive())
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(Error::NotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            }
         }
     }
 
@@ -361,15 +441,33 @@ pub trait ConnectionExt: Connection {
     ///
     /// # Errors
     /// As [`Connection::publish`].
-    async fn send_to_queue(&self, queue: &str, message: Message) -> Result<()> {
-        self.publish("", queue, message, PublishOptions::default())
+    fn send_to_queue(
+        &self,
+        queue: &str,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            Connection::publish(
+                self,
+                DEFAULT_EXCHANGE,
+                queue,
+                message,
+                PublishOptions::default(),
+            )
             .await
+        }
     }
 }
 
 impl<C: Connection + ?Sized> ConnectionExt for C {}
 
-/// Sends messages. Connections do; a [`ReplyQueue`] may carry its own.
+/// Sends messages. Every [`Connection`] is one (`Arc<dyn Connection>`
+/// included, so `Arc::new(conn) as Arc<dyn Publisher>` works); a
+/// [`ReplyQueue`] may carry its own.
+///
+/// With both traits in scope, `conn.publish(..)` on a connection is
+/// ambiguous (the two methods are the same); write
+/// `Connection::publish(&conn, ..)`, or import only one of them.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// As [`Connection::publish`].
@@ -428,15 +526,183 @@ pub async fn classic_reply_queue<C: Connection + ?Sized>(conn: &C) -> Result<Rep
     })
 }
 
-#[async_trait]
-impl<C: Connection + ?Sized> Publisher for Arc<C> {
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
+/// Every connection publishes as [`Connection::publish`], handing back the
+/// connection's own future (written out rather than with `#[async_trait]`,
+/// which would box it a second time).
+impl<C: Connection + ?Sized> Publisher for C {
+    fn publish<'a, 'b, 'c, 'r>(
+        &'a self,
+        exchange: &'b str,
+        routing_key: &'c str,
         message: Message,
         options: PublishOptions,
-    ) -> Result<()> {
-        Connection::publish(&**self, exchange, routing_key, message, options).await
+    ) -> BoxFuture<'r, Result<()>>
+    where
+        'a: 'r,
+        'b: 'r,
+        'c: 'r,
+        Self: 'r,
+    {
+        Connection::publish(self, exchange, routing_key, message, options)
     }
 }
+
+/// `Connection` for the smart pointers connections live in, forwarding every
+/// method to the connection inside and handing back its own future (written
+/// out rather than with `#[async_trait]`, which would box it a second time).
+macro_rules! forward_connection {
+    ($($pointer:ident),*) => {$(
+        impl<C: Connection + ?Sized> Connection for $pointer<C> {
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+
+            fn declare_exchange<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                kind: ExchangeKind,
+                options: ExchangeOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).declare_exchange(name, kind, options)
+            }
+
+            fn delete_exchange<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: DeleteExchangeOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).delete_exchange(name, options)
+            }
+
+            fn declare_queue<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: QueueOptions,
+            ) -> BoxFuture<'r, Result<QueueInfo>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).declare_queue(name, options)
+            }
+
+            fn delete_queue<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: DeleteQueueOptions,
+            ) -> BoxFuture<'r, Result<u32>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).delete_queue(name, options)
+            }
+
+            fn purge_queue<'a, 'b, 'r>(&'a self, name: &'b str) -> BoxFuture<'r, Result<u32>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).purge_queue(name)
+            }
+
+            fn bind_queue<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                queue: &'b str,
+                exchange: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).bind_queue(queue, exchange, routing_key, arguments)
+            }
+
+            fn unbind_queue<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                queue: &'b str,
+                exchange: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).unbind_queue(queue, exchange, routing_key, arguments)
+            }
+
+            fn publish<'a, 'b, 'c, 'r>(
+                &'a self,
+                exchange: &'b str,
+                routing_key: &'c str,
+                message: Message,
+                options: PublishOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                Self: 'r,
+            {
+                Connection::publish(&**self, exchange, routing_key, message, options)
+            }
+
+            fn consume<'a, 'b, 'r>(
+                &'a self,
+                queue: &'b str,
+                options: ConsumeOptions,
+            ) -> BoxFuture<'r, Result<Consumer>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).consume(queue, options)
+            }
+
+            fn reply_queue<'a, 'r>(&'a self) -> BoxFuture<'r, Result<ReplyQueue>>
+            where
+                'a: 'r,
+                Self: 'r,
+            {
+                (**self).reply_queue()
+            }
+
+            fn close<'a, 'r>(&'a self) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                Self: 'r,
+            {
+                (**self).close()
+            }
+
+            fn is_open(&self) -> bool {
+                (**self).is_open()
+            }
+        }
+    )*};
+}
+
+forward_connection!(Arc, Box);

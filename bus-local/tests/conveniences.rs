@@ -279,3 +279,46 @@ async fn the_same_scenario_delivers_the_same_way_every_run() {
         assert_eq!(scenario().await, first);
     }
 }
+
+/// Uses any connection through the trait and its conveniences, on a task of
+/// its own (so every future involved is `Send`).
+async fn round_trip<C: Connection + Clone>(conn: C, queue: &str) -> Vec<u8> {
+    use bus_core::{ConnectionExt, QueueOptions};
+    conn.declare_queue(queue, QueueOptions::default())
+        .await
+        .unwrap();
+    let task = {
+        let conn = conn.clone();
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            conn.send_to_queue(&queue, Message::new(queue.clone()))
+                .await
+                .unwrap();
+            assert!(conn.exchange_exists("").await.unwrap());
+            assert!(!conn.exchange_exists("no-such-exchange").await.unwrap());
+            conn.inspect_queue(&queue).await.unwrap().message_count
+        })
+    };
+    assert_eq!(task.await.unwrap(), 1, "{queue}: one message waits");
+    let mut c = conn
+        .consume(queue, ConsumeOptions::auto_ack())
+        .await
+        .unwrap();
+    let d = c.next().await.unwrap().unwrap();
+    d.body().to_vec()
+}
+
+#[tokio::test(start_paused = true)]
+async fn smart_pointers_to_connections_are_connections() {
+    let broker = LocalBroker::new();
+    let concrete = Arc::new(broker.connect());
+    assert_eq!(round_trip(concrete.clone(), "arc").await, b"arc");
+    let shared: Arc<dyn Connection> = concrete.clone();
+    assert_eq!(round_trip(shared, "arc-dyn").await, b"arc-dyn");
+    let boxed: Arc<Box<dyn Connection>> = Arc::new(Box::new(broker.connect()));
+    assert_eq!(round_trip(boxed.clone(), "box-dyn").await, b"box-dyn");
+    assert_eq!(boxed.capabilities().name, "local");
+    boxed.close().await.unwrap();
+    assert!(!boxed.is_open(), "close goes through the box");
+    assert!(concrete.is_open(), "another connection stays open");
+}
