@@ -269,8 +269,7 @@ pub use url::{redact_url, AmqpUrl, BrokerHost};
 /// for a connection made with that reply mode.
 #[must_use]
 pub fn capabilities(reply_mode: ReplyMode) -> bus_core::Capabilities {
-    bus_core::Capabilities {
-        direct_reply: reply_mode == ReplyMode::Direct,
-        ..bus_core::Capabilities::all("amqp")
-    }
+    let mut caps = bus_core::Capabilities::all("amqp");
+    caps.direct_reply = reply_mode == ReplyMode::Direct;
+    caps
 }

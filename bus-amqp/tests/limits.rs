@@ -81,25 +81,18 @@ async fn consumers_never_take_the_channels_publishing_needs() {
 
 #[tokio::test]
 async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
-    use bus_core::{FieldValue, QueueArguments, QueueType};
+    use bus_core::QueueType;
     let conn = connect().await;
     let q = fresh("poison");
     let dlq = fresh("poison-dlq");
     let _cleanup = QueueCleanup::new(&[&q, &dlq]);
     // A string limit would mean nothing to RabbitMQ 3.x: refused.
-    let mut raw = bus_core::FieldTable::new();
-    raw.insert("x-delivery-limit".into(), FieldValue::from("3"));
     let e = conn
         .declare_queue(
             &q,
-            QueueOptions {
-                arguments: QueueArguments {
-                    queue_type: Some(QueueType::Quorum),
-                    raw,
-                    ..QueueArguments::default()
-                },
-                ..QueueOptions::durable()
-            },
+            QueueOptions::durable()
+                .queue_type(QueueType::Quorum)
+                .argument("x-delivery-limit", "3"),
         )
         .await
         .unwrap_err();
@@ -113,16 +106,11 @@ async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
         .unwrap();
     conn.declare_queue(
         &q,
-        QueueOptions {
-            arguments: QueueArguments {
-                queue_type: Some(QueueType::Quorum),
-                delivery_limit: Some(2),
-                dead_letter_exchange: Some(String::new()),
-                dead_letter_routing_key: Some(dlq.clone()),
-                ..QueueArguments::default()
-            },
-            ..QueueOptions::durable()
-        },
+        QueueOptions::durable()
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(2)
+            .dead_letter_to(String::new())
+            .dead_letter_routing_key(dlq.clone()),
     )
     .await
     .unwrap();

@@ -10,7 +10,7 @@ use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
     Bytes, Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeliveryMode, Error,
     ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties,
-    PublishOptions, QueueArguments, QueueOptions, QueueType, Requeue,
+    PublishOptions, QueueOptions, QueueType, Requeue,
 };
 use futures::StreamExt;
 use support::*;
@@ -232,14 +232,9 @@ async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
         .unwrap();
 
     let q = fresh("full");
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            max_length: Some(1),
-            overflow: Some(Overflow::RejectPublish),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::default()
+        .max_length(1)
+        .overflow(Overflow::RejectPublish);
     conn.declare_queue(&q, options).await.unwrap();
     conn.send_to_queue(&q, Message::new("1")).await.unwrap();
     let e = conn.send_to_queue(&q, Message::new("2")).await.unwrap_err();
@@ -384,27 +379,14 @@ async fn classic_reply_mode_uses_an_exclusive_server_named_queue() {
 async fn quorum_queues_work() {
     let conn = connect().await;
     let q = fresh("quorum");
-    let options = QueueOptions {
-        durable: true,
-        arguments: QueueArguments {
-            queue_type: Some(QueueType::Quorum),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::durable().queue_type(QueueType::Quorum);
     conn.declare_queue(&q, options.clone()).await.unwrap();
     // Redeclaring the same is a no-op; a non-durable quorum queue is refused.
     conn.declare_queue(&q, options).await.unwrap();
     let e = conn
         .declare_queue(
             &fresh("quorum-transient"),
-            QueueOptions {
-                arguments: QueueArguments {
-                    queue_type: Some(QueueType::Quorum),
-                    ..QueueArguments::default()
-                },
-                ..QueueOptions::default()
-            },
+            QueueOptions::default().queue_type(QueueType::Quorum),
         )
         .await
         .unwrap_err();
@@ -473,10 +455,7 @@ async fn credentials_never_show_in_errors_or_debug() {
 #[tokio::test]
 async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
     let conn = connect().await;
-    let private = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let private = QueueOptions::default().with_exclusive(true);
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("once")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
@@ -493,10 +472,7 @@ async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
 #[tokio::test]
 async fn a_cancelled_consumer_ends_but_its_deliveries_can_be_settled() {
     let conn: Arc<dyn Connection> = connect().await;
-    let private = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let private = QueueOptions::default().with_exclusive(true);
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("a")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();

@@ -104,24 +104,20 @@ pub async fn run_declare(url: &str, a: DeclareArgs) -> CliResult {
     let conn = crate::conn::open(url).await?;
     let result = match a.what {
         DeclareWhat::Queue(q) => {
-            let options = QueueOptions {
-                durable: q.durable,
-                auto_delete: q.auto_delete,
-                arguments: QueueArguments::from_table(&table(&q.arguments)?)?,
-                ..QueueOptions::default()
-            };
+            let options = QueueOptions::default()
+                .with_durable(q.durable)
+                .with_auto_delete(q.auto_delete)
+                .with_arguments(QueueArguments::from_table(&table(&q.arguments)?)?);
             conn.declare_queue(&q.name, options).await.map(|info| {
                 println!("{}", info.name);
             })
         }
         DeclareWhat::Exchange(x) => {
-            let options = ExchangeOptions {
-                durable: x.durable,
-                auto_delete: x.auto_delete,
-                internal: x.internal,
-                arguments: table(&x.arguments)?,
-                ..ExchangeOptions::default()
-            };
+            let options = ExchangeOptions::default()
+                .with_durable(x.durable)
+                .with_auto_delete(x.auto_delete)
+                .with_internal(x.internal)
+                .with_arguments(table(&x.arguments)?);
             conn.declare_exchange(&x.name, x.kind.into(), options).await
         }
     };
@@ -295,17 +291,18 @@ pub async fn run_delete(url: &str, a: DeleteArgs) -> CliResult {
         } => conn
             .delete_queue(
                 &name,
-                DeleteQueueOptions {
-                    if_unused,
-                    if_empty,
-                },
+                DeleteQueueOptions::default()
+                    .with_if_unused(if_unused)
+                    .with_if_empty(if_empty),
             )
             .await
             .map(|n| println!("{n}")),
         DeleteWhat::Exchange { name, if_unused } => {
-            let mut options = DeleteExchangeOptions::default();
-            options.if_unused = if_unused;
-            conn.delete_exchange(&name, options).await
+            conn.delete_exchange(
+                &name,
+                DeleteExchangeOptions::default().with_if_unused(if_unused),
+            )
+            .await
         }
     };
     let _ = conn.close().await;

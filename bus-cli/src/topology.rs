@@ -154,13 +154,11 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
     let mut exchanges = Vec::new();
     for x in &topo.exchange {
         bus::validate_name("exchange", &x.name).map_err(|e| Fail::usage(e.to_string()))?;
-        let options = ExchangeOptions {
-            durable: x.durable,
-            auto_delete: x.auto_delete,
-            internal: x.internal,
-            arguments: toml_table(&x.arguments)?,
-            ..ExchangeOptions::default()
-        };
+        let options = ExchangeOptions::default()
+            .with_durable(x.durable)
+            .with_auto_delete(x.auto_delete)
+            .with_internal(x.internal)
+            .with_arguments(toml_table(&x.arguments)?);
         exchanges.push((x, options));
     }
     let mut queues = Vec::new();
@@ -168,12 +166,10 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
         bus::validate_name("queue", &q.name).map_err(|e| Fail::usage(e.to_string()))?;
         let arguments = QueueArguments::from_table(&toml_table(&q.arguments)?)
             .map_err(|e| Fail::usage(format!("queue {:?}: {e}", q.name)))?;
-        let options = QueueOptions {
-            durable: q.durable,
-            auto_delete: q.auto_delete,
-            arguments,
-            ..QueueOptions::default()
-        };
+        let options = QueueOptions::default()
+            .with_durable(q.durable)
+            .with_auto_delete(q.auto_delete)
+            .with_arguments(arguments);
         queues.push((q, options));
     }
     let mut bindings = Vec::new();

@@ -117,9 +117,7 @@ impl Bridge {
             RoutingKey::Keep => delivery.routing_key.as_str(),
             RoutingKey::Fixed(k) => k.as_str(),
         };
-        let options = PublishOptions {
-            mandatory: self.mandatory,
-        };
+        let options = PublishOptions::default().with_mandatory(self.mandatory);
         match self
             .destination
             .publish(&self.exchange, key, delivery.message.clone(), options)

@@ -163,7 +163,19 @@ impl FromStr for ExchangeKind {
 }
 
 /// Options of an exchange declaration.
+///
+/// Built from a starting point and setters, which is how code outside this
+/// crate makes one (the struct is `#[non_exhaustive]`): `with_<field>` sets
+/// an option, a setter named after an argument (`alternate_exchange`) adds
+/// that argument.
+///
+/// ```
+/// use bus_core::ExchangeOptions;
+/// let options = ExchangeOptions::durable().alternate_exchange("unrouted");
+/// assert!(options.durable);
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ExchangeOptions {
     /// Survives a broker restart.
     pub durable: bool,
@@ -194,6 +206,54 @@ impl ExchangeOptions {
             passive: true,
             ..Self::default()
         }
+    }
+
+    /// Sets [`ExchangeOptions::durable`].
+    #[must_use]
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::auto_delete`].
+    #[must_use]
+    pub fn with_auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::internal`].
+    #[must_use]
+    pub fn with_internal(mut self, internal: bool) -> Self {
+        self.internal = internal;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::passive`].
+    #[must_use]
+    pub fn with_passive(mut self, passive: bool) -> Self {
+        self.passive = passive;
+        self
+    }
+
+    /// Replaces [`ExchangeOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: FieldTable) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// `alternate-exchange`: where messages the exchange cannot route go.
+    #[must_use]
+    pub fn alternate_exchange(self, exchange: impl Into<String>) -> Self {
+        self.argument("alternate-exchange", exchange.into())
+    }
+
+    /// Adds (or replaces) the argument `name`.
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.arguments.insert(name.into(), value.into());
+        self
     }
 }
 
@@ -249,7 +309,24 @@ impl QueueType {
 /// [`QueueArguments::to_table`] writes them as the `x-` arguments RabbitMQ
 /// reads; [`QueueArguments::from_table`] reads them back and refuses values of
 /// the wrong type the way RabbitMQ does (`PRECONDITION_FAILED`).
+///
+/// Built with setters named after the arguments, from
+/// `QueueArguments::default()` (the struct is `#[non_exhaustive]`); the same
+/// setters exist on [`QueueOptions`], which is where they usually go:
+///
+/// ```
+/// use std::time::Duration;
+/// use bus_core::{QueueArguments, QueueOptions};
+/// let options = QueueOptions::durable()
+///     .dead_letter_to("dlx")
+///     .dead_letter_routing_key("failed")
+///     .message_ttl(Duration::from_secs(60));
+/// assert_eq!(options.arguments.dead_letter_exchange.as_deref(), Some("dlx"));
+/// let arguments = QueueArguments::default().max_length(1000);
+/// assert_eq!(arguments.max_length, Some(1000));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct QueueArguments {
     /// `x-message-ttl`: messages older than this are expired. Whole
     /// milliseconds, at most [`MAX_TTL`].
@@ -472,8 +549,91 @@ impl QueueArguments {
     }
 }
 
+/// The setters of the typed queue arguments, defined once for
+/// [`QueueArguments`] and forwarded by [`QueueOptions`].
+macro_rules! queue_argument_setters {
+    ($($(#[$doc:meta])* fn $name:ident($arg:ident: $ty:ty) { $field:ident = $value:expr })*) => {
+        impl QueueArguments {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, $arg: $ty) -> Self {
+                    self.$field = $value;
+                    self
+                }
+            )*
+        }
+
+        impl QueueOptions {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, $arg: $ty) -> Self {
+                    self.arguments = self.arguments.$name($arg);
+                    self
+                }
+            )*
+        }
+    };
+}
+
+queue_argument_setters! {
+    /// `x-message-ttl`: messages older than `ttl` are expired.
+    fn message_ttl(ttl: Duration) { message_ttl = Some(ttl) }
+    /// `x-expires`: the queue is deleted after being unused for `after`.
+    fn expires(after: Duration) { expires = Some(after) }
+    /// `x-max-length`: at most `n` ready messages.
+    fn max_length(n: u64) { max_length = Some(n) }
+    /// `x-max-length-bytes`: at most `n` body bytes of ready messages.
+    fn max_length_bytes(n: u64) { max_length_bytes = Some(n) }
+    /// `x-overflow`: what a full queue does with a new message.
+    fn overflow(overflow: Overflow) { overflow = Some(overflow) }
+    /// `x-dead-letter-exchange`: rejected, expired and dropped messages go
+    /// to `exchange` (`""` for the default exchange).
+    fn dead_letter_to(exchange: impl Into<String>) { dead_letter_exchange = Some(exchange.into()) }
+    /// `x-dead-letter-routing-key`: dead-lettered messages get this routing
+    /// key instead of their own. Needs [`QueueArguments::dead_letter_to`].
+    fn dead_letter_routing_key(key: impl Into<String>) { dead_letter_routing_key = Some(key.into()) }
+    /// `x-max-priority`: priorities 0 to `max` are honoured.
+    fn max_priority(max: u8) { max_priority = Some(max) }
+    /// `x-single-active-consumer`: whether one consumer at a time receives.
+    fn single_active_consumer(on: bool) { single_active_consumer = on }
+    /// `x-queue-type`.
+    fn queue_type(queue_type: QueueType) { queue_type = Some(queue_type) }
+    /// `x-delivery-limit` (quorum queues): deliveries after which a message
+    /// is dead-lettered or dropped instead of requeued.
+    fn delivery_limit(n: u32) { delivery_limit = Some(n) }
+}
+
+impl QueueArguments {
+    /// Adds (or replaces) a raw argument, passed through untouched (a typed
+    /// field of the same name wins, see [`QueueArguments::raw`]).
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.raw.insert(name.into(), value.into());
+        self
+    }
+}
+
 /// Options of a queue declaration.
+///
+/// Built from a starting point ([`QueueOptions::durable`],
+/// [`QueueOptions::exclusive`], [`QueueOptions::passive`] or `default()`)
+/// and setters, which is how code outside this crate makes one (the struct
+/// is `#[non_exhaustive]`): `with_<field>` sets an option, and the setters
+/// of [`QueueArguments`] (named after the arguments) are here too.
+///
+/// ```
+/// use bus_core::{Overflow, QueueOptions};
+/// let work = QueueOptions::durable()
+///     .max_length(10_000)
+///     .overflow(Overflow::RejectPublish)
+///     .dead_letter_to("dlx");
+/// let private = QueueOptions::default().with_exclusive(true);
+/// # let _ = (work, private);
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct QueueOptions {
     /// Survives a broker restart.
     pub durable: bool,
@@ -515,10 +675,57 @@ impl QueueOptions {
             ..Self::default()
         }
     }
+
+    /// Sets [`QueueOptions::durable`].
+    #[must_use]
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`QueueOptions::exclusive`].
+    #[must_use]
+    pub fn with_exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = exclusive;
+        self
+    }
+
+    /// Sets [`QueueOptions::auto_delete`].
+    #[must_use]
+    pub fn with_auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Sets [`QueueOptions::passive`].
+    #[must_use]
+    pub fn with_passive(mut self, passive: bool) -> Self {
+        self.passive = passive;
+        self
+    }
+
+    /// Replaces [`QueueOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: QueueArguments) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// Adds (or replaces) a raw argument, as [`QueueArguments::argument`].
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.arguments = self.arguments.argument(name, value);
+        self
+    }
 }
 
 /// Options of a queue deletion.
+///
+/// `DeleteQueueOptions::default()` deletes unconditionally;
+/// [`DeleteQueueOptions::if_unused`] and [`DeleteQueueOptions::if_empty`]
+/// start from one condition, `with_<field>` sets either.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeleteQueueOptions {
     /// Refuse (`PRECONDITION_FAILED`) if the queue has consumers.
     pub if_unused: bool,
@@ -526,10 +733,45 @@ pub struct DeleteQueueOptions {
     pub if_empty: bool,
 }
 
+impl DeleteQueueOptions {
+    /// Delete only when the queue has no consumers.
+    #[must_use]
+    pub fn if_unused() -> Self {
+        DeleteQueueOptions {
+            if_unused: true,
+            if_empty: false,
+        }
+    }
+
+    /// Delete only when the queue holds no ready messages.
+    #[must_use]
+    pub fn if_empty() -> Self {
+        DeleteQueueOptions {
+            if_unused: false,
+            if_empty: true,
+        }
+    }
+
+    /// Sets [`DeleteQueueOptions::if_unused`].
+    #[must_use]
+    pub fn with_if_unused(mut self, if_unused: bool) -> Self {
+        self.if_unused = if_unused;
+        self
+    }
+
+    /// Sets [`DeleteQueueOptions::if_empty`].
+    #[must_use]
+    pub fn with_if_empty(mut self, if_empty: bool) -> Self {
+        self.if_empty = if_empty;
+        self
+    }
+}
+
 /// Options of an exchange deletion.
 ///
 /// `DeleteExchangeOptions::default()` deletes unconditionally;
-/// [`DeleteExchangeOptions::if_unused`] only when nothing is bound to it.
+/// [`DeleteExchangeOptions::if_unused`] only when nothing is bound to it
+/// (`with_if_unused` sets it from a value).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeleteExchangeOptions {
@@ -542,6 +784,13 @@ impl DeleteExchangeOptions {
     #[must_use]
     pub fn if_unused() -> Self {
         DeleteExchangeOptions { if_unused: true }
+    }
+
+    /// Sets [`DeleteExchangeOptions::if_unused`].
+    #[must_use]
+    pub fn with_if_unused(mut self, if_unused: bool) -> Self {
+        self.if_unused = if_unused;
+        self
     }
 }
 
@@ -661,6 +910,61 @@ mod tests {
             ..QueueArguments::default()
         };
         assert!(too_long.normalized().is_err());
+    }
+
+    #[test]
+    fn builders_set_the_fields_they_name() {
+        let built = QueueOptions::durable()
+            .with_auto_delete(true)
+            .message_ttl(Duration::from_secs(1))
+            .expires(Duration::from_secs(2))
+            .max_length(3)
+            .max_length_bytes(4)
+            .overflow(Overflow::RejectPublishDlx)
+            .dead_letter_to("dlx")
+            .dead_letter_routing_key("dead")
+            .max_priority(5)
+            .single_active_consumer(true)
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(6)
+            .argument("x-custom", "v");
+        let literal = QueueOptions {
+            durable: true,
+            exclusive: false,
+            auto_delete: true,
+            passive: false,
+            arguments: QueueArguments {
+                message_ttl: Some(Duration::from_secs(1)),
+                expires: Some(Duration::from_secs(2)),
+                max_length: Some(3),
+                max_length_bytes: Some(4),
+                overflow: Some(Overflow::RejectPublishDlx),
+                dead_letter_exchange: Some("dlx".into()),
+                dead_letter_routing_key: Some("dead".into()),
+                max_priority: Some(5),
+                single_active_consumer: true,
+                queue_type: Some(QueueType::Quorum),
+                delivery_limit: Some(6),
+                raw: [("x-custom".to_string(), FieldValue::from("v"))].into(),
+            },
+        };
+        assert_eq!(built, literal);
+        assert_eq!(
+            QueueOptions::default().with_arguments(literal.arguments.clone()),
+            QueueOptions {
+                durable: false,
+                auto_delete: false,
+                ..literal
+            }
+        );
+        let x = ExchangeOptions::durable()
+            .with_internal(true)
+            .alternate_exchange("ae");
+        assert!(x.durable && x.internal && !x.auto_delete && !x.passive);
+        assert_eq!(x.arguments.get("alternate-exchange"), Some(&"ae".into()));
+        let d = DeleteQueueOptions::if_unused().with_if_empty(true);
+        assert!(d.if_unused && d.if_empty);
+        assert!(DeleteExchangeOptions::default().with_if_unused(true).if_unused);
     }
 
     #[test]

@@ -20,7 +20,12 @@ use crate::value::FieldTable;
 /// What a transport supports. Callers and the conformance suite read it; a
 /// behaviour marked unsupported is reported as not applicable, never skipped
 /// silently.
+///
+/// `#[non_exhaustive]`, so that a capability can be added: a transport
+/// starts from [`Capabilities::all`] and turns off what it lacks, field by
+/// field (`caps.durability = false`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// The transport's name (`"local"`, `"amqp"`, `"file"`).
     pub name: &'static str,
@@ -98,8 +103,11 @@ impl Capabilities {
     }
 }
 
-/// Options of a publish.
+/// Options of a publish: `PublishOptions::default()` or
+/// [`PublishOptions::mandatory`] (`#[non_exhaustive]`, so that options can be
+/// added).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PublishOptions {
     /// Fail with [`Error::Unroutable`] (handing the message back) when no
     /// queue receives the message, instead of dropping it.
@@ -112,10 +120,30 @@ impl PublishOptions {
     pub fn mandatory() -> Self {
         PublishOptions { mandatory: true }
     }
+
+    /// Sets [`PublishOptions::mandatory`].
+    #[must_use]
+    pub fn with_mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = mandatory;
+        self
+    }
 }
 
 /// Options of a consumer.
+///
+/// Built from [`ConsumeOptions::prefetch`], [`ConsumeOptions::auto_ack`] or
+/// `default()` and setters, which is how code outside this crate makes one
+/// (the struct is `#[non_exhaustive]`): `with_<field>` sets an option, a
+/// setter named after a consumer argument (`consumer_timeout`, `priority`)
+/// adds that argument.
+///
+/// ```
+/// use bus_core::ConsumeOptions;
+/// let options = ConsumeOptions::prefetch(10).with_tag("billing-1").priority(5);
+/// assert_eq!(options.consumer_tag.as_deref(), Some("billing-1"));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ConsumeOptions {
     /// The most unacked deliveries this consumer holds at once; 0 means
     /// unlimited. Ignored by auto-ack consumers, as in RabbitMQ.
@@ -177,6 +205,52 @@ impl ConsumeOptions {
     #[must_use]
     pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
         self.consumer_tag = Some(tag.into());
+        self
+    }
+
+    /// Sets [`ConsumeOptions::prefetch`].
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`ConsumeOptions::auto_ack`].
+    #[must_use]
+    pub fn with_auto_ack(mut self, auto_ack: bool) -> Self {
+        self.auto_ack = auto_ack;
+        self
+    }
+
+    /// Sets [`ConsumeOptions::exclusive`].
+    #[must_use]
+    pub fn with_exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = exclusive;
+        self
+    }
+
+    /// Replaces [`ConsumeOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: FieldTable) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// `x-priority`: among a queue's consumers with room, those of the
+    /// highest priority receive first (RabbitMQ's consumer priorities).
+    #[must_use]
+    pub fn priority(self, priority: i32) -> Self {
+        self.argument("x-priority", priority)
+    }
+
+    /// Adds (or replaces) the consumer argument `name`.
+    #[must_use]
+    pub fn argument(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<crate::FieldValue>,
+    ) -> Self {
+        self.arguments.insert(name.into(), value.into());
         self
     }
 }

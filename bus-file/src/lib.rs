@@ -197,12 +197,11 @@ pub mod fuzzing {
 /// What the folder transport offers, as its connections report it.
 #[must_use]
 pub fn capabilities() -> Capabilities {
-    Capabilities {
-        queue_expiry: false,
-        quorum_queues: false,
-        plugin_exchange_kinds: false,
-        direct_reply: false,
-        recovery: false,
-        ..Capabilities::all("file")
-    }
+    let mut caps = Capabilities::all("file");
+    caps.queue_expiry = false;
+    caps.quorum_queues = false;
+    caps.plugin_exchange_kinds = false;
+    caps.direct_reply = false;
+    caps.recovery = false;
+    caps
 }

@@ -357,14 +357,13 @@ impl LocalConnection {
     /// [`Connection::capabilities`]).
     #[must_use]
     pub fn local_capabilities() -> Capabilities {
-        Capabilities {
-            durability: false,
-            cross_process: false,
-            plugin_exchange_kinds: false,
-            quorum_queues: false,
-            direct_reply: false,
-            ..Capabilities::all("local")
-        }
+        let mut caps = Capabilities::all("local");
+        caps.durability = false;
+        caps.cross_process = false;
+        caps.plugin_exchange_kinds = false;
+        caps.quorum_queues = false;
+        caps.direct_reply = false;
+        caps
     }
 
     /// The id of the connection's current link, as the broker's

@@ -101,13 +101,7 @@ async fn published_records_what_reached_an_exchange() {
     queue_with(
         &conn,
         "dl-src",
-        bus_core::QueueOptions {
-            arguments: bus_core::QueueArguments {
-                dead_letter_exchange: Some("dlx".into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        bus_core::QueueOptions::default().dead_letter_to("dlx"),
     )
     .await;
     send(&conn, "dl-src", "rejected").await;
@@ -168,13 +162,7 @@ async fn scenario() -> Vec<String> {
         queue_with(
             &admin,
             q,
-            bus_core::QueueOptions {
-                arguments: bus_core::QueueArguments {
-                    dead_letter_exchange: Some("dlx".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
+            bus_core::QueueOptions::default().dead_letter_to("dlx"),
         )
         .await;
         bind(&admin, q, "jobs", pattern).await;

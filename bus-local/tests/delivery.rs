@@ -4,7 +4,7 @@ mod common;
 
 use bus_core::{
     Connection, ConsumeOptions, DeleteQueueOptions, Error, FieldTable, FieldValue, Message,
-    PublishOptions, QueueArguments, QueueOptions, Requeue,
+    PublishOptions, QueueOptions, Requeue,
 };
 use common::*;
 
@@ -248,15 +248,7 @@ async fn deleting_a_queue_ends_its_consumers() {
 #[tokio::test(start_paused = true)]
 async fn auto_delete_queue_goes_with_its_last_consumer() {
     let (b, conn) = setup();
-    queue_with(
-        &conn,
-        "ad",
-        QueueOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    queue_with(&conn, "ad", QueueOptions::default().with_auto_delete(true)).await;
     // Never consumed: stays.
     send(&conn, "ad", "x").await;
     assert_eq!(b.queue_depth("ad"), Some(1));
@@ -272,10 +264,7 @@ async fn auto_delete_queue_goes_with_its_last_consumer() {
 async fn exclusive_consumers_refuse_company() {
     let (_b, conn) = setup();
     queue(&conn, "q").await;
-    let exclusive = ConsumeOptions {
-        exclusive: true,
-        ..Default::default()
-    };
+    let exclusive = ConsumeOptions::default().with_exclusive(true);
     let c = conn.consume("q", exclusive.clone()).await.unwrap();
     for options in [ConsumeOptions::default(), exclusive.clone()] {
         let e = conn.consume("q", options).await.unwrap_err();
@@ -293,10 +282,9 @@ async fn exclusive_consumers_refuse_company() {
 async fn consumer_priorities_prefer_the_higher() {
     let (_b, conn) = setup();
     queue(&conn, "q").await;
-    let with_priority = |p: i32| ConsumeOptions {
-        prefetch: 1,
-        arguments: [("x-priority".to_string(), FieldValue::I32(p))].into(),
-        ..Default::default()
+    let with_priority = |p: i32| {
+        ConsumeOptions::prefetch(1)
+            .with_arguments([("x-priority".to_string(), FieldValue::I32(p))].into())
     };
     let mut low = conn.consume("q", with_priority(1)).await.unwrap();
     let mut high = conn.consume("q", with_priority(5)).await.unwrap();
@@ -310,18 +298,7 @@ async fn consumer_priorities_prefer_the_higher() {
 #[tokio::test(start_paused = true)]
 async fn priority_queue_delivers_higher_first_fifo_within() {
     let (_b, conn) = setup();
-    queue_with(
-        &conn,
-        "p",
-        QueueOptions {
-            arguments: QueueArguments {
-                max_priority: Some(5),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    queue_with(&conn, "p", QueueOptions::default().max_priority(5)).await;
     for (body, p) in [
         ("a", None),
         ("b", Some(3)),
@@ -351,13 +328,7 @@ async fn single_active_consumer_hands_over_in_order() {
     queue_with(
         &conn,
         "sac",
-        QueueOptions {
-            arguments: QueueArguments {
-                single_active_consumer: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        QueueOptions::default().single_active_consumer(true),
     )
     .await;
     let mut first = consume(&conn, "sac", 1).await;

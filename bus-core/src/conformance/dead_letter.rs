@@ -10,7 +10,7 @@ use super::support::{
 use super::Harness;
 use crate::{
     Connection, ConsumeOptions, Consumer, Delivery, Error, ExchangeKind, FieldTable, FieldValue,
-    Message, Overflow, PublishOptions, QueueArguments, QueueOptions, Requeue,
+    Message, Overflow, PublishOptions, QueueOptions, Requeue,
 };
 
 /// A fresh fanout dead-letter exchange with one queue bound to it, and a
@@ -36,13 +36,7 @@ impl DeadLetters {
 
     /// Queue options dead-lettering to this exchange.
     fn options(&self) -> QueueOptions {
-        QueueOptions {
-            arguments: QueueArguments {
-                dead_letter_exchange: Some(self.exchange.clone()),
-                ..QueueArguments::default()
-            },
-            ..QueueOptions::default()
-        }
+        QueueOptions::default().dead_letter_to(self.exchange.clone())
     }
 
     async fn recv(&mut self, what: &str) -> Delivery {

@@ -381,10 +381,7 @@ pub async fn exclusive_consumer_locks_the_queue(h: &dyn Harness) {
     let conn = h.connect().await;
     let other = h.connect().await;
     let q = queue(&*conn, "exclusive-consumer").await;
-    let exclusive = ConsumeOptions {
-        exclusive: true,
-        ..ConsumeOptions::prefetch(1)
-    };
+    let exclusive = ConsumeOptions::prefetch(1).with_exclusive(true);
     let a = consume(&*conn, &q, exclusive.clone()).await;
     expect_err!(
         "a second consumer on the same connection",

@@ -190,10 +190,7 @@ pub async fn exchange_redeclare_other_durability_fails(h: &dyn Harness) {
             .await,
         Error::PreconditionFailed(_)
     );
-    let auto_delete = ExchangeOptions {
-        auto_delete: true,
-        ..ExchangeOptions::default()
-    };
+    let auto_delete = ExchangeOptions::default().with_auto_delete(true);
     expect_err!(
         "redeclare an exchange as auto-delete",
         conn.declare_exchange(&x, ExchangeKind::Fanout, auto_delete)
@@ -234,10 +231,7 @@ pub async fn queue_redeclare_other_settings_fails(h: &dyn Harness) {
         ("durable", QueueOptions::durable()),
         (
             "auto-delete",
-            QueueOptions {
-                auto_delete: true,
-                ..QueueOptions::default()
-            },
+            QueueOptions::default().with_auto_delete(true),
         ),
     ];
     if h.capabilities().max_length {
@@ -301,24 +295,13 @@ pub async fn passive_declare_ignores_settings(h: &dyn Harness) {
     let conn = h.connect().await;
     let q = queue(&*conn, "passive-settings").await;
     let x = exchange(&*conn, "passive-settings", ExchangeKind::Direct).await;
-    conn.declare_queue(
-        &q,
-        QueueOptions {
-            passive: true,
-            durable: true,
-            ..QueueOptions::default()
-        },
-    )
-    .await
-    .expect("passive declare with other flags succeeds");
+    conn.declare_queue(&q, QueueOptions::durable().with_passive(true))
+        .await
+        .expect("passive declare with other flags succeeds");
     conn.declare_exchange(
         &x,
         ExchangeKind::Fanout,
-        ExchangeOptions {
-            passive: true,
-            durable: true,
-            ..ExchangeOptions::default()
-        },
+        ExchangeOptions::durable().with_passive(true),
     )
     .await
     .expect("passive exchange declare with another kind succeeds");
@@ -660,24 +643,11 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     publish_text(&*conn, "", &q, "two").await;
     expect_err!(
         "delete a queue with messages if empty",
-        conn.delete_queue(
-            &q,
-            DeleteQueueOptions {
-                if_empty: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue(&q, DeleteQueueOptions::if_empty()).await,
         Error::PreconditionFailed(_)
     );
     let removed = conn
-        .delete_queue(
-            &q,
-            DeleteQueueOptions {
-                if_unused: true,
-                ..Default::default()
-            },
-        )
+        .delete_queue(&q, DeleteQueueOptions::if_unused())
         .await
         .expect("delete a queue without consumers if unused");
     if h.capabilities().exact_counts {
@@ -693,14 +663,8 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     let mut consumer = consume(&*conn, &busy, ConsumeOptions::auto_ack()).await;
     expect_err!(
         "delete a queue with a consumer if unused",
-        conn.delete_queue(
-            &busy,
-            DeleteQueueOptions {
-                if_unused: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue(&busy, DeleteQueueOptions::if_unused())
+            .await,
         Error::PreconditionFailed(_)
     );
     publish_text(&*conn, "", &busy, "still consumed").await;
@@ -708,15 +672,9 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     assert_eq!(&d.message.body[..], b"still consumed");
     consumer.cancel().await.expect("cancel");
     drop(consumer);
-    conn.delete_queue(
-        &busy,
-        DeleteQueueOptions {
-            if_unused: true,
-            if_empty: true,
-        },
-    )
-    .await
-    .expect("delete an unused empty queue");
+    conn.delete_queue(&busy, DeleteQueueOptions::if_unused().with_if_empty(true))
+        .await
+        .expect("delete an unused empty queue");
 }
 
 /// Deleting a queue ends the streams of its consumers.
@@ -839,11 +797,9 @@ pub async fn quorum_queues_are_durable_only(h: &dyn Harness) {
     }
     let conn = h.connect().await;
     let quorum = |durable: bool, exclusive: bool| {
-        let mut o = QueueOptions {
-            durable,
-            exclusive,
-            ..QueueOptions::default()
-        };
+        let mut o = QueueOptions::default()
+            .with_durable(durable)
+            .with_exclusive(exclusive);
         o.arguments.queue_type = Some(QueueType::Quorum);
         o
     };
