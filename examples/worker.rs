@@ -228,9 +228,9 @@ fn check(ok: bool, what: String) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::PreconditionFailed(format!(
-            "unexpected outcome: {what}"
-        )))
+        Err(Error::PreconditionFailed(
+            format!("unexpected outcome: {what}").into(),
+        ))
     }
 }
 

@@ -344,7 +344,7 @@ impl Shared {
             return Err(Error::PreconditionFailed(format!(
                 "the message body is {len} bytes, more than the largest message size of {max} bytes \
                  (AmqpOptions::max_message_size, or the broker's max_message_size); it was not sent"
-            )));
+            ).into()));
         }
         Ok(())
     }

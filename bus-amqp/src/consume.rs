@@ -129,10 +129,9 @@ impl ChannelAcker {
         }
         match tag.checked_sub(self.offset) {
             Some(t) if t > 0 => Ok(t),
-            _ => Err(Error::PreconditionFailed(format!(
-                "unknown delivery tag {tag} for consumer {}",
-                self.tag
-            ))),
+            _ => Err(Error::PreconditionFailed(
+                format!("unknown delivery tag {tag} for consumer {}", self.tag).into(),
+            )),
         }
     }
 

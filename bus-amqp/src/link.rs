@@ -147,10 +147,10 @@ pub(crate) async fn connect_any(
         // One node refused the credentials or the virtual host: that is what
         // the caller must hear about, not "connection refused".
         Some(Error::AccessRefused(_)) if url.hosts.len() == 1 => {
-            Error::AccessRefused(format!("{}: {all}", url.redacted()))
+            Error::AccessRefused(format!("{}: {all}", url.redacted()).into())
         }
         Some(Error::NotFound(_)) if url.hosts.len() == 1 => {
-            Error::NotFound(format!("{}: {all}", url.redacted()))
+            Error::NotFound(format!("{}: {all}", url.redacted()).into())
         }
         Some(_) if permanent => Error::backend(
             "amqp",
@@ -216,7 +216,7 @@ async fn connect_one(
         .map_err(|e| match broker_close(&e) {
             // 530 NOT_ALLOWED is how RabbitMQ refuses a missing virtual host.
             Some(c) if c.code == 530 => {
-                Error::NotFound(format!("virtual host {:?}: {}", url.vhost, c.text))
+                Error::NotFound(format!("virtual host {:?}: {}", url.vhost, c.text).into())
             }
             Some(c) => error_from_code(c.code, c.text),
             None => match e.kind() {

@@ -182,10 +182,9 @@ impl Delivery {
             return Ok(None);
         };
         if self.settled.swap(true, Ordering::AcqRel) || self.covered() {
-            return Err(Error::PreconditionFailed(format!(
-                "{} was already settled",
-                self.describe()
-            )));
+            return Err(Error::PreconditionFailed(
+                format!("{} was already settled", self.describe()).into(),
+            ));
         }
         Ok(Some(acker))
     }
@@ -228,10 +227,13 @@ impl Delivery {
         }
         match claimed {
             Some(acker) => acker.nack(self.delivery_tag, options).await,
-            None => Err(Error::PreconditionFailed(format!(
-                "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
-                self.describe()
-            ))),
+            None => Err(Error::PreconditionFailed(
+                format!(
+                    "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
+                    self.describe()
+                )
+                .into(),
+            )),
         }
     }
 

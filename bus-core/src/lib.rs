@@ -12,6 +12,7 @@ pub mod bridge;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod delivery;
+pub mod equivalence;
 mod error;
 mod message;
 #[cfg(feature = "otel")]
@@ -29,7 +30,7 @@ pub use delivery::{
     AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream, NackOptions,
     Requeue,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ErrorDetail, Result, Subject};
 pub use message::{DeliveryMode, Message, Properties};
 pub use recovery::RecoveryEvent;
 pub use topology::{

@@ -364,22 +364,33 @@ pub struct QueueArguments {
     pub raw: FieldTable,
 }
 
+/// `PreconditionFailed` about the queue argument `name`.
+fn invalid_arg(name: &str, message: impl Into<String>) -> Error {
+    Error::PreconditionFailed(crate::ErrorDetail::new(message).with_argument(name))
+}
+
 fn duration_ms(name: &str, v: &FieldValue) -> Result<Duration> {
     let ms = v
         .as_i64()
         .and_then(|ms| u64::try_from(ms).ok())
         .ok_or_else(|| {
-            Error::PreconditionFailed(format!(
+            invalid_arg(
+                name,
+                format!(
                 "invalid arg '{name}': expected a non-negative integer of milliseconds, got {} {v}",
                 v.type_name()
-            ))
+            ),
+            )
         })?;
     let d = Duration::from_millis(ms);
     if d > MAX_TTL {
-        return Err(Error::PreconditionFailed(format!(
-            "invalid arg '{name}': {ms} ms is more than the {} ms (10 years) RabbitMQ allows",
-            MAX_TTL.as_millis()
-        )));
+        return Err(invalid_arg(
+            name,
+            format!(
+                "invalid arg '{name}': {ms} ms is more than the {} ms (10 years) RabbitMQ allows",
+                MAX_TTL.as_millis()
+            ),
+        ));
     }
     Ok(d)
 }
@@ -388,19 +399,25 @@ fn non_negative(name: &str, v: &FieldValue) -> Result<u64> {
     v.as_i64()
         .and_then(|n| u64::try_from(n).ok())
         .ok_or_else(|| {
-            Error::PreconditionFailed(format!(
-                "invalid arg '{name}': expected a non-negative integer, got {} {v}",
-                v.type_name()
-            ))
+            invalid_arg(
+                name,
+                format!(
+                    "invalid arg '{name}': expected a non-negative integer, got {} {v}",
+                    v.type_name()
+                ),
+            )
         })
 }
 
 fn string_arg<'a>(name: &str, v: &'a FieldValue) -> Result<&'a str> {
     v.as_str().ok_or_else(|| {
-        Error::PreconditionFailed(format!(
-            "invalid arg '{name}': expected a string, got {} {v}",
-            v.type_name()
-        ))
+        invalid_arg(
+            name,
+            format!(
+                "invalid arg '{name}': expected a string, got {} {v}",
+                v.type_name()
+            ),
+        )
     })
 }
 
@@ -462,8 +479,9 @@ impl QueueArguments {
                 "x-expires" => {
                     let d = duration_ms(k, v)?;
                     if d.is_zero() {
-                        return Err(Error::PreconditionFailed(
-                            "invalid arg 'x-expires': must be positive".into(),
+                        return Err(invalid_arg(
+                            "x-expires",
+                            "invalid arg 'x-expires': must be positive",
                         ));
                     }
                     a.expires = Some(d);
@@ -472,10 +490,10 @@ impl QueueArguments {
                 "x-delivery-limit" => {
                     let n = non_negative(k, v)?;
                     a.delivery_limit = Some(u32::try_from(n).map_err(|_| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-delivery-limit': {n} is above {}",
-                            u32::MAX
-                        ))
+                        invalid_arg(
+                            "x-delivery-limit",
+                            format!("invalid arg 'x-delivery-limit': {n} is above {}", u32::MAX),
+                        )
                     })?);
                 }
                 "x-max-length-bytes" => a.max_length_bytes = Some(non_negative(k, v)?),
@@ -485,9 +503,10 @@ impl QueueArguments {
                         "reject-publish" => Overflow::RejectPublish,
                         "reject-publish-dlx" => Overflow::RejectPublishDlx,
                         other => {
-                            return Err(Error::PreconditionFailed(format!(
-                                "invalid arg 'x-overflow': unknown value {other:?}"
-                            )))
+                            return Err(invalid_arg(
+                                "x-overflow",
+                                format!("invalid arg 'x-overflow': unknown value {other:?}"),
+                            ))
                         }
                     })
                 }
@@ -500,17 +519,21 @@ impl QueueArguments {
                 "x-max-priority" => {
                     let p = non_negative(k, v)?;
                     a.max_priority = Some(u8::try_from(p).map_err(|_| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-max-priority': {p} is above 255"
-                        ))
+                        invalid_arg(
+                            "x-max-priority",
+                            format!("invalid arg 'x-max-priority': {p} is above 255"),
+                        )
                     })?);
                 }
                 "x-single-active-consumer" => {
                     a.single_active_consumer = v.as_bool().ok_or_else(|| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-single-active-consumer': expected a bool, got {}",
-                            v.type_name()
-                        ))
+                        invalid_arg(
+                            "x-single-active-consumer",
+                            format!(
+                                "invalid arg 'x-single-active-consumer': expected a bool, got {}",
+                                v.type_name()
+                            ),
+                        )
                     })?
                 }
                 "x-queue-type" => {
@@ -519,9 +542,10 @@ impl QueueArguments {
                         "quorum" => QueueType::Quorum,
                         "stream" => QueueType::Stream,
                         other => {
-                            return Err(Error::PreconditionFailed(format!(
-                                "invalid arg 'x-queue-type': unknown value {other:?}"
-                            )))
+                            return Err(invalid_arg(
+                                "x-queue-type",
+                                format!("invalid arg 'x-queue-type': unknown value {other:?}"),
+                            ))
                         }
                     })
                 }
@@ -531,9 +555,9 @@ impl QueueArguments {
             }
         }
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
-            return Err(Error::PreconditionFailed(
-                "invalid arg 'x-dead-letter-routing-key': set without x-dead-letter-exchange"
-                    .into(),
+            return Err(invalid_arg(
+                "x-dead-letter-routing-key",
+                "invalid arg 'x-dead-letter-routing-key': set without x-dead-letter-exchange",
             ));
         }
         Ok(a)
@@ -884,6 +908,12 @@ mod tests {
         let t: FieldTable = [("x-message-ttl".to_string(), FieldValue::from("soon"))].into();
         let e = QueueArguments::from_table(&t).unwrap_err();
         assert!(matches!(&e, Error::PreconditionFailed(m) if m.contains("x-message-ttl")));
+        assert_eq!(e.argument(), Some("x-message-ttl"));
+        assert_eq!(
+            e.subject(),
+            None,
+            "the arguments alone do not know their queue"
+        );
         let t: FieldTable = [("x-overflow".to_string(), FieldValue::from("spill"))].into();
         assert!(QueueArguments::from_table(&t).is_err());
         let t: FieldTable = [("x-max-length".to_string(), FieldValue::I32(-1))].into();
@@ -964,7 +994,11 @@ mod tests {
         assert_eq!(x.arguments.get("alternate-exchange"), Some(&"ae".into()));
         let d = DeleteQueueOptions::if_unused().with_if_empty(true);
         assert!(d.if_unused && d.if_empty);
-        assert!(DeleteExchangeOptions::default().with_if_unused(true).if_unused);
+        assert!(
+            DeleteExchangeOptions::default()
+                .with_if_unused(true)
+                .if_unused
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`FileConnection`]: the transport contract over a folder.
 
+use bus_core::equivalence::{self, ExchangeSettings};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::io::{self, Write};
@@ -13,9 +14,9 @@ use async_trait::async_trait;
 use bus_core::routing::{headers_match, TopicMatcher};
 use bus_core::{
     classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
-    DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    FieldValue, Message, Overflow, PublishOptions, QueueArguments, QueueInfo, QueueOptions,
-    QueueType, ReplyQueue, Result, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
+    DeleteExchangeOptions, DeleteQueueOptions, Error, ErrorDetail, ExchangeKind, ExchangeOptions,
+    FieldTable, FieldValue, Message, Overflow, PublishOptions, QueueArguments, QueueInfo,
+    QueueOptions, QueueType, ReplyQueue, Result, Subject, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -152,7 +153,7 @@ impl Snapshot {
             }
             let Some(kind) = exchange_kind(&self.topo, &current) else {
                 if current == exchange {
-                    return Err(Error::NotFound(format!("no exchange {current:?}")));
+                    return Err(Error::exchange_not_found(&current));
                 }
                 break;
             };
@@ -467,9 +468,10 @@ impl Inner {
         self.check_open()?;
         check_path_name("queue", queue)?;
         if exchange == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", exchange)?;
         Ok(BindingRecord {
@@ -482,9 +484,7 @@ impl Inner {
 
     fn check_exclusive(&self, name: &str, q: &QueueRecord) -> Result<()> {
         match &q.exclusive_owner {
-            Some(o) if *o != self.owner => Err(Error::ResourceLocked(format!(
-                "queue {name:?} is exclusive to another connection"
-            ))),
+            Some(o) if *o != self.owner => Err(Error::queue_locked(name)),
             _ => Ok(()),
         }
     }
@@ -829,11 +829,14 @@ impl Inner {
     ) -> Result<()> {
         let msg_ttl = message.ttl()?;
         if message.body.len() as u64 > self.options.max_message_size {
-            return Err(Error::PreconditionFailed(format!(
-                "message size {} is larger than the configured maximum {}",
-                message.body.len(),
-                self.options.max_message_size
-            )));
+            return Err(Error::PreconditionFailed(
+                format!(
+                    "message size {} is larger than the configured maximum {}",
+                    message.body.len(),
+                    self.options.max_message_size
+                )
+                .into(),
+            ));
         }
         crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
         let me = self.arc()?;
@@ -905,8 +908,9 @@ impl Inner {
         let snap = self.snapshot()?;
         if let Some(x) = snap.topo.exchanges.get(exchange) {
             if x.internal {
-                return Err(Error::AccessRefused(format!(
-                    "cannot publish to internal exchange {exchange:?}"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::exchange(exchange),
+                    format!("cannot publish to internal exchange {exchange:?}"),
                 )));
             }
         }
@@ -1009,7 +1013,7 @@ impl Inner {
             .topo
             .queues
             .get(queue)
-            .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?
+            .ok_or_else(|| Error::queue_not_found(queue))?
             .clone();
         inner.check_exclusive(queue, &rec)?;
         let tag = options
@@ -1017,9 +1021,9 @@ impl Inner {
             .clone()
             .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
         if inner.dispatchers.lock().values().any(|d| d.has_tag(&tag)) {
-            return Err(Error::PreconditionFailed(format!(
-                "consumer tag {tag:?} is already in use on this connection"
-            )));
+            return Err(Error::PreconditionFailed(
+                format!("consumer tag {tag:?} is already in use on this connection").into(),
+            ));
         }
         // Registered under the topology lock so exclusive consumers are
         // checked against every process at once.
@@ -1027,18 +1031,20 @@ impl Inner {
         let consumer_file = inner.layout.consumers(queue).join(&file);
         inner.modify(|t| {
             if t.queues.get(queue).is_none_or(|q| q.id != rec.id) {
-                return Err(Error::NotFound(format!("no queue {queue:?}")));
+                return Err(Error::queue_not_found(queue));
             }
             let live = inner.live_consumers(queue);
             if live.iter().any(|(_, x)| *x) {
                 // RabbitMQ answers ACCESS_REFUSED ("in exclusive use").
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} is in exclusive use by a consumer"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(queue),
+                    format!("queue {queue:?} is in exclusive use by a consumer"),
                 )));
             }
             if options.exclusive && !live.is_empty() {
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} has consumers; cannot consume exclusively"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(queue),
+                    format!("queue {queue:?} has consumers; cannot consume exclusively"),
                 )));
             }
             // An empty file: its name says all there is to know, and
@@ -1305,27 +1311,33 @@ fn check_owned(layout: &Layout, rel: &Path, shared_group: bool) -> Result<()> {
     let mode = st.st_mode;
     let path = layout.root.join(rel);
     if st.st_uid != me && !shared_group {
-        return Err(Error::AccessRefused(format!(
-            "{} is owned by uid {}, not by this user (uid {me}); the file transport \
+        return Err(Error::AccessRefused(
+            format!(
+                "{} is owned by uid {}, not by this user (uid {me}); the file transport \
              refuses a root others control (FileOptions::shared_group relaxes this for \
              a shared group)",
-            path.display(),
-            st.st_uid
-        )));
+                path.display(),
+                st.st_uid
+            )
+            .into(),
+        ));
     }
     let forbidden = if shared_group { 0o002 } else { 0o022 };
     if mode & forbidden != 0 {
-        return Err(Error::AccessRefused(format!(
-            "{} is writable by {} (mode {:o}); the file transport refuses a root \
+        return Err(Error::AccessRefused(
+            format!(
+                "{} is writable by {} (mode {:o}); the file transport refuses a root \
              others can write into",
-            path.display(),
-            if mode & 0o002 != 0 {
-                "everyone"
-            } else {
-                "its group"
-            },
-            mode & 0o7777
-        )));
+                path.display(),
+                if mode & 0o002 != 0 {
+                    "everyone"
+                } else {
+                    "its group"
+                },
+                mode & 0o7777
+            )
+            .into(),
+        ));
     }
     Ok(())
 }
@@ -1392,16 +1404,19 @@ pub(crate) fn dead_lettered(envelope: &Envelope, queue: &str, reason: &str) -> M
     message
 }
 
-fn queue_settings_equal(a: &QueueRecord, b: &QueueRecord) -> bool {
-    let typed = |t: &FieldTable| {
-        QueueArguments::from_table(t).map(|mut a| {
-            a.raw.clear();
-            a
-        })
-    };
-    a.durable == b.durable
-        && a.auto_delete == b.auto_delete
-        && matches!((typed(&a.arguments), typed(&b.arguments)), (Ok(x), Ok(y)) if x == y)
+/// Checks a redeclaration of the queue `name` against its record, as
+/// RabbitMQ does: flags, then the arguments it compares, naming the first
+/// that differs.
+fn check_queue_redeclare(
+    name: &str,
+    existing: &QueueRecord,
+    options: &QueueOptions,
+    wanted: &QueueArguments,
+) -> Result<()> {
+    equivalence::check_queue_flags(name, existing.durable, existing.auto_delete, options)?;
+    // The record holds arguments this transport normalised and accepted.
+    let have = QueueArguments::from_table(&existing.arguments)?;
+    equivalence::check_queue_arguments(name, &have, wanted)
 }
 
 /// The topology operations, synchronous: each runs whole on the blocking
@@ -1423,32 +1438,40 @@ impl Inner {
             kind.require_built_in("file")?;
         }
         if name == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", name)?;
         if let Some(k) = predeclared(name) {
             if options.passive {
                 return Ok(());
             }
-            if k != kind || !options.durable || options.auto_delete || options.internal {
-                return Err(Error::PreconditionFailed(format!(
-                    "inequivalent arguments for predeclared exchange {name:?} ({k}, durable)"
-                )));
-            }
-            return Ok(());
+            let predeclared = ExchangeSettings {
+                kind: &k,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                alternate: None,
+            };
+            return equivalence::check_exchange(
+                name,
+                &predeclared,
+                &ExchangeSettings::declared(&kind, &options),
+            );
         }
         if options.passive {
             return if inner.snapshot()?.topo.exchanges.contains_key(name) {
                 Ok(())
             } else {
-                Err(Error::NotFound(format!("no exchange {name:?}")))
+                Err(Error::exchange_not_found(name))
             };
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name {name:?} contains reserved prefix 'amq.*'"),
             )));
         }
         let rec = ExchangeRecord {
@@ -1459,11 +1482,29 @@ impl Inner {
             arguments: options.arguments,
         };
         inner.modify(|t| match t.exchanges.get(name) {
-            Some(existing) if *existing == rec => Ok(((), false)),
-            Some(existing) => Err(Error::PreconditionFailed(format!(
-                "inequivalent arguments for exchange {name:?}: it is {} durable={} auto_delete={} internal={}",
-                existing.kind, existing.durable, existing.auto_delete, existing.internal
-            ))),
+            Some(existing) => {
+                let have = ExchangeSettings {
+                    kind: &existing.kind,
+                    durable: existing.durable,
+                    auto_delete: existing.auto_delete,
+                    internal: existing.internal,
+                    alternate: existing
+                        .arguments
+                        .get("alternate-exchange")
+                        .and_then(FieldValue::as_str),
+                };
+                let want = ExchangeSettings {
+                    kind: &rec.kind,
+                    durable: rec.durable,
+                    auto_delete: rec.auto_delete,
+                    internal: rec.internal,
+                    alternate: rec
+                        .arguments
+                        .get("alternate-exchange")
+                        .and_then(FieldValue::as_str),
+                };
+                equivalence::check_exchange(name, &have, &want).map(|()| ((), false))
+            }
             None => {
                 t.exchanges.insert(name.to_owned(), rec);
                 Ok(((), true))
@@ -1475,14 +1516,16 @@ impl Inner {
         let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", name)?;
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name {name:?} contains reserved prefix 'amq.*'"),
             )));
         }
         inner.modify(|t| {
@@ -1490,8 +1533,9 @@ impl Inner {
                 return Ok(((), false));
             }
             if if_unused && t.bindings.iter().any(|b| b.exchange == name) {
-                return Err(Error::PreconditionFailed(format!(
-                    "exchange {name:?} in use"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::exchange(name),
+                    format!("exchange {name:?} in use"),
                 )));
             }
             t.exchanges.remove(name);
@@ -1511,12 +1555,10 @@ impl Inner {
                 .topo
                 .queues
                 .get(name)
-                .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+                .ok_or_else(|| Error::queue_not_found(name))?;
             if let Some(o) = &q.exclusive_owner {
                 if *o != inner.owner && inner.owner_alive(o) {
-                    return Err(Error::ResourceLocked(format!(
-                        "queue {name:?} is exclusive to another connection"
-                    )));
+                    return Err(Error::queue_locked(name));
                 }
             }
             return inner.counts(name);
@@ -1526,8 +1568,9 @@ impl Inner {
         } else {
             check_path_name("queue", name)?;
             if is_reserved_name(name) {
-                return Err(Error::AccessRefused(format!(
-                    "queue name {name:?} contains reserved prefix 'amq.*'"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue name {name:?} contains reserved prefix 'amq.*'"),
                 )));
             }
             name.to_owned()
@@ -1559,9 +1602,7 @@ impl Inner {
             if let Some(existing) = t.queues.get(&name) {
                 match &existing.exclusive_owner {
                     Some(o) if *o != inner.owner && inner.owner_alive(o) => {
-                        return Err(Error::ResourceLocked(format!(
-                            "queue {name:?} is exclusive to another connection"
-                        )))
+                        return Err(Error::queue_locked(&name))
                     }
                     Some(o) if *o != inner.owner => {
                         // Its owner died before anyone reaped it.
@@ -1569,11 +1610,7 @@ impl Inner {
                         layout.remove_queue_dir(&name)?;
                     }
                     _ => {
-                        if !queue_settings_equal(existing, &rec) {
-                            return Err(Error::PreconditionFailed(format!(
-                                "inequivalent arguments for queue {name:?}"
-                            )));
-                        }
+                        check_queue_redeclare(&name, existing, &options, &args)?;
                         return Ok(((), false));
                     }
                 }
@@ -1597,18 +1634,20 @@ impl Inner {
             };
             if let Some(o) = &q.exclusive_owner {
                 if *o != inner.owner && inner.owner_alive(o) {
-                    return Err(Error::ResourceLocked(format!(
-                        "queue {name:?} is exclusive to another connection"
-                    )));
+                    return Err(Error::queue_locked(name));
                 }
             }
             let info = inner.counts(name)?;
             if options.if_unused && info.consumer_count > 0 {
-                return Err(Error::PreconditionFailed(format!("queue {name:?} in use")));
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue {name:?} in use"),
+                )));
             }
             if options.if_empty && info.message_count > 0 {
-                return Err(Error::PreconditionFailed(format!(
-                    "queue {name:?} not empty"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue {name:?} not empty"),
                 )));
             }
             t.remove_queue(name);
@@ -1633,7 +1672,7 @@ impl Inner {
             .topo
             .queues
             .get(name)
-            .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+            .ok_or_else(|| Error::queue_not_found(name))?;
         inner.check_exclusive(name, q)?;
         let ready = inner.layout.ready(name);
         let mut n = 0u32;
@@ -1660,10 +1699,10 @@ impl Inner {
             let q = t
                 .queues
                 .get(queue)
-                .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?;
+                .ok_or_else(|| Error::queue_not_found(queue))?;
             inner.check_exclusive(queue, q)?;
             if exchange_kind(t, exchange).is_none() {
-                return Err(Error::NotFound(format!("no exchange {exchange:?}")));
+                return Err(Error::exchange_not_found(exchange));
             }
             if t.bindings.contains(&b) {
                 return Ok(((), false));

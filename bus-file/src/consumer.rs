@@ -517,9 +517,9 @@ impl ConsumerShared {
             let rest = unacked.split_off(&(tag + 1));
             let taken = std::mem::replace(unacked, rest);
             if taken.is_empty() && !self.released.load(Ordering::Acquire) {
-                return Err(Error::PreconditionFailed(format!(
-                    "unknown delivery tag {tag}"
-                )));
+                return Err(Error::PreconditionFailed(
+                    format!("unknown delivery tag {tag}").into(),
+                ));
             }
             Ok(taken.into_values().collect())
         } else {
@@ -528,9 +528,9 @@ impl ConsumerShared {
                 None if self.released.load(Ordering::Acquire) => Err(Error::Closed(
                     "the consumer is gone; its deliveries were requeued".into(),
                 )),
-                None => Err(Error::PreconditionFailed(format!(
-                    "unknown delivery tag {tag}"
-                ))),
+                None => Err(Error::PreconditionFailed(
+                    format!("unknown delivery tag {tag}").into(),
+                )),
             }
         }
     }

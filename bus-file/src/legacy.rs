@@ -631,9 +631,9 @@ impl InboxConsumer {
                     return Err(Error::Closed("the inbox consumer is gone".into()))
                 }
                 None => {
-                    return Err(Error::PreconditionFailed(format!(
-                        "unknown delivery tag {t}"
-                    )))
+                    return Err(Error::PreconditionFailed(
+                        format!("unknown delivery tag {t}").into(),
+                    ))
                 }
             }
         }

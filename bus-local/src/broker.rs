@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
-    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments, QueueInfo,
-    QueueOptions, Result, PREDECLARED_EXCHANGES,
+    ErrorDetail, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments,
+    QueueInfo, QueueOptions, Result, Subject, PREDECLARED_EXCHANGES,
 };
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -24,8 +24,7 @@ use crate::connection::ConnInner;
 use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
 use crate::dead_letter::{is_cycle, DeadLetter, Reason};
 use crate::declaration::{
-    check_equivalent_args, check_exchange_redeclare, check_queue_flags, check_queue_type,
-    queue_arguments,
+    check_exchange_redeclare, check_queue_flags, check_queue_type, queue_arguments,
 };
 use crate::exchange::{alternate_exchange, Binding, Exchange};
 use crate::faults::{Fault, FaultState};
@@ -163,25 +162,23 @@ fn random_suffix() -> String {
 }
 
 fn not_found_queue(name: &str) -> Error {
-    Error::NotFound(format!("no queue '{name}'"))
+    Error::queue_not_found(name)
 }
 
 fn not_found_exchange(name: &str) -> Error {
-    Error::NotFound(format!("no exchange '{name}'"))
+    Error::exchange_not_found(name)
 }
 
 fn locked(name: &str) -> Error {
-    Error::ResourceLocked(format!(
-        "cannot obtain exclusive access to locked queue '{name}': it is exclusive to another \
-         connection, or the exclusive flag differs from its declaration"
-    ))
+    Error::queue_locked(name)
 }
 
 /// RabbitMQ's refusal of any explicit operation on the default exchange,
 /// saying which one was attempted.
 fn default_exchange_refused(operation: &str) -> Error {
-    Error::AccessRefused(format!(
-        "{operation}: operation not permitted on the default exchange"
+    Error::AccessRefused(ErrorDetail::about(
+        Subject::exchange(""),
+        format!("{operation}: operation not permitted on the default exchange"),
     ))
 }
 
@@ -485,8 +482,9 @@ impl BrokerInner {
             return check_exchange_redeclare(name, x, kind, options, &alternate);
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
             )));
         }
         topo.exchanges.insert(
@@ -508,8 +506,9 @@ impl BrokerInner {
             return Err(default_exchange_refused("delete exchange ''"));
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "deletion of system exchange '{name}' not allowed"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("deletion of system exchange '{name}' not allowed"),
             )));
         }
         let mut topo = self.write();
@@ -517,8 +516,9 @@ impl BrokerInner {
             return Ok(());
         };
         if if_unused && x.binding_count() > 0 {
-            return Err(Error::PreconditionFailed(format!(
-                "exchange '{name}' in use"
+            return Err(Error::PreconditionFailed(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange '{name}' in use"),
             )));
         }
         topo.exchanges.remove(name);
@@ -545,8 +545,9 @@ impl BrokerInner {
         }
         let args = queue_arguments(name, options)?;
         if !name.is_empty() && is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::queue(name),
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             )));
         }
         let owner = options.exclusive.then_some(conn);
@@ -610,7 +611,7 @@ impl BrokerInner {
         if queue.owner != owner {
             return Err(locked(&queue.name));
         }
-        check_equivalent_args(&queue.name, &queue.args, args)?;
+        bus_core::equivalence::check_queue_arguments(&queue.name, &queue.args, args)?;
         Ok((self.queue_info(queue, true), None))
     }
 
@@ -628,11 +629,15 @@ impl BrokerInner {
         {
             let st = queue.lock();
             if options.if_unused && Queue::consumer_count(&st) > 0 {
-                return Err(Error::PreconditionFailed(format!("queue '{name}' in use")));
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue '{name}' in use"),
+                )));
             }
             if options.if_empty && Queue::ready_count(&st) > 0 {
-                return Err(Error::PreconditionFailed(format!(
-                    "queue '{name}' not empty"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue '{name}' not empty"),
                 )));
             }
         }
@@ -786,8 +791,9 @@ impl BrokerInner {
                     match topo.exchanges.get(exchange) {
                         None => return Err(not_found_exchange(exchange)),
                         Some(x) if x.internal => {
-                            return Err(Error::AccessRefused(format!(
-                                "cannot publish to internal exchange '{exchange}'"
+                            return Err(Error::AccessRefused(ErrorDetail::about(
+                                Subject::exchange(exchange),
+                                format!("cannot publish to internal exchange '{exchange}'"),
                             )))
                         }
                         Some(_) => {}
@@ -804,10 +810,13 @@ impl BrokerInner {
             match message.properties.headers.get(name) {
                 None | Some(FieldValue::Array(_)) => {}
                 Some(other) => {
-                    return Err(Error::PreconditionFailed(format!(
+                    return Err(Error::PreconditionFailed(
+                        format!(
                         "invalid message: header {name} must be an array of routing keys, got {}",
                         other.type_name()
-                    )))
+                    )
+                        .into(),
+                    ))
                 }
             }
         }
@@ -879,11 +888,17 @@ impl BrokerInner {
         let priority = match options.arguments.get("x-priority") {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| {
-                Error::PreconditionFailed(format!(
-                    "invalid arg 'x-priority' for a consumer of queue '{queue}': expected an \
+                Error::PreconditionFailed(
+                    ErrorDetail::about(
+                        Subject::queue(queue),
+                        format!(
+                        "invalid arg 'x-priority' for a consumer of queue '{queue}': expected an \
                      integer, got {} {v}",
-                    v.type_name()
-                ))
+                        v.type_name()
+                    ),
+                    )
+                    .with_argument("x-priority"),
+                )
             })?,
         };
         if let Some(FieldValue::String(_)) = options.arguments.get("x-stream-offset") {

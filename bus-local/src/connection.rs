@@ -255,10 +255,13 @@ impl ConnInner {
             detail = Some(d.clone());
             d
         }) {
-            return Err(Error::ResourceLocked(format!(
-                "{} refused by the broker (simulated fault); retrying can succeed",
-                detail.unwrap_or_default()
-            )));
+            return Err(Error::ResourceLocked(
+                format!(
+                    "{} refused by the broker (simulated fault); retrying can succeed",
+                    detail.unwrap_or_default()
+                )
+                .into(),
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bus_core::routing::{headers_match, TopicMatcher};
-use bus_core::{Error, ExchangeKind, FieldTable, FieldValue, Result};
+use bus_core::{Error, ErrorDetail, ExchangeKind, FieldTable, FieldValue, Result, Subject};
 
 use crate::queue::Queue;
 
@@ -51,10 +51,16 @@ pub(crate) fn alternate_exchange(name: &str, arguments: &FieldTable) -> Result<O
     match arguments.get("alternate-exchange") {
         None => Ok(None),
         Some(FieldValue::String(ae)) => Ok(Some(ae.clone())),
-        Some(other) => Err(Error::PreconditionFailed(format!(
-            "invalid arg 'alternate-exchange' for exchange '{name}': expected a string, got {}",
-            other.type_name()
-        ))),
+        Some(other) => Err(Error::PreconditionFailed(
+            ErrorDetail::about(
+                Subject::exchange(name),
+                format!(
+                "invalid arg 'alternate-exchange' for exchange '{name}': expected a string, got {}",
+                other.type_name()
+            ),
+            )
+            .with_argument("alternate-exchange"),
+        )),
     }
 }
 
@@ -94,10 +100,16 @@ impl Exchange {
                     mode.as_str(),
                     Some("all" | "any" | "all-with-x" | "any-with-x")
                 ) {
-                    return Err(Error::PreconditionFailed(format!(
+                    return Err(Error::PreconditionFailed(
+                        ErrorDetail::about(
+                            Subject::exchange(name),
+                            format!(
                         "invalid x-match field value {mode} for a binding to exchange '{name}'; \
                          expected all, any, all-with-x or any-with-x"
-                    )));
+                    ),
+                        )
+                        .with_argument("x-match"),
+                    ));
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{Error, Message, Overflow, QueueArguments, Result};
+use bus_core::{Error, ErrorDetail, Message, Overflow, QueueArguments, Result, Subject};
 use tokio::time::Instant;
 
 use crate::consumer::{ConsumerShared, Handover};
@@ -572,9 +572,9 @@ impl Queue {
     ) -> Result<()> {
         let has_exclusive = st.consumers.iter().any(|s| !s.cancelled && s.exclusive);
         if has_exclusive || (new.exclusive && Self::consumer_count(st) > 0) {
-            return Err(Error::AccessRefused(format!(
-                "queue '{}' is in exclusive use",
-                self.name
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::queue(self.name.as_str()),
+                format!("queue '{}' is in exclusive use", self.name),
             )));
         }
         let id = new.shared.id;
@@ -675,10 +675,9 @@ impl Queue {
             _ => slot.unacked.binary_search_by_key(&tag, |(t, _)| *t),
         };
         let Ok(at) = found else {
-            return Err(Error::PreconditionFailed(format!(
-                "unknown delivery tag {tag} on queue '{}'",
-                self.name
-            )));
+            return Err(Error::PreconditionFailed(
+                format!("unknown delivery tag {tag} on queue '{}'", self.name).into(),
+            ));
         };
         if how == Settle::Ack {
             // Dropping the entries is all an ack does.

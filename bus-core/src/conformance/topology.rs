@@ -8,7 +8,7 @@ use super::support::{
 use super::{fresh_name, Harness};
 use crate::{
     ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind,
-    ExchangeOptions, FieldTable, FieldValue, QueueOptions, QueueType, Requeue,
+    ExchangeOptions, FieldTable, FieldValue, QueueOptions, QueueType, Requeue, Subject,
     PREDECLARED_EXCHANGES,
 };
 use futures::StreamExt;
@@ -592,6 +592,96 @@ pub async fn unknown_exchange_kinds_are_refused(h: &dyn Harness) {
     publish_text(&*conn, "", &q, "still usable").await;
     expect_bodies(&*conn, &q, &["still usable"]).await;
     cleanup(&*conn, &[&q], &[]).await;
+}
+
+/// Errors about a queue, an exchange or an argument name them in fields
+/// ([`Error::subject`], [`Error::argument`]), not only in their text: a
+/// missing queue or exchange (consume, bind, passive declare, publish), an
+/// inequivalent redeclaration (the argument or flag that differs), a queue
+/// exclusive to another connection.
+pub async fn errors_name_their_queue_exchange_and_argument(h: &dyn Harness) {
+    fn check(what: &str, e: &Error, subject: &Subject, argument: Option<&str>) {
+        assert_eq!(e.subject(), Some(subject), "{what}: the subject of {e:?}");
+        assert_eq!(e.argument(), argument, "{what}: the argument of {e:?}");
+    }
+    let conn = h.connect().await;
+    let missing_q = fresh_name("missing-queue");
+    let missing_x = fresh_name("missing-exchange");
+    let e = expect_err!(
+        "consume from a missing queue",
+        conn.consume(&missing_q, ConsumeOptions::default()).await,
+        Error::NotFound(_)
+    );
+    check("consume", &e, &Subject::queue(&missing_q), None);
+    let e = expect_err!(
+        "passive declare of a missing exchange",
+        conn.declare_exchange(&missing_x, ExchangeKind::Direct, ExchangeOptions::passive())
+            .await,
+        Error::NotFound(_)
+    );
+    check("passive exchange", &e, &Subject::exchange(&missing_x), None);
+    let q = queue(&*conn, "subject").await;
+    let e = expect_err!(
+        "bind to a missing exchange",
+        conn.bind_queue(&q, &missing_x, "k", FieldTable::new())
+            .await,
+        Error::NotFound(_)
+    );
+    check("bind", &e, &Subject::exchange(&missing_x), None);
+    let e = expect_err!(
+        "publish to a missing exchange",
+        conn.publish(
+            &missing_x,
+            "k",
+            crate::Message::new("x"),
+            crate::PublishOptions::default()
+        )
+        .await,
+        Error::NotFound(_)
+    );
+    check("publish", &e, &Subject::exchange(&missing_x), None);
+
+    let e = expect_err!(
+        "redeclare a queue with another x-message-ttl",
+        conn.declare_queue(
+            &q,
+            QueueOptions::default().message_ttl(std::time::Duration::from_secs(60))
+        )
+        .await,
+        Error::PreconditionFailed(_)
+    );
+    check("ttl", &e, &Subject::queue(&q), Some("x-message-ttl"));
+    let e = expect_err!(
+        "redeclare a queue as durable",
+        conn.declare_queue(&q, QueueOptions::durable()).await,
+        Error::PreconditionFailed(_)
+    );
+    check("durable", &e, &Subject::queue(&q), Some("durable"));
+    let x = exchange(&*conn, "subject", ExchangeKind::Direct).await;
+    let e = expect_err!(
+        "redeclare a direct exchange as fanout",
+        conn.declare_exchange(&x, ExchangeKind::Fanout, ExchangeOptions::default())
+            .await,
+        Error::PreconditionFailed(_)
+    );
+    check("type", &e, &Subject::exchange(&x), Some("type"));
+
+    if h.capabilities().exclusive_queues {
+        let owner = h.connect().await;
+        let private = fresh_name("subject-exclusive");
+        owner
+            .declare_queue(&private, QueueOptions::default().with_exclusive(true))
+            .await
+            .expect("declare an exclusive queue");
+        let e = expect_err!(
+            "inspect another connection's exclusive queue",
+            conn.inspect_queue(&private).await,
+            Error::ResourceLocked(_)
+        );
+        check("exclusive", &e, &Subject::queue(&private), None);
+        owner.close().await.expect("close the owner");
+    }
+    cleanup(&*conn, &[&q], &[&x]).await;
 }
 
 /// `delete_exchange(if_unused)` is `PreconditionFailed` while the exchange
