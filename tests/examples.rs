@@ -94,6 +94,8 @@ struct Examples {
     quickstart: PathBuf,
     topics: PathBuf,
     work_queue: PathBuf,
+    legacy_worker: PathBuf,
+    legacy_bridge: PathBuf,
 }
 
 /// Builds the examples once per test run and returns their executables.
@@ -106,7 +108,12 @@ fn examples() -> &'static Examples {
             .args(["build", "-p", "bus", "--example", "rpc_server"])
             .args(["--example", "rpc_client", "--example", "worker"])
             .args(["--example", "quickstart", "--example", "topics"])
-            .args(["--example", "work_queue"])
+            .args(["--example", "work_queue", "--example", "legacy_worker"])
+            .args(["--example", "legacy_bridge"])
+            // The feature set `cargo test --all-features` built them with,
+            // so this is a no-op then; the legacy examples need `file` and
+            // `amqp`.
+            .arg("--all-features")
             .arg("--message-format=json")
             .stdin(Stdio::null());
         // Generous: other builds may hold cargo's lock on the target folder.
@@ -140,6 +147,8 @@ fn examples() -> &'static Examples {
             quickstart: take("quickstart"),
             topics: take("topics"),
             work_queue: take("work_queue"),
+            legacy_worker: take("legacy_worker"),
+            legacy_bridge: take("legacy_bridge"),
         }
     })
 }
@@ -557,4 +566,122 @@ fn work_queue_example_redelivers_the_nacked_job() {
         "the work_queue example",
         "done exactly once; 1 redelivered",
     );
+}
+
+// ------------------------------------------------- the legacy folder pair
+
+/// Drops `name` with `content` into `dir` the way a well-behaved legacy
+/// writer does: written under a hidden name, then renamed in.
+fn drop_file(dir: &Path, name: &str, content: &[u8]) {
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, content).unwrap();
+    std::fs::rename(&partial, dir.join(name)).unwrap();
+}
+
+/// Waits until `path` exists with content, within `secs`: the program
+/// writes it atomically, so its first appearance is its whole content.
+fn wait_for_file(path: &Path, secs: u64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear within {secs}s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn legacy_worker_example_answers_each_dropped_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(&output).unwrap();
+    let worker = Running::start("the legacy_worker example", {
+        let mut command = Command::new(&examples().legacy_worker);
+        command.arg(&input).arg(&output);
+        command
+    });
+    assert!(worker
+        .next_line(60, "its serving line")
+        .starts_with("serving "));
+
+    let jobs: [(&str, &[u8]); 3] = [
+        ("job1.wav", b"RIFF...."),
+        ("job2.wav", b""),
+        ("caf\u{e9} \"quoted\".wav", &[0xff; 300]),
+    ];
+    for (name, content) in jobs {
+        drop_file(&input, name, content);
+    }
+    let mut served: Vec<String> = (0..jobs.len())
+        .map(|_| worker.next_line(60, "a line per served file"))
+        .collect();
+    served.sort();
+    for (name, content) in jobs {
+        let stem = name.strip_suffix(".wav").unwrap();
+        let result = output.join(format!("{stem}.json"));
+        assert!(
+            served.contains(&format!("{name} -> {}", result.display())),
+            "no line for {name:?} in {served:?}"
+        );
+        let json: Json = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+        assert_eq!(json, json!({ "name": name, "bytes": content.len() }));
+        // Consumed inputs move to IN/done/, whole.
+        assert_eq!(
+            std::fs::read(input.join("done").join(name)).unwrap(),
+            content
+        );
+        assert!(!input.join(name).exists(), "{name} still waiting in IN");
+    }
+}
+
+#[test]
+fn legacy_bridge_example_carries_files_through_rabbitmq_and_back() {
+    let broker = Broker::connect();
+    // The example's own queue names: start from empty ones.
+    for queue in ["legacy-bridge.requests", "legacy-bridge.results"] {
+        broker.delete_queue(queue);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(&output).unwrap();
+    let bridge = Running::start("the legacy_bridge example", {
+        let mut command = example(&examples().legacy_bridge);
+        command.arg(&input).arg(&output);
+        command
+    });
+    let first = bridge.next_line(60, "its bridging line");
+    assert!(
+        first.starts_with("bridging ") && !first.contains("guest:"),
+        "{first:?}"
+    );
+
+    let jobs: [(&str, &[u8]); 2] = [("job42.wav", b"RIFF0123456789"), ("job43.wav", b"x")];
+    for (name, content) in jobs {
+        drop_file(&input, name, content);
+    }
+    let mut processed: Vec<String> = (0..jobs.len())
+        .map(|_| bridge.next_line(60, "a line per processed job"))
+        .collect();
+    processed.sort();
+    assert_eq!(processed, ["processed job42.wav", "processed job43.wav"]);
+    for (name, content) in jobs {
+        let stem = name.strip_suffix(".wav").unwrap();
+        let json: Json =
+            serde_json::from_str(&wait_for_file(&output.join(format!("{stem}.json")), 60)).unwrap();
+        assert_eq!(json, json!({ "name": name, "bytes": content.len() }));
+        // The input was acked (moved to IN/done/) once the broker confirmed.
+        let done = input.join("done").join(name);
+        assert_eq!(wait_for_file(&done, 60).as_bytes(), content);
+    }
+    drop(bridge);
+    for queue in ["legacy-bridge.requests", "legacy-bridge.results"] {
+        broker.delete_queue(queue);
+    }
 }

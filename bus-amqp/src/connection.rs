@@ -363,15 +363,23 @@ impl Shared {
         Some(max)
     }
 
-    /// Refuses a new consumer when it would take one of the channels kept
-    /// for publishing and topology operations.
-    pub(crate) fn check_channel_room(&self, link: &Link) -> Result<()> {
+    /// Counts a new consumer in, or refuses it when it would take one of
+    /// the channels kept for publishing and topology operations. The check
+    /// and the count are one atomic step, so consumers started at once
+    /// cannot race past the limit; the caller gives the count back when
+    /// the consumer ends or fails to start.
+    pub(crate) fn reserve_consumer_channel(&self, link: &Link) -> Result<()> {
         let channel_max = match link.conn.configuration().channel_max() {
             0 => usize::from(u16::MAX),
             n => usize::from(n),
         };
-        let consumers = self.consumers.load(Ordering::Acquire);
-        if consumers + RESERVED_CHANNELS >= channel_max {
+        let room = channel_max.saturating_sub(RESERVED_CHANNELS);
+        let reserved = self
+            .consumers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < room).then_some(n + 1)
+            });
+        if let Err(consumers) = reserved {
             return Err(Error::backend(
                 "amqp",
                 true,

@@ -147,12 +147,12 @@ impl ChannelAcker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
         {
-            return Error::ConnectionLost(format!(
+            return Error::Closed(format!(
                 "the broker closed the channel of consumer {} ({why}); it requeued its unsettled deliveries, which will be delivered again",
                 self.tag
             ));
         }
-        Error::ConnectionLost(format!(
+        Error::Closed(format!(
             "the channel of consumer {} was lost ({e}); the broker requeued its unsettled deliveries",
             self.tag
         ))
@@ -248,7 +248,7 @@ impl AckBatch {
 
     fn failed(&self) -> Result<()> {
         match &self.lock().failed {
-            Some(why) => Err(Error::ConnectionLost(why.clone())),
+            Some(why) => Err(Error::Closed(why.clone())),
             None => Ok(()),
         }
     }
@@ -259,7 +259,7 @@ impl AckBatch {
         let flush_now = {
             let mut s = self.lock();
             if let Some(why) = &s.failed {
-                return Err(Error::ConnectionLost(why.clone()));
+                return Err(Error::Closed(why.clone()));
             }
             s.pending.insert(t);
             let full = s.immediate || s.pending.len() >= usize::from(self.config.max_acks);
@@ -299,7 +299,7 @@ impl AckBatch {
                 if s.pending.is_empty() {
                     return Ok(());
                 }
-                return Err(Error::ConnectionLost(why.clone()));
+                return Err(Error::Closed(why.clone()));
             }
             let mut multiple = None;
             loop {
@@ -334,7 +334,7 @@ impl AckBatch {
                 self.tag
             );
             self.lock().failed = Some(why.clone());
-            Error::ConnectionLost(why)
+            Error::Closed(why)
         })
     }
 
@@ -374,7 +374,7 @@ impl AckBatch {
                 self.tag
             );
             self.lock().failed = Some(why.clone());
-            return Err(Error::ConnectionLost(why));
+            return Err(Error::Closed(why));
         }
         let mut s = self.lock();
         if multiple {
@@ -739,7 +739,9 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     table_to_amqp(&spec.options.arguments)?;
     let deadline = shared.recovery_deadline();
     let mut link = shared.link_after(0, deadline).await?;
-    shared.check_channel_room(&link)?;
+    shared.reserve_consumer_channel(&link)?;
+    // Gives the reservation back if the start fails; the task keeps it.
+    let counted = Counted(shared.clone());
     let (channel, consumer) = match open(&shared, &link, &spec).await {
         Ok(started) => started,
         // The link died after it was handed out: the consumer died with it
@@ -784,9 +786,8 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         gone: gone.clone(),
     };
     receiver.adopt(0, channel.clone(), consumer);
-    shared.consumers.fetch_add(1, Ordering::AcqRel);
     let task = ConsumerTask {
-        _counted: Counted(shared.clone()),
+        _counted: counted,
         shared,
         spec,
         control: control.clone(),

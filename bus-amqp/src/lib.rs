@@ -45,8 +45,16 @@
 //!   roots), `certfile` and `keyfile` (client certificate and PKCS#8 key,
 //!   for mutual TLS), e.g.
 //!   `amqps://u:p@rabbit/%2f?cacertfile=/etc/ca.pem&certfile=/etc/me.pem&keyfile=/etc/me.key`.
-//!   The broker's certificate is always verified against the URL's host
-//!   (`server_name_indication` and `verify` are refused). A CA or
+//!   The broker's certificate is always verified (`verify` is refused),
+//!   against the node's host, or against `server_name_indication`, which
+//!   is also the name sent in the handshake (SNI): for a node reached by
+//!   IP address or through a tunnel whose certificate names its DNS name,
+//!   `amqps://u:p@10.0.0.5/%2f?server_name_indication=rabbit.internal`.
+//!   A client without a certificate where the broker requires one is
+//!   refused permanently under TLS 1.2 and 1.3 alike (under 1.3 the
+//!   broker's refusal can arrive as a bare reset after the handshake; the
+//!   connection knows the broker asked for a certificate, and says so).
+//!   A CA or
 //!   certificate file that cannot be read, or holds no PEM certificate,
 //!   is `InvalidArgument` naming it; a TLS handshake failure (untrusted
 //!   certificate, client certificate refused) is permanent, not
@@ -256,6 +264,7 @@ mod journal;
 mod link;
 mod options;
 mod publish;
+mod tls;
 mod url;
 
 pub use connection::AmqpConnection;

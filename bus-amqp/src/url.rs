@@ -81,6 +81,12 @@ pub struct AmqpUrl {
     pub certfile: Option<PathBuf>,
     /// `keyfile=`: the client certificate's private key (PKCS#8 PEM).
     pub keyfile: Option<PathBuf>,
+    /// `server_name_indication=`: the name sent in the TLS handshake (SNI)
+    /// and that the broker's certificate must carry, when it differs from
+    /// the host connected to (a node reached by IP address or through a
+    /// tunnel, with a certificate for its DNS name). `None`: the host of
+    /// each node.
+    pub server_name: Option<String>,
 }
 
 fn invalid(redacted: &str, why: impl fmt::Display) -> Error {
@@ -224,6 +230,7 @@ impl AmqpUrl {
             cacertfile: None,
             certfile: None,
             keyfile: None,
+            server_name: None,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -264,11 +271,28 @@ impl AmqpUrl {
                         _ => parsed.keyfile = path,
                     }
                 }
-                "server_name_indication" | "verify" => {
+                "server_name_indication" => {
+                    if !tls {
+                        return Err(invalid(
+                            &redacted,
+                            format!("query parameter {k} is for TLS: use amqps://"),
+                        ));
+                    }
+                    let name = decode(v, k, &redacted)?;
+                    // The same check the TLS handshake makes, up front.
+                    rustls_pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                        invalid(
+                            &redacted,
+                            format!("{k}={name:?} is not a DNS name or an IP address"),
+                        )
+                    })?;
+                    parsed.server_name = Some(name);
+                }
+                "verify" => {
                     return Err(invalid(
                         &redacted,
                         format!(
-                            "query parameter {k} is not supported: the broker's certificate is always verified, against the host name of the URL"
+                            "query parameter {k} is not supported: the broker's certificate is always verified"
                         ),
                     ))
                 }
@@ -276,7 +300,7 @@ impl AmqpUrl {
                     return Err(invalid(
                         &redacted,
                         format!(
-                            "unknown query parameter {other:?}; known: heartbeat, connection_timeout, frame_max, channel_max, cacertfile, certfile, keyfile"
+                            "unknown query parameter {other:?}; known: heartbeat, connection_timeout, frame_max, channel_max, cacertfile, certfile, keyfile, server_name_indication"
                         ),
                     ))
                 }
@@ -390,11 +414,25 @@ mod tests {
             "amqp://u:hunter2@h/?nope=1",
             "amqp://u:hunter2@h:0/",
             "amqp://u:hunter2@[::1/",
+            "amqp://u:hunter2@h/?server_name_indication=rabbit.test",
+            "amqps://u:hunter2@h/?server_name_indication=not%20a%20name",
+            "amqps://u:hunter2@h/?verify=verify_none",
         ] {
             let e = AmqpUrl::parse(bad).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
+    }
+
+    #[test]
+    fn server_name_indication_sets_the_tls_name() {
+        let u = AmqpUrl::parse("amqps://u:p@10.0.0.5/%2f?server_name_indication=rabbit.internal")
+            .unwrap();
+        assert_eq!(u.server_name.as_deref(), Some("rabbit.internal"));
+        assert_eq!(u.hosts[0].host, "10.0.0.5");
+        let u = AmqpUrl::parse("amqps://u:p@h/%2f?server_name_indication=10.0.0.5").unwrap();
+        assert_eq!(u.server_name.as_deref(), Some("10.0.0.5"));
+        assert_eq!(AmqpUrl::parse("amqps://u:p@h/").unwrap().server_name, None);
     }
 
     #[test]

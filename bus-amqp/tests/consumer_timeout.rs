@@ -102,7 +102,7 @@ async fn a_consumer_closed_by_the_brokers_consumer_timeout_resumes_and_gets_the_
     // silent success.
     let e = within(10, "the stale ack", stale.ack()).await.unwrap_err();
     assert!(
-        matches!(&e, Error::ConnectionLost(m) if m.contains("406") && m.contains("timed out")),
+        matches!(&e, Error::Closed(m) if m.contains("406") && m.contains("timed out")),
         "acking the delivery of the timed-out channel gave {e:?}"
     );
     println!("the stale ack: {e}");

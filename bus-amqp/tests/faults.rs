@@ -100,7 +100,7 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
     // Settling a delivery of the dead channel fails: the broker requeued it.
     for d in &held {
         let e = d.ack().await.unwrap_err();
-        assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+        assert!(matches!(e, Error::Closed(_)) && !e.is_temporary(), "{e}");
     }
     // The same connection publishes and declares again.
     for i in COUNT / 2..COUNT {
@@ -115,7 +115,7 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
             Ok(()) => {}
             // Handed out just before the old channel died: the broker
             // requeued it and delivers it again, marked redelivered.
-            Err(Error::ConnectionLost(_)) => {}
+            Err(Error::Closed(_)) => {}
             Err(e) => panic!("ack failed: {e}"),
         }
     }

@@ -75,6 +75,29 @@ async fn consumers_never_take_the_channels_publishing_needs() {
     })
     .await;
     drop(consumers);
+    conn.close().await.unwrap();
+
+    // Consumers started all at once on a fresh connection get exactly the
+    // six channels: the room check and the count are one step, so none
+    // races past it.
+    let conn = AmqpConnection::connect(&url).await.expect("connect");
+    let all =
+        futures::future::join_all((0..20).map(|_| conn.consume(&q, ConsumeOptions::prefetch(1))))
+            .await;
+    let mut consumers = Vec::new();
+    for r in all {
+        match r {
+            Ok(c) => consumers.push(c),
+            Err(e) => assert!(e.to_string().contains("channel_max"), "{e}"),
+        }
+    }
+    assert_eq!(consumers.len(), 6, "concurrent consumers given channels");
+    for i in 0..3 {
+        conn.send_to_queue(&q, Message::new(i.to_string()))
+            .await
+            .unwrap();
+    }
+    drop(consumers);
     delete_queue(&conn, &q).await;
     conn.close().await.unwrap();
 }

@@ -344,7 +344,7 @@ impl Seen {
             Ok(()) => {}
             // A delivery of the channel that died with the link: the broker
             // requeued it and delivers it again.
-            Err(Error::ConnectionLost(_)) => self.lost_acks += 1,
+            Err(Error::Closed(_)) => self.lost_acks += 1,
             Err(e) => panic!("ack of message {n} failed: {e}"),
         }
     }

@@ -241,8 +241,10 @@ impl Delivery {
     /// A no-op for auto-ack deliveries.
     ///
     /// # Errors
-    /// `PreconditionFailed` if this delivery was settled already; `Closed` or
-    /// `ConnectionLost` if its consumer is gone (the message was requeued).
+    /// `PreconditionFailed` if this delivery was settled already; `Closed` if
+    /// its consumer, channel or connection is gone (the broker requeued the
+    /// message and delivers it again, so settling this delivery can never
+    /// succeed: not temporary).
     pub async fn ack(&self) -> Result<()> {
         self.settle_ack(false).await
     }

@@ -156,6 +156,20 @@ impl fmt::Display for ErrorDetail {
     }
 }
 
+/// Compares the text.
+impl PartialEq<str> for ErrorDetail {
+    fn eq(&self, other: &str) -> bool {
+        self.message == other
+    }
+}
+
+/// Compares the text.
+impl PartialEq<&str> for ErrorDetail {
+    fn eq(&self, other: &&str) -> bool {
+        self.message == *other
+    }
+}
+
 impl From<String> for ErrorDetail {
     fn from(message: String) -> Self {
         ErrorDetail::new(message)
@@ -241,7 +255,9 @@ pub enum Error {
     Nacked(String),
 
     /// The connection, channel or consumer was closed by its owner, or the
-    /// entity it used was deleted. Not temporary: the handle is finished.
+    /// entity it used was deleted; or a delivery is settled after its
+    /// channel or connection was lost (the broker requeued it and delivers
+    /// it again). Not temporary: the handle is finished.
     #[error("closed: {0}")]
     Closed(String),
 

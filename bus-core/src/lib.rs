@@ -3,7 +3,9 @@
 //!
 //! Services program against [`Connection`]; transports (the in-process
 //! broker, RabbitMQ, a folder) implement it. [`routing`] holds the topic and
-//! headers matchers transports that route by themselves share. With the
+//! headers matchers transports that route by themselves share; [`engine`]
+//! the dead-lettering, queue policy and delivery-tag bookkeeping of
+//! transports that keep their own queues. With the
 //! `conformance` feature, [`conformance`] is the behaviour suite every
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -12,6 +14,7 @@ pub mod bridge;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod delivery;
+pub mod engine;
 pub mod equivalence;
 mod error;
 mod message;

@@ -11,12 +11,14 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bus_core::engine::dead_letter::{cycles_into, dead_letter, DeadLetter, Death, Reason};
+use bus_core::engine::policy::{self, Admission, Depth, Limits};
 use bus_core::routing::{headers_match, TopicMatcher};
 use bus_core::{
     classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
     DeleteExchangeOptions, DeleteQueueOptions, Error, ErrorDetail, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, Message, Overflow, PublishOptions, QueueArguments, QueueInfo,
-    QueueOptions, QueueType, ReplyQueue, Result, Subject, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
+    FieldTable, FieldValue, Message, PublishOptions, QueueArguments, QueueInfo, QueueOptions,
+    QueueType, ReplyQueue, Result, Subject, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -382,12 +384,6 @@ struct Prepared {
     refused: Vec<(String, QueueArguments, bool)>,
 }
 
-/// Folder-level outcome of a publish into one queue.
-enum Admission {
-    Accept,
-    Refuse { dead_letter: bool },
-}
-
 impl Inner {
     pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
@@ -509,7 +505,7 @@ impl Inner {
             .layout
             .list_messages(&self.layout.ready(name))?
             .into_iter()
-            .filter(|(_, m)| m.expires_at_ms.is_none_or(|e| e > now))
+            .filter(|(_, m)| m.expires_at_ms.is_none_or(|e| !policy::is_expired(e, now)))
             .count();
         Ok(QueueInfo {
             name: name.to_owned(),
@@ -658,19 +654,14 @@ impl Inner {
         queue: &'a str,
         args: &'a QueueArguments,
         claim: &'a Claim,
-        reason: &'a str,
+        reason: Reason,
     ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
         // Boxed and typed as `dyn Send`: dead-lettering publishes, and
         // publishing can dead-letter (max-length), a cycle the compiler
         // cannot see through otherwise.
         Box::pin(async move {
-            if let Some(dlx) = &args.dead_letter_exchange {
-                let rk = args
-                    .dead_letter_routing_key
-                    .clone()
-                    .unwrap_or_else(|| claim.envelope.routing_key.clone());
-                let message = dead_lettered(&claim.envelope, queue, reason);
-                match self.publish_message(dlx, &rk, message, false).await {
+            if let Some(dl) = dead_letter_of(&claim.envelope, queue, reason, args) {
+                match self.publish_dead_letter(&claim.envelope, dl).await {
                     // RabbitMQ drops what it cannot dead-letter to a missing
                     // exchange; so does this transport.
                     Ok(()) | Err(Error::NotFound(_)) | Err(Error::Nacked(_)) => {}
@@ -692,43 +683,24 @@ impl Inner {
     }
 
     fn admission(&self, queue: &str, args: &QueueArguments, body_len: u64) -> Result<Admission> {
-        if args.max_length.is_none() && args.max_length_bytes.is_none() {
-            return Ok(Admission::Accept);
-        }
-        let overflow = args.overflow.unwrap_or(Overflow::DropHead);
-        if overflow == Overflow::DropHead {
+        let limits = Limits::of(args);
+        if !limits.checks_admission() {
             return Ok(Admission::Accept);
         }
         let ready = self.layout.list_messages(&self.layout.ready(queue))?;
-        let count = ready.len() as u64;
-        // Lengths come from file names anyone with write access can craft:
-        // the sums saturate (a queue "holding" u64::MAX bytes is full).
-        let bytes = sum_lengths(&ready);
-        let full = args.max_length.is_some_and(|m| count >= m)
-            || args
-                .max_length_bytes
-                .is_some_and(|m| bytes.saturating_add(body_len) > m);
-        Ok(if full {
-            Admission::Refuse {
-                dead_letter: overflow == Overflow::RejectPublishDlx,
-            }
-        } else {
-            Admission::Accept
-        })
+        Ok(limits.admit(depth_of(&ready), body_len))
     }
 
     /// Drops (or dead-letters, reason `maxlen`) the oldest ready messages
     /// of a `drop-head` queue until it is within its limits.
     async fn enforce_drop_head(&self, queue: &str, args: &QueueArguments) -> Result<()> {
-        if args.overflow.unwrap_or(Overflow::DropHead) != Overflow::DropHead
-            || (args.max_length.is_none() && args.max_length_bytes.is_none())
-        {
+        if !Limits::of(args).drops_head() {
             return Ok(());
         }
         let (me, q, a) = (self.arc()?, queue.to_owned(), args.clone());
         let claims = blocking(move || me.drop_head_claims(&q, &a)).await?;
         for claim in claims {
-            self.dead_letter_or_drop(queue, args, &claim, "maxlen")
+            self.dead_letter_or_drop(queue, args, &claim, Reason::MaxLen)
                 .await?;
         }
         Ok(())
@@ -740,18 +712,14 @@ impl Inner {
         let mut claims = Vec::new();
         let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
         ready.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut count = ready.len() as u64;
-        let mut bytes = sum_lengths(&ready);
-        let over = |count: u64, bytes: u64| {
-            args.max_length.is_some_and(|m| count > m)
-                || args.max_length_bytes.is_some_and(|m| bytes > m)
-        };
+        let limits = Limits::of(args);
+        let mut depth = depth_of(&ready);
         for (file, name) in ready {
-            if !over(count, bytes) {
+            if !limits.must_drop_head(depth) {
                 break;
             }
-            count -= 1;
-            bytes = bytes.saturating_sub(name.body_len);
+            depth.messages -= 1;
+            depth.bytes = depth.bytes.saturating_sub(name.body_len);
             if let Some(claim) = self.claim_file(queue, &file, name)? {
                 claims.push(claim);
             }
@@ -803,17 +771,26 @@ impl Inner {
         ))
     }
 
-    /// [`Inner::publish_message`] behind a `dyn Send` box, for the
-    /// recursion of dead-lettering a refused publish.
-    fn publish_boxed(
-        &self,
-        exchange: String,
-        routing_key: String,
-        message: Message,
-    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+    /// Publishes a dead letter of a message that was in `envelope` to its
+    /// dead-letter exchange, with the dead-letter routing key or the
+    /// message's own; queues it would close a cycle into are left out.
+    /// Behind a `dyn Send` box, for the recursion of dead-lettering a
+    /// refused publish.
+    fn publish_dead_letter<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        dl: DeadLetter,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
         Box::pin(async move {
-            self.publish_message(&exchange, &routing_key, message, false)
-                .await
+            let routing_key = dl.routing_key.as_deref().unwrap_or(&envelope.routing_key);
+            self.publish_routed(
+                &dl.exchange,
+                routing_key,
+                dl.message,
+                false,
+                Some(dl.reason),
+            )
+            .await
         })
     }
 
@@ -826,6 +803,20 @@ impl Inner {
         routing_key: &str,
         message: Message,
         mandatory: bool,
+    ) -> Result<()> {
+        self.publish_routed(exchange, routing_key, message, mandatory, None)
+            .await
+    }
+
+    /// [`Inner::publish_message`]; a dead letter (`dead`: why it died)
+    /// skips the queues it would close a cycle into.
+    async fn publish_routed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+        dead: Option<Reason>,
     ) -> Result<()> {
         let msg_ttl = message.ttl()?;
         if message.body.len() as u64 > self.options.max_message_size {
@@ -845,7 +836,7 @@ impl Inner {
         // one publish of this connection at a time, in call order.
         let order = self.publish_order.lock().await;
         let prepared =
-            blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl)).await;
+            blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead)).await;
         drop(order);
         let Some(Prepared {
             envelope,
@@ -879,13 +870,11 @@ impl Inner {
             return Ok(());
         }
         for (q, args, dead_letter) in &refused {
-            if let (true, Some(dlx)) = (*dead_letter, &args.dead_letter_exchange) {
-                let rk = args
-                    .dead_letter_routing_key
-                    .clone()
-                    .unwrap_or_else(|| routing_key.to_owned());
-                let m = dead_lettered(&envelope, q, "maxlen");
-                let _ = self.publish_boxed(dlx.clone(), rk, m).await;
+            if !*dead_letter {
+                continue;
+            }
+            if let Some(dl) = dead_letter_of(&envelope, q, Reason::MaxLen, args) {
+                let _ = self.publish_dead_letter(&envelope, dl).await;
             }
         }
         Err(Error::Nacked(format!(
@@ -904,6 +893,7 @@ impl Inner {
         message: Message,
         mandatory: bool,
         msg_ttl: Option<std::time::Duration>,
+        dead: Option<Reason>,
     ) -> Result<Option<Prepared>> {
         let snap = self.snapshot()?;
         if let Some(x) = snap.topo.exchanges.get(exchange) {
@@ -914,7 +904,10 @@ impl Inner {
                 )));
             }
         }
-        let targets = snap.route(exchange, routing_key, &message.properties.headers)?;
+        let mut targets = snap.route(exchange, routing_key, &message.properties.headers)?;
+        if let Some(reason) = dead {
+            targets.retain(|q| !cycles_into(reason, q, &message.properties.headers));
+        }
         if targets.is_empty() {
             if mandatory {
                 return Err(Error::Unroutable {
@@ -929,7 +922,7 @@ impl Inner {
         let stamp = names::next_stamp();
         let body_len = message.body.len() as u64;
         let persistent = message.is_persistent();
-        let priority = message.properties.priority.unwrap_or(0);
+        let priority = message.properties.priority;
         let envelope = Envelope {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
@@ -953,17 +946,11 @@ impl Inner {
                     continue;
                 }
             }
-            let ttl = match (msg_ttl, args.message_ttl) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let ttl = policy::message_ttl(args.message_ttl, msg_ttl);
             let expires_at_ms =
                 ttl.map(|t| (now.max(0) as u64).saturating_add(t.as_millis() as u64));
             expiring |= expires_at_ms.is_some();
-            let rank = match args.max_priority {
-                Some(max) => 255 - priority.min(max),
-                None => 255,
-            };
+            let rank = 255 - policy::priority_level(args.max_priority, priority);
             let name = MessageName {
                 rank,
                 stamp,
@@ -1197,10 +1184,16 @@ fn write_and_link(
 }
 
 /// The sum of the body lengths file names claim, saturating.
-fn sum_lengths(ready: &[(String, MessageName)]) -> u64 {
-    ready
-        .iter()
-        .fold(0u64, |acc, (_, m)| acc.saturating_add(m.body_len))
+/// The depth of a queue from its listed ready names. Lengths come from file
+/// names anyone with write access can craft: the sum saturates (a queue
+/// "holding" u64::MAX bytes is full).
+fn depth_of(ready: &[(String, MessageName)]) -> Depth {
+    Depth {
+        messages: ready.len() as u64,
+        bytes: ready
+            .iter()
+            .fold(0u64, |acc, (_, m)| acc.saturating_add(m.body_len)),
+    }
 }
 
 /// Runs file-system work on the blocking pool, so that a slow disk or a
@@ -1342,66 +1335,16 @@ fn check_owned(layout: &Layout, rel: &Path, shared_group: bool) -> Result<()> {
     Ok(())
 }
 
-/// The message as it is dead-lettered from `queue`: an `x-death` entry as
-/// RabbitMQ writes it (count, reason, queue, time, exchange, routing-keys,
-/// and original-expiration when the message had one, which is removed),
-/// plus the `x-first-death-*` headers.
-pub(crate) fn dead_lettered(envelope: &Envelope, queue: &str, reason: &str) -> Message {
-    let mut message = envelope.message.clone();
-    let props = &mut message.properties;
-    let now_s = (names::now_ms().max(0) / 1000) as u64;
-    let mut deaths: Vec<FieldValue> = props
-        .headers
-        .get("x-death")
-        .and_then(FieldValue::as_array)
-        .map(<[FieldValue]>::to_vec)
-        .unwrap_or_default();
-    let same = deaths.iter().position(|d| {
-        d.as_table().is_some_and(|t| {
-            t.get("queue").and_then(FieldValue::as_str) == Some(queue)
-                && t.get("reason").and_then(FieldValue::as_str) == Some(reason)
-        })
-    });
-    let entry = match same {
-        Some(i) => {
-            let FieldValue::Table(mut t) = deaths.remove(i) else {
-                unreachable!("position matched a table")
-            };
-            let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(0);
-            t.insert("count".into(), FieldValue::I64(count + 1));
-            t.insert("time".into(), FieldValue::Timestamp(now_s));
-            t
-        }
-        None => {
-            let mut t = FieldTable::new();
-            t.insert("count".into(), FieldValue::I64(1));
-            t.insert("reason".into(), reason.into());
-            t.insert("queue".into(), queue.into());
-            t.insert("time".into(), FieldValue::Timestamp(now_s));
-            t.insert("exchange".into(), envelope.exchange.as_str().into());
-            t.insert(
-                "routing-keys".into(),
-                FieldValue::Array(vec![envelope.routing_key.as_str().into()]),
-            );
-            if let Some(exp) = &props.expiration {
-                t.insert("original-expiration".into(), exp.as_str().into());
-            }
-            t
-        }
-    };
-    props.expiration = None;
-    deaths.insert(0, FieldValue::Table(entry));
-    props
-        .headers
-        .insert("x-death".into(), FieldValue::Array(deaths));
-    for (h, v) in [
-        ("x-first-death-reason", reason),
-        ("x-first-death-queue", queue),
-        ("x-first-death-exchange", envelope.exchange.as_str()),
-    ] {
-        props.headers.entry(h.into()).or_insert_with(|| v.into());
-    }
-    message
+/// The dead letter of the message in `envelope` leaving `queue` for
+/// `reason`, or `None` when the queue drops it (no dead-letter exchange).
+fn dead_letter_of(
+    envelope: &Envelope,
+    queue: &str,
+    reason: Reason,
+    args: &QueueArguments,
+) -> Option<DeadLetter> {
+    let death = Death::new(reason, queue, &envelope.exchange, &envelope.routing_key);
+    dead_letter(&envelope.message, &death, args)
 }
 
 /// Checks a redeclaration of the queue `name` against its record, as

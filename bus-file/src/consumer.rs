@@ -2,7 +2,7 @@
 //! (an atomic rename into the connection's claim folder) and hands them
 //! round-robin to the connection's consumers with free prefetch capacity.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +10,9 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
+use bus_core::engine::dead_letter::Reason;
+use bus_core::engine::policy;
+use bus_core::engine::unacked::{Unacked, UnknownTag};
 use bus_core::{
     AckOptions, Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error,
     NackOptions, QueueArguments, Requeue, Result,
@@ -294,7 +297,11 @@ impl Dispatcher {
                     continue;
                 }
             };
-            if claim.name.expires_at_ms.is_some_and(|e| e <= now) {
+            if claim
+                .name
+                .expires_at_ms
+                .is_some_and(|e| policy::is_expired(e, now))
+            {
                 expired.push(claim);
                 continue;
             }
@@ -359,7 +366,7 @@ pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
             };
             for claim in expired {
                 if let Err(e) = inner
-                    .dead_letter_or_drop(&d.queue, &d.args, &claim, "expired")
+                    .dead_letter_or_drop(&d.queue, &d.args, &claim, Reason::Expired)
                     .await
                 {
                     tracing::warn!(queue = d.queue, error = %e, "dead-lettering failed");
@@ -393,7 +400,7 @@ pub(crate) struct ConsumerShared {
     prefetch: u16,
     auto_ack: bool,
     tx: Mutex<Option<mpsc::Sender<Result<Delivery>>>>,
-    unacked: Mutex<BTreeMap<u64, Claim>>,
+    unacked: Mutex<Unacked<Claim>>,
     next_tag: AtomicU64,
     released: AtomicBool,
     dispatcher: Weak<Dispatcher>,
@@ -472,14 +479,30 @@ impl ConsumerShared {
         let _ = self.fs.remove_file(&self.consumer_file);
         self.released.store(true, Ordering::Release);
         let held = std::mem::take(&mut *self.unacked.lock());
-        for claim in held.values() {
+        for (_, claim) in held.iter() {
             inner.requeue(&self.queue, claim);
+        }
+    }
+
+    /// The error for a tag this consumer does not hold: `Closed` once it is
+    /// gone (its deliveries were requeued), else the unknown tag.
+    fn settle_error(&self, e: UnknownTag) -> Error {
+        if self.released.load(Ordering::Acquire) {
+            Error::Closed(format!(
+                "the consumer of delivery {} on queue '{}' is gone; its deliveries were requeued",
+                e.tag, self.queue
+            ))
+        } else {
+            e.on_queue(&self.queue)
         }
     }
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Claim>> {
         let mut unacked = self.unacked.lock();
-        self.take_from(&mut unacked, tag, multiple)
+        let taken = unacked
+            .take(tag, multiple)
+            .map_err(|e| self.settle_error(e))?;
+        Ok(taken.collect())
     }
 
     /// Takes the deliveries back to the queue. They stay in the unsettled
@@ -489,50 +512,19 @@ impl ConsumerShared {
     fn take_and_requeue(&self, inner: &Inner, tag: u64, multiple: bool) -> Result<()> {
         let claims: Vec<(u64, Claim)> = {
             let unacked = self.unacked.lock();
-            let mut probe = unacked.clone();
-            self.take_from(&mut probe, tag, multiple)?;
-            unacked
-                .iter()
-                .filter(|(k, _)| !probe.contains_key(k))
-                .map(|(k, c)| (*k, c.clone()))
-                .collect()
+            let peeked = unacked
+                .peek(tag, multiple)
+                .map_err(|e| self.settle_error(e))?;
+            peeked.map(|(k, c)| (k, c.clone())).collect()
         };
         for (_, claim) in &claims {
             inner.requeue(&self.queue, claim);
         }
         let mut unacked = self.unacked.lock();
         for (k, _) in claims {
-            unacked.remove(&k);
+            unacked.remove(k);
         }
         Ok(())
-    }
-
-    fn take_from(
-        &self,
-        unacked: &mut BTreeMap<u64, Claim>,
-        tag: u64,
-        multiple: bool,
-    ) -> Result<Vec<Claim>> {
-        if multiple {
-            let rest = unacked.split_off(&(tag + 1));
-            let taken = std::mem::replace(unacked, rest);
-            if taken.is_empty() && !self.released.load(Ordering::Acquire) {
-                return Err(Error::PreconditionFailed(
-                    format!("unknown delivery tag {tag}").into(),
-                ));
-            }
-            Ok(taken.into_values().collect())
-        } else {
-            match unacked.remove(&tag) {
-                Some(c) => Ok(vec![c]),
-                None if self.released.load(Ordering::Acquire) => Err(Error::Closed(
-                    "the consumer is gone; its deliveries were requeued".into(),
-                )),
-                None => Err(Error::PreconditionFailed(
-                    format!("unknown delivery tag {tag}").into(),
-                )),
-            }
-        }
     }
 
     fn after_settle(&self) {
@@ -607,7 +599,7 @@ impl Acknowledger for ConsumerShared {
         let mut result = Ok(());
         for claim in &claims {
             if let Err(e) = inner
-                .dead_letter_or_drop(&self.queue, &args, claim, "rejected")
+                .dead_letter_or_drop(&self.queue, &args, claim, Reason::Rejected)
                 .await
             {
                 result = Err(e);
@@ -686,7 +678,7 @@ pub(crate) fn start(
         prefetch: options.prefetch,
         auto_ack: options.auto_ack,
         tx: Mutex::new(Some(tx)),
-        unacked: Mutex::new(BTreeMap::new()),
+        unacked: Mutex::new(Unacked::new()),
         next_tag: AtomicU64::new(0),
         released: AtomicBool::new(false),
         dispatcher: Arc::downgrade(dispatcher),

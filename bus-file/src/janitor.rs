@@ -5,6 +5,8 @@
 use std::sync::Weak;
 use std::time::Duration;
 
+use bus_core::engine::dead_letter::Reason;
+use bus_core::engine::policy;
 use bus_core::QueueArguments;
 use tokio::time::Instant;
 
@@ -32,7 +34,7 @@ pub(crate) async fn run(inner: Weak<Inner>) {
             Ok((claims, next)) => {
                 for (queue, args, claim) in claims {
                     if let Err(e) = inner
-                        .dead_letter_or_drop(&queue, &args, &claim, "expired")
+                        .dead_letter_or_drop(&queue, &args, &claim, Reason::Expired)
                         .await
                     {
                         tracing::warn!(queue, error = %e, "dead-lettering an expired message failed");
@@ -74,7 +76,7 @@ fn claim_expired(inner: &Inner) -> (Expired, Option<Duration>) {
         let mut due: Vec<_> = listed
             .into_iter()
             .filter(|(_, m)| match m.expires_at_ms {
-                Some(e) if e <= now => true,
+                Some(e) if policy::is_expired(e, now) => true,
                 Some(e) => {
                     next = Some(next.map_or(e, |n| n.min(e)));
                     false

@@ -39,6 +39,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bus_core::engine::unacked::Unacked;
 use bus_core::{
     AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message,
     NackOptions, PublishOptions, Publisher, Requeue, Result,
@@ -210,7 +211,7 @@ impl Inbox {
             claims,
             prefetch,
             tx: Mutex::new(Some(tx)),
-            unacked: Mutex::new(HashMap::new()),
+            unacked: Mutex::new(Unacked::new()),
             next_tag: AtomicU64::new(0),
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
@@ -321,7 +322,7 @@ struct InboxConsumer {
     claims: PathBuf,
     prefetch: u16,
     tx: Mutex<Option<mpsc::Sender<Result<Delivery>>>>,
-    unacked: Mutex<HashMap<u64, Held>>,
+    unacked: Mutex<Unacked<Held>>,
     next_tag: AtomicU64,
     wake: Notify,
     stopped: AtomicBool,
@@ -618,26 +619,16 @@ impl InboxConsumer {
 
     fn take(&self, tag: u64, multiple: bool) -> Result<Vec<Held>> {
         let mut unacked = self.unacked.lock();
-        let tags: Vec<u64> = if multiple {
-            unacked.keys().copied().filter(|t| *t <= tag).collect()
-        } else {
-            vec![tag]
-        };
-        let mut out = Vec::new();
-        for t in tags {
-            match unacked.remove(&t) {
-                Some(h) => out.push(h),
-                None if self.stopped.load(Ordering::Acquire) => {
-                    return Err(Error::Closed("the inbox consumer is gone".into()))
-                }
-                None => {
-                    return Err(Error::PreconditionFailed(
-                        format!("unknown delivery tag {t}").into(),
-                    ))
-                }
+        let taken = unacked.take(tag, multiple).map(Iterator::collect);
+        match taken {
+            Ok(held) => Ok(held),
+            Err(_) if self.stopped.load(Ordering::Acquire) => {
+                Err(Error::Closed("the inbox consumer is gone".into()))
             }
+            Err(e) => Err(Error::PreconditionFailed(
+                format!("{e} on the inbox {}", self.inbox.dir.display()).into(),
+            )),
         }
-        Ok(out)
     }
 
     fn stop(&self, requeue: bool) {

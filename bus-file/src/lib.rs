@@ -49,7 +49,9 @@
 //! consumers, threads or processes, exactly one rename succeeds. Ack
 //! removes the file; nack with requeue renames it back under its original
 //! name plus `.r`, so it keeps its place and is `redelivered`; reject
-//! dead-letters it (a new message with `x-death`, as RabbitMQ writes it).
+//! dead-letters it (a new message with `x-death`, as RabbitMQ writes it, by
+//! [`bus_core::engine`]: the in-process broker writes it the same way; an
+//! expiry or max-length cycle back into a queue is dropped, as in RabbitMQ).
 //!
 //! **Durability.** A persistent message bound for a durable queue is on
 //! disk, its data and its folder entry, before its publish resolves.

@@ -22,7 +22,9 @@ use tokio::time::Instant;
 
 use crate::connection::ConnInner;
 use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
-use crate::dead_letter::{is_cycle, DeadLetter, Reason};
+use bus_core::engine::dead_letter::cycles_into;
+
+use crate::dead_letter::DeadLetter;
 use crate::declaration::{
     check_exchange_redeclare, check_queue_flags, check_queue_type, queue_arguments,
 };
@@ -325,9 +327,7 @@ impl BrokerInner {
         let targets = self.read().route(&env);
         // A missing dead-letter exchange drops the message, as in RabbitMQ.
         let Some(mut targets) = targets else { return };
-        if dead.reason != Reason::Rejected {
-            targets.retain(|q| !is_cycle(&q.name, &env.message.properties.headers));
-        }
+        targets.retain(|q| !cycles_into(dead.reason, &q.name, &env.message.properties.headers));
         let env = Arc::new(env);
         let mut now = Now::default();
         for queue in targets {

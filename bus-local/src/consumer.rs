@@ -320,8 +320,10 @@ impl Settler {
         broker.settle(&self.shared, tag, multiple, how)
     }
 
+    /// Settling a delivery of a lost link can never succeed (the broker
+    /// requeued it and delivers it again): `Closed`, not temporary.
     fn lost_error(&self, tag: u64) -> Error {
-        Error::ConnectionLost(format!(
+        Error::Closed(format!(
             "cannot settle delivery {tag} of a consumer of queue '{}': its connection was lost \
              and the broker requeued its unsettled deliveries",
             self.shared.queue_name()

@@ -41,10 +41,11 @@ pub enum AckFault {
     /// marked `redelivered`.
     Lose,
     /// The connection drops before the ack is sent: the ack fails with
-    /// `ConnectionLost` and the message comes again.
+    /// `Closed` (that delivery can never be settled) and the message
+    /// comes again.
     CloseConnection,
     /// The broker restarts before the ack is sent: the ack fails with
-    /// `ConnectionLost`; a persistent message of a durable queue comes
+    /// `Closed`; a persistent message of a durable queue comes
     /// again, any other is gone.
     RestartBroker,
 }

@@ -41,7 +41,8 @@
 //! consumers with free prefetch (consumer priorities via `x-priority`);
 //! requeue to the original position with `redelivered`; dead-lettering with
 //! `x-death` and `x-first-death-*` written as RabbitMQ writes them (cycles
-//! without a rejection dropped); per-queue and per-message TTL (only the
+//! without a rejection dropped), by [`bus_core::engine`], which the folder
+//! transport shares; per-queue and per-message TTL (only the
 //! head of a queue expires, as in RabbitMQ); `x-expires`; `x-max-length` and
 //! `x-max-length-bytes` with `drop-head`, `reject-publish` and
 //! `reject-publish-dlx`; priority queues; single active consumer; exclusive

@@ -10,11 +10,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::{Error, ErrorDetail, Message, Overflow, QueueArguments, Result, Subject};
+use bus_core::engine::dead_letter::{dead_letter, Death, Reason};
+use bus_core::engine::policy::{self, Admission, Depth, Limits};
+use bus_core::engine::unacked::Unacked;
+use bus_core::{Error, ErrorDetail, Message, QueueArguments, Result, Subject};
 use tokio::time::Instant;
 
 use crate::consumer::{ConsumerShared, Handover};
-use crate::dead_letter::{dead_letter, header_routes, DeadLetter, Reason};
+use crate::dead_letter::{header_routes, DeadLetter};
 
 /// The time, read from tokio's clock at most once per operation and only
 /// when something needs it: most queues have no TTL, and reading the clock
@@ -144,7 +147,7 @@ impl Ready {
         let level = self.levels.iter().rposition(|l| {
             l.front()
                 .and_then(|e| e.expires_at)
-                .is_some_and(|at| at <= now.get())
+                .is_some_and(|at| policy::is_expired(at, now.get()))
         })?;
         let entry = self.levels[level].pop_front();
         self.taken(entry)
@@ -166,6 +169,13 @@ impl Ready {
         self.len = self.levels.iter().map(VecDeque::len).sum();
         self.bytes = self.levels.iter().flatten().map(Entry::size).sum();
         before - self.len
+    }
+
+    fn depth(&self) -> Depth {
+        Depth {
+            messages: self.len as u64,
+            bytes: self.bytes,
+        }
     }
 
     fn clear(&mut self) -> usize {
@@ -196,9 +206,8 @@ struct Slot {
     /// deliveries can still be settled until its stream is dropped.
     cancelled: bool,
     next_tag: u64,
-    /// Unsettled deliveries by tag. Tags only grow, so this stays sorted and
-    /// the usual in-order ack takes the front.
-    unacked: VecDeque<(u64, Entry)>,
+    /// Unsettled deliveries by tag.
+    unacked: Unacked<Entry>,
     /// In the queue's round-robin list.
     in_active: bool,
 }
@@ -340,15 +349,33 @@ impl Queue {
     }
 
     fn dead_or_drop(&self, envelope: &Envelope, reason: Reason, fx: &mut Effects) {
-        if let Some(dlx) = &self.args.dead_letter_exchange {
-            fx.dead.push(dead_letter(
-                envelope,
-                reason,
-                &self.name,
-                dlx,
-                self.args.dead_letter_routing_key.as_deref(),
-            ));
+        if self.args.dead_letter_exchange.is_none() {
+            return;
         }
+        let death = Death::new(
+            reason,
+            &self.name,
+            &envelope.exchange,
+            &envelope.routing_key,
+        );
+        let Some(dl) = dead_letter(&envelope.message, &death, &self.args) else {
+            return;
+        };
+        // A dead-letter routing key replaces every routing key; without one
+        // the message keeps those it was published with.
+        let (routing_key, cc) = match dl.routing_key {
+            Some(key) => (key, Vec::new()),
+            None => (envelope.routing_key.clone(), envelope.cc.clone()),
+        };
+        fx.dead.push(DeadLetter {
+            envelope: Envelope {
+                message: dl.message,
+                exchange: dl.exchange,
+                routing_key,
+                cc,
+            },
+            reason,
+        });
     }
 
     fn expire(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
@@ -357,21 +384,9 @@ impl Queue {
         }
     }
 
-    fn over_limit(&self, st: &QueueState) -> bool {
-        self.args
-            .max_length
-            .is_some_and(|max| st.ready.len as u64 > max)
-            || self
-                .args
-                .max_length_bytes
-                .is_some_and(|max| st.ready.bytes > max)
-    }
-
     fn drop_head(&self, st: &mut QueueState, fx: &mut Effects) {
-        if !matches!(self.args.overflow, None | Some(Overflow::DropHead)) {
-            return;
-        }
-        while self.over_limit(st) {
+        let limits = Limits::of(&self.args);
+        while limits.must_drop_head(st.ready.depth()) {
             match st.ready.pop_head() {
                 Some(e) => self.dead_or_drop(&e.envelope, Reason::MaxLen, fx),
                 None => break,
@@ -379,23 +394,11 @@ impl Queue {
         }
     }
 
-    /// RabbitMQ's `will_overflow`: would one more message of `size` bytes
-    /// exceed a limit.
-    fn will_overflow(&self, st: &QueueState, size: u64) -> bool {
-        self.args
-            .max_length
-            .is_some_and(|max| st.ready.len as u64 + 1 > max)
-            || self
-                .args
-                .max_length_bytes
-                .is_some_and(|max| st.ready.bytes + size > max)
-    }
-
     fn level_of(&self, message: &Message) -> usize {
-        match self.args.max_priority {
-            Some(max) => usize::from(message.properties.priority.unwrap_or(0).min(max)),
-            None => 0,
-        }
+        usize::from(policy::priority_level(
+            self.args.max_priority,
+            message.properties.priority,
+        ))
     }
 
     fn slot_index(st: &QueueState, id: u64) -> Option<usize> {
@@ -452,7 +455,7 @@ impl Queue {
         if !slot.auto_ack {
             // Any later delivery of this copy is a redelivery.
             entry.redelivered = true;
-            slot.unacked.push_back((slot.next_tag, entry));
+            slot.unacked.insert(slot.next_tag, entry);
         }
         slot.shared.push(handover);
     }
@@ -523,18 +526,16 @@ impl Queue {
         }
         self.expire(st, now, fx);
         let size = envelope.message.body.len() as u64;
-        match self.args.overflow {
-            Some(Overflow::RejectPublish) if self.will_overflow(st, size) => return false,
-            Some(Overflow::RejectPublishDlx) if self.will_overflow(st, size) => {
-                self.dead_or_drop(envelope, Reason::MaxLen, fx);
+        match Limits::of(&self.args).admit(st.ready.depth(), size) {
+            Admission::Accept => {}
+            Admission::Refuse { dead_letter } => {
+                if dead_letter {
+                    self.dead_or_drop(envelope, Reason::MaxLen, fx);
+                }
                 return false;
             }
-            _ => {}
         }
-        let ttl = match (self.args.message_ttl, message_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let ttl = policy::message_ttl(self.args.message_ttl, message_ttl);
         let entry = Entry {
             seq: st.next_seq,
             envelope: envelope.clone(),
@@ -586,7 +587,7 @@ impl Queue {
             priority: new.priority,
             cancelled: false,
             next_tag: new.first_tag.saturating_sub(1),
-            unacked: VecDeque::new(),
+            unacked: Unacked::new(),
             in_active: true,
         });
         st.active.push_back(id);
@@ -630,11 +631,11 @@ impl Queue {
         let Some(idx) = Self::slot_index(st, id) else {
             return;
         };
-        let slot = st.consumers.remove(idx);
+        let mut slot = st.consumers.remove(idx);
         st.active.retain(|a| *a != id);
         slot.shared.end(true);
         let requeued = !slot.unacked.is_empty();
-        for (_, entry) in slot.unacked {
+        for (_, entry) in slot.unacked.drain() {
             st.ready.restore(entry);
         }
         if requeued {
@@ -669,35 +670,23 @@ impl Queue {
             )));
         };
         let slot = &mut st.consumers[idx];
-        // Acks usually come in delivery order: the front is the one.
-        let found = match slot.unacked.front() {
-            Some((first, _)) if *first == tag => Ok(0),
-            _ => slot.unacked.binary_search_by_key(&tag, |(t, _)| *t),
-        };
-        let Ok(at) = found else {
-            return Err(Error::PreconditionFailed(
-                format!("unknown delivery tag {tag} on queue '{}'", self.name).into(),
-            ));
-        };
+        let taken = slot
+            .unacked
+            .take(tag, multiple)
+            .map_err(|e| e.on_queue(&self.name))?;
         if how == Settle::Ack {
-            // Dropping the entries is all an ack does.
+            // Dropping the entries is all an ack does; a single one is
+            // released for the publishing side to free.
             if multiple {
-                slot.unacked.drain(..=at);
+                drop(taken);
             } else {
-                if let Some((_, entry)) = slot.unacked.remove(at) {
+                let entry = { taken }.next();
+                if let Some(entry) = entry {
                     Self::release(st, entry.envelope, fx);
                 }
             }
         } else {
-            let settled: Vec<Entry> = if multiple {
-                slot.unacked.drain(..=at).map(|(_, e)| e).collect()
-            } else {
-                slot.unacked
-                    .remove(at)
-                    .map(|(_, e)| e)
-                    .into_iter()
-                    .collect()
-            };
+            let settled: Vec<Entry> = taken.collect();
             for entry in settled {
                 if how == Settle::Requeue {
                     st.ready.restore(entry);

@@ -131,7 +131,7 @@ async fn ack_on_a_dropped_connection_fails_and_the_message_comes_again() {
         .unwrap();
     let d = next(&mut c).await;
     let e = d.ack().await.unwrap_err();
-    assert!(matches!(e, Error::ConnectionLost(_)), "{e}");
+    assert!(matches!(e, Error::Closed(_)) && !e.is_temporary(), "{e}");
     let again = next(&mut c).await;
     assert!(again.redelivered);
     again.ack().await.unwrap();

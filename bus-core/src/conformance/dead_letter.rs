@@ -1,6 +1,7 @@
 //! Dead-lettering and what feeds it: rejection, TTL (queue and message),
 //! max length with each overflow mode; the `x-death` header.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::support::{
@@ -70,6 +71,22 @@ fn applicable(h: &dyn Harness, case: &str, needs_ttl: bool, needs_max_length: bo
     true
 }
 
+/// A connection and a [`DeadLetters`] sink for `case`, or `None` when the
+/// case is not applicable (see [`applicable`]).
+async fn with_dead_letters(
+    h: &dyn Harness,
+    case: &str,
+    needs_ttl: bool,
+    needs_max_length: bool,
+) -> Option<(Arc<dyn Connection>, DeadLetters)> {
+    if !applicable(h, case, needs_ttl, needs_max_length) {
+        return None;
+    }
+    let conn = h.connect().await;
+    let dl = DeadLetters::new(&*conn).await;
+    Some((conn, dl))
+}
+
 /// The single `x-death` entry of a dead-lettered message, checked for the
 /// fields every entry has and their types.
 fn x_death(d: &Delivery) -> FieldTable {
@@ -105,6 +122,17 @@ fn x_death(d: &Delivery) -> FieldTable {
     entry
 }
 
+/// Takes the next message of `queue` with a consumer of its own and
+/// rejects it without requeue.
+async fn reject_next(conn: &dyn Connection, queue: &str) {
+    let mut c = consume(conn, queue, ConsumeOptions::prefetch(1)).await;
+    recv(&mut c, "the message to reject")
+        .await
+        .reject(Requeue::No)
+        .await
+        .expect("reject");
+}
+
 /// Asserts an `x-death` entry's reason, queue, exchange, routing keys and
 /// count, with RabbitMQ's types.
 fn expect_death(
@@ -112,7 +140,7 @@ fn expect_death(
     reason: &str,
     queue: &str,
     exchange: &str,
-    key: &str,
+    keys: &[&str],
     count: i64,
 ) {
     let s = |v: &str| FieldValue::String(v.to_owned());
@@ -133,7 +161,7 @@ fn expect_death(
     );
     assert_eq!(
         entry.get("routing-keys"),
-        Some(&FieldValue::Array(vec![s(key)])),
+        Some(&FieldValue::Array(keys.iter().map(|k| s(k)).collect())),
         "x-death routing-keys: {entry:?}"
     );
     assert_eq!(
@@ -148,16 +176,16 @@ fn expect_death(
 /// `rejected`, the queue, the exchange it was published to, its routing
 /// keys, count 1 (a 64-bit integer) and the time.
 pub async fn rejected_message_is_dead_lettered_with_x_death(h: &dyn Harness) {
-    if !applicable(
+    let Some((conn, mut dl)) = with_dead_letters(
         h,
         "rejected_message_is_dead_lettered_with_x_death",
         false,
         false,
-    ) {
+    )
+    .await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let x = exchange(&*conn, "dl-source", ExchangeKind::Direct).await;
     let q = queue_with(&*conn, "dl-rejecting", dl.options()).await;
     bind(&*conn, &q, &x, "rk").await;
@@ -166,12 +194,7 @@ pub async fn rejected_message_is_dead_lettered_with_x_death(h: &dyn Harness) {
         .with_content_type("text/plain")
         .with_message_id("id-1");
     publish(&*conn, &x, "rk", sent.clone()).await;
-    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
-    recv(&mut c, "the message to reject")
-        .await
-        .reject(Requeue::No)
-        .await
-        .expect("reject");
+    reject_next(&*conn, &q).await;
     let d = dl.recv("the dead-lettered message").await;
     assert_eq!(body(&d), "doomed");
     assert_eq!(
@@ -188,16 +211,16 @@ pub async fn rejected_message_is_dead_lettered_with_x_death(h: &dyn Harness) {
         "headers kept"
     );
     let entry = x_death(&d);
-    expect_death(&entry, "rejected", &q, &x, "rk", 1);
-    drop(c);
+    expect_death(&entry, "rejected", &q, &x, &["rk"], 1);
     expect_bodies(&*conn, &q, &[]).await;
     cleanup(&*conn, &[&q], &[&x]).await;
     dl.finish(&*conn).await;
 }
 
 /// With `x-dead-letter-routing-key`, a dead-lettered message is routed with
-/// that key; `x-death` keeps the original one. Nack without requeue
-/// dead-letters like reject.
+/// that key only and loses its `CC` header; `x-death` keeps the original
+/// routing keys, CC keys included. Nack without requeue dead-letters like
+/// reject.
 pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
     if !applicable(h, "dead_letter_routing_key_replaces_the_key", false, false) {
         return;
@@ -212,7 +235,14 @@ pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
     options.arguments.dead_letter_routing_key = Some("dead".into());
     let q = queue_with(&*conn, "dl-rerouting", options).await;
     bind(&*conn, &other, &dlx, &q).await;
-    publish_text(&*conn, "", &q, "rerouted").await;
+    let cc = super::fresh_name("cc");
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new("rerouted").with_header("CC", vec![FieldValue::from(cc.as_str())]),
+    )
+    .await;
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "the message to nack")
         .await
@@ -225,7 +255,12 @@ pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
         (d.exchange.as_str(), d.routing_key.as_str()),
         (dlx.as_str(), "dead")
     );
-    expect_death(&x_death(&d), "rejected", &q, "", &q, 1);
+    expect_death(&x_death(&d), "rejected", &q, "", &[&q, &cc], 1);
+    assert!(
+        !d.message.properties.headers.contains_key("CC"),
+        "CC removed: {:?}",
+        d.message.properties.headers
+    );
     drop((c, dc));
     expect_bodies(&*conn, &other, &[]).await;
     cleanup(&*conn, &[&q, &dead, &other], &[&dlx]).await;
@@ -270,21 +305,15 @@ pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
 /// `x-first-death-queue` and `x-first-death-exchange` (strings), as
 /// RabbitMQ does.
 pub async fn first_death_headers(h: &dyn Harness) {
-    if !applicable(h, "first_death_headers", false, false) {
+    let Some((conn, mut dl)) = with_dead_letters(h, "first_death_headers", false, false).await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let x = exchange(&*conn, "first-death", ExchangeKind::Fanout).await;
     let q = queue_with(&*conn, "first-death", dl.options()).await;
     bind(&*conn, &q, &x, "").await;
     publish_text(&*conn, &x, "k", "first death").await;
-    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
-    recv(&mut c, "to reject")
-        .await
-        .reject(Requeue::No)
-        .await
-        .expect("reject");
+    reject_next(&*conn, &q).await;
     let d = dl.recv("dead-lettered").await;
     let headers = &d.message.properties.headers;
     for (name, want) in [
@@ -298,32 +327,39 @@ pub async fn first_death_headers(h: &dyn Harness) {
             "{name} in {headers:?}"
         );
     }
-    drop(c);
     cleanup(&*conn, &[&q], &[&x]).await;
     dl.finish(&*conn).await;
 }
 
 /// With `x-message-ttl`, a message not consumed in time expires: it is
 /// dead-lettered with reason `expired` and never delivered from its queue.
+/// The queue is bound to its own dead-letter exchange too: the copy that
+/// would go back into it is dropped (RabbitMQ's cycle rule: it died there
+/// before, with no rejection since), the other queues get theirs.
 pub async fn queue_ttl_expires_messages(h: &dyn Harness) {
-    if !applicable(h, "queue_ttl_expires_messages", true, false) {
+    let Some((conn, mut dl)) =
+        with_dead_letters(h, "queue_ttl_expires_messages", true, false).await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let mut options = dl.options();
     options.arguments.message_ttl = Some(Duration::from_millis(100));
     let q = queue_with(&*conn, "queue-ttl", options).await;
+    bind(&*conn, &q, &dl.exchange, "").await;
     publish_text(&*conn, "", &q, "short-lived").await;
     let d = dl.recv("the expired message").await;
     assert_eq!(body(&d), "short-lived");
     assert_eq!(d.routing_key, q, "dead-lettered with its original key");
     let entry = x_death(&d);
-    expect_death(&entry, "expired", &q, "", &q, 1);
+    expect_death(&entry, "expired", &q, "", &[&q], 1);
     assert!(
         !entry.contains_key("original-expiration"),
         "no per-message expiration to record: {entry:?}"
     );
+    // Had the copy for the queue itself not been dropped, it would expire
+    // again and reach the dead-letter queue a second time before the
+    // marker `finish` sends after this wait.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     expect_bodies(&*conn, &q, &[]).await;
     cleanup(&*conn, &[&q], &[]).await;
     dl.finish(&*conn).await;
@@ -333,11 +369,11 @@ pub async fn queue_ttl_expires_messages(h: &dyn Harness) {
 /// is dead-lettered with reason `expired`, without its `expiration`
 /// property, which `x-death` keeps as `original-expiration`.
 pub async fn message_ttl_expires_messages(h: &dyn Harness) {
-    if !applicable(h, "message_ttl_expires_messages", true, false) {
+    let Some((conn, mut dl)) =
+        with_dead_letters(h, "message_ttl_expires_messages", true, false).await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let q = queue_with(&*conn, "message-ttl", dl.options()).await;
     let msg = Message::new("short-lived")
         .with_expiration_ms(100)
@@ -354,7 +390,7 @@ pub async fn message_ttl_expires_messages(h: &dyn Harness) {
         Some(&FieldValue::from("v"))
     );
     let entry = x_death(&d);
-    expect_death(&entry, "expired", &q, "", &q, 1);
+    expect_death(&entry, "expired", &q, "", &[&q], 1);
     assert_eq!(
         entry.get("original-expiration"),
         Some(&FieldValue::from("100")),
@@ -473,11 +509,11 @@ pub async fn max_length_bytes_drops_the_oldest(h: &dyn Harness) {
 /// On overflow with `drop-head`, the oldest message is dead-lettered with
 /// reason `maxlen` when the queue has a dead-letter exchange.
 pub async fn max_length_dead_letters_the_oldest(h: &dyn Harness) {
-    if !applicable(h, "max_length_dead_letters_the_oldest", false, true) {
+    let Some((conn, mut dl)) =
+        with_dead_letters(h, "max_length_dead_letters_the_oldest", false, true).await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let mut options = dl.options();
     options.arguments.max_length = Some(1);
     let q = queue_with(&*conn, "max-length-dlx", options).await;
@@ -485,7 +521,7 @@ pub async fn max_length_dead_letters_the_oldest(h: &dyn Harness) {
     publish_text(&*conn, "", &q, "new").await;
     let d = dl.recv("the dropped head").await;
     assert_eq!(body(&d), "old");
-    expect_death(&x_death(&d), "maxlen", &q, "", &q, 1);
+    expect_death(&x_death(&d), "maxlen", &q, "", &[&q], 1);
     expect_bodies(&*conn, &q, &["new"]).await;
     cleanup(&*conn, &[&q], &[]).await;
     dl.finish(&*conn).await;
@@ -533,11 +569,11 @@ pub async fn reject_publish_nacks_the_new_message(h: &dyn Harness) {
 /// with [`Error::Nacked`] and the refused message is dead-lettered with
 /// reason `maxlen`.
 pub async fn reject_publish_dlx_nacks_and_dead_letters(h: &dyn Harness) {
-    if !applicable(h, "reject_publish_dlx_nacks_and_dead_letters", false, true) {
+    let Some((conn, mut dl)) =
+        with_dead_letters(h, "reject_publish_dlx_nacks_and_dead_letters", false, true).await
+    else {
         return;
-    }
-    let conn = h.connect().await;
-    let mut dl = DeadLetters::new(&*conn).await;
+    };
     let mut options = dl.options();
     options.arguments.max_length = Some(1);
     options.arguments.overflow = Some(Overflow::RejectPublishDlx);
@@ -551,8 +587,365 @@ pub async fn reject_publish_dlx_nacks_and_dead_letters(h: &dyn Harness) {
     );
     let d = dl.recv("the refused message").await;
     assert_eq!(body(&d), "refused");
-    expect_death(&x_death(&d), "maxlen", &q, "", &q, 1);
+    expect_death(&x_death(&d), "maxlen", &q, "", &[&q], 1);
     expect_bodies(&*conn, &q, &["first"]).await;
     cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// The `x-death` array of a dead-lettered message, each entry a table.
+fn x_deaths(d: &Delivery) -> Vec<FieldTable> {
+    let deaths = d
+        .message
+        .properties
+        .headers
+        .get("x-death")
+        .unwrap_or_else(|| panic!("a dead-lettered message has an x-death header: {d:?}"));
+    deaths
+        .as_array()
+        .unwrap_or_else(|| panic!("x-death is an array: {deaths:?}"))
+        .iter()
+        .map(|e| {
+            e.as_table()
+                .unwrap_or_else(|| panic!("an x-death entry is a table: {e:?}"))
+                .clone()
+        })
+        .collect()
+}
+
+/// Each entry's (queue, reason, count), in order.
+fn death_summary(d: &Delivery) -> Vec<(String, String, Option<FieldValue>)> {
+    x_deaths(d)
+        .iter()
+        .map(|t| {
+            let text = |f: &str| {
+                t.get(f)
+                    .and_then(FieldValue::as_str)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (text("queue"), text("reason"), t.get("count").cloned())
+        })
+        .collect()
+}
+
+/// The `x-first-death-*` headers a dead-lettered message has.
+fn first_death_headers_of(d: &Delivery) -> Vec<(String, FieldValue)> {
+    d.message
+        .properties
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-first-death-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A time in the past that no transport could write as the time of a
+/// death now (2001-09-09).
+const LONG_AGO: u64 = 1_000_000_000;
+
+/// A publisher-made `x-death` entry for `queue` and `reason`.
+fn forged_entry(queue: &str, reason: &str, count: Option<FieldValue>) -> FieldValue {
+    let mut t = FieldTable::new();
+    t.insert("queue".into(), queue.into());
+    t.insert("reason".into(), reason.into());
+    t.insert("time".into(), FieldValue::Timestamp(LONG_AGO));
+    t.insert("exchange".into(), "elsewhere".into());
+    t.insert(
+        "routing-keys".into(),
+        FieldValue::Array(vec!["before".into()]),
+    );
+    if let Some(count) = count {
+        t.insert("count".into(), count);
+    }
+    FieldValue::Table(t)
+}
+
+/// Every field of a first `x-death` entry, as RabbitMQ writes it: `count`
+/// (1, a 64-bit integer), `reason`, `queue`, `time` (a timestamp: the time
+/// of death), `exchange` (the one the message was published to),
+/// `routing-keys` (the publish key, then the `CC` keys; not the `BCC` ones)
+/// and `original-expiration` (the `expiration` property, which the dead
+/// letter no longer has); nothing else. The `x-first-death-*` headers are
+/// set, no `x-last-death-*` ones, and the `CC` header stays.
+pub async fn x_death_records_every_field(h: &dyn Harness) {
+    let Some((conn, mut dl)) =
+        with_dead_letters(h, "x_death_records_every_field", false, false).await
+    else {
+        return;
+    };
+    let x = exchange(&*conn, "dl-fields", ExchangeKind::Direct).await;
+    let q = queue_with(&*conn, "dl-fields", dl.options()).await;
+    bind(&*conn, &q, &x, "k").await;
+    let (cc, bcc) = (super::fresh_name("cc"), super::fresh_name("bcc"));
+    let sent = Message::new("every field")
+        .with_expiration_ms(600_000)
+        .with_header("CC", vec![FieldValue::from(cc.as_str())])
+        .with_header("BCC", vec![FieldValue::from(bcc.as_str())]);
+    publish(&*conn, &x, "k", sent).await;
+    reject_next(&*conn, &q).await;
+    let d = dl.recv("the dead-lettered message").await;
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (dl.exchange.as_str(), "k")
+    );
+    let entry = x_death(&d);
+    let s = |v: &str| FieldValue::from(v);
+    assert_eq!(entry.get("count"), Some(&FieldValue::I64(1)), "{entry:?}");
+    assert_eq!(entry.get("reason"), Some(&s("rejected")), "{entry:?}");
+    assert_eq!(entry.get("queue"), Some(&s(&q)), "{entry:?}");
+    assert_eq!(entry.get("exchange"), Some(&s(&x)), "{entry:?}");
+    assert_eq!(
+        entry.get("routing-keys"),
+        Some(&FieldValue::Array(vec![s("k"), s(&cc)])),
+        "the publish key and the CC keys, not BCC: {entry:?}"
+    );
+    assert_eq!(
+        entry.get("original-expiration"),
+        Some(&s("600000")),
+        "{entry:?}"
+    );
+    let mut fields: Vec<&str> = entry.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "count",
+            "exchange",
+            "original-expiration",
+            "queue",
+            "reason",
+            "routing-keys",
+            "time"
+        ],
+        "no other fields"
+    );
+    let p = &d.message.properties;
+    assert_eq!(p.expiration, None, "dead-lettering removes the expiration");
+    assert_eq!(
+        p.headers.get("CC"),
+        Some(&FieldValue::Array(vec![s(&cc)])),
+        "CC stays without a dead-letter routing key"
+    );
+    assert_eq!(
+        first_death_headers_of(&d),
+        [
+            ("x-first-death-exchange".to_owned(), s(&x)),
+            ("x-first-death-queue".to_owned(), s(&q)),
+            ("x-first-death-reason".to_owned(), s("rejected")),
+        ]
+    );
+    assert!(
+        !p.headers.keys().any(|k| k.starts_with("x-last-death")),
+        "RabbitMQ 3.10 writes no x-last-death headers: {:?}",
+        p.headers
+    );
+    cleanup(&*conn, &[&q], &[&x]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A death in a queue for a reason the message already has an `x-death`
+/// entry for keeps that entry as it is, `time` (the first death's),
+/// `exchange` and `routing-keys` included, and adds one to its `count`;
+/// the entry of that first death gets no `original-expiration` now, though
+/// the `expiration` property is removed. `x-first-death-*` headers are
+/// written only for a message without `x-death`.
+pub async fn x_death_keeps_the_first_time_of_a_repeated_death(h: &dyn Harness) {
+    let Some((conn, mut dl)) = with_dead_letters(
+        h,
+        "x_death_keeps_the_first_time_of_a_repeated_death",
+        false,
+        false,
+    )
+    .await
+    else {
+        return;
+    };
+    let q = queue_with(&*conn, "dl-again", dl.options()).await;
+    let sent = Message::new("died before")
+        .with_expiration_ms(600_000)
+        .with_header(
+            "x-death",
+            FieldValue::Array(vec![forged_entry(&q, "rejected", Some(FieldValue::I64(1)))]),
+        );
+    publish(&*conn, "", &q, sent).await;
+    reject_next(&*conn, &q).await;
+    let d = dl.recv("the dead-lettered message").await;
+    let deaths = x_deaths(&d);
+    assert_eq!(
+        deaths.len(),
+        1,
+        "one entry per queue and reason: {deaths:?}"
+    );
+    let FieldValue::Table(want) = forged_entry(&q, "rejected", Some(FieldValue::I64(2))) else {
+        unreachable!("an entry is a table")
+    };
+    assert_eq!(deaths[0], want, "the first death's entry, counted again");
+    assert_eq!(d.message.properties.expiration, None);
+    assert_eq!(
+        first_death_headers_of(&d),
+        [],
+        "x-death was there: no first death"
+    );
+    cleanup(&*conn, &[&q], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A message rejected around a loop of two queues (each dead-lettering to
+/// the other through the default exchange) carries one entry per queue,
+/// the latest death first, each counting its queue's deaths, over two
+/// cycles; `x-first-death-queue` stays the first queue.
+pub async fn x_death_counts_grow_over_two_cycles(h: &dyn Harness) {
+    if !applicable(h, "x_death_counts_grow_over_two_cycles", false, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let (a, b) = (super::fresh_name("dl-ping"), super::fresh_name("dl-pong"));
+    // Each queue names the other, so both names are chosen up front.
+    for (me, next) in [(&a, &b), (&b, &a)] {
+        let mut options = QueueOptions::default();
+        options.arguments.dead_letter_exchange = Some(String::new());
+        options.arguments.dead_letter_routing_key = Some(next.clone());
+        conn.declare_queue(me, options)
+            .await
+            .unwrap_or_else(|e| panic!("declare queue {me:?}: {e:?}"));
+    }
+    publish_text(&*conn, "", &a, "ball").await;
+    let mut ca = consume(&*conn, &a, ConsumeOptions::prefetch(1)).await;
+    let mut cb = consume(&*conn, &b, ConsumeOptions::prefetch(1)).await;
+    let d = recv(&mut ca, "the first serve").await;
+    assert!(!d.message.properties.headers.contains_key("x-death"));
+    d.reject(Requeue::No).await.expect("reject in a");
+    let i = |n| Some(FieldValue::I64(n));
+    let st = |q: &str, n| (q.to_owned(), "rejected".to_owned(), i(n));
+    // (in b?, x-death after the death)
+    let expected = [
+        (true, vec![st(&a, 1)]),
+        (false, vec![st(&b, 1), st(&a, 1)]),
+        (true, vec![st(&a, 2), st(&b, 1)]),
+        (false, vec![st(&b, 2), st(&a, 2)]),
+    ];
+    let last = expected.len() - 1;
+    for (n, (in_b, want)) in expected.into_iter().enumerate() {
+        let consumer = if in_b { &mut cb } else { &mut ca };
+        let d = recv(consumer, "the ball after a death").await;
+        assert_eq!(death_summary(&d), want, "after death {}", n + 1);
+        assert_eq!(
+            d.message.properties.headers.get("x-first-death-queue"),
+            Some(&FieldValue::from(a.as_str()))
+        );
+        if n == last {
+            d.ack().await.expect("ack");
+        } else {
+            d.reject(Requeue::No).await.expect("reject");
+        }
+    }
+    drop((ca, cb));
+    cleanup(&*conn, &[&a, &b], &[]).await;
+}
+
+/// Rejects `sent` from a fresh queue dead-lettering to `dl` and returns
+/// the dead letter; `sent` is built for the queue's name.
+async fn reject_through(
+    conn: &dyn Connection,
+    dl: &mut DeadLetters,
+    sent: impl FnOnce(&str) -> Message,
+) -> (String, Delivery) {
+    let q = queue_with(conn, "dl-hostile", dl.options()).await;
+    publish(conn, "", &q, sent(&q)).await;
+    reject_next(conn, &q).await;
+    let d = dl.recv("the dead-lettered message").await;
+    cleanup(conn, &[&q], &[]).await;
+    (q, d)
+}
+
+/// `x-death` values a publisher made up are handled as RabbitMQ 3.10 does,
+/// and never break the transport: a `count` of `i64::MAX` wraps to
+/// `i64::MIN` (RabbitMQ adds one and writes 64 bits), a negative one counts
+/// up, a missing one becomes 1; an `x-death` that is not an array, or an
+/// empty one, is replaced by one new entry, and no `x-first-death-*`
+/// headers are written (the header was there). Entries of other queues are
+/// kept as they are; where there are two or more, RabbitMQ 3.10 groups them
+/// by queue and reason (the first of each kept) in reverse order before the
+/// new entry goes in front.
+pub async fn x_death_from_a_publisher_is_handled_as_rabbitmq_does(h: &dyn Harness) {
+    let Some((conn, mut dl)) = with_dead_letters(
+        h,
+        "x_death_from_a_publisher_is_handled_as_rabbitmq_does",
+        false,
+        false,
+    )
+    .await
+    else {
+        return;
+    };
+    for (count, want) in [
+        (Some(FieldValue::I64(i64::MAX)), FieldValue::I64(i64::MIN)),
+        (Some(FieldValue::I64(-5)), FieldValue::I64(-4)),
+        (None, FieldValue::I64(1)),
+    ] {
+        let (q, d) = reject_through(&*conn, &mut dl, |q| {
+            Message::new("counted").with_header(
+                "x-death",
+                FieldValue::Array(vec![forged_entry(q, "rejected", count.clone())]),
+            )
+        })
+        .await;
+        let deaths = x_deaths(&d);
+        assert_eq!(deaths.len(), 1, "{deaths:?}");
+        assert_eq!(deaths[0].get("count"), Some(&want), "count {count:?}");
+        assert_eq!(deaths[0].get("queue"), Some(&FieldValue::from(q.as_str())));
+        assert_eq!(
+            deaths[0].get("time"),
+            Some(&FieldValue::Timestamp(LONG_AGO)),
+            "the entry is kept"
+        );
+    }
+    for hostile in [
+        FieldValue::from("not an array"),
+        FieldValue::Table(FieldTable::new()),
+        FieldValue::Array(Vec::new()),
+    ] {
+        let (q, d) = reject_through(&*conn, &mut dl, |_| {
+            Message::new("hostile").with_header("x-death", hostile.clone())
+        })
+        .await;
+        let entry = x_death(&d);
+        expect_death(&entry, "rejected", &q, "", &[&q], 1);
+        assert_eq!(
+            first_death_headers_of(&d),
+            [],
+            "x-death {hostile:?} was there: no first death"
+        );
+    }
+    let i = |n| Some(FieldValue::I64(n));
+    let (q, d) = reject_through(&*conn, &mut dl, |_| {
+        Message::new("travelled").with_header(
+            "x-death",
+            FieldValue::Array(vec![
+                forged_entry("q1", "expired", i(1)),
+                forged_entry("q3", "maxlen", i(9)),
+                forged_entry("q1", "expired", i(7)),
+                forged_entry("q2", "expired", i(4)),
+            ]),
+        )
+    })
+    .await;
+    let st = |q: &str, r: &str, n| (q.to_owned(), r.to_owned(), i(n));
+    assert_eq!(
+        death_summary(&d),
+        [
+            st(&q, "rejected", 1),
+            st("q2", "expired", 4),
+            st("q3", "maxlen", 9),
+            st("q1", "expired", 1),
+        ]
+    );
+    let deaths = x_deaths(&d);
+    assert_eq!(
+        deaths[1].get("time"),
+        Some(&FieldValue::Timestamp(LONG_AGO)),
+        "{deaths:?}"
+    );
     dl.finish(&*conn).await;
 }
