@@ -84,8 +84,15 @@
 //!   dedicated channel, one operation at a time. When the broker refuses an
 //!   operation it closes that channel (`PRECONDITION_FAILED` 406,
 //!   `NOT_FOUND` 404, `RESOURCE_LOCKED` 405, `ACCESS_REFUSED` 403); the
-//!   operation fails with the matching [`bus_core::Error`] variant and the
-//!   next one opens a new channel. Publishers and consumers are untouched.
+//!   operation fails with the matching [`bus_core::Error`] variant, with the
+//!   queue or exchange and the argument the reply text names as its
+//!   [`subject`](bus_core::Error::subject) and
+//!   [`argument`](bus_core::Error::argument), and the next one opens a new
+//!   channel. Publishers and consumers are untouched. An exchange type no
+//!   enabled plugin provides ([`ExchangeKind::Custom`](bus_core::ExchangeKind::Custom))
+//!   is the exception: RabbitMQ closes the whole connection over it
+//!   (`COMMAND_INVALID` 503), the declaration fails with a permanent
+//!   `NotSupported` naming the type, and the connection recovers.
 //! * **Publishing** uses one channel in confirm mode shared by every
 //!   publish: many are in flight at once and each call resolves on its own
 //!   confirm. A mandatory message no queue takes is

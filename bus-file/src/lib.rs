@@ -78,8 +78,10 @@
 //!
 //! See [`capabilities`]: everything the conformance suite checks except
 //! queue expiry (`x-expires`, refused with `NotSupported`), quorum and
-//! stream queues (refused), RabbitMQ's direct reply-to (replies use an
-//! exclusive queue). Exclusive queues, consumer counts, exclusive and
+//! stream queues (refused), exchange types of broker plugins
+//! ([`bus_core::ExchangeKind::Custom`], refused with `NotSupported`; the
+//! topology file reserves kind tag 4, followed by the type's name, for
+//! them), RabbitMQ's direct reply-to (replies use an exclusive queue). Exclusive queues, consumer counts, exclusive and
 //! single-active consumers hold across processes (consumer registrations
 //! under the topology lock, the single active consumer by an `flock`);
 //! a single active consumer in another process takes over within one rescan
