@@ -28,7 +28,7 @@ Example:
 speech.toml:
   [[exchange]]
   name = \"speech\"
-  type = \"topic\"          # direct (default), fanout, topic, headers
+  type = \"topic\"          # direct (default), fanout, topic, headers, x-... (a plugin's)
   durable = true
 
   [[queue]]
@@ -84,7 +84,7 @@ struct ExchangeDef {
 }
 
 fn direct() -> Kind {
-    Kind::Direct
+    Kind(bus::ExchangeKind::Direct)
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,7 +189,7 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
         }
     };
     for (x, options) in exchanges {
-        let o = exchange(&*conn, &x.name, x.kind, options).await;
+        let o = exchange(&*conn, &x.name, x.kind.clone(), options).await;
         report("exchange", &x.name, o);
     }
     for (q, options) in queues {
