@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use bus::{
-    ConnectionExt, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions, QueueOptions,
+    ConnectionExt, DeleteExchangeOptions, ExchangeKind, ExchangeOptions, FieldTable, Message,
+    PublishOptions, QueueOptions,
 };
 
 #[tokio::main]
@@ -107,8 +108,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    conn.delete_exchange(&events, false).await?;
-    conn.delete_exchange(&broadcast, false).await?;
+    conn.delete_exchange(&events, DeleteExchangeOptions::default())
+        .await?;
+    conn.delete_exchange(&broadcast, DeleteExchangeOptions::default())
+        .await?;
     conn.close().await?;
     println!("topic and fanout routing behaved as bound");
     Ok(())

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bus::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions};
+use bus::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions, Requeue};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -117,7 +117,7 @@ async fn worker(
         let delivery = delivery?;
         let job = String::from_utf8_lossy(&delivery.message.body).into_owned();
         if name == "w2" {
-            delivery.nack(true).await?;
+            delivery.nack(Requeue::Yes).await?;
             let _ = events.send(Event::GaveUp { worker: name, job });
             jobs.cancel().await?;
             return Ok(());

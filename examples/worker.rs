@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use bus::worker::{FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker};
 use bus::{
-    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, Error, ExchangeKind,
-    ExchangeOptions, Message, QueueOptions, Result,
+    Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions, Error,
+    ExchangeKind, ExchangeOptions, Message, QueueOptions, Result,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -217,7 +217,8 @@ async fn main() -> Result<()> {
     drop(events);
     conn.delete_queue(&events_q, DeleteQueueOptions::default())
         .await?;
-    conn.delete_exchange(&events_x, false).await?;
+    conn.delete_exchange(&events_x, DeleteExchangeOptions::default())
+        .await?;
     conn.close().await?;
     println!("every path checked");
     Ok(())
@@ -227,9 +228,9 @@ fn check(ok: bool, what: String) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::PreconditionFailed(format!(
-            "unexpected outcome: {what}"
-        )))
+        Err(Error::PreconditionFailed(
+            format!("unexpected outcome: {what}").into(),
+        ))
     }
 }
 
@@ -238,6 +239,7 @@ async fn cleanup(conn: &dyn Connection, jobs: &str, delay: Duration) -> Result<(
     for q in [jobs, &format!("{jobs}.error"), &delay_name] {
         conn.delete_queue(q, DeleteQueueOptions::default()).await?;
     }
-    conn.delete_exchange(&delay_name, false).await?;
+    conn.delete_exchange(&delay_name, DeleteExchangeOptions::default())
+        .await?;
     Ok(())
 }

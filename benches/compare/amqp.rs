@@ -124,20 +124,12 @@ async fn bounded_queue_ours(conn: &Arc<dyn Connection>, name: &str) {
     conn.delete_queue(name, DeleteQueueOptions::default())
         .await
         .expect("delete queue");
-    let arguments = QueueArguments {
-        max_length: Some(MAX_LENGTH),
-        overflow: Some(Overflow::DropHead),
-        ..QueueArguments::default()
-    };
-    conn.declare_queue(
-        name,
-        QueueOptions {
-            arguments,
-            ..QueueOptions::default()
-        },
-    )
-    .await
-    .expect("declare queue");
+    let arguments = QueueArguments::default()
+        .max_length(MAX_LENGTH)
+        .overflow(Overflow::DropHead);
+    conn.declare_queue(name, QueueOptions::default().with_arguments(arguments))
+        .await
+        .expect("declare queue");
 }
 
 async fn bounded_queue_raw(ch: &lapin::Channel, name: &str) {

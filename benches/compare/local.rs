@@ -127,17 +127,12 @@ async fn topic_rate(bindings: usize) -> f64 {
         .expect("exchange");
     let queues = 10;
     for q in 0..queues {
-        let args = QueueArguments {
-            max_length: Some(1),
-            overflow: Some(Overflow::DropHead),
-            ..QueueArguments::default()
-        };
+        let args = QueueArguments::default()
+            .max_length(1)
+            .overflow(Overflow::DropHead);
         conn.declare_queue(
             &format!("q{q}"),
-            QueueOptions {
-                arguments: args,
-                ..QueueOptions::default()
-            },
+            QueueOptions::default().with_arguments(args),
         )
         .await
         .expect("queue");

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::{
     classic_reply_queue, is_reserved_name, validate_name, Capabilities, Connection, ConsumeOptions,
-    Consumer, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message,
-    PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
+    Consumer, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
+    FieldTable, Message, PublishOptions, QueueInfo, QueueOptions, ReplyQueue, Result,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -344,7 +344,7 @@ impl Shared {
             return Err(Error::PreconditionFailed(format!(
                 "the message body is {len} bytes, more than the largest message size of {max} bytes \
                  (AmqpOptions::max_message_size, or the broker's max_message_size); it was not sent"
-            )));
+            ).into()));
         }
         Ok(())
     }
@@ -591,7 +591,7 @@ impl Shared {
             let r = ch
                 .exchange_declare(
                     short("exchange name", name)?,
-                    lapin_kind(*kind),
+                    lapin_kind(kind),
                     ExchangeDeclareOptions {
                         passive: false,
                         durable: options.durable,
@@ -689,12 +689,13 @@ impl Shared {
     }
 }
 
-fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+fn lapin_kind(kind: &ExchangeKind) -> lapin::ExchangeKind {
     match kind {
         ExchangeKind::Direct => lapin::ExchangeKind::Direct,
         ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
         ExchangeKind::Topic => lapin::ExchangeKind::Topic,
         ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        ExchangeKind::Custom(name) => lapin::ExchangeKind::Custom(name.clone()),
     }
 }
 
@@ -1008,6 +1009,9 @@ impl Connection for AmqpConnection {
         options: ExchangeOptions,
     ) -> Result<()> {
         validate_name("exchange", name)?;
+        if !options.passive {
+            kind.validate()?;
+        }
         let exchange = short("exchange name", name)?;
         let arguments = table_to_amqp(&options.arguments)?;
         let declare = ExchangeDeclareOptions {
@@ -1017,9 +1021,10 @@ impl Connection for AmqpConnection {
             internal: options.internal,
             nowait: false,
         };
+        let lapin_kind = lapin_kind(&kind);
         self.shared
             .topology_op(move |ch| async move {
-                ch.exchange_declare(exchange, lapin_kind(kind), declare, arguments)
+                ch.exchange_declare(exchange, lapin_kind, declare, arguments)
                     .await
             })
             .await?;
@@ -1029,8 +1034,9 @@ impl Connection for AmqpConnection {
         Ok(())
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
         validate_name("exchange", name)?;
+        let if_unused = options.if_unused;
         let exchange = short("exchange name", name)?;
         self.shared
             .topology_op(move |ch| async move {

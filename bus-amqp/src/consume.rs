@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use bus_core::{Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, Result};
+use bus_core::{
+    AckOptions, Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error,
+    NackOptions, Result,
+};
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -126,10 +129,9 @@ impl ChannelAcker {
         }
         match tag.checked_sub(self.offset) {
             Some(t) if t > 0 => Ok(t),
-            _ => Err(Error::PreconditionFailed(format!(
-                "unknown delivery tag {tag} for consumer {}",
-                self.tag
-            ))),
+            _ => Err(Error::PreconditionFailed(
+                format!("unknown delivery tag {tag} for consumer {}", self.tag).into(),
+            )),
         }
     }
 
@@ -159,7 +161,8 @@ impl ChannelAcker {
 
 #[async_trait]
 impl Acknowledger for ChannelAcker {
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+        let multiple = options.multiple;
         let t = self.broker_tag(tag)?;
         if let Some(batch) = &self.batch {
             return if multiple {
@@ -179,7 +182,8 @@ impl Acknowledger for ChannelAcker {
             .map_err(|e| self.settle_error(&e))
     }
 
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
+        let (multiple, requeue) = (options.multiple, options.requeue.is_yes());
         let t = self.broker_tag(tag)?;
         if let Some(batch) = &self.batch {
             return batch

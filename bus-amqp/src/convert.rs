@@ -1,7 +1,9 @@
 //! Lossless mapping between the bus model and lapin's: field values and
 //! tables, message properties, names, and errors.
 
-use bus_core::{DeliveryMode, Error, FieldTable, FieldValue, Message, Properties, Result};
+use bus_core::{
+    DeliveryMode, Error, ErrorDetail, FieldTable, FieldValue, Message, Properties, Result, Subject,
+};
 use bytes::Bytes;
 use lapin::protocol::AMQPErrorKind;
 use lapin::types::{
@@ -218,16 +220,63 @@ pub(crate) fn broker_close(e: &lapin::Error) -> Option<BrokerClose> {
     }
 }
 
+/// The quoted name after `marker` in a RabbitMQ reply text, which quotes
+/// names in single quotes and follows a queue's or an exchange's with
+/// ` in vhost '...'` (such a name may itself contain quotes); an argument's
+/// name ends at the next quote.
+fn quoted_after<'t>(text: &'t str, marker: &str) -> Option<(usize, &'t str)> {
+    let at = text.find(marker)?;
+    let rest = &text[at + marker.len()..];
+    let end = if marker == "arg '" {
+        rest.find('\'')?
+    } else {
+        rest.find("' in vhost '").or_else(|| rest.find('\''))?
+    };
+    Some((at, &rest[..end]))
+}
+
+/// A RabbitMQ reply text with what it names as fields: the queue or
+/// exchange (whichever it names first: "no queue 'q' in vhost '/'",
+/// "inequivalent arg 'durable' for exchange 'x' in vhost '/'"), and the
+/// argument ("inequivalent arg 'x-message-ttl'", "invalid arg
+/// 'x-max-priority'"). A reply about the default exchange names it `""`.
+pub(crate) fn reply_detail(text: String) -> ErrorDetail {
+    let queue = quoted_after(&text, "queue '");
+    let exchange = quoted_after(&text, "exchange '");
+    let subject = match (queue, exchange) {
+        (Some((q_at, q)), Some((x_at, _))) if q_at < x_at => Some(Subject::queue(q)),
+        (_, Some((_, x))) => Some(Subject::exchange(x)),
+        (Some((_, q)), None) => Some(Subject::queue(q)),
+        (None, None) if text.contains("the default exchange") => Some(Subject::exchange("")),
+        (None, None) => None,
+    };
+    let argument = quoted_after(&text, "arg '").map(|(_, a)| a.to_owned());
+    let mut detail = ErrorDetail::new(text);
+    if let Some(subject) = subject {
+        detail = detail.with_subject(subject);
+    }
+    if let Some(argument) = argument {
+        detail = detail.with_argument(argument);
+    }
+    detail
+}
+
 /// Maps a broker reply code to the bus error of the same meaning.
 pub(crate) fn error_from_code(code: u16, text: String) -> Error {
     match code {
-        404 => Error::NotFound(text),
-        406 => Error::PreconditionFailed(text),
-        405 => Error::ResourceLocked(text),
-        403 => Error::AccessRefused(text),
+        404 => Error::NotFound(reply_detail(text)),
+        406 => Error::PreconditionFailed(reply_detail(text)),
+        405 => Error::ResourceLocked(reply_detail(text)),
+        403 => Error::AccessRefused(reply_detail(text)),
         // CONNECTION_FORCED: an operator or a node shutting down closed us.
         320 => Error::ConnectionLost(text),
         540 => Error::NotSupported(text),
+        // COMMAND_INVALID for an `exchange.declare` of a type no enabled
+        // plugin provides ("unknown exchange type 'x-delayed-message'"); the
+        // broker closes the connection, which then recovers.
+        503 if text.contains("exchange type") => Error::NotSupported(format!(
+            "{text}: the broker has no such exchange type; enable the plugin that provides it"
+        )),
         // RESOURCE_ERROR: the broker lacks resources right now.
         506 => Error::backend("amqp", true, format!("{code} {text}")),
         _ => Error::backend("amqp", false, format!("{code} {text}")),
@@ -266,7 +315,7 @@ pub(crate) fn map_error(e: &lapin::Error) -> Error {
             Error::ConnectionLost(format!("the channel was closed: {e}"))
         }
         lapin::ErrorKind::ChannelsLimitReached => Error::backend("amqp", true, e.clone()),
-        lapin::ErrorKind::AuthProviderError(_) => Error::AccessRefused(e.to_string()),
+        lapin::ErrorKind::AuthProviderError(_) => Error::AccessRefused(e.to_string().into()),
         _ => Error::backend("amqp", false, e.clone()),
     }
 }
@@ -315,6 +364,32 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    #[test]
+    fn reply_texts_name_their_subject_and_argument() {
+        let d = reply_detail("NOT_FOUND - no queue 'jobs' in vhost '/'".into());
+        assert_eq!((d.queue(), d.argument()), (Some("jobs"), None));
+        let d = reply_detail(
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'it's' in vhost '/': \
+             received the value '200' of type 'signedint' but current is none"
+                .into(),
+        );
+        assert_eq!(
+            (d.queue(), d.argument()),
+            (Some("it's"), Some("x-message-ttl"))
+        );
+        let d = reply_detail(
+            "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': \
+             received 'direct' but current is 'topic'"
+                .into(),
+        );
+        assert_eq!((d.exchange(), d.argument()), (Some("x"), Some("type")));
+        let d =
+            reply_detail("ACCESS_REFUSED - operation not permitted on the default exchange".into());
+        assert_eq!(d.exchange(), Some(""));
+        let d = reply_detail("PRECONDITION_FAILED - unknown delivery tag 9".into());
+        assert_eq!((d.subject(), d.argument()), (None, None));
     }
 
     #[test]

@@ -50,6 +50,10 @@
 //!   is also the name sent in the handshake (SNI): for a node reached by
 //!   IP address or through a tunnel whose certificate names its DNS name,
 //!   `amqps://u:p@10.0.0.5/%2f?server_name_indication=rabbit.internal`.
+//!   A client without a certificate where the broker requires one is
+//!   refused permanently under TLS 1.2 and 1.3 alike (under 1.3 the
+//!   broker's refusal can arrive as a bare reset after the handshake; the
+//!   connection knows the broker asked for a certificate, and says so).
 //!   A CA or
 //!   certificate file that cannot be read, or holds no PEM certificate,
 //!   is `InvalidArgument` naming it; a TLS handshake failure (untrusted
@@ -80,8 +84,15 @@
 //!   dedicated channel, one operation at a time. When the broker refuses an
 //!   operation it closes that channel (`PRECONDITION_FAILED` 406,
 //!   `NOT_FOUND` 404, `RESOURCE_LOCKED` 405, `ACCESS_REFUSED` 403); the
-//!   operation fails with the matching [`bus_core::Error`] variant and the
-//!   next one opens a new channel. Publishers and consumers are untouched.
+//!   operation fails with the matching [`bus_core::Error`] variant, with the
+//!   queue or exchange and the argument the reply text names as its
+//!   [`subject`](bus_core::Error::subject) and
+//!   [`argument`](bus_core::Error::argument), and the next one opens a new
+//!   channel. Publishers and consumers are untouched. An exchange type no
+//!   enabled plugin provides ([`ExchangeKind::Custom`](bus_core::ExchangeKind::Custom))
+//!   is the exception: RabbitMQ closes the whole connection over it
+//!   (`COMMAND_INVALID` 503), the declaration fails with a permanent
+//!   `NotSupported` naming the type, and the connection recovers.
 //! * **Publishing** uses one channel in confirm mode shared by every
 //!   publish: many are in flight at once and each call resolves on its own
 //!   confirm. A mandatory message no queue takes is
@@ -260,6 +271,7 @@ mod journal;
 mod link;
 mod options;
 mod publish;
+mod tls;
 mod url;
 
 pub use connection::AmqpConnection;
@@ -273,8 +285,7 @@ pub use url::{redact_url, AmqpUrl, BrokerHost};
 /// for a connection made with that reply mode.
 #[must_use]
 pub fn capabilities(reply_mode: ReplyMode) -> bus_core::Capabilities {
-    bus_core::Capabilities {
-        direct_reply: reply_mode == ReplyMode::Direct,
-        ..bus_core::Capabilities::all("amqp")
-    }
+    let mut caps = bus_core::Capabilities::all("amqp");
+    caps.direct_reply = reply_mode == ReplyMode::Direct;
+    caps
 }

@@ -11,6 +11,7 @@ use lapin::{ConnectionProperties, Event};
 
 use crate::convert::{broker_close, error_from_code};
 use crate::options::AmqpOptions;
+use crate::tls::{is_tls_failure, Tls};
 use crate::url::{AmqpUrl, BrokerHost};
 
 /// A connected lapin connection. A new one (with the next generation) is
@@ -147,10 +148,10 @@ pub(crate) async fn connect_any(
         // One node refused the credentials or the virtual host: that is what
         // the caller must hear about, not "connection refused".
         Some(Error::AccessRefused(_)) if url.hosts.len() == 1 => {
-            Error::AccessRefused(format!("{}: {all}", url.redacted()))
+            Error::AccessRefused(format!("{}: {all}", url.redacted()).into())
         }
         Some(Error::NotFound(_)) if url.hosts.len() == 1 => {
-            Error::NotFound(format!("{}: {all}", url.redacted()))
+            Error::NotFound(format!("{}: {all}", url.redacted()).into())
         }
         Some(_) if permanent => Error::backend(
             "amqp",
@@ -207,126 +208,60 @@ async fn connect_one(
     if let Some(name) = &options.connection_name {
         props = props.with_connection_name(LongString::from(name.as_bytes()));
     }
-    let tls = tls_config(url, options)?;
+    let tls = Tls::new(url, options)?;
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
         Error::NotSupported(format!("the AMQP transport needs a tokio runtime: {e}"))
     })?;
-    // lapin's own connector, except that the TLS name (SNI and the name
-    // the certificate must carry) can differ from the host connected to.
-    let server_name = url.server_name.clone();
-    let tls_name = url.server_name.as_deref().unwrap_or(&host.host);
-    let connect = async move |uri: AMQPUri, runtime| {
-        use lapin::tcp::{AMQPUriTcpExt, TLSConfig};
-        let stream = match (&uri.scheme, &server_name) {
-            (AMQPScheme::AMQPS, Some(name)) => {
-                let plain = AMQPUri {
-                    scheme: AMQPScheme::AMQP,
-                    ..uri.clone()
-                };
-                plain
-                    .connect_with_config_async(TLSConfig::default(), &runtime)
-                    .await?
-                    .into_tls(name, tls.as_ref())
-                    .await
+    // lapin's own connector (TCP, then TLS for amqps://), with bus-amqp's
+    // TLS configuration: the name sent and checked can differ from the
+    // host, and the connection learns whether the broker asked for a
+    // client certificate.
+    let tls_name = url.server_name.clone().unwrap_or_else(|| host.host.clone());
+    let connect = {
+        let (tls, tls_name) = (tls.clone(), tls_name.clone());
+        async move |uri: AMQPUri, runtime| {
+            use lapin::tcp::{AMQPUriTcpExt, TLSConfig};
+            let plain = AMQPUri {
+                scheme: AMQPScheme::AMQP,
+                ..uri
+            };
+            let stream = plain
+                .connect_with_config_async(TLSConfig::default(), &runtime)
+                .await?;
+            match &tls {
+                Some(tls) => Ok(stream.into_rustls(&tls.connector, &tls_name).await?),
+                None => Ok(stream),
             }
-            _ => uri.connect_with_config_async(tls.as_ref(), &runtime).await,
-        };
-        stream.map_err(lapin::Error::from)
+        }
     };
     lapin::Connection::connector(uri, runtime, connect, props)
         .await
         .map_err(|e| match broker_close(&e) {
             // 530 NOT_ALLOWED is how RabbitMQ refuses a missing virtual host.
             Some(c) if c.code == 530 => {
-                Error::NotFound(format!("virtual host {:?}: {}", url.vhost, c.text))
+                Error::NotFound(format!("virtual host {:?}: {}", url.vhost, c.text).into())
             }
             Some(c) => error_from_code(c.code, c.text),
-            None => match e.kind() {
-                lapin::ErrorKind::IOError(io) if url.tls && is_tls_failure(io) => Error::backend(
+            None => match (e.kind(), &tls) {
+                (lapin::ErrorKind::IOError(io), Some(_)) if is_tls_failure(io) => Error::backend(
                     "amqp",
                     false,
                     format!("TLS handshake with {host} (as {tls_name:?}) failed: {io}"),
                 ),
-                lapin::ErrorKind::IOError(io) => Error::ConnectionLost(io.to_string()),
+                // TLS 1.3: the broker refuses a client without a
+                // certificate after the client's handshake completed, and
+                // its alert can be lost to the reset that follows.
+                (_, Some(tls)) if tls.refused_for_lack_of_certificate() => Error::backend(
+                    "amqp",
+                    false,
+                    format!(
+                        "TLS with {host} (as {tls_name:?}): the broker asked for a client certificate, none is configured \
+                         (certfile and keyfile in the URL, or AmqpOptions::tls_client_identity), and it then dropped \
+                         the connection ({e})"
+                    ),
+                ),
+                (lapin::ErrorKind::IOError(io), _) => Error::ConnectionLost(io.to_string()),
                 _ => Error::ConnectionLost(e.to_string()),
             },
         })
-}
-
-/// Whether an I/O error is a TLS failure that retrying cannot cure: a
-/// certificate the client does not trust (or that does not name the
-/// host), or a broker refusing the client's certificate. rustls reports
-/// them as `InvalidData`; a broker's alert closes the handshake.
-fn is_tls_failure(io: &std::io::Error) -> bool {
-    if io.kind() == std::io::ErrorKind::InvalidData {
-        return true;
-    }
-    let text = io.to_string().to_ascii_lowercase();
-    ["certificate", "handshake", "alert", "tls"]
-        .iter()
-        .any(|w| text.contains(w))
-}
-
-/// Reads a PEM file named by the URL, with an error naming it.
-fn read_pem(what: &str, path: &std::path::Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        Error::InvalidArgument(format!("cannot read the {what} {}: {e}", path.display()))
-    })
-}
-
-/// Refuses PEM text that holds no certificate, or one that does not parse,
-/// rather than trusting nothing and failing later with an unknown issuer.
-fn check_certificates(what: &str, pem: &str) -> Result<()> {
-    use rustls_pki_types::pem::PemObject;
-    let mut count = 0;
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        cert.map_err(|e| Error::InvalidArgument(format!("the {what} is not valid PEM: {e}")))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the {what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        )));
-    }
-    Ok(())
-}
-
-/// The TLS settings of a connection: the URL's files win over the options.
-fn tls_config(url: &AmqpUrl, options: &AmqpOptions) -> Result<lapin::tcp::OwnedTLSConfig> {
-    if !url.tls {
-        return Ok(lapin::tcp::OwnedTLSConfig {
-            identity: None,
-            cert_chain: None,
-        });
-    }
-    let cert_chain = match &url.cacertfile {
-        Some(path) => {
-            let pem = read_pem("CA file", path)?;
-            check_certificates(&format!("CA file {}", path.display()), &pem)?;
-            Some(pem)
-        }
-        None => {
-            if let Some(pem) = &options.tls_ca_pem {
-                check_certificates("CA certificate of AmqpOptions::tls_ca_pem", pem)?;
-            }
-            options.tls_ca_pem.clone()
-        }
-    };
-    let identity = match (&url.certfile, &url.keyfile) {
-        (Some(cert), Some(key)) => Some((
-            read_pem("client certificate file", cert)?,
-            read_pem("client key file", key)?,
-        )),
-        _ => options.tls_client_identity.clone(),
-    };
-    if let Some((cert, _)) = &identity {
-        check_certificates("client certificate", cert)?;
-    }
-    Ok(lapin::tcp::OwnedTLSConfig {
-        identity: identity.map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 {
-            pem: pem.into_bytes(),
-            key: key.into_bytes(),
-        }),
-        cert_chain,
-    })
 }

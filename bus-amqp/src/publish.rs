@@ -231,7 +231,7 @@ pub(crate) async fn publish_via(
         if *user != shared.url.username {
             return Err(Error::PreconditionFailed(format!(
                 "user_id property set to {user:?} but the connection is authenticated as another user"
-            )));
+            ).into()));
         }
     }
     let timeout = shared.options.publish_timeout;
@@ -402,7 +402,7 @@ fn attribute_channel_error(shared: &Shared, e: &lapin::Error, exchange: &str, le
                 Some(max) if len as u64 > max => Error::PreconditionFailed(format!(
                     "the broker refused the message: {} (its body is {len} bytes)",
                     close.text
-                )),
+                ).into()),
                 _ => Error::ConnectionLost(format!(
                     "the publisher channel was closed by the broker for another message ({} {}) before this one was confirmed; its outcome is unknown",
                     close.code, close.text

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bus_amqp::{AmqpConnection, AmqpOptions};
 use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, Consumer, Delivery, Message, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, Consumer, Delivery, Message, QueueOptions, Requeue,
 };
 use support::*;
 
@@ -121,7 +121,7 @@ async fn coalesced_acks_remove_exactly_the_handled_messages_and_flush_on_close()
     for i in [1, 2, 3, 4, 8, 6, 7] {
         d[i - 1].ack().await.unwrap();
     }
-    d[8].nack(false).await.unwrap();
+    d[8].nack(Requeue::No).await.unwrap();
     // Nothing reaches the broker before the close but the nack.
     conn.close().await.unwrap();
     assert_eq!(
@@ -150,7 +150,7 @@ async fn out_of_order_acks_filling_batches_never_ack_an_unhandled_message() {
     for i in [3, 2, 5] {
         d[i - 1].ack().await.unwrap();
     }
-    d[5].nack(true).await.unwrap();
+    d[5].nack(Requeue::Yes).await.unwrap();
     let again = next_delivery(&mut consumer, 10, "the requeued 6").await;
     assert_eq!(number(&again.message), 6);
     assert!(again.redelivered);

@@ -19,9 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus_amqp::{AmqpConnection, AmqpOptions, ReconnectPolicy};
-use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, Message, QueueArguments, QueueOptions, QueueType,
-};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Message, QueueOptions, QueueType};
 use futures::StreamExt;
 use support::cluster::Cluster;
 use support::*;
@@ -76,13 +74,7 @@ async fn killing_the_connected_node_loses_no_confirmed_message_and_resumes() {
     let subscriber = connect_cluster(&url, &fresh("consumer")).await;
 
     let q = fresh("failover");
-    let quorum = QueueOptions {
-        arguments: QueueArguments {
-            queue_type: Some(QueueType::Quorum),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::durable()
-    };
+    let quorum = QueueOptions::durable().queue_type(QueueType::Quorum);
     publisher.declare_queue(&q, quorum).await.unwrap();
 
     // The consumer: acks everything, counts each number, notes when each

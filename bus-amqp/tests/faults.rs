@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use bus_amqp::{AmqpOptions, ReconnectPolicy, RecoveryEvent};
 use bus_core::{
-    Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    Message, PublishOptions, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, Message, PublishOptions, QueueOptions,
 };
 use futures::StreamExt;
 use support::*;
@@ -33,10 +33,7 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
     conn.declare_exchange(&x, ExchangeKind::Direct, ExchangeOptions::default())
         .await
         .unwrap();
-    let private = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let private = QueueOptions::default().with_exclusive(true);
     let private_q = conn.declare_queue("", private).await.unwrap().name;
     conn.bind_queue(&private_q, &x, "k", FieldTable::new())
         .await
@@ -150,7 +147,9 @@ async fn broker_closing_the_connection_mid_stream_loses_nothing() {
 
     drop(consumer);
     delete_queue(&*conn, &q).await;
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
     conn.close().await.unwrap();
 }
 
@@ -335,13 +334,7 @@ async fn publishes_in_flight_when_the_connection_drops_never_report_success_fals
 async fn closed_connection_fails_everything_with_closed() {
     let conn: Arc<dyn Connection> = connect().await;
     let q = conn
-        .declare_queue(
-            "",
-            QueueOptions {
-                exclusive: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("", QueueOptions::default().with_exclusive(true))
         .await
         .unwrap()
         .name;

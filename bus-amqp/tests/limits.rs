@@ -5,7 +5,7 @@
 mod support;
 
 use bus_amqp::{AmqpConnection, AmqpOptions};
-use bus_core::{Connection, ConnectionExt, ConsumeOptions, Error, Message, QueueOptions};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, Error, Message, QueueOptions, Requeue};
 use support::*;
 
 #[tokio::test]
@@ -104,25 +104,18 @@ async fn consumers_never_take_the_channels_publishing_needs() {
 
 #[tokio::test]
 async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
-    use bus_core::{FieldValue, QueueArguments, QueueType};
+    use bus_core::QueueType;
     let conn = connect().await;
     let q = fresh("poison");
     let dlq = fresh("poison-dlq");
     let _cleanup = QueueCleanup::new(&[&q, &dlq]);
     // A string limit would mean nothing to RabbitMQ 3.x: refused.
-    let mut raw = bus_core::FieldTable::new();
-    raw.insert("x-delivery-limit".into(), FieldValue::from("3"));
     let e = conn
         .declare_queue(
             &q,
-            QueueOptions {
-                arguments: QueueArguments {
-                    queue_type: Some(QueueType::Quorum),
-                    raw,
-                    ..QueueArguments::default()
-                },
-                ..QueueOptions::durable()
-            },
+            QueueOptions::durable()
+                .queue_type(QueueType::Quorum)
+                .argument("x-delivery-limit", "3"),
         )
         .await
         .unwrap_err();
@@ -136,16 +129,11 @@ async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
         .unwrap();
     conn.declare_queue(
         &q,
-        QueueOptions {
-            arguments: QueueArguments {
-                queue_type: Some(QueueType::Quorum),
-                delivery_limit: Some(2),
-                dead_letter_exchange: Some(String::new()),
-                dead_letter_routing_key: Some(dlq.clone()),
-                ..QueueArguments::default()
-            },
-            ..QueueOptions::durable()
-        },
+        QueueOptions::durable()
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(2)
+            .dead_letter_to(String::new())
+            .dead_letter_routing_key(dlq.clone()),
     )
     .await
     .unwrap();
@@ -165,7 +153,7 @@ async fn the_delivery_limit_ends_a_poison_loop_and_a_string_limit_is_refused() {
             d = next_delivery(&mut consumer, 10, "the poison message") => {
                 deliveries += 1;
                 assert!(deliveries <= 3, "delivered {deliveries} times despite the limit of 2");
-                d.nack(true).await.unwrap();
+                d.nack(Requeue::Yes).await.unwrap();
             }
             d = next_delivery(&mut dead, 10, "the dead letter") => break d,
         }

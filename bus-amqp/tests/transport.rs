@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bus_amqp::{AmqpConnection, AmqpOptions, ReplyMode};
 use bus_core::{
-    Bytes, Connection, ConnectionExt, ConsumeOptions, DeliveryMode, Error, ExchangeKind,
-    ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties, PublishOptions,
-    QueueArguments, QueueOptions, QueueType,
+    Bytes, Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeliveryMode, Error,
+    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, Overflow, Properties,
+    PublishOptions, QueueOptions, QueueType, Requeue,
 };
 use futures::StreamExt;
 use support::*;
@@ -232,21 +232,18 @@ async fn unroutable_mandatory_messages_come_back_and_full_queues_nack() {
         .unwrap();
 
     let q = fresh("full");
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            max_length: Some(1),
-            overflow: Some(Overflow::RejectPublish),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::default()
+        .max_length(1)
+        .overflow(Overflow::RejectPublish);
     conn.declare_queue(&q, options).await.unwrap();
     conn.send_to_queue(&q, Message::new("1")).await.unwrap();
     let e = conn.send_to_queue(&q, Message::new("2")).await.unwrap_err();
     assert!(matches!(e, Error::Nacked(_)), "{e}");
     assert!(e.is_temporary());
     delete_queue(&*conn, &q).await;
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -296,14 +293,14 @@ async fn manual_acks_nacks_and_prefetch() {
     // Two free slots: m2 and m3 are both in flight now.
     let d2 = next_delivery(&mut c, 10, "m2").await;
     assert_eq!(d2.message.body, "m2");
-    d2.nack(true).await.unwrap();
+    d2.nack(Requeue::Yes).await.unwrap();
     let d3 = next_delivery(&mut c, 10, "m3").await;
     assert_eq!(d3.message.body, "m3");
     let again = next_delivery(&mut c, 10, "m2 again").await;
     assert_eq!(again.message.body, "m2");
     assert!(again.redelivered);
     assert!(again.delivery_tag > d3.delivery_tag);
-    again.reject(false).await.unwrap();
+    again.reject(Requeue::No).await.unwrap();
     d3.ack().await.unwrap();
     assert_eq!(conn.inspect_queue(&q).await.unwrap().message_count, 0);
 }
@@ -382,27 +379,14 @@ async fn classic_reply_mode_uses_an_exclusive_server_named_queue() {
 async fn quorum_queues_work() {
     let conn = connect().await;
     let q = fresh("quorum");
-    let options = QueueOptions {
-        durable: true,
-        arguments: QueueArguments {
-            queue_type: Some(QueueType::Quorum),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::durable().queue_type(QueueType::Quorum);
     conn.declare_queue(&q, options.clone()).await.unwrap();
     // Redeclaring the same is a no-op; a non-durable quorum queue is refused.
     conn.declare_queue(&q, options).await.unwrap();
     let e = conn
         .declare_queue(
             &fresh("quorum-transient"),
-            QueueOptions {
-                arguments: QueueArguments {
-                    queue_type: Some(QueueType::Quorum),
-                    ..QueueArguments::default()
-                },
-                ..QueueOptions::default()
-            },
+            QueueOptions::default().queue_type(QueueType::Quorum),
         )
         .await
         .unwrap_err();
@@ -471,10 +455,7 @@ async fn credentials_never_show_in_errors_or_debug() {
 #[tokio::test]
 async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
     let conn = connect().await;
-    let private = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let private = QueueOptions::default().with_exclusive(true);
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("once")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();
@@ -491,10 +472,7 @@ async fn dropping_a_consumer_requeues_what_it_had_not_settled() {
 #[tokio::test]
 async fn a_cancelled_consumer_ends_but_its_deliveries_can_be_settled() {
     let conn: Arc<dyn Connection> = connect().await;
-    let private = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let private = QueueOptions::default().with_exclusive(true);
     let q = conn.declare_queue("", private).await.unwrap().name;
     conn.send_to_queue(&q, Message::new("a")).await.unwrap();
     let mut c = conn.consume(&q, ConsumeOptions::prefetch(1)).await.unwrap();

@@ -1,10 +1,10 @@
 //! `bus declare`, `bind`, `unbind`, `inspect`, `purge`, `delete`.
 
 use bus::{
-    ConnectionExt, DeleteQueueOptions, ExchangeKind, ExchangeOptions, FieldTable, QueueArguments,
-    QueueOptions,
+    ConnectionExt, DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind, ExchangeOptions,
+    FieldTable, QueueArguments, QueueOptions,
 };
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use crate::codec::parse_assignment;
 use crate::fail::{CliResult, Fail};
@@ -16,7 +16,8 @@ use crate::fail::{CliResult, Fail};
 Examples:
   bus declare queue jobs --durable
   bus declare queue asr --durable --arg x-max-priority:=10 --arg x-dead-letter-exchange=dlx
-  bus declare exchange speech --type topic --durable")]
+  bus declare exchange speech --type topic --durable
+  bus declare exchange later --type x-delayed-message --arg x-delayed-type=direct")]
 pub struct DeclareArgs {
     #[command(subcommand)]
     pub what: DeclareWhat,
@@ -47,28 +48,29 @@ pub struct QueueDecl {
     pub arguments: Vec<String>,
 }
 
-/// Exchange kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// Exact routing key.
-    Direct,
-    /// Every bound queue.
-    Fanout,
-    /// Routing-key patterns with `*` and `#`.
-    Topic,
-    /// Header matching.
-    Headers,
+/// An exchange type as the command line and topology files write it:
+/// `direct`, `fanout`, `topic`, `headers`, or a broker plugin's type, which
+/// starts with `x-` (`x-delayed-message`, `x-consistent-hash`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kind(pub ExchangeKind);
+
+impl std::str::FromStr for Kind {
+    type Err = bus::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Kind)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl From<Kind> for ExchangeKind {
     fn from(k: Kind) -> Self {
-        match k {
-            Kind::Direct => ExchangeKind::Direct,
-            Kind::Fanout => ExchangeKind::Fanout,
-            Kind::Topic => ExchangeKind::Topic,
-            Kind::Headers => ExchangeKind::Headers,
-        }
+        k.0
     }
 }
 
@@ -77,8 +79,9 @@ impl From<Kind> for ExchangeKind {
 pub struct ExchangeDecl {
     /// The exchange's name.
     pub name: String,
-    /// Its kind.
-    #[arg(long = "type", short = 't', value_enum, default_value_t = Kind::Direct)]
+    /// Its type: direct, fanout, topic, headers, or a broker plugin's
+    /// (x-delayed-message, x-consistent-hash: RabbitMQ with the plugin only).
+    #[arg(long = "type", short = 't', default_value = "direct")]
     pub kind: Kind,
     /// Survives a broker restart.
     #[arg(long)]
@@ -104,24 +107,20 @@ pub async fn run_declare(url: &str, a: DeclareArgs) -> CliResult {
     let conn = crate::conn::open(url).await?;
     let result = match a.what {
         DeclareWhat::Queue(q) => {
-            let options = QueueOptions {
-                durable: q.durable,
-                auto_delete: q.auto_delete,
-                arguments: QueueArguments::from_table(&table(&q.arguments)?)?,
-                ..QueueOptions::default()
-            };
+            let options = QueueOptions::default()
+                .with_durable(q.durable)
+                .with_auto_delete(q.auto_delete)
+                .with_arguments(QueueArguments::from_table(&table(&q.arguments)?)?);
             conn.declare_queue(&q.name, options).await.map(|info| {
                 println!("{}", info.name);
             })
         }
         DeclareWhat::Exchange(x) => {
-            let options = ExchangeOptions {
-                durable: x.durable,
-                auto_delete: x.auto_delete,
-                internal: x.internal,
-                arguments: table(&x.arguments)?,
-                ..ExchangeOptions::default()
-            };
+            let options = ExchangeOptions::default()
+                .with_durable(x.durable)
+                .with_auto_delete(x.auto_delete)
+                .with_internal(x.internal)
+                .with_arguments(table(&x.arguments)?);
             conn.declare_exchange(&x.name, x.kind.into(), options).await
         }
     };
@@ -295,14 +294,19 @@ pub async fn run_delete(url: &str, a: DeleteArgs) -> CliResult {
         } => conn
             .delete_queue(
                 &name,
-                DeleteQueueOptions {
-                    if_unused,
-                    if_empty,
-                },
+                DeleteQueueOptions::default()
+                    .with_if_unused(if_unused)
+                    .with_if_empty(if_empty),
             )
             .await
             .map(|n| println!("{n}")),
-        DeleteWhat::Exchange { name, if_unused } => conn.delete_exchange(&name, if_unused).await,
+        DeleteWhat::Exchange { name, if_unused } => {
+            conn.delete_exchange(
+                &name,
+                DeleteExchangeOptions::default().with_if_unused(if_unused),
+            )
+            .await
+        }
     };
     let _ = conn.close().await;
     Ok(r?)

@@ -4,8 +4,7 @@ use std::time::{Duration, Instant};
 
 use bus::rpc::{RpcClient, RpcServer};
 use bus::{
-    Connection, ConsumeOptions, DeleteQueueOptions, Message, Overflow, PublishOptions,
-    QueueArguments, QueueOptions,
+    Connection, ConsumeOptions, DeleteQueueOptions, Message, Overflow, PublishOptions, QueueOptions,
 };
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -103,16 +102,11 @@ fn percentiles(mut sample: Vec<Duration>) -> String {
 
 async fn scratch_queue(conn: &dyn Connection, c: &Common) -> CliResult<String> {
     let name = format!("bus-bench-{}", uuid::Uuid::new_v4().simple());
-    let options = QueueOptions {
-        durable: c.persistent,
-        arguments: QueueArguments {
-            // The broker never fills up, and does the same work each run.
-            max_length: Some(u64::from(c.count.max(10_000))),
-            overflow: Some(Overflow::DropHead),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    // The broker never fills up, and does the same work each run.
+    let options = QueueOptions::default()
+        .with_durable(c.persistent)
+        .max_length(u64::from(c.count.max(10_000)))
+        .overflow(Overflow::DropHead);
     conn.declare_queue(&name, options).await?;
     Ok(name)
 }
@@ -222,10 +216,7 @@ async fn bench_rpc(url: &str, conn: &std::sync::Arc<dyn Connection>, r: &RpcBenc
             let server_conn = crate::conn::open(url).await?;
             let queue = format!("bus-bench-rpc-{}", uuid::Uuid::new_v4().simple());
             let server = RpcServer::builder(server_conn.clone(), queue.clone())
-                .queue_options(QueueOptions {
-                    auto_delete: true,
-                    ..QueueOptions::default()
-                })
+                .queue_options(QueueOptions::default().with_auto_delete(true))
                 .concurrency(u16::try_from(r.in_flight.clamp(1, 1024)).unwrap_or(64))
                 .serve_raw(|m: Message| async move { Ok::<_, String>(Message::new(m.body)) })
                 .await?;

@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use bus::{ConnectionExt, ConsumeOptions, Delivery};
+use bus::{ConnectionExt, ConsumeOptions, Delivery, Requeue};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 
@@ -135,7 +135,7 @@ pub async fn run_consume(url: &str, a: ConsumeArgs) -> CliResult {
             }
         };
         if let Err(e) = a.output.print(&delivery) {
-            let _ = delivery.nack(true).await;
+            let _ = delivery.nack(Requeue::Yes).await;
             result = Err(e);
             break;
         }
@@ -151,8 +151,8 @@ pub async fn run_consume(url: &str, a: ConsumeArgs) -> CliResult {
 async fn settle(d: &Delivery, mode: AckMode) -> CliResult {
     match mode {
         AckMode::Ack => d.ack().await?,
-        AckMode::Requeue => d.nack(true).await?,
-        AckMode::Reject => d.nack(false).await?,
+        AckMode::Requeue => d.nack(Requeue::Yes).await?,
+        AckMode::Reject => d.nack(Requeue::No).await?,
         AckMode::NoAck => {}
     }
     Ok(())
@@ -210,7 +210,7 @@ pub async fn run_get(url: &str, a: GetArgs) -> CliResult {
         let settled = if a.ack && result.is_ok() {
             d.ack().await
         } else {
-            d.nack(true).await
+            d.nack(Requeue::Yes).await
         };
         if let Err(e) = settled {
             result = result.and(Err(e.into()));

@@ -187,9 +187,7 @@ pub async fn run(url: &str, a: PublishArgs) -> CliResult {
         Some(q) => (String::new(), q.clone()),
         None => (a.exchange.clone(), a.routing_key.clone()),
     };
-    let options = PublishOptions {
-        mandatory: !a.no_mandatory,
-    };
+    let options = PublishOptions::default().with_mandatory(!a.no_mandatory);
     let conn = crate::conn::open(url).await?;
     let started = Instant::now();
     let total = messages.len() as u64;

@@ -28,7 +28,7 @@ Example:
 speech.toml:
   [[exchange]]
   name = \"speech\"
-  type = \"topic\"          # direct (default), fanout, topic, headers
+  type = \"topic\"          # direct (default), fanout, topic, headers, x-... (a plugin's)
   durable = true
 
   [[queue]]
@@ -84,7 +84,7 @@ struct ExchangeDef {
 }
 
 fn direct() -> Kind {
-    Kind::Direct
+    Kind(bus::ExchangeKind::Direct)
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,13 +154,11 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
     let mut exchanges = Vec::new();
     for x in &topo.exchange {
         bus::validate_name("exchange", &x.name).map_err(|e| Fail::usage(e.to_string()))?;
-        let options = ExchangeOptions {
-            durable: x.durable,
-            auto_delete: x.auto_delete,
-            internal: x.internal,
-            arguments: toml_table(&x.arguments)?,
-            ..ExchangeOptions::default()
-        };
+        let options = ExchangeOptions::default()
+            .with_durable(x.durable)
+            .with_auto_delete(x.auto_delete)
+            .with_internal(x.internal)
+            .with_arguments(toml_table(&x.arguments)?);
         exchanges.push((x, options));
     }
     let mut queues = Vec::new();
@@ -168,12 +166,10 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
         bus::validate_name("queue", &q.name).map_err(|e| Fail::usage(e.to_string()))?;
         let arguments = QueueArguments::from_table(&toml_table(&q.arguments)?)
             .map_err(|e| Fail::usage(format!("queue {:?}: {e}", q.name)))?;
-        let options = QueueOptions {
-            durable: q.durable,
-            auto_delete: q.auto_delete,
-            arguments,
-            ..QueueOptions::default()
-        };
+        let options = QueueOptions::default()
+            .with_durable(q.durable)
+            .with_auto_delete(q.auto_delete)
+            .with_arguments(arguments);
         queues.push((q, options));
     }
     let mut bindings = Vec::new();
@@ -193,7 +189,7 @@ pub async fn run(url: &str, a: TopologyArgs) -> CliResult {
         }
     };
     for (x, options) in exchanges {
-        let o = exchange(&*conn, &x.name, x.kind, options).await;
+        let o = exchange(&*conn, &x.name, x.kind.clone(), options).await;
         report("exchange", &x.name, o);
     }
     for (q, options) in queues {

@@ -457,3 +457,34 @@ fn consume_stops_cleanly_on_sigterm() {
     assert_eq!(ready(&url, &q), 0, "the message in hand was acked");
     ok(&url, &["delete", "queue", &q]);
 }
+
+#[test]
+fn exchange_types_of_plugins_are_passed_on_and_unknown_ones_refused() {
+    let (urls, _dir) = transports();
+    for url in &urls {
+        let x = unique("cli-plugin");
+        // The default node has no plugin exchange types; a folder takes none.
+        let (c, err) = code(
+            url,
+            &[
+                "declare",
+                "exchange",
+                &x,
+                "--type",
+                "x-bus-cli-no-such-type",
+            ],
+        );
+        assert_eq!(c, 1, "{url}: {err}");
+        assert!(
+            err.contains("not supported") && err.contains("x-bus-cli-no-such-type"),
+            "{url}: {err}"
+        );
+        let (c, err) = code(url, &["inspect", "--exchange", &x]);
+        assert_eq!(c, 1, "{url}: the refused exchange was created: {err}");
+        assert!(err.contains("no exchange"), "{url}: {err}");
+    }
+    // A misspelt built-in type is a usage error naming what is accepted.
+    let (c, err) = code(&urls[0], &["declare", "exchange", "x", "--type", "topc"]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("x-delayed-message"), "{err}");
+}

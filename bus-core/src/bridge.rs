@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::{Consumer, Delivery, PublishOptions, Publisher, Result};
+use crate::{Consumer, Delivery, PublishOptions, Publisher, Requeue, Result};
 
 /// How a bridge picks the routing key of what it forwards.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,9 +117,7 @@ impl Bridge {
             RoutingKey::Keep => delivery.routing_key.as_str(),
             RoutingKey::Fixed(k) => k.as_str(),
         };
-        let options = PublishOptions {
-            mandatory: self.mandatory,
-        };
+        let options = PublishOptions::default().with_mandatory(self.mandatory);
         match self
             .destination
             .publish(&self.exchange, key, delivery.message.clone(), options)
@@ -127,7 +125,7 @@ impl Bridge {
         {
             Ok(()) => delivery.ack().await,
             Err(e) => {
-                delivery.nack(true).await?;
+                delivery.nack(Requeue::Yes).await?;
                 Err(e)
             }
         }

@@ -17,16 +17,90 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::message::{Message, Properties};
 
+/// What a nack or reject does with the messages it settles.
+///
+/// Spelled out at the call site: `delivery.nack(Requeue::Yes)` reads where
+/// `nack(true)` did not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Requeue {
+    /// Back to the queue at their original position, with `redelivered` set.
+    Yes,
+    /// Not back to the queue: dead-lettered when the queue has a
+    /// dead-letter exchange, dropped otherwise.
+    No,
+}
+
+impl Requeue {
+    /// Whether the messages go back to their queue (AMQP's `requeue` bit).
+    #[must_use]
+    pub fn is_yes(self) -> bool {
+        self == Requeue::Yes
+    }
+}
+
+/// How an [`Acknowledger`] acks: the fields of AMQP's `basic.ack`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct AckOptions {
+    /// Also every earlier unsettled tag of the same consumer.
+    pub multiple: bool,
+}
+
+impl AckOptions {
+    /// One delivery.
+    #[must_use]
+    pub fn single() -> Self {
+        AckOptions { multiple: false }
+    }
+
+    /// This delivery and every earlier unsettled one of its consumer.
+    #[must_use]
+    pub fn multiple() -> Self {
+        AckOptions { multiple: true }
+    }
+}
+
+/// How an [`Acknowledger`] nacks: the fields of AMQP's `basic.nack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct NackOptions {
+    /// Also every earlier unsettled tag of the same consumer.
+    pub multiple: bool,
+    /// Whether the messages go back to their queue.
+    pub requeue: Requeue,
+}
+
+impl NackOptions {
+    /// One delivery, with `requeue`.
+    #[must_use]
+    pub fn single(requeue: Requeue) -> Self {
+        NackOptions {
+            multiple: false,
+            requeue,
+        }
+    }
+
+    /// This delivery and every earlier unsettled one of its consumer, with
+    /// `requeue`.
+    #[must_use]
+    pub fn multiple(requeue: Requeue) -> Self {
+        NackOptions {
+            multiple: true,
+            requeue,
+        }
+    }
+}
+
 /// Settles deliveries for one transport. Implemented by transports; users
 /// call the methods on [`Delivery`] instead.
 #[async_trait]
 pub trait Acknowledger: Send + Sync + 'static {
     /// Acks `tag`, and every earlier unsettled tag of the same consumer when
-    /// `multiple`.
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()>;
-    /// Nacks `tag` (and earlier ones when `multiple`), requeueing or
-    /// dead-lettering them.
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()>;
+    /// `options.multiple`.
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()>;
+    /// Nacks `tag` (and earlier ones when `options.multiple`), requeueing or
+    /// dead-lettering them as `options.requeue` says.
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()>;
 }
 
 /// One message handed to a consumer, with what it needs to settle it.
@@ -108,10 +182,9 @@ impl Delivery {
             return Ok(None);
         };
         if self.settled.swap(true, Ordering::AcqRel) || self.covered() {
-            return Err(Error::PreconditionFailed(format!(
-                "{} was already settled",
-                self.describe()
-            )));
+            return Err(Error::PreconditionFailed(
+                format!("{} was already settled", self.describe()).into(),
+            ));
         }
         Ok(Some(acker))
     }
@@ -136,23 +209,31 @@ impl Delivery {
         self.mark_multiple(multiple);
         tracing::debug!(delivery_tag = self.delivery_tag, multiple, "ack");
         match claimed {
-            Some(acker) => acker.ack(self.delivery_tag, multiple).await,
+            Some(acker) => acker.ack(self.delivery_tag, AckOptions { multiple }).await,
             None => Ok(()),
         }
     }
 
-    async fn settle_nack(&self, multiple: bool, requeue: bool) -> Result<()> {
+    async fn settle_nack(&self, options: NackOptions) -> Result<()> {
         let claimed = self.claim()?;
         if claimed.is_some() {
-            self.mark_multiple(multiple);
-            tracing::debug!(delivery_tag = self.delivery_tag, multiple, requeue, "nack");
+            self.mark_multiple(options.multiple);
+            tracing::debug!(
+                delivery_tag = self.delivery_tag,
+                multiple = options.multiple,
+                requeue = options.requeue.is_yes(),
+                "nack"
+            );
         }
         match claimed {
-            Some(acker) => acker.nack(self.delivery_tag, multiple, requeue).await,
-            None => Err(Error::PreconditionFailed(format!(
-                "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
-                self.describe()
-            ))),
+            Some(acker) => acker.nack(self.delivery_tag, options).await,
+            None => Err(Error::PreconditionFailed(
+                format!(
+                    "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
+                    self.describe()
+                )
+                .into(),
+            )),
         }
     }
 
@@ -178,14 +259,22 @@ impl Delivery {
         self.settle_ack(true).await
     }
 
-    /// Negatively acknowledges the delivery: requeued at its original
-    /// position with `redelivered` set when `requeue`, else dead-lettered (or
-    /// dropped when the queue has no dead-letter exchange).
+    /// Negatively acknowledges the delivery: with [`Requeue::Yes`] it goes
+    /// back to its queue at its original position with `redelivered` set;
+    /// with [`Requeue::No`] it is dead-lettered (or dropped when the queue
+    /// has no dead-letter exchange).
+    ///
+    /// ```no_run
+    /// # async fn f(delivery: bus_core::Delivery) -> bus_core::Result<()> {
+    /// use bus_core::Requeue;
+    /// delivery.nack(Requeue::Yes).await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`Delivery::ack`]; `PreconditionFailed` for auto-ack deliveries.
-    pub async fn nack(&self, requeue: bool) -> Result<()> {
-        self.settle_nack(false, requeue).await
+    pub async fn nack(&self, requeue: Requeue) -> Result<()> {
+        self.settle_nack(NackOptions::single(requeue)).await
     }
 
     /// Nacks this delivery and every earlier unsettled one of the same
@@ -193,8 +282,8 @@ impl Delivery {
     ///
     /// # Errors
     /// As [`Delivery::nack`].
-    pub async fn nack_multiple(&self, requeue: bool) -> Result<()> {
-        self.settle_nack(true, requeue).await
+    pub async fn nack_multiple(&self, requeue: Requeue) -> Result<()> {
+        self.settle_nack(NackOptions::multiple(requeue)).await
     }
 
     /// Rejects the delivery (AMQP `basic.reject`); the same as
@@ -202,7 +291,7 @@ impl Delivery {
     ///
     /// # Errors
     /// As [`Delivery::nack`].
-    pub async fn reject(&self, requeue: bool) -> Result<()> {
+    pub async fn reject(&self, requeue: Requeue) -> Result<()> {
         self.nack(requeue).await
     }
 
@@ -248,7 +337,7 @@ impl Drop for Delivery {
             Ok(runtime) => {
                 tracing::debug!(delivery_tag = tag, "requeueing a delivery dropped unsettled");
                 runtime.spawn(async move {
-                    if let Err(e) = acker.nack(tag, false, true).await {
+                    if let Err(e) = acker.nack(tag, NackOptions::single(Requeue::Yes)).await {
                         tracing::debug!(delivery_tag = tag, error = %e, "could not requeue a delivery dropped unsettled");
                     }
                 });

@@ -1,8 +1,186 @@
 //! The one error type every transport reports through.
 
+use std::fmt;
+use std::ops::Deref;
 use std::time::Duration;
 
 use crate::message::Message;
+
+/// The entity an error is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Subject {
+    /// The queue of this name.
+    Queue(String),
+    /// The exchange of this name (`""`: the default exchange).
+    Exchange(String),
+}
+
+impl Subject {
+    /// The queue `name`.
+    #[must_use]
+    pub fn queue(name: impl Into<String>) -> Self {
+        Subject::Queue(name.into())
+    }
+
+    /// The exchange `name`.
+    #[must_use]
+    pub fn exchange(name: impl Into<String>) -> Self {
+        Subject::Exchange(name.into())
+    }
+
+    /// The entity's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Subject::Queue(n) | Subject::Exchange(n) => n,
+        }
+    }
+}
+
+/// Writes `queue 'name'` or `exchange 'name'`, as RabbitMQ names them.
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Queue(n) => write!(f, "queue '{n}'"),
+            Subject::Exchange(n) => write!(f, "exchange '{n}'"),
+        }
+    }
+}
+
+/// The payload of the errors AMQP reports with a reply code
+/// ([`Error::NotFound`], [`Error::PreconditionFailed`],
+/// [`Error::ResourceLocked`], [`Error::AccessRefused`]): the text, and, when
+/// the transport knows them, the [`Subject`] (queue or exchange) and the
+/// argument the error is about, so callers match on fields rather than on
+/// the text.
+///
+/// It dereferences to the text (`detail.contains("x-message-ttl")` works)
+/// and converts from a `String` or `&str`, for an error that names nothing.
+///
+/// ```
+/// use bus_core::{Error, ErrorDetail, Subject};
+/// let e = Error::queue_not_found("jobs");
+/// assert_eq!(e.subject(), Some(&Subject::queue("jobs")));
+/// assert!(matches!(&e, Error::NotFound(d) if d.queue() == Some("jobs")));
+/// let plain = Error::PreconditionFailed("a delivery settled twice".into());
+/// assert_eq!(plain.subject(), None);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorDetail {
+    message: String,
+    subject: Option<Subject>,
+    argument: Option<String>,
+}
+
+impl ErrorDetail {
+    /// An error text that names no entity.
+    #[must_use]
+    pub fn new(message: impl Into<String>) -> Self {
+        ErrorDetail {
+            message: message.into(),
+            subject: None,
+            argument: None,
+        }
+    }
+
+    /// An error text about `subject`.
+    #[must_use]
+    pub fn about(subject: Subject, message: impl Into<String>) -> Self {
+        ErrorDetail::new(message).with_subject(subject)
+    }
+
+    /// Sets what the error is about.
+    #[must_use]
+    pub fn with_subject(mut self, subject: Subject) -> Self {
+        self.subject = Some(subject);
+        self
+    }
+
+    /// Sets the argument (or flag: `durable`, `type`) the error is about,
+    /// as RabbitMQ names it (`x-message-ttl`, `x-priority`).
+    #[must_use]
+    pub fn with_argument(mut self, argument: impl Into<String>) -> Self {
+        self.argument = Some(argument.into());
+        self
+    }
+
+    /// The error's text.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The queue or exchange the error is about, when known.
+    #[must_use]
+    pub fn subject(&self) -> Option<&Subject> {
+        self.subject.as_ref()
+    }
+
+    /// The name of the queue the error is about, when it is about one.
+    #[must_use]
+    pub fn queue(&self) -> Option<&str> {
+        match &self.subject {
+            Some(Subject::Queue(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The name of the exchange the error is about, when it is about one.
+    #[must_use]
+    pub fn exchange(&self) -> Option<&str> {
+        match &self.subject {
+            Some(Subject::Exchange(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The argument (or flag) the error is about, when known.
+    #[must_use]
+    pub fn argument(&self) -> Option<&str> {
+        self.argument.as_deref()
+    }
+}
+
+impl Deref for ErrorDetail {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Writes the text.
+impl fmt::Display for ErrorDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Compares the text.
+impl PartialEq<str> for ErrorDetail {
+    fn eq(&self, other: &str) -> bool {
+        self.message == other
+    }
+}
+
+/// Compares the text.
+impl PartialEq<&str> for ErrorDetail {
+    fn eq(&self, other: &&str) -> bool {
+        self.message == *other
+    }
+}
+
+impl From<String> for ErrorDetail {
+    fn from(message: String) -> Self {
+        ErrorDetail::new(message)
+    }
+}
+
+impl From<&str> for ErrorDetail {
+    fn from(message: &str) -> Self {
+        ErrorDetail::new(message)
+    }
+}
 
 /// A specialised `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -19,7 +197,7 @@ pub enum Error {
     /// An exchange or queue that the operation names does not exist
     /// (AMQP `NOT_FOUND`, 404).
     #[error("not found: {0}")]
-    NotFound(String),
+    NotFound(ErrorDetail),
 
     /// The entity exists with other settings, an argument or property has
     /// the wrong type or value (a queue argument, a consumer's `x-priority`,
@@ -27,7 +205,7 @@ pub enum Error {
     /// (`if_unused`, `if_empty`, a delivery settled twice) (AMQP
     /// `PRECONDITION_FAILED`, 406).
     #[error("precondition failed: {0}")]
-    PreconditionFailed(String),
+    PreconditionFailed(ErrorDetail),
 
     /// The queue is exclusive to another connection (declaring, inspecting,
     /// deleting, purging, binding or consuming it is refused), or a
@@ -37,7 +215,7 @@ pub enum Error {
     /// An exclusive *consumer* is a different matter: see
     /// [`Error::AccessRefused`].
     #[error("resource locked: {0}")]
-    ResourceLocked(String),
+    ResourceLocked(ErrorDetail),
 
     /// The operation is not allowed (AMQP `ACCESS_REFUSED`, 403): a new name
     /// in the reserved `amq.` namespace; declaring, deleting or binding to
@@ -47,7 +225,7 @@ pub enum Error {
     /// queue that has consumers (RabbitMQ: "in exclusive use"); or
     /// credentials that do not allow it.
     #[error("access refused: {0}")]
-    AccessRefused(String),
+    AccessRefused(ErrorDetail),
 
     /// The input was refused before anything was changed: a name or routing
     /// key longer than 255 bytes, a name with a NUL character (see
@@ -167,6 +345,86 @@ impl Error {
         }
     }
 
+    /// `NotFound` about the queue `name`: "no queue 'name'".
+    #[must_use]
+    pub fn queue_not_found(name: &str) -> Self {
+        Error::NotFound(ErrorDetail::about(
+            Subject::queue(name),
+            format!("no queue '{name}'"),
+        ))
+    }
+
+    /// `NotFound` about the exchange `name`: "no exchange 'name'".
+    #[must_use]
+    pub fn exchange_not_found(name: &str) -> Self {
+        Error::NotFound(ErrorDetail::about(
+            Subject::exchange(name),
+            format!("no exchange '{name}'"),
+        ))
+    }
+
+    /// `ResourceLocked` about the queue `name`, in RabbitMQ's words: it is
+    /// exclusive to another connection, or the exclusive flag of a
+    /// redeclaration differs from the queue's.
+    #[must_use]
+    pub fn queue_locked(name: &str) -> Self {
+        Error::ResourceLocked(ErrorDetail::about(
+            Subject::queue(name),
+            format!(
+                "cannot obtain exclusive access to locked queue '{name}': it is exclusive to \
+                 another connection, or the exclusive flag differs from its declaration"
+            ),
+        ))
+    }
+
+    /// `PreconditionFailed` for a redeclaration of `subject` whose
+    /// `argument` (or flag: `durable`, `type`) differs, in RabbitMQ's words:
+    /// "inequivalent arg 'x-message-ttl' for queue 'q': received 100 but
+    /// current is 200".
+    #[must_use]
+    pub fn inequivalent_argument(
+        subject: Subject,
+        argument: &str,
+        received: &str,
+        current: &str,
+    ) -> Self {
+        Error::PreconditionFailed(
+            ErrorDetail::about(
+                subject.clone(),
+                format!(
+                    "inequivalent arg '{argument}' for {subject}: received {received} but current is {current}"
+                ),
+            )
+            .with_argument(argument),
+        )
+    }
+
+    /// The detail of the errors that carry one (those with an AMQP reply
+    /// code: `NotFound`, `PreconditionFailed`, `ResourceLocked`,
+    /// `AccessRefused`).
+    #[must_use]
+    pub fn detail(&self) -> Option<&ErrorDetail> {
+        match self {
+            Error::NotFound(d)
+            | Error::PreconditionFailed(d)
+            | Error::ResourceLocked(d)
+            | Error::AccessRefused(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The queue or exchange the error is about, when the transport said.
+    #[must_use]
+    pub fn subject(&self) -> Option<&Subject> {
+        self.detail().and_then(ErrorDetail::subject)
+    }
+
+    /// The argument (or flag) the error is about, when the transport said.
+    #[must_use]
+    pub fn argument(&self) -> Option<&str> {
+        self.detail().and_then(ErrorDetail::argument)
+    }
+
     /// Wraps a transport's own error.
     pub fn backend<E>(transport: &'static str, temporary: bool, source: E) -> Self
     where
@@ -214,9 +472,12 @@ mod tests {
 
     #[test]
     fn reply_codes_mirror_amqp() {
-        assert_eq!(Error::NotFound(String::new()).amqp_reply_code(), Some(404));
         assert_eq!(
-            Error::PreconditionFailed(String::new()).amqp_reply_code(),
+            Error::NotFound(ErrorDetail::default()).amqp_reply_code(),
+            Some(404)
+        );
+        assert_eq!(
+            Error::PreconditionFailed(ErrorDetail::default()).amqp_reply_code(),
             Some(406)
         );
         assert_eq!(Error::Codec(String::new()).amqp_reply_code(), None);

@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod conformance;
 mod delivery;
 pub mod engine;
+pub mod equivalence;
 mod error;
 mod message;
 #[cfg(feature = "otel")]
@@ -29,14 +30,17 @@ pub mod url;
 mod value;
 pub mod worker;
 
-pub use delivery::{Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream};
-pub use error::{Error, Result};
+pub use delivery::{
+    AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, DeliveryStream, NackOptions,
+    Requeue,
+};
+pub use error::{Error, ErrorDetail, Result, Subject};
 pub use message::{DeliveryMode, Message, Properties};
 pub use recovery::RecoveryEvent;
 pub use topology::{
-    is_reserved_name, validate_name, DeleteQueueOptions, ExchangeKind, ExchangeOptions, Overflow,
-    QueueArguments, QueueInfo, QueueOptions, QueueType, DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL,
-    PREDECLARED_EXCHANGES,
+    is_reserved_name, validate_name, DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind,
+    ExchangeOptions, Overflow, QueueArguments, QueueInfo, QueueOptions, QueueType,
+    DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL, PREDECLARED_EXCHANGES,
 };
 pub use transport::{
     classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishOptions,

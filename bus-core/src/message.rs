@@ -235,8 +235,9 @@ impl Message {
         let Some(s) = &self.properties.expiration else {
             return Ok(None);
         };
-        let invalid =
-            |why: &str| Error::PreconditionFailed(format!("invalid expiration {s:?}: {why}"));
+        let invalid = |why: &str| {
+            Error::PreconditionFailed(format!("invalid expiration {s:?}: {why}").into())
+        };
         let too_large = || {
             invalid(&format!(
                 "more than the {} ms (10 years) RabbitMQ allows",

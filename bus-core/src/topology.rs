@@ -28,7 +28,7 @@ pub const PREDECLARED_EXCHANGES: [(&str, ExchangeKind); 5] = [
 ];
 
 /// How an exchange chooses the queues a message goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ExchangeKind {
     /// Routing key equals binding key.
     Direct,
@@ -38,17 +38,99 @@ pub enum ExchangeKind {
     Topic,
     /// Message headers matched against binding arguments.
     Headers,
+    /// An exchange type a broker plugin provides, by its AMQP name:
+    /// `x-delayed-message`, `x-consistent-hash`, ...
+    ///
+    /// Passed through to RabbitMQ. A type no enabled plugin provides is
+    /// refused with a permanent [`Error::NotSupported`] naming it (RabbitMQ
+    /// closes the whole connection over it, which then recovers). The
+    /// transports that route by themselves (in-process,
+    /// folder) refuse every custom type with [`Error::NotSupported`]. The
+    /// name must not be empty, longer than [`MAX_NAME_LEN`] bytes, or one of
+    /// the four built-in kinds: those have their own variant, so that a
+    /// kind has one spelling (`Custom("topic")` is refused with
+    /// [`Error::InvalidArgument`]).
+    Custom(String),
 }
 
+/// The names of the built-in kinds, in variant order.
+const BUILT_IN_KINDS: [(&str, ExchangeKind); 4] = [
+    ("direct", ExchangeKind::Direct),
+    ("fanout", ExchangeKind::Fanout),
+    ("topic", ExchangeKind::Topic),
+    ("headers", ExchangeKind::Headers),
+];
+
 impl ExchangeKind {
-    /// The AMQP name: `direct`, `fanout`, `topic` or `headers`.
+    /// The AMQP name: `direct`, `fanout`, `topic`, `headers`, or the custom
+    /// type's name.
     #[must_use]
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             ExchangeKind::Direct => "direct",
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Topic => "topic",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::Custom(name) => name,
+        }
+    }
+
+    /// A plugin's exchange type, by name: [`ExchangeKind::Custom`].
+    #[must_use]
+    pub fn custom(name: impl Into<String>) -> Self {
+        ExchangeKind::Custom(name.into())
+    }
+
+    /// Whether this is [`ExchangeKind::Custom`].
+    #[must_use]
+    pub fn is_custom(&self) -> bool {
+        matches!(self, ExchangeKind::Custom(_))
+    }
+
+    /// Checks the kind of a declaration before anything changes: a custom
+    /// name must be a non-empty AMQP short string that is not a built-in
+    /// kind's name.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the problem.
+    pub fn validate(&self) -> Result<()> {
+        let ExchangeKind::Custom(name) = self else {
+            return Ok(());
+        };
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "exchange type: a custom type needs a name, e.g. \"x-delayed-message\"".into(),
+            ));
+        }
+        if let Some((_, kind)) = BUILT_IN_KINDS.iter().find(|(n, _)| n == name) {
+            return Err(Error::InvalidArgument(format!(
+                "exchange type Custom({name:?}) is the built-in kind: use ExchangeKind::{kind:?}"
+            )));
+        }
+        if name.len() > MAX_NAME_LEN {
+            let start: String = name.chars().take(32).collect();
+            return Err(Error::InvalidArgument(format!(
+                "exchange type {start:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+                name.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// For a transport that routes by itself and knows only the built-in
+    /// kinds: [`ExchangeKind::validate`], then [`Error::NotSupported`] for a
+    /// custom type, naming it and `transport` (`"local"`, `"file"`).
+    ///
+    /// # Errors
+    /// As said.
+    pub fn require_built_in(&self, transport: &str) -> Result<()> {
+        self.validate()?;
+        match self {
+            ExchangeKind::Custom(name) => Err(Error::NotSupported(format!(
+                "exchange type '{name}': the {transport} transport routes only the built-in \
+                 types (direct, fanout, topic, headers); plugin types need RabbitMQ"
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -59,23 +141,41 @@ impl fmt::Display for ExchangeKind {
     }
 }
 
+/// Parses `direct`, `fanout`, `topic` and `headers` into their variants,
+/// and a name starting with `x-` (the plugin convention:
+/// `x-delayed-message`) into [`ExchangeKind::Custom`].
 impl FromStr for ExchangeKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "direct" => Ok(ExchangeKind::Direct),
-            "fanout" => Ok(ExchangeKind::Fanout),
-            "topic" => Ok(ExchangeKind::Topic),
-            "headers" => Ok(ExchangeKind::Headers),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown exchange kind {other:?}"
-            ))),
+        if let Some((_, kind)) = BUILT_IN_KINDS.iter().find(|(n, _)| *n == s) {
+            return Ok(kind.clone());
         }
+        if s.starts_with("x-") {
+            let kind = ExchangeKind::Custom(s.to_owned());
+            kind.validate()?;
+            return Ok(kind);
+        }
+        Err(Error::InvalidArgument(format!(
+            "unknown exchange kind {s:?}: expected direct, fanout, topic, headers, \
+             or a plugin's type starting with x- (x-delayed-message)"
+        )))
     }
 }
 
 /// Options of an exchange declaration.
+///
+/// Built from a starting point and setters, which is how code outside this
+/// crate makes one (the struct is `#[non_exhaustive]`): `with_<field>` sets
+/// an option, a setter named after an argument (`alternate_exchange`) adds
+/// that argument.
+///
+/// ```
+/// use bus_core::ExchangeOptions;
+/// let options = ExchangeOptions::durable().alternate_exchange("unrouted");
+/// assert!(options.durable);
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ExchangeOptions {
     /// Survives a broker restart.
     pub durable: bool,
@@ -106,6 +206,54 @@ impl ExchangeOptions {
             passive: true,
             ..Self::default()
         }
+    }
+
+    /// Sets [`ExchangeOptions::durable`].
+    #[must_use]
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::auto_delete`].
+    #[must_use]
+    pub fn with_auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::internal`].
+    #[must_use]
+    pub fn with_internal(mut self, internal: bool) -> Self {
+        self.internal = internal;
+        self
+    }
+
+    /// Sets [`ExchangeOptions::passive`].
+    #[must_use]
+    pub fn with_passive(mut self, passive: bool) -> Self {
+        self.passive = passive;
+        self
+    }
+
+    /// Replaces [`ExchangeOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: FieldTable) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// `alternate-exchange`: where messages the exchange cannot route go.
+    #[must_use]
+    pub fn alternate_exchange(self, exchange: impl Into<String>) -> Self {
+        self.argument("alternate-exchange", exchange.into())
+    }
+
+    /// Adds (or replaces) the argument `name`.
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.arguments.insert(name.into(), value.into());
+        self
     }
 }
 
@@ -161,7 +309,24 @@ impl QueueType {
 /// [`QueueArguments::to_table`] writes them as the `x-` arguments RabbitMQ
 /// reads; [`QueueArguments::from_table`] reads them back and refuses values of
 /// the wrong type the way RabbitMQ does (`PRECONDITION_FAILED`).
+///
+/// Built with setters named after the arguments, from
+/// `QueueArguments::default()` (the struct is `#[non_exhaustive]`); the same
+/// setters exist on [`QueueOptions`], which is where they usually go:
+///
+/// ```
+/// use std::time::Duration;
+/// use bus_core::{QueueArguments, QueueOptions};
+/// let options = QueueOptions::durable()
+///     .dead_letter_to("dlx")
+///     .dead_letter_routing_key("failed")
+///     .message_ttl(Duration::from_secs(60));
+/// assert_eq!(options.arguments.dead_letter_exchange.as_deref(), Some("dlx"));
+/// let arguments = QueueArguments::default().max_length(1000);
+/// assert_eq!(arguments.max_length, Some(1000));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct QueueArguments {
     /// `x-message-ttl`: messages older than this are expired. Whole
     /// milliseconds, at most [`MAX_TTL`].
@@ -199,22 +364,33 @@ pub struct QueueArguments {
     pub raw: FieldTable,
 }
 
+/// `PreconditionFailed` about the queue argument `name`.
+fn invalid_arg(name: &str, message: impl Into<String>) -> Error {
+    Error::PreconditionFailed(crate::ErrorDetail::new(message).with_argument(name))
+}
+
 fn duration_ms(name: &str, v: &FieldValue) -> Result<Duration> {
     let ms = v
         .as_i64()
         .and_then(|ms| u64::try_from(ms).ok())
         .ok_or_else(|| {
-            Error::PreconditionFailed(format!(
+            invalid_arg(
+                name,
+                format!(
                 "invalid arg '{name}': expected a non-negative integer of milliseconds, got {} {v}",
                 v.type_name()
-            ))
+            ),
+            )
         })?;
     let d = Duration::from_millis(ms);
     if d > MAX_TTL {
-        return Err(Error::PreconditionFailed(format!(
-            "invalid arg '{name}': {ms} ms is more than the {} ms (10 years) RabbitMQ allows",
-            MAX_TTL.as_millis()
-        )));
+        return Err(invalid_arg(
+            name,
+            format!(
+                "invalid arg '{name}': {ms} ms is more than the {} ms (10 years) RabbitMQ allows",
+                MAX_TTL.as_millis()
+            ),
+        ));
     }
     Ok(d)
 }
@@ -223,19 +399,25 @@ fn non_negative(name: &str, v: &FieldValue) -> Result<u64> {
     v.as_i64()
         .and_then(|n| u64::try_from(n).ok())
         .ok_or_else(|| {
-            Error::PreconditionFailed(format!(
-                "invalid arg '{name}': expected a non-negative integer, got {} {v}",
-                v.type_name()
-            ))
+            invalid_arg(
+                name,
+                format!(
+                    "invalid arg '{name}': expected a non-negative integer, got {} {v}",
+                    v.type_name()
+                ),
+            )
         })
 }
 
 fn string_arg<'a>(name: &str, v: &'a FieldValue) -> Result<&'a str> {
     v.as_str().ok_or_else(|| {
-        Error::PreconditionFailed(format!(
-            "invalid arg '{name}': expected a string, got {} {v}",
-            v.type_name()
-        ))
+        invalid_arg(
+            name,
+            format!(
+                "invalid arg '{name}': expected a string, got {} {v}",
+                v.type_name()
+            ),
+        )
     })
 }
 
@@ -297,8 +479,9 @@ impl QueueArguments {
                 "x-expires" => {
                     let d = duration_ms(k, v)?;
                     if d.is_zero() {
-                        return Err(Error::PreconditionFailed(
-                            "invalid arg 'x-expires': must be positive".into(),
+                        return Err(invalid_arg(
+                            "x-expires",
+                            "invalid arg 'x-expires': must be positive",
                         ));
                     }
                     a.expires = Some(d);
@@ -307,10 +490,10 @@ impl QueueArguments {
                 "x-delivery-limit" => {
                     let n = non_negative(k, v)?;
                     a.delivery_limit = Some(u32::try_from(n).map_err(|_| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-delivery-limit': {n} is above {}",
-                            u32::MAX
-                        ))
+                        invalid_arg(
+                            "x-delivery-limit",
+                            format!("invalid arg 'x-delivery-limit': {n} is above {}", u32::MAX),
+                        )
                     })?);
                 }
                 "x-max-length-bytes" => a.max_length_bytes = Some(non_negative(k, v)?),
@@ -320,9 +503,10 @@ impl QueueArguments {
                         "reject-publish" => Overflow::RejectPublish,
                         "reject-publish-dlx" => Overflow::RejectPublishDlx,
                         other => {
-                            return Err(Error::PreconditionFailed(format!(
-                                "invalid arg 'x-overflow': unknown value {other:?}"
-                            )))
+                            return Err(invalid_arg(
+                                "x-overflow",
+                                format!("invalid arg 'x-overflow': unknown value {other:?}"),
+                            ))
                         }
                     })
                 }
@@ -335,17 +519,21 @@ impl QueueArguments {
                 "x-max-priority" => {
                     let p = non_negative(k, v)?;
                     a.max_priority = Some(u8::try_from(p).map_err(|_| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-max-priority': {p} is above 255"
-                        ))
+                        invalid_arg(
+                            "x-max-priority",
+                            format!("invalid arg 'x-max-priority': {p} is above 255"),
+                        )
                     })?);
                 }
                 "x-single-active-consumer" => {
                     a.single_active_consumer = v.as_bool().ok_or_else(|| {
-                        Error::PreconditionFailed(format!(
-                            "invalid arg 'x-single-active-consumer': expected a bool, got {}",
-                            v.type_name()
-                        ))
+                        invalid_arg(
+                            "x-single-active-consumer",
+                            format!(
+                                "invalid arg 'x-single-active-consumer': expected a bool, got {}",
+                                v.type_name()
+                            ),
+                        )
                     })?
                 }
                 "x-queue-type" => {
@@ -354,9 +542,10 @@ impl QueueArguments {
                         "quorum" => QueueType::Quorum,
                         "stream" => QueueType::Stream,
                         other => {
-                            return Err(Error::PreconditionFailed(format!(
-                                "invalid arg 'x-queue-type': unknown value {other:?}"
-                            )))
+                            return Err(invalid_arg(
+                                "x-queue-type",
+                                format!("invalid arg 'x-queue-type': unknown value {other:?}"),
+                            ))
                         }
                     })
                 }
@@ -366,9 +555,9 @@ impl QueueArguments {
             }
         }
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
-            return Err(Error::PreconditionFailed(
-                "invalid arg 'x-dead-letter-routing-key': set without x-dead-letter-exchange"
-                    .into(),
+            return Err(invalid_arg(
+                "x-dead-letter-routing-key",
+                "invalid arg 'x-dead-letter-routing-key': set without x-dead-letter-exchange",
             ));
         }
         Ok(a)
@@ -384,8 +573,91 @@ impl QueueArguments {
     }
 }
 
+/// The setters of the typed queue arguments, defined once for
+/// [`QueueArguments`] and forwarded by [`QueueOptions`].
+macro_rules! queue_argument_setters {
+    ($($(#[$doc:meta])* fn $name:ident($arg:ident: $ty:ty) { $field:ident = $value:expr })*) => {
+        impl QueueArguments {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, $arg: $ty) -> Self {
+                    self.$field = $value;
+                    self
+                }
+            )*
+        }
+
+        impl QueueOptions {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, $arg: $ty) -> Self {
+                    self.arguments = self.arguments.$name($arg);
+                    self
+                }
+            )*
+        }
+    };
+}
+
+queue_argument_setters! {
+    /// `x-message-ttl`: messages older than `ttl` are expired.
+    fn message_ttl(ttl: Duration) { message_ttl = Some(ttl) }
+    /// `x-expires`: the queue is deleted after being unused for `after`.
+    fn expires(after: Duration) { expires = Some(after) }
+    /// `x-max-length`: at most `n` ready messages.
+    fn max_length(n: u64) { max_length = Some(n) }
+    /// `x-max-length-bytes`: at most `n` body bytes of ready messages.
+    fn max_length_bytes(n: u64) { max_length_bytes = Some(n) }
+    /// `x-overflow`: what a full queue does with a new message.
+    fn overflow(overflow: Overflow) { overflow = Some(overflow) }
+    /// `x-dead-letter-exchange`: rejected, expired and dropped messages go
+    /// to `exchange` (`""` for the default exchange).
+    fn dead_letter_to(exchange: impl Into<String>) { dead_letter_exchange = Some(exchange.into()) }
+    /// `x-dead-letter-routing-key`: dead-lettered messages get this routing
+    /// key instead of their own. Needs [`QueueArguments::dead_letter_to`].
+    fn dead_letter_routing_key(key: impl Into<String>) { dead_letter_routing_key = Some(key.into()) }
+    /// `x-max-priority`: priorities 0 to `max` are honoured.
+    fn max_priority(max: u8) { max_priority = Some(max) }
+    /// `x-single-active-consumer`: whether one consumer at a time receives.
+    fn single_active_consumer(on: bool) { single_active_consumer = on }
+    /// `x-queue-type`.
+    fn queue_type(queue_type: QueueType) { queue_type = Some(queue_type) }
+    /// `x-delivery-limit` (quorum queues): deliveries after which a message
+    /// is dead-lettered or dropped instead of requeued.
+    fn delivery_limit(n: u32) { delivery_limit = Some(n) }
+}
+
+impl QueueArguments {
+    /// Adds (or replaces) a raw argument, passed through untouched (a typed
+    /// field of the same name wins, see [`QueueArguments::raw`]).
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.raw.insert(name.into(), value.into());
+        self
+    }
+}
+
 /// Options of a queue declaration.
+///
+/// Built from a starting point ([`QueueOptions::durable`],
+/// [`QueueOptions::exclusive`], [`QueueOptions::passive`] or `default()`)
+/// and setters, which is how code outside this crate makes one (the struct
+/// is `#[non_exhaustive]`): `with_<field>` sets an option, and the setters
+/// of [`QueueArguments`] (named after the arguments) are here too.
+///
+/// ```
+/// use bus_core::{Overflow, QueueOptions};
+/// let work = QueueOptions::durable()
+///     .max_length(10_000)
+///     .overflow(Overflow::RejectPublish)
+///     .dead_letter_to("dlx");
+/// let private = QueueOptions::default().with_exclusive(true);
+/// # let _ = (work, private);
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct QueueOptions {
     /// Survives a broker restart.
     pub durable: bool,
@@ -427,15 +699,123 @@ impl QueueOptions {
             ..Self::default()
         }
     }
+
+    /// Sets [`QueueOptions::durable`].
+    #[must_use]
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`QueueOptions::exclusive`].
+    #[must_use]
+    pub fn with_exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = exclusive;
+        self
+    }
+
+    /// Sets [`QueueOptions::auto_delete`].
+    #[must_use]
+    pub fn with_auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Sets [`QueueOptions::passive`].
+    #[must_use]
+    pub fn with_passive(mut self, passive: bool) -> Self {
+        self.passive = passive;
+        self
+    }
+
+    /// Replaces [`QueueOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: QueueArguments) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// Adds (or replaces) a raw argument, as [`QueueArguments::argument`].
+    #[must_use]
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<FieldValue>) -> Self {
+        self.arguments = self.arguments.argument(name, value);
+        self
+    }
 }
 
 /// Options of a queue deletion.
+///
+/// `DeleteQueueOptions::default()` deletes unconditionally;
+/// [`DeleteQueueOptions::if_unused`] and [`DeleteQueueOptions::if_empty`]
+/// start from one condition, `with_<field>` sets either.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeleteQueueOptions {
     /// Refuse (`PRECONDITION_FAILED`) if the queue has consumers.
     pub if_unused: bool,
     /// Refuse (`PRECONDITION_FAILED`) if the queue holds messages.
     pub if_empty: bool,
+}
+
+impl DeleteQueueOptions {
+    /// Delete only when the queue has no consumers.
+    #[must_use]
+    pub fn if_unused() -> Self {
+        DeleteQueueOptions {
+            if_unused: true,
+            if_empty: false,
+        }
+    }
+
+    /// Delete only when the queue holds no ready messages.
+    #[must_use]
+    pub fn if_empty() -> Self {
+        DeleteQueueOptions {
+            if_unused: false,
+            if_empty: true,
+        }
+    }
+
+    /// Sets [`DeleteQueueOptions::if_unused`].
+    #[must_use]
+    pub fn with_if_unused(mut self, if_unused: bool) -> Self {
+        self.if_unused = if_unused;
+        self
+    }
+
+    /// Sets [`DeleteQueueOptions::if_empty`].
+    #[must_use]
+    pub fn with_if_empty(mut self, if_empty: bool) -> Self {
+        self.if_empty = if_empty;
+        self
+    }
+}
+
+/// Options of an exchange deletion.
+///
+/// `DeleteExchangeOptions::default()` deletes unconditionally;
+/// [`DeleteExchangeOptions::if_unused`] only when nothing is bound to it
+/// (`with_if_unused` sets it from a value).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteExchangeOptions {
+    /// Refuse (`PRECONDITION_FAILED`) if the exchange has bindings.
+    pub if_unused: bool,
+}
+
+impl DeleteExchangeOptions {
+    /// Delete only when nothing is bound to the exchange.
+    #[must_use]
+    pub fn if_unused() -> Self {
+        DeleteExchangeOptions { if_unused: true }
+    }
+
+    /// Sets [`DeleteExchangeOptions::if_unused`].
+    #[must_use]
+    pub fn with_if_unused(mut self, if_unused: bool) -> Self {
+        self.if_unused = if_unused;
+        self
+    }
 }
 
 /// What a queue declaration reports.
@@ -528,6 +908,12 @@ mod tests {
         let t: FieldTable = [("x-message-ttl".to_string(), FieldValue::from("soon"))].into();
         let e = QueueArguments::from_table(&t).unwrap_err();
         assert!(matches!(&e, Error::PreconditionFailed(m) if m.contains("x-message-ttl")));
+        assert_eq!(e.argument(), Some("x-message-ttl"));
+        assert_eq!(
+            e.subject(),
+            None,
+            "the arguments alone do not know their queue"
+        );
         let t: FieldTable = [("x-overflow".to_string(), FieldValue::from("spill"))].into();
         assert!(QueueArguments::from_table(&t).is_err());
         let t: FieldTable = [("x-max-length".to_string(), FieldValue::I32(-1))].into();
@@ -554,6 +940,91 @@ mod tests {
             ..QueueArguments::default()
         };
         assert!(too_long.normalized().is_err());
+    }
+
+    #[test]
+    fn builders_set_the_fields_they_name() {
+        let built = QueueOptions::durable()
+            .with_auto_delete(true)
+            .message_ttl(Duration::from_secs(1))
+            .expires(Duration::from_secs(2))
+            .max_length(3)
+            .max_length_bytes(4)
+            .overflow(Overflow::RejectPublishDlx)
+            .dead_letter_to("dlx")
+            .dead_letter_routing_key("dead")
+            .max_priority(5)
+            .single_active_consumer(true)
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(6)
+            .argument("x-custom", "v");
+        let literal = QueueOptions {
+            durable: true,
+            exclusive: false,
+            auto_delete: true,
+            passive: false,
+            arguments: QueueArguments {
+                message_ttl: Some(Duration::from_secs(1)),
+                expires: Some(Duration::from_secs(2)),
+                max_length: Some(3),
+                max_length_bytes: Some(4),
+                overflow: Some(Overflow::RejectPublishDlx),
+                dead_letter_exchange: Some("dlx".into()),
+                dead_letter_routing_key: Some("dead".into()),
+                max_priority: Some(5),
+                single_active_consumer: true,
+                queue_type: Some(QueueType::Quorum),
+                delivery_limit: Some(6),
+                raw: [("x-custom".to_string(), FieldValue::from("v"))].into(),
+            },
+        };
+        assert_eq!(built, literal);
+        assert_eq!(
+            QueueOptions::default().with_arguments(literal.arguments.clone()),
+            QueueOptions {
+                durable: false,
+                auto_delete: false,
+                ..literal
+            }
+        );
+        let x = ExchangeOptions::durable()
+            .with_internal(true)
+            .alternate_exchange("ae");
+        assert!(x.durable && x.internal && !x.auto_delete && !x.passive);
+        assert_eq!(x.arguments.get("alternate-exchange"), Some(&"ae".into()));
+        let d = DeleteQueueOptions::if_unused().with_if_empty(true);
+        assert!(d.if_unused && d.if_empty);
+        assert!(
+            DeleteExchangeOptions::default()
+                .with_if_unused(true)
+                .if_unused
+        );
+    }
+
+    #[test]
+    fn custom_kinds_have_one_spelling() {
+        assert_eq!(
+            "topic".parse::<ExchangeKind>().unwrap(),
+            ExchangeKind::Topic
+        );
+        let delayed: ExchangeKind = "x-delayed-message".parse().unwrap();
+        assert_eq!(delayed, ExchangeKind::custom("x-delayed-message"));
+        assert_eq!(delayed.as_str(), "x-delayed-message");
+        assert_eq!(delayed.to_string(), "x-delayed-message");
+        assert!(delayed.validate().is_ok());
+        assert!("topc".parse::<ExchangeKind>().is_err());
+        for bad in ["", "topic", "headers", &"x".repeat(256)] {
+            let e = ExchangeKind::custom(bad).validate().unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}: {e:?}");
+        }
+        let e = ExchangeKind::custom("topic").validate().unwrap_err();
+        assert!(e.to_string().contains("ExchangeKind::Topic"), "{e}");
+        let e = delayed.require_built_in("local").unwrap_err();
+        assert!(
+            matches!(&e, Error::NotSupported(m) if m.contains("'x-delayed-message'") && m.contains("local")),
+            "{e:?}"
+        );
+        assert!(ExchangeKind::Headers.require_built_in("local").is_ok());
     }
 
     #[test]

@@ -2,22 +2,30 @@
 //! implements, and what services program against.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::delivery::Consumer;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::{
-    DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo, QueueOptions, DEFAULT_EXCHANGE,
+    DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind, ExchangeOptions, QueueInfo,
+    QueueOptions, DEFAULT_EXCHANGE,
 };
 use crate::value::FieldTable;
 
 /// What a transport supports. Callers and the conformance suite read it; a
 /// behaviour marked unsupported is reported as not applicable, never skipped
 /// silently.
+///
+/// `#[non_exhaustive]`, so that a capability can be added: a transport
+/// starts from [`Capabilities::all`] and turns off what it lacks, field by
+/// field (`caps.durability = false`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// The transport's name (`"local"`, `"amqp"`, `"file"`).
     pub name: &'static str,
@@ -29,6 +37,11 @@ pub struct Capabilities {
     pub server_named_queues: bool,
     /// Headers exchanges.
     pub headers_exchange: bool,
+    /// [`ExchangeKind::Custom`] declarations are passed to a broker, which
+    /// accepts the types its plugins provide (`x-delayed-message`, ...).
+    /// Without it every custom type is refused with
+    /// [`Error::NotSupported`].
+    pub plugin_exchange_kinds: bool,
     /// Per-queue and per-message TTL.
     pub message_ttl: bool,
     /// Queue expiry (`x-expires`).
@@ -72,6 +85,7 @@ impl Capabilities {
             auto_delete_queues: true,
             server_named_queues: true,
             headers_exchange: true,
+            plugin_exchange_kinds: true,
             message_ttl: true,
             queue_expiry: true,
             max_length: true,
@@ -89,8 +103,11 @@ impl Capabilities {
     }
 }
 
-/// Options of a publish.
+/// Options of a publish: `PublishOptions::default()` or
+/// [`PublishOptions::mandatory`] (`#[non_exhaustive]`, so that options can be
+/// added).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PublishOptions {
     /// Fail with [`Error::Unroutable`] (handing the message back) when no
     /// queue receives the message, instead of dropping it.
@@ -103,10 +120,30 @@ impl PublishOptions {
     pub fn mandatory() -> Self {
         PublishOptions { mandatory: true }
     }
+
+    /// Sets [`PublishOptions::mandatory`].
+    #[must_use]
+    pub fn with_mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = mandatory;
+        self
+    }
 }
 
 /// Options of a consumer.
+///
+/// Built from [`ConsumeOptions::prefetch`], [`ConsumeOptions::auto_ack`] or
+/// `default()` and setters, which is how code outside this crate makes one
+/// (the struct is `#[non_exhaustive]`): `with_<field>` sets an option, a
+/// setter named after a consumer argument (`consumer_timeout`, `priority`)
+/// adds that argument.
+///
+/// ```
+/// use bus_core::ConsumeOptions;
+/// let options = ConsumeOptions::prefetch(10).with_tag("billing-1").priority(5);
+/// assert_eq!(options.consumer_tag.as_deref(), Some("billing-1"));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ConsumeOptions {
     /// The most unacked deliveries this consumer holds at once; 0 means
     /// unlimited. Ignored by auto-ack consumers, as in RabbitMQ.
@@ -170,6 +207,52 @@ impl ConsumeOptions {
         self.consumer_tag = Some(tag.into());
         self
     }
+
+    /// Sets [`ConsumeOptions::prefetch`].
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`ConsumeOptions::auto_ack`].
+    #[must_use]
+    pub fn with_auto_ack(mut self, auto_ack: bool) -> Self {
+        self.auto_ack = auto_ack;
+        self
+    }
+
+    /// Sets [`ConsumeOptions::exclusive`].
+    #[must_use]
+    pub fn with_exclusive(mut self, exclusive: bool) -> Self {
+        self.exclusive = exclusive;
+        self
+    }
+
+    /// Replaces [`ConsumeOptions::arguments`].
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: FieldTable) -> Self {
+        self.arguments = arguments;
+        self
+    }
+
+    /// `x-priority`: among a queue's consumers with room, those of the
+    /// highest priority receive first (RabbitMQ's consumer priorities).
+    #[must_use]
+    pub fn priority(self, priority: i32) -> Self {
+        self.argument("x-priority", priority)
+    }
+
+    /// Adds (or replaces) the consumer argument `name`.
+    #[must_use]
+    pub fn argument(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<crate::FieldValue>,
+    ) -> Self {
+        self.arguments.insert(name.into(), value.into());
+        self
+    }
 }
 
 /// A handle to a transport: the AMQP connection of this library.
@@ -182,7 +265,90 @@ impl ConsumeOptions {
 /// `amq.` name, arguments of the wrong type, or a different redeclaration
 /// fails with an error and changes nothing.
 ///
-/// Use it as `Arc<dyn Connection>`; [`ConnectionExt`] adds conveniences.
+/// Use it as `Arc<dyn Connection>`, or any `Arc<C>` or `Box<C>` of a
+/// connection `C`, which are connections too; [`ConnectionExt`] adds
+/// conveniences.
+///
+/// # The methods as `async fn`
+///
+/// The trait is written with `#[async_trait]`, so each `async fn` below
+/// appears in these docs with the boxed future it returns
+/// (`Pin<Box<dyn Future<Output = ...> + Send + 'async_trait>>`). An
+/// implementation, here a wrapper that forwards to another connection,
+/// writes them as `async fn`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use bus_core::{
+///     Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
+///     DeleteQueueOptions, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
+///     QueueInfo, QueueOptions, ReplyQueue, Result,
+/// };
+///
+/// #[derive(Debug)]
+/// struct Forward(Arc<dyn Connection>);
+///
+/// #[async_trait::async_trait]
+/// impl Connection for Forward {
+///     fn capabilities(&self) -> Capabilities {
+/// #       self.0.capabilities()
+///     }
+///     async fn declare_exchange(
+///         &self, name: &str, kind: ExchangeKind, options: ExchangeOptions,
+///     ) -> Result<()> {
+/// #       self.0.declare_exchange(name, kind, options).await
+///     }
+///     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+/// #       self.0.delete_exchange(name, options).await
+///     }
+///     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+/// #       self.0.declare_queue(name, options).await
+///     }
+///     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+/// #       self.0.delete_queue(name, options).await
+///     }
+///     async fn purge_queue(&self, name: &str) -> Result<u32> {
+/// #       self.0.purge_queue(name).await
+///     }
+///     async fn bind_queue(
+///         &self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.bind_queue(queue, exchange, routing_key, arguments).await
+///     }
+///     async fn unbind_queue(
+///         &self, queue: &str, exchange: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.unbind_queue(queue, exchange, routing_key, arguments).await
+///     }
+///     async fn bind_exchange(
+///         &self, destination: &str, source: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.bind_exchange(destination, source, routing_key, arguments).await
+///     }
+///     async fn unbind_exchange(
+///         &self, destination: &str, source: &str, routing_key: &str, arguments: FieldTable,
+///     ) -> Result<()> {
+/// #       self.0.unbind_exchange(destination, source, routing_key, arguments).await
+///     }
+///     async fn publish(
+///         &self, exchange: &str, routing_key: &str, message: Message, options: PublishOptions,
+///     ) -> Result<()> {
+/// #       self.0.publish(exchange, routing_key, message, options).await
+///     }
+///     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
+/// #       self.0.consume(queue, options).await
+///     }
+///     async fn reply_queue(&self) -> Result<ReplyQueue> {
+/// #       self.0.reply_queue().await
+///     }
+///     async fn close(&self) -> Result<()> {
+/// #       self.0.close().await
+///     }
+///     fn is_open(&self) -> bool {
+/// #       self.0.is_open()
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// What this transport supports.
@@ -208,9 +374,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// Deleting an exchange that does not exist succeeds, as in RabbitMQ.
     ///
     /// # Errors
-    /// `PreconditionFailed` with `if_unused` when it has bindings;
-    /// `AccessRefused` for the default or `amq.` exchanges.
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()>;
+    /// `PreconditionFailed` with [`DeleteExchangeOptions::if_unused`] when
+    /// it has bindings; `AccessRefused` for the default or `amq.` exchanges.
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()>;
 
     /// Declares a queue (an empty name asks for a generated one), or checks
     /// it when `options.passive`, and reports its name and counts.
@@ -354,16 +520,19 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     fn is_open(&self) -> bool;
 }
 
-/// Conveniences over any [`Connection`].
-#[async_trait]
+/// Conveniences over any [`Connection`], implemented for every one
+/// (`Arc<dyn Connection>` included).
+///
+/// Each method returns a plain `impl Future + Send` that holds the
+/// connection's own future: nothing is boxed beyond the connection's call.
 pub trait ConnectionExt: Connection {
     /// Passive queue declaration: the queue's counts.
     ///
     /// # Errors
     /// `NotFound` if the queue is missing; `ResourceLocked` if it is
     /// exclusive to another connection.
-    async fn inspect_queue(&self, name: &str) -> Result<QueueInfo> {
-        self.declare_queue(name, QueueOptions::passive()).await
+    fn inspect_queue(&self, name: &str) -> impl Future<Output = Result<QueueInfo>> + Send {
+        async move { self.declare_queue(name, QueueOptions::passive()).await }
     }
 
     /// Whether an exchange exists (a passive declaration).
@@ -375,17 +544,19 @@ pub trait ConnectionExt: Connection {
     /// # Errors
     /// Whatever the passive declaration reports other than `NotFound`
     /// (`Closed`, `ConnectionLost`, an invalid name).
-    async fn exchange_exists(&self, name: &str) -> Result<bool> {
-        if name == DEFAULT_EXCHANGE {
-            return Ok(true);
-        }
-        match self
-            .declare_exchange(name, ExchangeKind::Direct, ExchangeOptions::passive())
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(Error::NotFound(_)) => Ok(false),
-            Err(e) => Err(e),
+    fn exchange_exists(&self, name: &str) -> impl Future<Output = Result<bool>> + Send {
+        async move {
+            if name == DEFAULT_EXCHANGE {
+                return Ok(true);
+            }
+            match self
+                .declare_exchange(name, ExchangeKind::Direct, ExchangeOptions::passive())
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(Error::NotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            }
         }
     }
 
@@ -394,15 +565,33 @@ pub trait ConnectionExt: Connection {
     ///
     /// # Errors
     /// As [`Connection::publish`].
-    async fn send_to_queue(&self, queue: &str, message: Message) -> Result<()> {
-        self.publish("", queue, message, PublishOptions::default())
+    fn send_to_queue(
+        &self,
+        queue: &str,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            Connection::publish(
+                self,
+                DEFAULT_EXCHANGE,
+                queue,
+                message,
+                PublishOptions::default(),
+            )
             .await
+        }
     }
 }
 
 impl<C: Connection + ?Sized> ConnectionExt for C {}
 
-/// Sends messages. Connections do; a [`ReplyQueue`] may carry its own.
+/// Sends messages. Every [`Connection`] is one (`Arc<dyn Connection>`
+/// included, so `Arc::new(conn) as Arc<dyn Publisher>` works); a
+/// [`ReplyQueue`] may carry its own.
+///
+/// With both traits in scope, `conn.publish(..)` on a connection is
+/// ambiguous (the two methods are the same); write
+/// `Connection::publish(&conn, ..)`, or import only one of them.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// As [`Connection::publish`].
@@ -461,15 +650,217 @@ pub async fn classic_reply_queue<C: Connection + ?Sized>(conn: &C) -> Result<Rep
     })
 }
 
-#[async_trait]
-impl<C: Connection + ?Sized> Publisher for Arc<C> {
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
+/// Every connection publishes as [`Connection::publish`], handing back the
+/// connection's own future (written out rather than with `#[async_trait]`,
+/// which would box it a second time).
+impl<C: Connection + ?Sized> Publisher for C {
+    fn publish<'a, 'b, 'c, 'r>(
+        &'a self,
+        exchange: &'b str,
+        routing_key: &'c str,
         message: Message,
         options: PublishOptions,
-    ) -> Result<()> {
-        Connection::publish(&**self, exchange, routing_key, message, options).await
+    ) -> BoxFuture<'r, Result<()>>
+    where
+        'a: 'r,
+        'b: 'r,
+        'c: 'r,
+        Self: 'r,
+    {
+        Connection::publish(self, exchange, routing_key, message, options)
     }
 }
+
+/// `Connection` for the smart pointers connections live in, forwarding every
+/// method to the connection inside and handing back its own future (written
+/// out rather than with `#[async_trait]`, which would box it a second time).
+macro_rules! forward_connection {
+    ($($pointer:ident),*) => {$(
+        impl<C: Connection + ?Sized> Connection for $pointer<C> {
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+
+            fn declare_exchange<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                kind: ExchangeKind,
+                options: ExchangeOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).declare_exchange(name, kind, options)
+            }
+
+            fn delete_exchange<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: DeleteExchangeOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).delete_exchange(name, options)
+            }
+
+            fn declare_queue<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: QueueOptions,
+            ) -> BoxFuture<'r, Result<QueueInfo>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).declare_queue(name, options)
+            }
+
+            fn delete_queue<'a, 'b, 'r>(
+                &'a self,
+                name: &'b str,
+                options: DeleteQueueOptions,
+            ) -> BoxFuture<'r, Result<u32>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).delete_queue(name, options)
+            }
+
+            fn purge_queue<'a, 'b, 'r>(&'a self, name: &'b str) -> BoxFuture<'r, Result<u32>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).purge_queue(name)
+            }
+
+            fn bind_queue<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                queue: &'b str,
+                exchange: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).bind_queue(queue, exchange, routing_key, arguments)
+            }
+
+            fn unbind_queue<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                queue: &'b str,
+                exchange: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).unbind_queue(queue, exchange, routing_key, arguments)
+            }
+
+            fn bind_exchange<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                destination: &'b str,
+                source: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).bind_exchange(destination, source, routing_key, arguments)
+            }
+
+            fn unbind_exchange<'a, 'b, 'c, 'd, 'r>(
+                &'a self,
+                destination: &'b str,
+                source: &'c str,
+                routing_key: &'d str,
+                arguments: FieldTable,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                'd: 'r,
+                Self: 'r,
+            {
+                (**self).unbind_exchange(destination, source, routing_key, arguments)
+            }
+
+            fn publish<'a, 'b, 'c, 'r>(
+                &'a self,
+                exchange: &'b str,
+                routing_key: &'c str,
+                message: Message,
+                options: PublishOptions,
+            ) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                'b: 'r,
+                'c: 'r,
+                Self: 'r,
+            {
+                Connection::publish(&**self, exchange, routing_key, message, options)
+            }
+
+            fn consume<'a, 'b, 'r>(
+                &'a self,
+                queue: &'b str,
+                options: ConsumeOptions,
+            ) -> BoxFuture<'r, Result<Consumer>>
+            where
+                'a: 'r,
+                'b: 'r,
+                Self: 'r,
+            {
+                (**self).consume(queue, options)
+            }
+
+            fn reply_queue<'a, 'r>(&'a self) -> BoxFuture<'r, Result<ReplyQueue>>
+            where
+                'a: 'r,
+                Self: 'r,
+            {
+                (**self).reply_queue()
+            }
+
+            fn close<'a, 'r>(&'a self) -> BoxFuture<'r, Result<()>>
+            where
+                'a: 'r,
+                Self: 'r,
+            {
+                (**self).close()
+            }
+
+            fn is_open(&self) -> bool {
+                (**self).is_open()
+            }
+        }
+    )*};
+}
+
+forward_connection!(Arc, Box);

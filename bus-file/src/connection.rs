@@ -1,5 +1,6 @@
 //! [`FileConnection`]: the transport contract over a folder.
 
+use bus_core::equivalence::{self, ExchangeSettings};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::io::{self, Write};
@@ -18,9 +19,9 @@ use bus_core::routing::{
 };
 use bus_core::{
     classic_reply_queue, is_reserved_name, Capabilities, Connection, ConsumeOptions, Consumer,
-    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
-    QueueArguments, QueueInfo, QueueOptions, QueueType, ReplyQueue, Result, DEFAULT_EXCHANGE,
-    PREDECLARED_EXCHANGES,
+    DeleteExchangeOptions, DeleteQueueOptions, Error, ErrorDetail, ExchangeKind, ExchangeOptions,
+    FieldTable, FieldValue, Message, PublishOptions, QueueArguments, QueueInfo, QueueOptions,
+    QueueType, ReplyQueue, Result, Subject, DEFAULT_EXCHANGE, PREDECLARED_EXCHANGES,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -136,7 +137,13 @@ impl Snapshot {
             let alternate = alternate_exchange(name, &x.arguments).ok().flatten();
             graph.insert(
                 name,
-                Exchange::new(x.kind, x.durable, x.auto_delete, x.internal, alternate),
+                Exchange::new(
+                    x.kind.clone(),
+                    x.durable,
+                    x.auto_delete,
+                    x.internal,
+                    alternate,
+                ),
             );
         }
         for b in &topo.bindings {
@@ -178,7 +185,7 @@ impl Snapshot {
             &mut out,
         );
         if !found {
-            return Err(Error::NotFound(format!("no exchange {exchange:?}")));
+            return Err(Error::exchange_not_found(exchange));
         }
         Ok(out)
     }
@@ -188,15 +195,15 @@ fn exchange_kind(topo: &Topology, name: &str) -> Option<ExchangeKind> {
     PREDECLARED_EXCHANGES
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, k)| *k)
-        .or_else(|| topo.exchanges.get(name).map(|x| x.kind))
+        .map(|(_, k)| k.clone())
+        .or_else(|| topo.exchanges.get(name).map(|x| x.kind.clone()))
 }
 
 fn predeclared(name: &str) -> Option<ExchangeKind> {
     PREDECLARED_EXCHANGES
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, k)| *k)
+        .map(|(_, k)| k.clone())
 }
 
 /// Connections of this process by root, so that a publish wakes this
@@ -448,9 +455,10 @@ impl Inner {
         self.check_open()?;
         check_path_name("queue", queue)?;
         if exchange == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", exchange)?;
         Ok(BindingRecord {
@@ -463,9 +471,7 @@ impl Inner {
 
     fn check_exclusive(&self, name: &str, q: &QueueRecord) -> Result<()> {
         match &q.exclusive_owner {
-            Some(o) if *o != self.owner => Err(Error::ResourceLocked(format!(
-                "queue {name:?} is exclusive to another connection"
-            ))),
+            Some(o) if *o != self.owner => Err(Error::queue_locked(name)),
             _ => Ok(()),
         }
     }
@@ -805,11 +811,14 @@ impl Inner {
     ) -> Result<()> {
         let msg_ttl = message.ttl()?;
         if message.body.len() as u64 > self.options.max_message_size {
-            return Err(Error::PreconditionFailed(format!(
-                "message size {} is larger than the configured maximum {}",
-                message.body.len(),
-                self.options.max_message_size
-            )));
+            return Err(Error::PreconditionFailed(
+                format!(
+                    "message size {} is larger than the configured maximum {}",
+                    message.body.len(),
+                    self.options.max_message_size
+                )
+                .into(),
+            ));
         }
         crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
         let me = self.arc()?;
@@ -983,7 +992,7 @@ impl Inner {
             .topo
             .queues
             .get(queue)
-            .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?
+            .ok_or_else(|| Error::queue_not_found(queue))?
             .clone();
         inner.check_exclusive(queue, &rec)?;
         let tag = options
@@ -991,9 +1000,9 @@ impl Inner {
             .clone()
             .unwrap_or_else(|| format!("ctag-{}", uuid::Uuid::new_v4().simple()));
         if inner.dispatchers.lock().values().any(|d| d.has_tag(&tag)) {
-            return Err(Error::PreconditionFailed(format!(
-                "consumer tag {tag:?} is already in use on this connection"
-            )));
+            return Err(Error::PreconditionFailed(
+                format!("consumer tag {tag:?} is already in use on this connection").into(),
+            ));
         }
         // Registered under the topology lock so exclusive consumers are
         // checked against every process at once.
@@ -1001,18 +1010,20 @@ impl Inner {
         let consumer_file = inner.layout.consumers(queue).join(&file);
         inner.modify(|t| {
             if t.queues.get(queue).is_none_or(|q| q.id != rec.id) {
-                return Err(Error::NotFound(format!("no queue {queue:?}")));
+                return Err(Error::queue_not_found(queue));
             }
             let live = inner.live_consumers(queue);
             if live.iter().any(|(_, x)| *x) {
                 // RabbitMQ answers ACCESS_REFUSED ("in exclusive use").
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} is in exclusive use by a consumer"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(queue),
+                    format!("queue {queue:?} is in exclusive use by a consumer"),
                 )));
             }
             if options.exclusive && !live.is_empty() {
-                return Err(Error::AccessRefused(format!(
-                    "queue {queue:?} has consumers; cannot consume exclusively"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(queue),
+                    format!("queue {queue:?} has consumers; cannot consume exclusively"),
                 )));
             }
             // An empty file: its name says all there is to know, and
@@ -1285,27 +1296,33 @@ fn check_owned(layout: &Layout, rel: &Path, shared_group: bool) -> Result<()> {
     let mode = st.st_mode;
     let path = layout.root.join(rel);
     if st.st_uid != me && !shared_group {
-        return Err(Error::AccessRefused(format!(
-            "{} is owned by uid {}, not by this user (uid {me}); the file transport \
+        return Err(Error::AccessRefused(
+            format!(
+                "{} is owned by uid {}, not by this user (uid {me}); the file transport \
              refuses a root others control (FileOptions::shared_group relaxes this for \
              a shared group)",
-            path.display(),
-            st.st_uid
-        )));
+                path.display(),
+                st.st_uid
+            )
+            .into(),
+        ));
     }
     let forbidden = if shared_group { 0o002 } else { 0o022 };
     if mode & forbidden != 0 {
-        return Err(Error::AccessRefused(format!(
-            "{} is writable by {} (mode {:o}); the file transport refuses a root \
+        return Err(Error::AccessRefused(
+            format!(
+                "{} is writable by {} (mode {:o}); the file transport refuses a root \
              others can write into",
-            path.display(),
-            if mode & 0o002 != 0 {
-                "everyone"
-            } else {
-                "its group"
-            },
-            mode & 0o7777
-        )));
+                path.display(),
+                if mode & 0o002 != 0 {
+                    "everyone"
+                } else {
+                    "its group"
+                },
+                mode & 0o7777
+            )
+            .into(),
+        ));
     }
     Ok(())
 }
@@ -1322,16 +1339,19 @@ fn dead_letter_of(
     dead_letter(&envelope.message, &death, args)
 }
 
-fn queue_settings_equal(a: &QueueRecord, b: &QueueRecord) -> bool {
-    let typed = |t: &FieldTable| {
-        QueueArguments::from_table(t).map(|mut a| {
-            a.raw.clear();
-            a
-        })
-    };
-    a.durable == b.durable
-        && a.auto_delete == b.auto_delete
-        && matches!((typed(&a.arguments), typed(&b.arguments)), (Ok(x), Ok(y)) if x == y)
+/// Checks a redeclaration of the queue `name` against its record, as
+/// RabbitMQ does: flags, then the arguments it compares, naming the first
+/// that differs.
+fn check_queue_redeclare(
+    name: &str,
+    existing: &QueueRecord,
+    options: &QueueOptions,
+    wanted: &QueueArguments,
+) -> Result<()> {
+    equivalence::check_queue_flags(name, existing.durable, existing.auto_delete, options)?;
+    // The record holds arguments this transport normalised and accepted.
+    let have = QueueArguments::from_table(&existing.arguments)?;
+    equivalence::check_queue_arguments(name, &have, wanted)
 }
 
 /// The topology operations, synchronous: each runs whole on the blocking
@@ -1347,33 +1367,46 @@ impl Inner {
         tracing::debug!(exchange = name, ?kind, "declare exchange");
         let inner = self;
         inner.check_open()?;
+        // As RabbitMQ, the type is checked first, and not at all by a
+        // passive declaration.
+        if !options.passive {
+            kind.require_built_in("file")?;
+        }
         if name == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", name)?;
         if let Some(k) = predeclared(name) {
             if options.passive {
                 return Ok(());
             }
-            if k != kind || !options.durable || options.auto_delete || options.internal {
-                return Err(Error::PreconditionFailed(format!(
-                    "inequivalent arguments for predeclared exchange {name:?} ({k}, durable)"
-                )));
-            }
-            return Ok(());
+            let predeclared = ExchangeSettings {
+                kind: &k,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                alternate: None,
+            };
+            return equivalence::check_exchange(
+                name,
+                &predeclared,
+                &ExchangeSettings::declared(&kind, &options),
+            );
         }
         if options.passive {
             return if inner.snapshot()?.topo.exchanges.contains_key(name) {
                 Ok(())
             } else {
-                Err(Error::NotFound(format!("no exchange {name:?}")))
+                Err(Error::exchange_not_found(name))
             };
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name {name:?} contains reserved prefix 'amq.*'"),
             )));
         }
         alternate_exchange(name, &options.arguments)?;
@@ -1385,11 +1418,29 @@ impl Inner {
             arguments: options.arguments,
         };
         inner.modify(|t| match t.exchanges.get(name) {
-            Some(existing) if *existing == rec => Ok(((), false)),
-            Some(existing) => Err(Error::PreconditionFailed(format!(
-                "inequivalent arguments for exchange {name:?}: it is {} durable={} auto_delete={} internal={}",
-                existing.kind, existing.durable, existing.auto_delete, existing.internal
-            ))),
+            Some(existing) => {
+                let have = ExchangeSettings {
+                    kind: &existing.kind,
+                    durable: existing.durable,
+                    auto_delete: existing.auto_delete,
+                    internal: existing.internal,
+                    alternate: existing
+                        .arguments
+                        .get("alternate-exchange")
+                        .and_then(FieldValue::as_str),
+                };
+                let want = ExchangeSettings {
+                    kind: &rec.kind,
+                    durable: rec.durable,
+                    auto_delete: rec.auto_delete,
+                    internal: rec.internal,
+                    alternate: rec
+                        .arguments
+                        .get("alternate-exchange")
+                        .and_then(FieldValue::as_str),
+                };
+                equivalence::check_exchange(name, &have, &want).map(|()| ((), false))
+            }
             None => {
                 t.exchanges.insert(name.to_owned(), rec);
                 Ok(((), true))
@@ -1401,14 +1452,16 @@ impl Inner {
         let inner = self;
         inner.check_open()?;
         if name == DEFAULT_EXCHANGE {
-            return Err(Error::AccessRefused(
-                "operation not permitted on the default exchange".into(),
-            ));
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(""),
+                "operation not permitted on the default exchange",
+            )));
         }
         check_path_name("exchange", name)?;
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name {name:?} contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name {name:?} contains reserved prefix 'amq.*'"),
             )));
         }
         inner.modify(|t| {
@@ -1416,8 +1469,9 @@ impl Inner {
                 return Ok(((), false));
             }
             if if_unused && t.has_bindings_from(name) {
-                return Err(Error::PreconditionFailed(format!(
-                    "exchange {name:?} in use"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::exchange(name),
+                    format!("exchange {name:?} in use"),
                 )));
             }
             delete_exchange(t, name);
@@ -1436,12 +1490,10 @@ impl Inner {
                 .topo
                 .queues
                 .get(name)
-                .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+                .ok_or_else(|| Error::queue_not_found(name))?;
             if let Some(o) = &q.exclusive_owner {
                 if *o != inner.owner && inner.owner_alive(o) {
-                    return Err(Error::ResourceLocked(format!(
-                        "queue {name:?} is exclusive to another connection"
-                    )));
+                    return Err(Error::queue_locked(name));
                 }
             }
             return inner.counts(name);
@@ -1451,8 +1503,9 @@ impl Inner {
         } else {
             check_path_name("queue", name)?;
             if is_reserved_name(name) {
-                return Err(Error::AccessRefused(format!(
-                    "queue name {name:?} contains reserved prefix 'amq.*'"
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue name {name:?} contains reserved prefix 'amq.*'"),
                 )));
             }
             name.to_owned()
@@ -1484,9 +1537,7 @@ impl Inner {
             if let Some(existing) = t.queues.get(&name) {
                 match &existing.exclusive_owner {
                     Some(o) if *o != inner.owner && inner.owner_alive(o) => {
-                        return Err(Error::ResourceLocked(format!(
-                            "queue {name:?} is exclusive to another connection"
-                        )))
+                        return Err(Error::queue_locked(&name))
                     }
                     Some(o) if *o != inner.owner => {
                         // Its owner died before anyone reaped it.
@@ -1494,11 +1545,7 @@ impl Inner {
                         layout.remove_queue_dir(&name)?;
                     }
                     _ => {
-                        if !queue_settings_equal(existing, &rec) {
-                            return Err(Error::PreconditionFailed(format!(
-                                "inequivalent arguments for queue {name:?}"
-                            )));
-                        }
+                        check_queue_redeclare(&name, existing, &options, &args)?;
                         return Ok(((), false));
                     }
                 }
@@ -1522,18 +1569,20 @@ impl Inner {
             };
             if let Some(o) = &q.exclusive_owner {
                 if *o != inner.owner && inner.owner_alive(o) {
-                    return Err(Error::ResourceLocked(format!(
-                        "queue {name:?} is exclusive to another connection"
-                    )));
+                    return Err(Error::queue_locked(name));
                 }
             }
             let info = inner.counts(name)?;
             if options.if_unused && info.consumer_count > 0 {
-                return Err(Error::PreconditionFailed(format!("queue {name:?} in use")));
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue {name:?} in use"),
+                )));
             }
             if options.if_empty && info.message_count > 0 {
-                return Err(Error::PreconditionFailed(format!(
-                    "queue {name:?} not empty"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue {name:?} not empty"),
                 )));
             }
             t.remove_queue(name);
@@ -1558,7 +1607,7 @@ impl Inner {
             .topo
             .queues
             .get(name)
-            .ok_or_else(|| Error::NotFound(format!("no queue {name:?}")))?;
+            .ok_or_else(|| Error::queue_not_found(name))?;
         inner.check_exclusive(name, q)?;
         let ready = inner.layout.ready(name);
         let mut n = 0u32;
@@ -1585,11 +1634,11 @@ impl Inner {
             let q = t
                 .queues
                 .get(queue)
-                .ok_or_else(|| Error::NotFound(format!("no queue {queue:?}")))?;
+                .ok_or_else(|| Error::queue_not_found(queue))?;
             inner.check_exclusive(queue, q)?;
-            let kind = exchange_kind(t, exchange)
-                .ok_or_else(|| Error::NotFound(format!("no exchange {exchange:?}")))?;
-            check_binding_arguments(kind, &b.arguments)?;
+            let kind =
+                exchange_kind(t, exchange).ok_or_else(|| Error::exchange_not_found(exchange))?;
+            check_binding_arguments(&kind, &b.arguments)?;
             if t.bindings.contains(&b) {
                 return Ok(((), false));
             }
@@ -1626,11 +1675,11 @@ impl Inner {
         self.modify(|t| {
             for name in [&b.destination, &b.source] {
                 if exchange_kind(t, name).is_none() {
-                    return Err(Error::NotFound(format!("no exchange {name:?}")));
+                    return Err(Error::exchange_not_found(name));
                 }
             }
             let kind = exchange_kind(t, &b.source).expect("checked above");
-            check_binding_arguments(kind, &b.arguments)?;
+            check_binding_arguments(&kind, &b.arguments)?;
             if t.exchange_bindings.contains(&b) {
                 return Ok(((), false));
             }
@@ -1659,9 +1708,10 @@ impl Inner {
         self.check_open()?;
         for name in [&b.destination, &b.source] {
             if name == DEFAULT_EXCHANGE {
-                return Err(Error::AccessRefused(
-                    "operation not permitted on the default exchange".into(),
-                ));
+                return Err(Error::AccessRefused(ErrorDetail::about(
+                    Subject::exchange(""),
+                    "operation not permitted on the default exchange",
+                )));
             }
             check_path_name("exchange", name)?;
         }
@@ -1686,7 +1736,8 @@ impl Connection for FileConnection {
         blocking(move || inner.declare_exchange_sync(&name, kind, options)).await
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+        let if_unused = options.if_unused;
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_exchange_sync(&name, if_unused)).await

@@ -14,8 +14,8 @@ use bus_core::engine::dead_letter::Reason;
 use bus_core::engine::policy;
 use bus_core::engine::unacked::{Unacked, UnknownTag};
 use bus_core::{
-    Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, QueueArguments,
-    Result,
+    AckOptions, Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error,
+    NackOptions, QueueArguments, Requeue, Result,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
@@ -557,8 +557,8 @@ impl ConsumerShared {
 
 #[async_trait]
 impl Acknowledger for ConsumerShared {
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        let claims = self.take(tag, multiple)?;
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+        let claims = self.take(tag, options.multiple)?;
         let fs = self.fs.clone();
         blocking(move || {
             for claim in claims {
@@ -575,12 +575,13 @@ impl Acknowledger for ConsumerShared {
         Ok(())
     }
 
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
+        let multiple = options.multiple;
         let inner = self
             .inner
             .upgrade()
             .ok_or_else(|| Error::Closed("the file connection is closed".into()))?;
-        if requeue {
+        if options.requeue == Requeue::Yes {
             let me = self
                 .me
                 .upgrade()

@@ -59,10 +59,13 @@ pub(crate) fn check_overhead(
     write_properties(&mut meta, properties);
     let overhead = (HEADER_LEN + meta.buf.len() + 4) as u64;
     if overhead > MAX_ENVELOPE_OVERHEAD {
-        return Err(Error::PreconditionFailed(format!(
+        return Err(Error::PreconditionFailed(
+            format!(
             "the message's exchange, routing key, properties and headers take {overhead} bytes \
              on disk, over the folder transport's limit of {MAX_ENVELOPE_OVERHEAD}"
-        )));
+        )
+            .into(),
+        ));
     }
     Ok(())
 }

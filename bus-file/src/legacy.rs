@@ -41,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::engine::unacked::Unacked;
 use bus_core::{
-    Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message, PublishOptions,
-    Publisher, Result,
+    AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, Error, FieldValue, Message,
+    NackOptions, PublishOptions, Publisher, Requeue, Result,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
@@ -184,7 +184,7 @@ impl Inbox {
                 .lock()
                 .insert(name.to_owned(), reason.to_owned());
         }
-        delivery.reject(false).await
+        delivery.reject(Requeue::No).await
     }
 
     /// Starts consuming the folder: a stream of one delivery per ready
@@ -625,10 +625,9 @@ impl InboxConsumer {
             Err(_) if self.stopped.load(Ordering::Acquire) => {
                 Err(Error::Closed("the inbox consumer is gone".into()))
             }
-            Err(e) => Err(Error::PreconditionFailed(format!(
-                "{e} on the inbox {}",
-                self.inbox.dir.display()
-            ))),
+            Err(e) => Err(Error::PreconditionFailed(
+                format!("{e} on the inbox {}", self.inbox.dir.display()).into(),
+            )),
         }
     }
 
@@ -652,8 +651,8 @@ struct InboxAcker(Arc<InboxConsumer>);
 
 #[async_trait]
 impl Acknowledger for InboxAcker {
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        let held = self.0.take(tag, multiple)?;
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+        let held = self.0.take(tag, options.multiple)?;
         let c = self.0.clone();
         // The moves and deletions run on the blocking pool.
         blocking(move || {
@@ -667,8 +666,9 @@ impl Acknowledger for InboxAcker {
         Ok(())
     }
 
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        let held = self.0.take(tag, multiple)?;
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
+        let held = self.0.take(tag, options.multiple)?;
+        let requeue = options.requeue == Requeue::Yes;
         let c = self.0.clone();
         blocking(move || {
             for h in held {

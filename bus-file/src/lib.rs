@@ -78,8 +78,10 @@
 //!
 //! See [`capabilities`]: everything the conformance suite checks except
 //! queue expiry (`x-expires`, refused with `NotSupported`), quorum and
-//! stream queues (refused), RabbitMQ's direct reply-to (replies use an
-//! exclusive queue). Exclusive queues, consumer counts, exclusive and
+//! stream queues (refused), exchange types of broker plugins
+//! ([`bus_core::ExchangeKind::Custom`], refused with `NotSupported`; the
+//! topology file reserves kind tag 4, followed by the type's name, for
+//! them), RabbitMQ's direct reply-to (replies use an exclusive queue). Exclusive queues, consumer counts, exclusive and
 //! single-active consumers hold across processes (consumer registrations
 //! under the topology lock, the single active consumer by an `flock`);
 //! a single active consumer in another process takes over within one rescan
@@ -199,11 +201,11 @@ pub mod fuzzing {
 /// What the folder transport offers, as its connections report it.
 #[must_use]
 pub fn capabilities() -> Capabilities {
-    Capabilities {
-        queue_expiry: false,
-        quorum_queues: false,
-        direct_reply: false,
-        recovery: false,
-        ..Capabilities::all("file")
-    }
+    let mut caps = Capabilities::all("file");
+    caps.queue_expiry = false;
+    caps.quorum_queues = false;
+    caps.plugin_exchange_kinds = false;
+    caps.direct_reply = false;
+    caps.recovery = false;
+    caps
 }

@@ -71,12 +71,19 @@ pub(crate) struct Topology {
     pub(crate) exchange_bindings: Vec<ExchangeBindingRecord>,
 }
 
-fn kind_byte(k: ExchangeKind) -> u8 {
+/// The kind's tag in the file; a custom kind (tag 4) is followed by its name.
+/// The folder transport refuses custom kinds, so none is written today; the
+/// tag keeps the encoding total.
+fn write_kind(w: &mut Writer, k: &ExchangeKind) {
     match k {
-        ExchangeKind::Direct => 0,
-        ExchangeKind::Fanout => 1,
-        ExchangeKind::Topic => 2,
-        ExchangeKind::Headers => 3,
+        ExchangeKind::Direct => w.u8(0),
+        ExchangeKind::Fanout => w.u8(1),
+        ExchangeKind::Topic => w.u8(2),
+        ExchangeKind::Headers => w.u8(3),
+        ExchangeKind::Custom(name) => {
+            w.u8(4);
+            w.str(name);
+        }
     }
 }
 
@@ -90,7 +97,7 @@ impl Topology {
         w.u32(self.exchanges.len() as u32);
         for (name, x) in &self.exchanges {
             w.str(name);
-            w.u8(kind_byte(x.kind));
+            write_kind(&mut w, &x.kind);
             w.bool(x.durable);
             w.bool(x.auto_delete);
             w.bool(x.internal);
@@ -153,6 +160,7 @@ impl Topology {
                 1 => ExchangeKind::Fanout,
                 2 => ExchangeKind::Topic,
                 3 => ExchangeKind::Headers,
+                4 => ExchangeKind::Custom(r.string()?),
                 b => return Err(DecodeError(format!("unknown exchange kind {b}"))),
             };
             let x = ExchangeRecord {
@@ -374,6 +382,16 @@ mod tests {
             ExchangeRecord {
                 kind: ExchangeKind::Topic,
                 durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::new(),
+            },
+        );
+        t.exchanges.insert(
+            "plugin".into(),
+            ExchangeRecord {
+                kind: ExchangeKind::custom("x-consistent-hash"),
+                durable: false,
                 auto_delete: false,
                 internal: false,
                 arguments: FieldTable::new(),

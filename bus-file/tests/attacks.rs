@@ -169,13 +169,7 @@ async fn an_exclusive_queue_named_outside_with_a_dead_owner_is_refused() {
     {
         let other = open(&root).await;
         other
-            .declare_queue(
-                &fake,
-                QueueOptions {
-                    exclusive: true,
-                    ..QueueOptions::default()
-                },
-            )
+            .declare_queue(&fake, QueueOptions::default().with_exclusive(true))
             .await
             .expect("declare");
         // Dies without cleaning up: its topology entry stays.
@@ -317,20 +311,12 @@ async fn lengths_from_names_cannot_overflow_max_length_bytes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().join("bus");
     let conn = open(&root).await;
-    let args = QueueArguments {
-        max_length_bytes: Some(1_000),
-        overflow: Some(Overflow::RejectPublish),
-        ..QueueArguments::default()
-    };
-    conn.declare_queue(
-        "capped",
-        QueueOptions {
-            arguments: args,
-            ..QueueOptions::default()
-        },
-    )
-    .await
-    .expect("declare");
+    let args = QueueArguments::default()
+        .max_length_bytes(1_000)
+        .overflow(Overflow::RejectPublish);
+    conn.declare_queue("capped", QueueOptions::default().with_arguments(args))
+        .await
+        .expect("declare");
     let ready = root.join("queues/capped/ready");
     for i in 1..=2 {
         std::fs::write(
@@ -372,13 +358,7 @@ async fn headers_too_long_for_the_reader_are_refused_at_publish() {
     assert!(!err.is_temporary(), "permanent: {err}");
     assert!(err.to_string().contains("headers"), "says why: {err}");
     let info = conn
-        .declare_queue(
-            "q",
-            QueueOptions {
-                passive: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("q", QueueOptions::passive())
         .await
         .expect("passive");
     assert_eq!(info.message_count, 0, "nothing was written");
@@ -436,13 +416,7 @@ async fn a_topology_lock_held_elsewhere_does_not_freeze_the_runtime() {
         .await
         .expect("declare");
     let auto = conn
-        .declare_queue(
-            "auto",
-            QueueOptions {
-                auto_delete: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("auto", QueueOptions::default().with_auto_delete(true))
         .await
         .expect("declare auto-delete");
     let auto_consumer = conn
@@ -506,10 +480,7 @@ async fn a_topology_lock_held_elsewhere_does_not_freeze_the_runtime() {
     let check = open(&root).await;
     tokio::time::timeout(WAIT, async {
         loop {
-            let passive = QueueOptions {
-                passive: true,
-                ..QueueOptions::default()
-            };
+            let passive = QueueOptions::passive();
             match check.declare_queue(&auto.name, passive).await {
                 Err(Error::NotFound(_)) => break,
                 Ok(_) => tokio::task::yield_now().await,
@@ -790,13 +761,7 @@ async fn a_queue_that_filled_the_disk_can_be_drained() {
         .await
         .expect("consuming works on a full disk");
     let info = conn
-        .declare_queue(
-            "fill",
-            QueueOptions {
-                passive: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("fill", QueueOptions::passive())
         .await
         .expect("passive");
     assert_eq!(info.consumer_count, 1);

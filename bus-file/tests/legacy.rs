@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bus_core::bridge::Bridge;
-use bus_core::{Connection, ConsumeOptions, Consumer, Delivery, QueueOptions};
+use bus_core::{Connection, ConsumeOptions, Consumer, Delivery, QueueOptions, Requeue};
 use bus_file::legacy::{Consumed, Inbox, LegacyRpc, Readiness, ResultWriter, FILE_HEADER};
 use bus_file::FileConnection;
 use futures::StreamExt;
@@ -115,7 +115,7 @@ async fn a_done_marker_makes_a_file_ready_and_failures_keep_the_error() {
 
     append(&input.join("a.txt.done"), b"");
     let a = next(&mut c).await;
-    a.nack(true).await.expect("requeue");
+    a.nack(Requeue::Yes).await.expect("requeue");
     let again = next(&mut c).await;
     assert_eq!(&again.message.body[..], b"first");
     assert!(again.redelivered, "requeued input comes back redelivered");

@@ -17,8 +17,8 @@ use bus_core::routing::{
 };
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
-    ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments, QueueInfo,
-    QueueOptions, Result,
+    ErrorDetail, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments,
+    QueueInfo, QueueOptions, Result, Subject,
 };
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -29,8 +29,7 @@ use bus_core::engine::dead_letter::cycles_into;
 
 use crate::dead_letter::DeadLetter;
 use crate::declaration::{
-    check_equivalent_args, check_exchange_redeclare, check_queue_flags, check_queue_type,
-    queue_arguments,
+    check_exchange_redeclare, check_queue_flags, check_queue_type, queue_arguments,
 };
 use crate::faults::{Fault, FaultState};
 use crate::queue::{Effects, Envelope, NewConsumer, Now, Queue, QueueState, Settle};
@@ -126,25 +125,23 @@ fn random_suffix() -> String {
 }
 
 fn not_found_queue(name: &str) -> Error {
-    Error::NotFound(format!("no queue '{name}'"))
+    Error::queue_not_found(name)
 }
 
 fn not_found_exchange(name: &str) -> Error {
-    Error::NotFound(format!("no exchange '{name}'"))
+    Error::exchange_not_found(name)
 }
 
 fn locked(name: &str) -> Error {
-    Error::ResourceLocked(format!(
-        "cannot obtain exclusive access to locked queue '{name}': it is exclusive to another \
-         connection, or the exclusive flag differs from its declaration"
-    ))
+    Error::queue_locked(name)
 }
 
 /// RabbitMQ's refusal of any explicit operation on the default exchange,
 /// saying which one was attempted.
 fn default_exchange_refused(operation: &str) -> Error {
-    Error::AccessRefused(format!(
-        "{operation}: operation not permitted on the default exchange"
+    Error::AccessRefused(ErrorDetail::about(
+        Subject::exchange(""),
+        format!("{operation}: operation not permitted on the default exchange"),
     ))
 }
 
@@ -437,10 +434,15 @@ impl BrokerInner {
     pub(crate) fn declare_exchange(
         &self,
         name: &str,
-        kind: ExchangeKind,
+        kind: &ExchangeKind,
         options: &ExchangeOptions,
     ) -> Result<()> {
         validate_name("exchange", name)?;
+        // As RabbitMQ, the type is checked first, and not at all by a
+        // passive declaration.
+        if !options.passive {
+            kind.require_built_in("local")?;
+        }
         if name.is_empty() {
             return Err(default_exchange_refused("declare exchange ''"));
         }
@@ -450,14 +452,15 @@ impl BrokerInner {
                 false => Err(not_found_exchange(name)),
             };
         }
-        let exchange = Exchange::declared(name, kind, options)?;
+        let exchange = Exchange::declared(name, kind.clone(), options)?;
         let mut topo = self.write();
         if let Some(x) = topo.exchanges.get(name) {
             return check_exchange_redeclare(name, x, &exchange);
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
             )));
         }
         topo.exchanges.insert(name, exchange);
@@ -470,8 +473,9 @@ impl BrokerInner {
             return Err(default_exchange_refused("delete exchange ''"));
         }
         if is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "deletion of system exchange '{name}' not allowed"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("deletion of system exchange '{name}' not allowed"),
             )));
         }
         let mut topo = self.write();
@@ -479,8 +483,9 @@ impl BrokerInner {
             return Ok(());
         };
         if if_unused && x.binding_count() > 0 {
-            return Err(Error::PreconditionFailed(format!(
-                "exchange '{name}' in use"
+            return Err(Error::PreconditionFailed(ErrorDetail::about(
+                Subject::exchange(name),
+                format!("exchange '{name}' in use"),
             )));
         }
         topo.exchanges.delete_exchange(name);
@@ -507,8 +512,9 @@ impl BrokerInner {
         }
         let args = queue_arguments(name, options)?;
         if !name.is_empty() && is_reserved_name(name) {
-            return Err(Error::AccessRefused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::queue(name),
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             )));
         }
         let owner = options.exclusive.then_some(conn);
@@ -572,7 +578,7 @@ impl BrokerInner {
         if queue.owner != owner {
             return Err(locked(&queue.name));
         }
-        check_equivalent_args(&queue.name, &queue.args, args)?;
+        bus_core::equivalence::check_queue_arguments(&queue.name, &queue.args, args)?;
         Ok((self.queue_info(queue, true), None))
     }
 
@@ -590,11 +596,15 @@ impl BrokerInner {
         {
             let st = queue.lock();
             if options.if_unused && Queue::consumer_count(&st) > 0 {
-                return Err(Error::PreconditionFailed(format!("queue '{name}' in use")));
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue '{name}' in use"),
+                )));
             }
             if options.if_empty && Queue::ready_count(&st) > 0 {
-                return Err(Error::PreconditionFailed(format!(
-                    "queue '{name}' not empty"
+                return Err(Error::PreconditionFailed(ErrorDetail::about(
+                    Subject::queue(name),
+                    format!("queue '{name}' not empty"),
                 )));
             }
         }
@@ -823,11 +833,17 @@ impl BrokerInner {
         let priority = match options.arguments.get("x-priority") {
             None => 0,
             Some(v) => v.as_i64().ok_or_else(|| {
-                Error::PreconditionFailed(format!(
-                    "invalid arg 'x-priority' for a consumer of queue '{queue}': expected an \
+                Error::PreconditionFailed(
+                    ErrorDetail::about(
+                        Subject::queue(queue),
+                        format!(
+                        "invalid arg 'x-priority' for a consumer of queue '{queue}': expected an \
                      integer, got {} {v}",
-                    v.type_name()
-                ))
+                        v.type_name()
+                    ),
+                    )
+                    .with_argument("x-priority"),
+                )
             })?,
         };
         if let Some(FieldValue::String(_)) = options.arguments.get("x-stream-offset") {

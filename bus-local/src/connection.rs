@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bus_core::recovery::{BindingRecord, ExchangeBindingRecord};
 use bus_core::{
-    classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteQueueOptions,
-    Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions, QueueInfo,
-    QueueOptions, RecoveryEvent, ReplyQueue, Result,
+    classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
+    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
+    QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
 };
 use tokio::sync::broadcast;
 
@@ -255,10 +255,13 @@ impl ConnInner {
             detail = Some(d.clone());
             d
         }) {
-            return Err(Error::ResourceLocked(format!(
-                "{} refused by the broker (simulated fault); retrying can succeed",
-                detail.unwrap_or_default()
-            )));
+            return Err(Error::ResourceLocked(
+                format!(
+                    "{} refused by the broker (simulated fault); retrying can succeed",
+                    detail.unwrap_or_default()
+                )
+                .into(),
+            ));
         }
         Ok(())
     }
@@ -357,13 +360,13 @@ impl LocalConnection {
     /// [`Connection::capabilities`]).
     #[must_use]
     pub fn local_capabilities() -> Capabilities {
-        Capabilities {
-            durability: false,
-            cross_process: false,
-            quorum_queues: false,
-            direct_reply: false,
-            ..Capabilities::all("local")
-        }
+        let mut caps = Capabilities::all("local");
+        caps.durability = false;
+        caps.cross_process = false;
+        caps.plugin_exchange_kinds = false;
+        caps.quorum_queues = false;
+        caps.direct_reply = false;
+        caps
     }
 
     /// The id of the connection's current link, as the broker's
@@ -481,12 +484,12 @@ impl Connection for LocalConnection {
     ) -> Result<()> {
         tracing::debug!(exchange = name, ?kind, "declare exchange");
         if !self.inner.slow {
-            return self.broker()?.declare_exchange(name, kind, &options);
+            return self.broker()?.declare_exchange(name, &kind, &options);
         }
         let broker = self.inner.ready().await?;
         self.inner
             .check_declare(|| format!("of exchange {name:?}"))?;
-        broker.declare_exchange(name, kind, &options)?;
+        broker.declare_exchange(name, &kind, &options)?;
         if !options.passive {
             self.inner
                 .journal(|j| j.record_exchange(name, kind, options));
@@ -494,9 +497,9 @@ impl Connection for LocalConnection {
         Ok(())
     }
 
-    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+    async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
         let broker = self.inner.ready().await?;
-        broker.delete_exchange(name, if_unused)?;
+        broker.delete_exchange(name, options.if_unused)?;
         self.inner.journal(|j| j.forget_exchange(name));
         Ok(())
     }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
-use bus_core::{Acknowledger, ConsumerControl, Delivery, Error, Result};
+use bus_core::{
+    AckOptions, Acknowledger, ConsumerControl, Delivery, Error, NackOptions, Requeue, Result,
+};
 use futures::Stream;
 use tokio::sync::Notify;
 
@@ -364,17 +366,16 @@ impl Settler {
 
 #[async_trait]
 impl Acknowledger for Settler {
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
-        self.settle(tag, multiple, Settle::Ack)
+    async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+        self.settle(tag, options.multiple, Settle::Ack)
     }
 
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        let how = if requeue {
-            Settle::Requeue
-        } else {
-            Settle::Reject
+    async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
+        let how = match options.requeue {
+            Requeue::Yes => Settle::Requeue,
+            Requeue::No => Settle::Reject,
         };
-        self.settle(tag, multiple, how)
+        self.settle(tag, options.multiple, how)
     }
 }
 

@@ -2,8 +2,9 @@
 //! redeclaration matches what exists (RabbitMQ's "inequivalent arg"
 //! checks, in RabbitMQ's order), and a queue type allows the options.
 
+use bus_core::equivalence;
 use bus_core::routing::Exchange;
-use bus_core::{Error, QueueArguments, QueueOptions, QueueType, Result};
+use bus_core::{Error, ErrorDetail, QueueArguments, QueueOptions, QueueType, Result, Subject};
 
 use crate::queue::Queue;
 
@@ -12,156 +13,31 @@ use crate::queue::Queue;
 pub(crate) fn queue_arguments(name: &str, options: &QueueOptions) -> Result<QueueArguments> {
     options.arguments.normalized().map_err(|e| match e {
         Error::PreconditionFailed(why) => {
-            Error::PreconditionFailed(format!("queue '{name}': {why}"))
+            let mut detail =
+                ErrorDetail::about(Subject::queue(name), format!("queue '{name}': {why}"));
+            if let Some(argument) = why.argument() {
+                detail = detail.with_argument(argument);
+            }
+            Error::PreconditionFailed(detail)
         }
         other => other,
     })
 }
 
-/// Checks a redeclaration of an existing exchange.
+/// Checks a redeclaration of an existing exchange against the exchange the
+/// declaration describes.
 pub(crate) fn check_exchange_redeclare<Q: Clone + PartialEq>(
     name: &str,
     existing: &Exchange<Q>,
     declared: &Exchange<Q>,
 ) -> Result<()> {
-    let kind = declared.kind();
-    if existing.kind() != kind {
-        return Err(inequivalent(
-            "exchange",
-            name,
-            "type",
-            &format!("'{kind}'"),
-            &format!("'{}'", existing.kind()),
-        ));
-    }
-    same_flag(
-        "exchange",
-        name,
-        "durable",
-        existing.durable,
-        declared.durable,
-    )?;
-    same_flag(
-        "exchange",
-        name,
-        "auto_delete",
-        existing.auto_delete,
-        declared.auto_delete,
-    )?;
-    same_flag(
-        "exchange",
-        name,
-        "internal",
-        existing.internal,
-        declared.internal,
-    )?;
-    if existing.alternate() != declared.alternate() {
-        return Err(inequivalent(
-            "exchange",
-            name,
-            "alternate-exchange",
-            &show(&declared.alternate()),
-            &show(&existing.alternate()),
-        ));
-    }
-    Ok(())
+    equivalence::check_exchange(name, &existing.settings(), &declared.settings())
 }
 
 /// Checks the durable and auto-delete flags of a queue redeclaration (the
 /// exclusive flag is the owner check, which comes next in RabbitMQ).
 pub(crate) fn check_queue_flags(queue: &Queue, options: &QueueOptions) -> Result<()> {
-    same_flag(
-        "queue",
-        &queue.name,
-        "durable",
-        queue.durable,
-        options.durable,
-    )?;
-    same_flag(
-        "queue",
-        &queue.name,
-        "auto_delete",
-        queue.auto_delete,
-        options.auto_delete,
-    )
-}
-
-fn same_flag(what: &str, name: &str, arg: &str, have: bool, want: bool) -> Result<()> {
-    if have == want {
-        return Ok(());
-    }
-    Err(inequivalent(
-        what,
-        name,
-        arg,
-        &format!("'{want}'"),
-        &format!("'{have}'"),
-    ))
-}
-
-fn inequivalent(what: &str, name: &str, arg: &str, received: &str, current: &str) -> Error {
-    Error::PreconditionFailed(format!(
-        "inequivalent arg '{arg}' for {what} '{name}': received {received} but current is {current}"
-    ))
-}
-
-fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
-    match v {
-        Some(v) => format!("{v:?}"),
-        None => "none".into(),
-    }
-}
-
-/// Compares the arguments RabbitMQ checks on redeclaration; others (unknown
-/// `x-` arguments) are ignored, as RabbitMQ ignores them.
-pub(crate) fn check_equivalent_args(
-    name: &str,
-    have: &QueueArguments,
-    want: &QueueArguments,
-) -> Result<()> {
-    macro_rules! same {
-        ($field:ident, $arg:literal) => {
-            if have.$field != want.$field {
-                return Err(inequivalent(
-                    "queue",
-                    name,
-                    $arg,
-                    &show(&want.$field),
-                    &show(&have.$field),
-                ));
-            }
-        };
-    }
-    same!(message_ttl, "x-message-ttl");
-    same!(expires, "x-expires");
-    same!(max_length, "x-max-length");
-    same!(max_length_bytes, "x-max-length-bytes");
-    same!(overflow, "x-overflow");
-    same!(dead_letter_exchange, "x-dead-letter-exchange");
-    same!(dead_letter_routing_key, "x-dead-letter-routing-key");
-    same!(max_priority, "x-max-priority");
-    if have.single_active_consumer != want.single_active_consumer {
-        return Err(inequivalent(
-            "queue",
-            name,
-            "x-single-active-consumer",
-            &want.single_active_consumer.to_string(),
-            &have.single_active_consumer.to_string(),
-        ));
-    }
-    // RabbitMQ takes a missing x-queue-type for the current type of a
-    // classic queue, but not of a quorum one.
-    let kind = |t: Option<QueueType>| t.unwrap_or(QueueType::Classic);
-    if kind(have.queue_type) != kind(want.queue_type) {
-        return Err(inequivalent(
-            "queue",
-            name,
-            "x-queue-type",
-            &show(&want.queue_type),
-            &show(&have.queue_type),
-        ));
-    }
-    Ok(())
+    equivalence::check_queue_flags(&queue.name, queue.durable, queue.auto_delete, options)
 }
 
 /// Refuses what RabbitMQ 3.10 refuses for a queue type.
@@ -188,9 +64,9 @@ pub(crate) fn check_queue_type(
                 None
             };
             match refused {
-                Some(why) => Err(Error::PreconditionFailed(format!(
-                    "{why} for quorum queue '{name}'"
-                ))),
+                Some(why) => Err(Error::PreconditionFailed(
+                    format!("{why} for quorum queue '{name}'").into(),
+                )),
                 None => Ok(()),
             }
         }

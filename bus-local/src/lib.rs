@@ -46,7 +46,9 @@
 //! head of a queue expires, as in RabbitMQ); `x-expires`; `x-max-length` and
 //! `x-max-length-bytes` with `drop-head`, `reject-publish` and
 //! `reject-publish-dlx`; priority queues; single active consumer; exclusive
-//! consumers; mandatory publishes.
+//! consumers; mandatory publishes. Exchange types of broker plugins
+//! ([`bus_core::ExchangeKind::Custom`]) are refused with
+//! [`bus_core::Error::NotSupported`].
 //!
 //! A publish returns once every queue the message reached has taken it: that
 //! is the publisher confirm. A queue full under `reject-publish` makes it

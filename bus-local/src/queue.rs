@@ -14,7 +14,7 @@ use bus_core::engine::dead_letter::{dead_letter, Death, Reason};
 use bus_core::engine::policy::{self, Admission, Depth, Limits};
 use bus_core::engine::unacked::Unacked;
 use bus_core::routing::sender_routes;
-use bus_core::{Error, Message, QueueArguments, Result};
+use bus_core::{Error, ErrorDetail, Message, QueueArguments, Result, Subject};
 use tokio::time::Instant;
 
 use crate::consumer::{ConsumerShared, Handover};
@@ -574,9 +574,9 @@ impl Queue {
     ) -> Result<()> {
         let has_exclusive = st.consumers.iter().any(|s| !s.cancelled && s.exclusive);
         if has_exclusive || (new.exclusive && Self::consumer_count(st) > 0) {
-            return Err(Error::AccessRefused(format!(
-                "queue '{}' is in exclusive use",
-                self.name
+            return Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::queue(self.name.as_str()),
+                format!("queue '{}' is in exclusive use", self.name),
             )));
         }
         let id = new.shared.id;

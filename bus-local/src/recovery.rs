@@ -129,7 +129,7 @@ impl RecoveryState {
             });
         };
         for (name, (kind, options)) in &journal.exchanges {
-            if let Err(e) = broker.declare_exchange(name, *kind, options) {
+            if let Err(e) = broker.declare_exchange(name, kind, options) {
                 failed(format!("exchange {name:?}"), e);
             }
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bus_core::{
     Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldValue,
-    Message, PublishOptions, QueueArguments, QueueOptions, MAX_TTL,
+    Message, PublishOptions, QueueArguments, QueueOptions, Requeue, MAX_TTL,
 };
 use common::*;
 use futures::StreamExt;
@@ -29,19 +29,10 @@ async fn the_default_exchange_exists_without_a_passive_declaration() {
 async fn ttls_beyond_ten_years_are_refused_and_change_nothing() {
     let (broker, conn) = setup();
     for arguments in [
-        QueueArguments {
-            message_ttl: Some(MAX_TTL + Duration::from_millis(1)),
-            ..QueueArguments::default()
-        },
-        QueueArguments {
-            expires: Some(Duration::MAX),
-            ..QueueArguments::default()
-        },
+        QueueArguments::default().message_ttl(MAX_TTL + Duration::from_millis(1)),
+        QueueArguments::default().expires(Duration::MAX),
     ] {
-        let options = QueueOptions {
-            arguments,
-            ..QueueOptions::default()
-        };
+        let options = QueueOptions::default().with_arguments(arguments);
         let e = conn.declare_queue("long", options).await.unwrap_err();
         assert!(
             matches!(&e, Error::PreconditionFailed(m) if m.contains("queue 'long'") && m.contains("10 years")),
@@ -84,14 +75,9 @@ async fn a_ttl_of_ten_years_waits_without_overflowing_the_clock() {
     queue_with(
         &conn,
         "slow",
-        QueueOptions {
-            arguments: QueueArguments {
-                message_ttl: Some(MAX_TTL),
-                expires: Some(MAX_TTL),
-                ..QueueArguments::default()
-            },
-            ..QueueOptions::default()
-        },
+        QueueOptions::default()
+            .message_ttl(MAX_TTL)
+            .expires(MAX_TTL),
     )
     .await;
     conn.send_to_queue("slow", Message::new("x").with_expiration(MAX_TTL))
@@ -133,10 +119,8 @@ async fn refusals_name_the_queue_or_exchange() {
     let e = conn
         .consume(
             "jobs",
-            ConsumeOptions {
-                arguments: [("x-priority".to_string(), FieldValue::from("high"))].into(),
-                ..ConsumeOptions::default()
-            },
+            ConsumeOptions::default()
+                .with_arguments([("x-priority".to_string(), FieldValue::from("high"))].into()),
         )
         .await
         .unwrap_err();
@@ -145,13 +129,7 @@ async fn refusals_name_the_queue_or_exchange() {
         "{e}"
     );
 
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            raw: [("x-max-priority".to_string(), FieldValue::I32(256))].into(),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::default().argument("x-max-priority", FieldValue::I32(256));
     let e = conn.declare_queue("prio", options).await.unwrap_err();
     assert!(
         matches!(&e, Error::PreconditionFailed(m) if m.contains("queue 'prio'") && m.contains("x-max-priority")),
@@ -185,7 +163,7 @@ async fn settling_twice_or_nacking_an_auto_ack_delivery_says_which_delivery() {
     assert_eq!(d.body(), &b"b"[..]);
     assert!(d.is_settled());
     d.ack().await.unwrap();
-    let e = d.nack(true).await.unwrap_err();
+    let e = d.nack(Requeue::Yes).await.unwrap_err();
     assert!(
         matches!(&e, Error::PreconditionFailed(m) if m.contains("auto-ack")),
         "{e}"

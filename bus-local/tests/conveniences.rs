@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use bus_core::{Connection, ConsumeOptions, ExchangeKind, FieldValue, Message, PublishOptions};
+use bus_core::{
+    Connection, ConsumeOptions, ExchangeKind, FieldValue, Message, PublishOptions, Requeue,
+};
 use bus_local::LocalBroker;
 use common::*;
 use futures::StreamExt;
@@ -99,18 +101,12 @@ async fn published_records_what_reached_an_exchange() {
     queue_with(
         &conn,
         "dl-src",
-        bus_core::QueueOptions {
-            arguments: bus_core::QueueArguments {
-                dead_letter_exchange: Some("dlx".into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        bus_core::QueueOptions::default().dead_letter_to("dlx"),
     )
     .await;
     send(&conn, "dl-src", "rejected").await;
     let mut c = consume(&conn, "dl-src", 1).await;
-    next(&mut c).await.reject(false).await.unwrap();
+    next(&mut c).await.reject(Requeue::No).await.unwrap();
     let dead = b.published("dlx");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0, "dl-src");
@@ -166,13 +162,7 @@ async fn scenario() -> Vec<String> {
         queue_with(
             &admin,
             q,
-            bus_core::QueueOptions {
-                arguments: bus_core::QueueArguments {
-                    dead_letter_exchange: Some("dlx".into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
+            bus_core::QueueOptions::default().dead_letter_to("dlx"),
         )
         .await;
         bind(&admin, q, "jobs", pattern).await;
@@ -206,9 +196,9 @@ async fn scenario() -> Vec<String> {
                 // Every third delivery is requeued once, every seventh is
                 // rejected to the dead-letter queue; the rest are acked.
                 if n % 3 == 0 && !d.redelivered {
-                    d.nack(true).await.unwrap();
+                    d.nack(Requeue::Yes).await.unwrap();
                 } else if n % 7 == 0 && name != "failed" {
-                    d.reject(false).await.unwrap();
+                    d.reject(Requeue::No).await.unwrap();
                 } else {
                     d.ack().await.unwrap();
                 }
@@ -276,4 +266,47 @@ async fn the_same_scenario_delivers_the_same_way_every_run() {
     for _ in 0..3 {
         assert_eq!(scenario().await, first);
     }
+}
+
+/// Uses any connection through the trait and its conveniences, on a task of
+/// its own (so every future involved is `Send`).
+async fn round_trip<C: Connection + Clone>(conn: C, queue: &str) -> Vec<u8> {
+    use bus_core::{ConnectionExt, QueueOptions};
+    conn.declare_queue(queue, QueueOptions::default())
+        .await
+        .unwrap();
+    let task = {
+        let conn = conn.clone();
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            conn.send_to_queue(&queue, Message::new(queue.clone()))
+                .await
+                .unwrap();
+            assert!(conn.exchange_exists("").await.unwrap());
+            assert!(!conn.exchange_exists("no-such-exchange").await.unwrap());
+            conn.inspect_queue(&queue).await.unwrap().message_count
+        })
+    };
+    assert_eq!(task.await.unwrap(), 1, "{queue}: one message waits");
+    let mut c = conn
+        .consume(queue, ConsumeOptions::auto_ack())
+        .await
+        .unwrap();
+    let d = c.next().await.unwrap().unwrap();
+    d.body().to_vec()
+}
+
+#[tokio::test(start_paused = true)]
+async fn smart_pointers_to_connections_are_connections() {
+    let broker = LocalBroker::new();
+    let concrete = Arc::new(broker.connect());
+    assert_eq!(round_trip(concrete.clone(), "arc").await, b"arc");
+    let shared: Arc<dyn Connection> = concrete.clone();
+    assert_eq!(round_trip(shared, "arc-dyn").await, b"arc-dyn");
+    let boxed: Arc<Box<dyn Connection>> = Arc::new(Box::new(broker.connect()));
+    assert_eq!(round_trip(boxed.clone(), "box-dyn").await, b"box-dyn");
+    assert_eq!(boxed.capabilities().name, "local");
+    boxed.close().await.unwrap();
+    assert!(!boxed.is_open(), "close goes through the box");
+    assert!(concrete.is_open(), "another connection stays open");
 }

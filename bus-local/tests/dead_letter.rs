@@ -6,22 +6,16 @@ use std::time::Duration;
 
 use bus_core::{
     Connection, Error, ExchangeKind, FieldValue, Message, Overflow, PublishOptions, QueueArguments,
-    QueueOptions,
+    QueueOptions, Requeue,
 };
 use common::*;
 
 fn with_args(arguments: QueueArguments) -> QueueOptions {
-    QueueOptions {
-        arguments,
-        ..Default::default()
-    }
+    QueueOptions::default().with_arguments(arguments)
 }
 
 fn dlx_args(dlx: &str) -> QueueArguments {
-    QueueArguments {
-        dead_letter_exchange: Some(dlx.into()),
-        ..Default::default()
-    }
+    QueueArguments::default().dead_letter_to(dlx)
 }
 
 /// A fanout dead-letter exchange `dlx` feeding queue `dead`.
@@ -56,7 +50,7 @@ async fn rejected_messages_carry_x_death() {
     .await
     .unwrap();
     let mut src = consume(&conn, "src", 1).await;
-    next(&mut src).await.reject(false).await.unwrap();
+    next(&mut src).await.reject(Requeue::No).await.unwrap();
     let mut dead = consume(&conn, "dead", 1).await;
     let d = next(&mut dead).await;
     assert_eq!((d.exchange.as_str(), d.routing_key.as_str()), ("dlx", "k1"));
@@ -83,11 +77,11 @@ async fn rejected_messages_carry_x_death() {
 async fn ping_pong_counts_deaths_per_queue_and_reason() {
     let (_b, conn) = setup();
     let to = |q: &str| {
-        with_args(QueueArguments {
-            dead_letter_exchange: Some(String::new()),
-            dead_letter_routing_key: Some(q.into()),
-            ..Default::default()
-        })
+        with_args(
+            QueueArguments::default()
+                .dead_letter_to(String::new())
+                .dead_letter_routing_key(q),
+        )
     };
     queue_with(&conn, "a", to("b")).await;
     queue_with(&conn, "b", to("a")).await;
@@ -95,8 +89,8 @@ async fn ping_pong_counts_deaths_per_queue_and_reason() {
     let mut a = consume(&conn, "a", 1).await;
     let mut b = consume(&conn, "b", 1).await;
     for _ in 0..3 {
-        next(&mut a).await.reject(false).await.unwrap();
-        next(&mut b).await.reject(false).await.unwrap();
+        next(&mut a).await.reject(Requeue::No).await.unwrap();
+        next(&mut b).await.reject(Requeue::No).await.unwrap();
     }
     let d = next(&mut a).await;
     assert_eq!(d.routing_key, "a");
@@ -115,10 +109,7 @@ async fn ttl_expires_and_dead_letters_on_the_clock() {
     queue_with(
         &conn,
         "ttl",
-        with_args(QueueArguments {
-            message_ttl: Some(Duration::from_millis(100)),
-            ..dlx_args("dlx")
-        }),
+        with_args(dlx_args("dlx").message_ttl(Duration::from_millis(100))),
     )
     .await;
     send(&conn, "ttl", "old").await;
@@ -186,10 +177,7 @@ async fn expiry_deletes_an_unused_queue() {
     queue_with(
         &conn,
         "temp",
-        with_args(QueueArguments {
-            expires: Some(Duration::from_secs(10)),
-            ..Default::default()
-        }),
+        with_args(QueueArguments::default().expires(Duration::from_secs(10))),
     )
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -197,10 +185,7 @@ async fn expiry_deletes_an_unused_queue() {
     queue_with(
         &conn,
         "temp",
-        with_args(QueueArguments {
-            expires: Some(Duration::from_secs(10)),
-            ..Default::default()
-        }),
+        with_args(QueueArguments::default().expires(Duration::from_secs(10))),
     )
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -218,15 +203,7 @@ async fn expiry_deletes_an_unused_queue() {
 async fn drop_head_dead_letters_the_oldest() {
     let (b, conn) = setup();
     dead_letter_sink(&conn).await;
-    queue_with(
-        &conn,
-        "q",
-        with_args(QueueArguments {
-            max_length: Some(2),
-            ..dlx_args("dlx")
-        }),
-    )
-    .await;
+    queue_with(&conn, "q", with_args(dlx_args("dlx").max_length(2))).await;
     for i in 1..=4 {
         send(&conn, "q", &i.to_string()).await;
     }
@@ -245,20 +222,17 @@ async fn max_length_bytes_counts_bodies() {
     queue_with(
         &conn,
         "drop",
-        with_args(QueueArguments {
-            max_length_bytes: Some(10),
-            ..Default::default()
-        }),
+        with_args(QueueArguments::default().max_length_bytes(10)),
     )
     .await;
     queue_with(
         &conn,
         "refuse",
-        with_args(QueueArguments {
-            max_length_bytes: Some(10),
-            overflow: Some(Overflow::RejectPublish),
-            ..Default::default()
-        }),
+        with_args(
+            QueueArguments::default()
+                .max_length_bytes(10)
+                .overflow(Overflow::RejectPublish),
+        ),
     )
     .await;
     for q in ["drop", "refuse"] {
@@ -301,11 +275,7 @@ async fn reject_publish_nacks_and_dlx_variant_dead_letters() {
         queue_with(
             &conn,
             q,
-            with_args(QueueArguments {
-                max_length: Some(1),
-                overflow: Some(overflow),
-                ..dlx_args("dlx")
-            }),
+            with_args(dlx_args("dlx").max_length(1).overflow(overflow)),
         )
         .await;
         send(&conn, q, "kept").await;
@@ -333,11 +303,11 @@ async fn expiry_cycles_are_dropped() {
     queue_with(
         &conn,
         "loop",
-        with_args(QueueArguments {
-            message_ttl: Some(Duration::from_millis(10)),
-            dead_letter_exchange: Some(String::new()),
-            ..Default::default()
-        }),
+        with_args(
+            QueueArguments::default()
+                .message_ttl(Duration::from_millis(10))
+                .dead_letter_to(String::new()),
+        ),
     )
     .await;
     send(&conn, "loop", "x").await;
@@ -351,7 +321,7 @@ async fn missing_dead_letter_exchange_drops() {
     queue_with(&conn, "q", with_args(dlx_args("nowhere"))).await;
     send(&conn, "q", "x").await;
     let mut c = consume(&conn, "q", 1).await;
-    next(&mut c).await.reject(false).await.unwrap();
+    next(&mut c).await.reject(Requeue::No).await.unwrap();
     assert_eq!(
         (b.queue_depth("q"), b.unacked_count("q")),
         (Some(0), Some(0))

@@ -4,7 +4,7 @@ mod common;
 
 use bus_core::{
     Connection, ConsumeOptions, DeleteQueueOptions, Error, FieldTable, FieldValue, Message,
-    PublishOptions, QueueArguments, QueueOptions,
+    PublishOptions, QueueOptions, Requeue,
 };
 use common::*;
 
@@ -75,9 +75,9 @@ async fn requeue_restores_the_original_position() {
     // Requeue out of order (with the consumer cancelled, so nothing is
     // redelivered in between): the queue still gives 1, 2, 3, 4, 5.
     c.cancel().await.unwrap();
-    d[1].nack(true).await.unwrap();
-    d[0].nack(true).await.unwrap();
-    d[2].reject(true).await.unwrap();
+    d[1].nack(Requeue::Yes).await.unwrap();
+    d[0].nack(Requeue::Yes).await.unwrap();
+    d[2].reject(Requeue::Yes).await.unwrap();
     let mut c = consume(&conn, "q", 3).await;
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -123,7 +123,7 @@ async fn multiple_settles_everything_up_to_the_tag() {
         d[2].ack().await,
         Err(Error::PreconditionFailed(_))
     ));
-    d[3].nack_multiple(true).await.unwrap();
+    d[3].nack_multiple(Requeue::Yes).await.unwrap();
     assert_eq!(b.queue_depth("q"), Some(0), "redelivered at once");
     let again = next(&mut c).await;
     assert_eq!((body(&again).as_str(), again.redelivered), ("4", true));
@@ -135,7 +135,7 @@ async fn reject_without_requeue_drops() {
     queue(&conn, "q").await;
     send(&conn, "q", "x").await;
     let mut c = consume(&conn, "q", 1).await;
-    next(&mut c).await.reject(false).await.unwrap();
+    next(&mut c).await.reject(Requeue::No).await.unwrap();
     assert_eq!(
         (b.queue_depth("q"), b.unacked_count("q")),
         (Some(0), Some(0))
@@ -151,7 +151,7 @@ async fn auto_ack_deliveries_cannot_be_nacked() {
     let d = next(&mut c).await;
     d.ack().await.unwrap();
     assert!(matches!(
-        d.nack(true).await,
+        d.nack(Requeue::Yes).await,
         Err(Error::PreconditionFailed(_))
     ));
 }
@@ -171,7 +171,7 @@ async fn cancel_stops_new_deliveries_and_keeps_settling() {
     ended(&mut c).await;
     assert_eq!(conn.inspect_queue_count("q").await, (1, 0));
     first.ack().await.unwrap();
-    second.nack(true).await.unwrap();
+    second.nack(Requeue::Yes).await.unwrap();
     assert_eq!(b.queue_depth("q"), Some(2));
     // Dropping the cancelled consumer changes nothing more.
     drop(c);
@@ -248,15 +248,7 @@ async fn deleting_a_queue_ends_its_consumers() {
 #[tokio::test(start_paused = true)]
 async fn auto_delete_queue_goes_with_its_last_consumer() {
     let (b, conn) = setup();
-    queue_with(
-        &conn,
-        "ad",
-        QueueOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    queue_with(&conn, "ad", QueueOptions::default().with_auto_delete(true)).await;
     // Never consumed: stays.
     send(&conn, "ad", "x").await;
     assert_eq!(b.queue_depth("ad"), Some(1));
@@ -272,10 +264,7 @@ async fn auto_delete_queue_goes_with_its_last_consumer() {
 async fn exclusive_consumers_refuse_company() {
     let (_b, conn) = setup();
     queue(&conn, "q").await;
-    let exclusive = ConsumeOptions {
-        exclusive: true,
-        ..Default::default()
-    };
+    let exclusive = ConsumeOptions::default().with_exclusive(true);
     let c = conn.consume("q", exclusive.clone()).await.unwrap();
     for options in [ConsumeOptions::default(), exclusive.clone()] {
         let e = conn.consume("q", options).await.unwrap_err();
@@ -293,10 +282,9 @@ async fn exclusive_consumers_refuse_company() {
 async fn consumer_priorities_prefer_the_higher() {
     let (_b, conn) = setup();
     queue(&conn, "q").await;
-    let with_priority = |p: i32| ConsumeOptions {
-        prefetch: 1,
-        arguments: [("x-priority".to_string(), FieldValue::I32(p))].into(),
-        ..Default::default()
+    let with_priority = |p: i32| {
+        ConsumeOptions::prefetch(1)
+            .with_arguments([("x-priority".to_string(), FieldValue::I32(p))].into())
     };
     let mut low = conn.consume("q", with_priority(1)).await.unwrap();
     let mut high = conn.consume("q", with_priority(5)).await.unwrap();
@@ -310,18 +298,7 @@ async fn consumer_priorities_prefer_the_higher() {
 #[tokio::test(start_paused = true)]
 async fn priority_queue_delivers_higher_first_fifo_within() {
     let (_b, conn) = setup();
-    queue_with(
-        &conn,
-        "p",
-        QueueOptions {
-            arguments: QueueArguments {
-                max_priority: Some(5),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    queue_with(&conn, "p", QueueOptions::default().max_priority(5)).await;
     for (body, p) in [
         ("a", None),
         ("b", Some(3)),
@@ -351,13 +328,7 @@ async fn single_active_consumer_hands_over_in_order() {
     queue_with(
         &conn,
         "sac",
-        QueueOptions {
-            arguments: QueueArguments {
-                single_active_consumer: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        QueueOptions::default().single_active_consumer(true),
     )
     .await;
     let mut first = consume(&conn, "sac", 1).await;
@@ -433,7 +404,7 @@ async fn concurrent_publishers_and_consumers_lose_nothing() {
                 seen.push((q, body(&d)));
                 // Some requeues to stir the queues.
                 if seen.len() % 11 == 0 && !d.redelivered {
-                    d.nack(true).await.unwrap();
+                    d.nack(Requeue::Yes).await.unwrap();
                     seen.pop();
                 } else {
                     d.ack().await.unwrap();

@@ -166,14 +166,7 @@ async fn restart_keeps_durable_queues_and_persistent_messages_only() {
         .await
         .unwrap();
     other
-        .declare_queue(
-            "auto",
-            QueueOptions {
-                durable: true,
-                auto_delete: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("auto", QueueOptions::durable().with_auto_delete(true))
         .await
         .unwrap();
     other
@@ -210,10 +203,7 @@ async fn restart_keeps_durable_queues_and_persistent_messages_only() {
     conn.declare_exchange(
         "transient-x",
         ExchangeKind::Direct,
-        ExchangeOptions {
-            passive: true,
-            ..ExchangeOptions::default()
-        },
+        ExchangeOptions::passive(),
     )
     .await
     .expect_err("a non-durable exchange is gone");

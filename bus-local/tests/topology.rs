@@ -3,8 +3,8 @@
 mod common;
 
 use bus_core::{
-    Connection, ConnectionExt, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, Message, PublishOptions, QueueArguments, QueueOptions, QueueType,
+    Connection, ConnectionExt, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, Message, PublishOptions, QueueOptions, QueueType,
 };
 use common::*;
 
@@ -23,7 +23,8 @@ async fn the_default_exchange_cannot_be_touched() {
         .unwrap_err();
     assert!(matches!(e, Error::AccessRefused(_)), "{e}");
     assert!(matches!(
-        conn.delete_exchange("", false).await,
+        conn.delete_exchange("", DeleteExchangeOptions::default())
+            .await,
         Err(Error::AccessRefused(_))
     ));
     assert!(matches!(
@@ -48,7 +49,8 @@ async fn predeclared_exchanges_exist_and_are_protected() {
     ] {
         assert!(conn.exchange_exists(name).await.unwrap(), "{name}");
         assert!(matches!(
-            conn.delete_exchange(name, false).await,
+            conn.delete_exchange(name, DeleteExchangeOptions::default())
+                .await,
             Err(Error::AccessRefused(_))
         ));
     }
@@ -86,24 +88,17 @@ async fn exchange_redeclaration_must_match() {
         (ExchangeKind::Topic, ExchangeOptions::durable()),
         (
             ExchangeKind::Topic,
-            ExchangeOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
+            ExchangeOptions::default().with_auto_delete(true),
         ),
         (
             ExchangeKind::Topic,
-            ExchangeOptions {
-                internal: true,
-                ..Default::default()
-            },
+            ExchangeOptions::default().with_internal(true),
         ),
         (
             ExchangeKind::Topic,
-            ExchangeOptions {
-                arguments: [("alternate-exchange".to_string(), FieldValue::from("ae"))].into(),
-                ..Default::default()
-            },
+            ExchangeOptions::default().with_arguments(
+                [("alternate-exchange".to_string(), FieldValue::from("ae"))].into(),
+            ),
         ),
     ] {
         let e = conn.declare_exchange("x", kind, options).await.unwrap_err();
@@ -113,10 +108,8 @@ async fn exchange_redeclaration_must_match() {
     conn.declare_exchange(
         "x",
         ExchangeKind::Topic,
-        ExchangeOptions {
-            arguments: [("x-whatever".to_string(), FieldValue::I32(1))].into(),
-            ..Default::default()
-        },
+        ExchangeOptions::default()
+            .with_arguments([("x-whatever".to_string(), FieldValue::I32(1))].into()),
     )
     .await
     .unwrap();
@@ -130,7 +123,9 @@ async fn exchange_redeclaration_must_match() {
 #[tokio::test(start_paused = true)]
 async fn deleting_missing_things_succeeds() {
     let (_b, conn) = setup();
-    conn.delete_exchange("nope", false).await.unwrap();
+    conn.delete_exchange("nope", DeleteExchangeOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         conn.delete_queue("nope", DeleteQueueOptions::default())
             .await
@@ -159,13 +154,7 @@ async fn invalid_names_and_arguments_change_nothing() {
             .await,
         Err(Error::InvalidArgument(_))
     ));
-    let bad = QueueOptions {
-        arguments: QueueArguments {
-            raw: [("x-message-ttl".to_string(), FieldValue::from("soon"))].into(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let bad = QueueOptions::default().argument("x-message-ttl", "soon");
     assert!(matches!(
         conn.declare_queue("q", bad).await,
         Err(Error::PreconditionFailed(_))
@@ -181,39 +170,21 @@ async fn invalid_names_and_arguments_change_nothing() {
 #[tokio::test(start_paused = true)]
 async fn queue_redeclaration_must_match() {
     let (_b, conn) = setup();
-    let ttl = |ms| QueueOptions {
-        arguments: QueueArguments {
-            message_ttl: Some(std::time::Duration::from_millis(ms)),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let ttl = |ms| QueueOptions::default().message_ttl(std::time::Duration::from_millis(ms));
     queue_with(&conn, "q", ttl(100)).await;
     queue_with(&conn, "q", ttl(100)).await;
     for options in [
         ttl(200),
         QueueOptions::default(),
-        QueueOptions {
-            durable: true,
-            ..ttl(100)
-        },
-        QueueOptions {
-            auto_delete: true,
-            ..ttl(100)
-        },
+        ttl(100).with_durable(true),
+        ttl(100).with_auto_delete(true),
     ] {
         let e = conn.declare_queue("q", options).await.unwrap_err();
         assert!(matches!(e, Error::PreconditionFailed(_)), "{e}");
     }
     // Redeclaring exclusive a queue that is not: locked, as in RabbitMQ.
     let e = conn
-        .declare_queue(
-            "q",
-            QueueOptions {
-                exclusive: true,
-                ..ttl(100)
-            },
-        )
+        .declare_queue("q", ttl(100).with_exclusive(true))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::ResourceLocked(_)), "{e}");
@@ -222,13 +193,7 @@ async fn queue_redeclaration_must_match() {
     queue_with(
         &conn,
         "c",
-        QueueOptions {
-            arguments: QueueArguments {
-                queue_type: Some(QueueType::Classic),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        QueueOptions::default().queue_type(QueueType::Classic),
     )
     .await;
 }
@@ -236,13 +201,10 @@ async fn queue_redeclaration_must_match() {
 #[tokio::test(start_paused = true)]
 async fn quorum_declarations_follow_rabbitmq_rules() {
     let (_b, conn) = setup();
-    let quorum = |durable| QueueOptions {
-        durable,
-        arguments: QueueArguments {
-            queue_type: Some(QueueType::Quorum),
-            ..Default::default()
-        },
-        ..Default::default()
+    let quorum = |durable| {
+        QueueOptions::default()
+            .with_durable(durable)
+            .queue_type(QueueType::Quorum)
     };
     assert!(matches!(
         conn.declare_queue("qq", quorum(false)).await,
@@ -352,33 +314,21 @@ async fn delete_conditions() {
     queue(&conn, "q").await;
     send(&conn, "q", "1").await;
     assert!(matches!(
-        conn.delete_queue(
-            "q",
-            DeleteQueueOptions {
-                if_empty: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue("q", DeleteQueueOptions::if_empty()).await,
         Err(Error::PreconditionFailed(_))
     ));
     let c = consume(&conn, "q", 0).await;
     assert!(matches!(
-        conn.delete_queue(
-            "q",
-            DeleteQueueOptions {
-                if_unused: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue("q", DeleteQueueOptions::if_unused())
+            .await,
         Err(Error::PreconditionFailed(_))
     ));
     drop(c);
     exchange(&conn, "x", ExchangeKind::Direct).await;
     bind(&conn, "q", "x", "k").await;
     assert!(matches!(
-        conn.delete_exchange("x", true).await,
+        conn.delete_exchange("x", DeleteExchangeOptions::if_unused())
+            .await,
         Err(Error::PreconditionFailed(_))
     ));
     // The consumer took the message (auto-ack off, then dropped: requeued).
@@ -390,7 +340,9 @@ async fn delete_conditions() {
     );
     assert_eq!(b.queue_depth("q"), None);
     // The queue's bindings went with it.
-    conn.delete_exchange("x", true).await.unwrap();
+    conn.delete_exchange("x", DeleteExchangeOptions::if_unused())
+        .await
+        .unwrap();
 }
 
 async fn routed(
@@ -598,10 +550,7 @@ async fn publish_errors() {
     conn.declare_exchange(
         "internal",
         ExchangeKind::Fanout,
-        ExchangeOptions {
-            internal: true,
-            ..Default::default()
-        },
+        ExchangeOptions::default().with_internal(true),
     )
     .await
     .unwrap();
@@ -652,10 +601,8 @@ async fn alternate_exchange_takes_unrouted_messages() {
     conn.declare_exchange(
         "main",
         ExchangeKind::Direct,
-        ExchangeOptions {
-            arguments: [("alternate-exchange".to_string(), FieldValue::from("ae"))].into(),
-            ..Default::default()
-        },
+        ExchangeOptions::default()
+            .with_arguments([("alternate-exchange".to_string(), FieldValue::from("ae"))].into()),
     )
     .await
     .unwrap();
@@ -671,10 +618,7 @@ async fn auto_delete_exchange_goes_with_its_last_binding() {
     conn.declare_exchange(
         "ad",
         ExchangeKind::Direct,
-        ExchangeOptions {
-            auto_delete: true,
-            ..Default::default()
-        },
+        ExchangeOptions::default().with_auto_delete(true),
     )
     .await
     .unwrap();

@@ -69,6 +69,18 @@ impl Cluster {
     /// As [`Cluster::start`], with these lines added to every node's
     /// `rabbitmq.conf`.
     pub fn start_with(tag: &str, first_port: u16, count: u16, extra_conf: &str) -> Cluster {
+        Self::start_with_plugins(tag, first_port, count, extra_conf, &[])
+    }
+
+    /// As [`Cluster::start_with`], with these plugins enabled on every node
+    /// (`rabbitmq_consistent_hash_exchange`, ...).
+    pub fn start_with_plugins(
+        tag: &str,
+        first_port: u16,
+        count: u16,
+        extra_conf: &str,
+        plugins: &[&str],
+    ) -> Cluster {
         let base = std::env::temp_dir().join(format!("bus-amqp-nodes-{tag}"));
         stop_stale(&base);
         fs::create_dir_all(base.join("home")).expect("create the nodes' directory");
@@ -79,7 +91,11 @@ impl Cluster {
         )
         .expect("write the Erlang cookie");
         set_mode(&cookie, 0o400);
-        fs::write(base.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        fs::write(
+            base.join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )
+        .expect("write enabled_plugins");
         // Read instead of /etc/rabbitmq/rabbitmq-env.conf, which names the
         // default node.
         fs::write(base.join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");

@@ -11,7 +11,7 @@ use super::support::{
 use super::Harness;
 use crate::{
     Connection, ConsumeOptions, Consumer, Delivery, Error, ExchangeKind, FieldTable, FieldValue,
-    Message, Overflow, PublishOptions, QueueArguments, QueueOptions,
+    Message, Overflow, PublishOptions, QueueOptions, Requeue,
 };
 
 /// A fresh fanout dead-letter exchange with one queue bound to it, and a
@@ -37,13 +37,7 @@ impl DeadLetters {
 
     /// Queue options dead-lettering to this exchange.
     fn options(&self) -> QueueOptions {
-        QueueOptions {
-            arguments: QueueArguments {
-                dead_letter_exchange: Some(self.exchange.clone()),
-                ..QueueArguments::default()
-            },
-            ..QueueOptions::default()
-        }
+        QueueOptions::default().dead_letter_to(self.exchange.clone())
     }
 
     async fn recv(&mut self, what: &str) -> Delivery {
@@ -134,7 +128,7 @@ async fn reject_next(conn: &dyn Connection, queue: &str) {
     let mut c = consume(conn, queue, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "the message to reject")
         .await
-        .reject(false)
+        .reject(Requeue::No)
         .await
         .expect("reject");
 }
@@ -252,7 +246,7 @@ pub async fn dead_letter_routing_key_replaces_the_key(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "the message to nack")
         .await
-        .nack(false)
+        .nack(Requeue::No)
         .await
         .expect("nack");
     let mut dc = consume(&*conn, &dead, ConsumeOptions::auto_ack()).await;
@@ -288,7 +282,7 @@ pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     let d = recv(&mut c, "first life").await;
     assert!(!d.message.properties.headers.contains_key("x-death"));
-    d.reject(false).await.expect("reject");
+    d.reject(Requeue::No).await.expect("reject");
     let d = recv(&mut c, "second life").await;
     assert_eq!(d.exchange, lx);
     assert_eq!(
@@ -296,7 +290,7 @@ pub async fn x_death_counts_repeated_deaths(h: &dyn Harness) {
         Some(&FieldValue::I64(1)),
         "count after one death"
     );
-    d.reject(false).await.expect("reject again");
+    d.reject(Requeue::No).await.expect("reject again");
     let d = recv(&mut c, "third life").await;
     let entry = x_death(&d);
     assert_eq!(entry.get("count"), Some(&FieldValue::I64(2)), "{entry:?}");
@@ -821,7 +815,7 @@ pub async fn x_death_counts_grow_over_two_cycles(h: &dyn Harness) {
     let mut cb = consume(&*conn, &b, ConsumeOptions::prefetch(1)).await;
     let d = recv(&mut ca, "the first serve").await;
     assert!(!d.message.properties.headers.contains_key("x-death"));
-    d.reject(false).await.expect("reject in a");
+    d.reject(Requeue::No).await.expect("reject in a");
     let i = |n| Some(FieldValue::I64(n));
     let st = |q: &str, n| (q.to_owned(), "rejected".to_owned(), i(n));
     // (in b?, x-death after the death)
@@ -843,7 +837,7 @@ pub async fn x_death_counts_grow_over_two_cycles(h: &dyn Harness) {
         if n == last {
             d.ack().await.expect("ack");
         } else {
-            d.reject(false).await.expect("reject");
+            d.reject(Requeue::No).await.expect("reject");
         }
     }
     drop((ca, cb));

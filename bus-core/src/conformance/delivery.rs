@@ -9,7 +9,7 @@ use super::support::{
     not_applicable, publish, publish_text, queue, queue_with, recv, recv_bodies, WAIT,
 };
 use super::Harness;
-use crate::{ConnectionExt, ConsumeOptions, Error, ExchangeKind, Message, QueueOptions};
+use crate::{ConnectionExt, ConsumeOptions, Error, ExchangeKind, Message, QueueOptions, Requeue};
 
 /// Publishes `m1` .. `mN` to `queue` through the default exchange.
 async fn publish_numbered(conn: &dyn crate::Connection, queue: &str, n: usize) {
@@ -55,7 +55,7 @@ pub async fn delivery_reports_exchange_key_and_redelivery(h: &dyn Harness) {
         (d.exchange.as_str(), d.routing_key.as_str(), d.redelivered),
         (x.as_str(), "a.b", false)
     );
-    d.nack(true).await.expect("nack with requeue");
+    d.nack(Requeue::Yes).await.expect("nack with requeue");
     let d = recv(&mut c, "redelivery").await;
     assert_eq!(body(&d), "through topic");
     assert_eq!(
@@ -199,7 +199,7 @@ pub async fn ack_multiple_settles_earlier_deliveries(h: &dyn Harness) {
     d2.ack_multiple().await.expect("ack m1 and m2");
     // m1 and m2 are settled; requeueing m3 is what is left to do.
     c.cancel().await.expect("cancel");
-    d3.nack(true).await.expect("requeue m3");
+    d3.nack(Requeue::Yes).await.expect("requeue m3");
     drop((c, d1));
     expect_bodies(&*conn, &q, &["m3"]).await;
     cleanup(&*conn, &[&q], &[]).await;
@@ -217,7 +217,7 @@ pub async fn settling_twice_is_refused(h: &dyn Harness) {
     expect_err!("a second ack", d.ack().await, Error::PreconditionFailed(_));
     expect_err!(
         "a nack after an ack",
-        d.nack(true).await,
+        d.nack(Requeue::Yes).await,
         Error::PreconditionFailed(_)
     );
     let d = recv(&mut c, "second").await;
@@ -232,7 +232,7 @@ pub async fn settling_twice_is_refused(h: &dyn Harness) {
         .expect("acking an auto-ack delivery is a no-op");
     expect_err!(
         "nack of an auto-ack delivery",
-        d.nack(true).await,
+        d.nack(Requeue::Yes).await,
         Error::PreconditionFailed(_)
     );
     drop(auto);
@@ -251,14 +251,14 @@ pub async fn nack_requeue_returns_to_original_position(h: &dyn Harness) {
     let d2 = recv(&mut c, "m2").await;
     let d3 = recv(&mut c, "m3").await;
     // Requeued to a consumer with capacity: it comes back before m4.
-    d2.reject(true).await.expect("reject with requeue");
+    d2.reject(Requeue::Yes).await.expect("reject with requeue");
     let again = recv(&mut c, "the requeued message").await;
     assert_eq!((body(&again), again.redelivered), ("m2".to_owned(), true));
     // Cancel, then requeue in reverse order: the queue keeps publish order.
     c.cancel().await.expect("cancel");
-    d3.nack(true).await.expect("requeue m3");
-    again.nack(true).await.expect("requeue m2");
-    d1.nack(true).await.expect("requeue m1");
+    d3.nack(Requeue::Yes).await.expect("requeue m3");
+    again.nack(Requeue::Yes).await.expect("requeue m2");
+    d1.nack(Requeue::Yes).await.expect("requeue m1");
     drop(c);
     let mut next = consume(&*conn, &q, ConsumeOptions::auto_ack()).await;
     let mut seen = Vec::new();
@@ -293,7 +293,10 @@ pub async fn nack_multiple_requeue_keeps_order(h: &dyn Harness) {
         recv(&mut c, "m2").await,
         recv(&mut c, "m3").await,
     ];
-    held[2].nack_multiple(true).await.expect("nack all three");
+    held[2]
+        .nack_multiple(Requeue::Yes)
+        .await
+        .expect("nack all three");
     for want in ["m1", "m2", "m3"] {
         let d = recv(&mut c, "redelivery after nack_multiple").await;
         assert_eq!((body(&d), d.redelivered), (want.to_owned(), true));
@@ -316,10 +319,14 @@ pub async fn reject_without_requeue_drops(h: &dyn Harness) {
     let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
     recv(&mut c, "m1")
         .await
-        .reject(false)
+        .reject(Requeue::No)
         .await
         .expect("reject");
-    recv(&mut c, "m2").await.nack(false).await.expect("nack");
+    recv(&mut c, "m2")
+        .await
+        .nack(Requeue::No)
+        .await
+        .expect("nack");
     let d = recv(&mut c, "m3").await;
     assert_eq!((body(&d), d.redelivered), ("m3".to_owned(), false));
     d.ack().await.expect("ack");
@@ -374,10 +381,7 @@ pub async fn exclusive_consumer_locks_the_queue(h: &dyn Harness) {
     let conn = h.connect().await;
     let other = h.connect().await;
     let q = queue(&*conn, "exclusive-consumer").await;
-    let exclusive = ConsumeOptions {
-        exclusive: true,
-        ..ConsumeOptions::prefetch(1)
-    };
+    let exclusive = ConsumeOptions::prefetch(1).with_exclusive(true);
     let a = consume(&*conn, &q, exclusive.clone()).await;
     expect_err!(
         "a second consumer on the same connection",
@@ -475,7 +479,7 @@ pub async fn single_active_consumer_hands_over(h: &dyn Harness) {
     // new active consumer on the next queue event, here the requeue, so the
     // order of what `b` receives is not pinned.)
     a.cancel().await.expect("cancel");
-    d.nack(true).await.expect("requeue after cancel");
+    d.nack(Requeue::Yes).await.expect("requeue after cancel");
     let mut rest = Vec::new();
     for _ in 0..3 {
         let d = recv(&mut b, "the consumer that took over").await;

@@ -10,8 +10,8 @@ use super::support::{
 };
 use super::{fresh_name, Harness};
 use crate::{
-    Connection, ConnectionExt, ConsumeOptions, Error, ExchangeKind, ExchangeOptions, FieldTable,
-    FieldValue, Message, PublishOptions, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, Message, PublishOptions, QueueOptions,
 };
 
 /// Declares a fresh exchange of `kind` whose alternate exchange is `ae`.
@@ -26,7 +26,7 @@ async fn exchange_with_ae(
     options
         .arguments
         .insert("alternate-exchange".into(), ae.into());
-    conn.declare_exchange(&name, kind, options)
+    conn.declare_exchange(&name, kind.clone(), options)
         .await
         .unwrap_or_else(|e| {
             panic!("declare {kind} exchange {name:?} with alternate {ae:?}: {e:?}")
@@ -88,7 +88,7 @@ async fn check_cc_bcc(
     bcc: &[FieldValue],
     reached: &[bool],
 ) {
-    let x = exchange(conn, "cc", kind).await;
+    let x = exchange(conn, "cc", kind.clone()).await;
     let mut queues = Vec::new();
     for p in patterns {
         let q = queue(conn, "cc").await;
@@ -487,7 +487,7 @@ pub async fn exchange_delete_removes_exchange_bindings(h: &dyn Harness) {
     let q = queue(&*conn, "e2e-del").await;
     bind_exchange(&*conn, &dest, &source, "").await;
     bind_exchange(&*conn, &dest, &auto_source, "").await;
-    conn.delete_exchange(&dest, true)
+    conn.delete_exchange(&dest, DeleteExchangeOptions::if_unused())
         .await
         .expect("a destination with no bindings of its own is unused");
     assert!(
@@ -519,11 +519,12 @@ pub async fn exchange_delete_removes_exchange_bindings(h: &dyn Harness) {
     publish_mandatory(&*conn, &source, "k", "through").await;
     expect_err!(
         "delete a source if unused",
-        conn.delete_exchange(&source, true).await,
+        conn.delete_exchange(&source, DeleteExchangeOptions::if_unused())
+            .await,
         Error::PreconditionFailed(_)
     );
     let conn = h.connect().await;
-    conn.delete_exchange(&source, false)
+    conn.delete_exchange(&source, DeleteExchangeOptions::default())
         .await
         .expect("delete the source");
     conn.declare_exchange(&source, ExchangeKind::Fanout, ExchangeOptions::default())

@@ -188,10 +188,7 @@ pub async fn exclusive_queue_is_locked_to_its_connection(h: &dyn Harness) {
     }
     let owner = h.connect().await;
     let other = h.connect().await;
-    let exclusive = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let exclusive = QueueOptions::default().with_exclusive(true);
     let q = queue_with(&*owner, "exclusive", exclusive.clone()).await;
     expect_err!(
         "passive declare from another connection",
@@ -250,10 +247,7 @@ pub async fn exclusive_queue_dies_with_its_connection(h: &dyn Harness) {
         return;
     }
     let observer = h.connect().await;
-    let exclusive = QueueOptions {
-        exclusive: true,
-        ..QueueOptions::default()
-    };
+    let exclusive = QueueOptions::default().with_exclusive(true);
     let closed = h.connect().await;
     let q1 = queue_with(&*closed, "exclusive-closed", exclusive.clone()).await;
     publish_text(&*closed, "", &q1, "lost with the queue").await;
@@ -289,10 +283,7 @@ pub async fn auto_delete_queue_dies_with_its_last_consumer(h: &dyn Harness) {
         return;
     }
     let conn = h.connect().await;
-    let auto_delete = QueueOptions {
-        auto_delete: true,
-        ..QueueOptions::default()
-    };
+    let auto_delete = QueueOptions::default().with_auto_delete(true);
     let q = queue_with(&*conn, "auto-delete", auto_delete).await;
     conn.inspect_queue(&q)
         .await

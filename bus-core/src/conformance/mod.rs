@@ -168,6 +168,8 @@ macro_rules! conformance_tests {
             topology::exchange_redeclare_same_settings_is_noop,
             topology::exchange_redeclare_other_kind_fails,
             topology::exchange_redeclare_other_durability_fails,
+            topology::unknown_exchange_kinds_are_refused,
+            topology::errors_name_their_queue_exchange_and_argument,
             topology::queue_redeclare_same_settings_is_noop,
             topology::queue_redeclare_other_settings_fails,
             topology::passive_declare_missing_is_not_found,

@@ -17,8 +17,8 @@ use super::support::{
 };
 use super::{DroppableConnection, Harness, WAIT};
 use crate::{
-    ConnectionExt, ConsumeOptions, Error, ExchangeKind, FieldTable, Message, PublishOptions,
-    QueueOptions, RecoveryEvent,
+    ConnectionExt, ConsumeOptions, DeleteExchangeOptions, Error, ExchangeKind, FieldTable, Message,
+    PublishOptions, QueueOptions, RecoveryEvent,
 };
 
 /// A droppable connection, or `None` after printing why the case does not
@@ -222,7 +222,7 @@ pub async fn lost_connection_declares_exchange_bindings_again(h: &dyn Harness) {
         .expect("bind the destination to the source");
     let other = h.connect().await;
     other
-        .delete_exchange(&dest, false)
+        .delete_exchange(&dest, DeleteExchangeOptions::default())
         .await
         .expect("another client deletes the destination");
     expect_err!(

@@ -8,7 +8,7 @@ use super::support::{
 use super::{fresh_name, Harness};
 use crate::{
     Bytes, Connection, ConsumeOptions, Error, ExchangeKind, FieldTable, FieldValue, Message,
-    PublishOptions,
+    PublishOptions, Requeue,
 };
 
 /// Binds one fresh queue per pattern to a fresh exchange of `kind`,
@@ -20,7 +20,7 @@ async fn check_routes(
     keys: &[&str],
     expected: &[(&str, &[&str])],
 ) {
-    let x = exchange(conn, "routes", kind).await;
+    let x = exchange(conn, "routes", kind.clone()).await;
     let mut queues = Vec::new();
     for (pattern, _) in expected {
         let q = queue(conn, "routes").await;
@@ -653,7 +653,7 @@ pub async fn copies_are_independent(h: &dyn Harness) {
     let mut c2 = consume(&*conn, &dropped, ConsumeOptions::prefetch(1)).await;
     let d2 = recv(&mut c2, "copy in the second queue").await;
     assert_eq!(d2.message, msg);
-    d2.nack(false).await.expect("nack without requeue");
+    d2.nack(Requeue::No).await.expect("nack without requeue");
     drop((c, c2));
     expect_bodies(&*conn, &kept, &["copy"]).await;
     expect_bodies(&*conn, &acked, &[]).await;

@@ -25,10 +25,7 @@ use crate::rpc::blocking::{BlockingRpcClient, BlockingRpcServer};
 use crate::rpc::{
     decode_message, CallOptions, Format, RpcClient, RpcClientOptions, RpcServer, ERROR_HEADER,
 };
-use crate::{
-    ConsumeOptions, Delivery, Error, ExchangeKind, FieldValue, Message, QueueArguments,
-    QueueOptions,
-};
+use crate::{ConsumeOptions, Delivery, Error, ExchangeKind, FieldValue, Message, QueueOptions};
 
 /// A speech job as a backend would send it: audio bytes (the msgpack bin
 /// type) and parameters.
@@ -424,13 +421,7 @@ pub async fn error_reply_is_readable_by_legacy_clients(h: &dyn Harness) {
         .await
         .unwrap_or_else(|e| panic!("start a server on {q:?}: {e:?}"));
     let reply_queue = legacy_conn
-        .declare_queue(
-            "",
-            QueueOptions {
-                exclusive: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("", QueueOptions::default().with_exclusive(true))
         .await
         .expect("declare a callback queue");
     let mut replies = consume(&*legacy_conn, &reply_queue.name, ConsumeOptions::auto_ack()).await;
@@ -543,13 +534,7 @@ pub async fn undecodable_request(h: &dyn Harness) {
     let dead = queue(&*server_conn, "rpc-dead").await;
     super::support::bind(&*server_conn, &dead, &dlx, "").await;
     let q = fresh_name("rpc-undecodable-dlx");
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            dead_letter_exchange: Some(dlx.clone()),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
-    };
+    let options = QueueOptions::default().dead_letter_to(dlx.clone());
     let server = RpcServer::builder(server_conn.clone(), &q)
         .queue_options(options)
         .serve(handler)
@@ -933,13 +918,7 @@ pub async fn legacy_client_is_served(h: &dyn Harness) {
         .await
         .unwrap_or_else(|e| panic!("start a server on {q:?}: {e:?}"));
     let callback = legacy_conn
-        .declare_queue(
-            "",
-            QueueOptions {
-                exclusive: true,
-                ..QueueOptions::default()
-            },
-        )
+        .declare_queue("", QueueOptions::default().with_exclusive(true))
         .await
         .expect("declare a callback queue");
     let mut replies = consume(&*legacy_conn, &callback.name, ConsumeOptions::auto_ack()).await;

@@ -7,8 +7,8 @@ use futures::StreamExt;
 
 use super::{fresh_name, Harness};
 use crate::{
-    Connection, ConnectionExt, ConsumeOptions, Consumer, DeleteQueueOptions, Delivery, Error,
-    ExchangeKind, ExchangeOptions, Message, PublishOptions, QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, Consumer, DeleteExchangeOptions, DeleteQueueOptions,
+    Delivery, Error, ExchangeKind, ExchangeOptions, Message, PublishOptions, QueueOptions,
 };
 
 /// The longest any case waits for one event (a delivery, an expiry, a queue
@@ -116,7 +116,7 @@ pub(crate) async fn queue(conn: &dyn Connection, prefix: &str) -> String {
 /// Declares a fresh exchange of `kind` and returns its name.
 pub(crate) async fn exchange(conn: &dyn Connection, prefix: &str, kind: ExchangeKind) -> String {
     let name = fresh_name(prefix);
-    conn.declare_exchange(&name, kind, ExchangeOptions::default())
+    conn.declare_exchange(&name, kind.clone(), ExchangeOptions::default())
         .await
         .unwrap_or_else(|e| panic!("declare {kind} exchange {name:?}: {e:?}"));
     name
@@ -241,7 +241,7 @@ pub(crate) async fn cleanup(conn: &dyn Connection, queues: &[&str], exchanges: &
             .unwrap_or_else(|e| panic!("cleanup: delete queue {q:?}: {e:?}"));
     }
     for x in exchanges {
-        conn.delete_exchange(x, false)
+        conn.delete_exchange(x, DeleteExchangeOptions::default())
             .await
             .unwrap_or_else(|e| panic!("cleanup: delete exchange {x:?}: {e:?}"));
     }

@@ -7,8 +7,9 @@ use super::support::{
 };
 use super::{fresh_name, Harness};
 use crate::{
-    ConnectionExt, ConsumeOptions, DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions,
-    FieldTable, FieldValue, QueueOptions, QueueType, PREDECLARED_EXCHANGES,
+    ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions, Error, ExchangeKind,
+    ExchangeOptions, FieldTable, FieldValue, QueueOptions, QueueType, Requeue, Subject,
+    PREDECLARED_EXCHANGES,
 };
 use futures::StreamExt;
 
@@ -37,7 +38,7 @@ pub async fn predeclared_exchanges_exist(h: &dyn Harness) {
 pub async fn predeclared_exchanges_redeclare_with_their_settings(h: &dyn Harness) {
     let conn = h.connect().await;
     for (name, kind) in PREDECLARED_EXCHANGES {
-        conn.declare_exchange(name, kind, ExchangeOptions::durable())
+        conn.declare_exchange(name, kind.clone(), ExchangeOptions::durable())
             .await
             .unwrap_or_else(|e| panic!("redeclare {name:?} as durable {kind}: {e:?}"));
     }
@@ -76,7 +77,8 @@ pub async fn predeclared_exchanges_cannot_be_deleted(h: &dyn Harness) {
     for (name, _) in PREDECLARED_EXCHANGES {
         expect_err!(
             format!("delete predeclared {name:?}"),
-            conn.delete_exchange(name, false).await,
+            conn.delete_exchange(name, DeleteExchangeOptions::default())
+                .await,
             Error::AccessRefused(_)
         );
         assert!(
@@ -104,7 +106,8 @@ pub async fn default_exchange_cannot_be_deleted(h: &dyn Harness) {
     let conn = h.connect().await;
     expect_err!(
         "delete the default exchange",
-        conn.delete_exchange("", false).await,
+        conn.delete_exchange("", DeleteExchangeOptions::default())
+            .await,
         Error::AccessRefused(_)
     );
     let q = queue(&*conn, "default-delete").await;
@@ -164,7 +167,7 @@ pub async fn exchange_redeclare_other_kind_fails(h: &dyn Harness) {
     ] {
         expect_err!(
             format!("redeclare a direct exchange as {kind}"),
-            conn.declare_exchange(&x, kind, ExchangeOptions::default())
+            conn.declare_exchange(&x, kind.clone(), ExchangeOptions::default())
                 .await,
             Error::PreconditionFailed(_)
         );
@@ -187,10 +190,7 @@ pub async fn exchange_redeclare_other_durability_fails(h: &dyn Harness) {
             .await,
         Error::PreconditionFailed(_)
     );
-    let auto_delete = ExchangeOptions {
-        auto_delete: true,
-        ..ExchangeOptions::default()
-    };
+    let auto_delete = ExchangeOptions::default().with_auto_delete(true);
     expect_err!(
         "redeclare an exchange as auto-delete",
         conn.declare_exchange(&x, ExchangeKind::Fanout, auto_delete)
@@ -231,10 +231,7 @@ pub async fn queue_redeclare_other_settings_fails(h: &dyn Harness) {
         ("durable", QueueOptions::durable()),
         (
             "auto-delete",
-            QueueOptions {
-                auto_delete: true,
-                ..QueueOptions::default()
-            },
+            QueueOptions::default().with_auto_delete(true),
         ),
     ];
     if h.capabilities().max_length {
@@ -298,24 +295,13 @@ pub async fn passive_declare_ignores_settings(h: &dyn Harness) {
     let conn = h.connect().await;
     let q = queue(&*conn, "passive-settings").await;
     let x = exchange(&*conn, "passive-settings", ExchangeKind::Direct).await;
-    conn.declare_queue(
-        &q,
-        QueueOptions {
-            passive: true,
-            durable: true,
-            ..QueueOptions::default()
-        },
-    )
-    .await
-    .expect("passive declare with other flags succeeds");
+    conn.declare_queue(&q, QueueOptions::durable().with_passive(true))
+        .await
+        .expect("passive declare with other flags succeeds");
     conn.declare_exchange(
         &x,
         ExchangeKind::Fanout,
-        ExchangeOptions {
-            passive: true,
-            durable: true,
-            ..ExchangeOptions::default()
-        },
+        ExchangeOptions::durable().with_passive(true),
     )
     .await
     .expect("passive exchange declare with another kind succeeds");
@@ -539,7 +525,9 @@ pub async fn exchange_delete_removes_its_bindings(h: &dyn Harness) {
     let x = exchange(&*conn, "delete-exchange", ExchangeKind::Direct).await;
     let q = queue(&*conn, "delete-exchange").await;
     bind(&*conn, &q, &x, "k").await;
-    conn.delete_exchange(&x, false).await.expect("delete");
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .expect("delete");
     assert!(!conn.exchange_exists(&x).await.expect("passive"));
     expect_err!(
         "publish to the deleted exchange",
@@ -555,6 +543,147 @@ pub async fn exchange_delete_removes_its_bindings(h: &dyn Harness) {
     cleanup(&*conn, &[&q], &[&x]).await;
 }
 
+/// A custom exchange type that nothing provides is `NotSupported`, naming
+/// the type, permanent, and creates nothing; on a transport without
+/// [`plugin_exchange_kinds`](crate::Capabilities::plugin_exchange_kinds)
+/// well-known plugin types are refused the same way. A custom spelling of a
+/// built-in kind (`Custom("topic")`) is `InvalidArgument`. The connection
+/// stays usable afterwards (RabbitMQ closes it over an unknown type; it
+/// recovers).
+pub async fn unknown_exchange_kinds_are_refused(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let x = fresh_name("custom-kind");
+    let mut types = vec!["x-bus-test-no-such-type"];
+    if !h.capabilities().plugin_exchange_kinds {
+        types.extend(["x-delayed-message", "x-consistent-hash"]);
+    }
+    for t in types {
+        let e = expect_err!(
+            format!("declare an exchange of type {t:?}"),
+            conn.declare_exchange(&x, ExchangeKind::custom(t), ExchangeOptions::default())
+                .await,
+            Error::NotSupported(_)
+        );
+        assert!(
+            e.to_string().contains(t),
+            "the refusal names the type {t:?}: {e}"
+        );
+        assert!(!e.is_temporary(), "the refusal is permanent: {e:?}");
+        assert!(
+            !conn
+                .exchange_exists(&x)
+                .await
+                .expect("passive declare after the refusal"),
+            "a refused declaration of type {t:?} created the exchange"
+        );
+    }
+    expect_err!(
+        "declare an exchange of type Custom(\"topic\")",
+        conn.declare_exchange(
+            &x,
+            ExchangeKind::custom("topic"),
+            ExchangeOptions::default()
+        )
+        .await,
+        Error::InvalidArgument(_)
+    );
+    assert!(!conn.exchange_exists(&x).await.expect("passive declare"));
+    let q = queue(&*conn, "custom-kind").await;
+    publish_text(&*conn, "", &q, "still usable").await;
+    expect_bodies(&*conn, &q, &["still usable"]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+}
+
+/// Errors about a queue, an exchange or an argument name them in fields
+/// ([`Error::subject`], [`Error::argument`]), not only in their text: a
+/// missing queue or exchange (consume, bind, passive declare, publish), an
+/// inequivalent redeclaration (the argument or flag that differs), a queue
+/// exclusive to another connection.
+pub async fn errors_name_their_queue_exchange_and_argument(h: &dyn Harness) {
+    fn check(what: &str, e: &Error, subject: &Subject, argument: Option<&str>) {
+        assert_eq!(e.subject(), Some(subject), "{what}: the subject of {e:?}");
+        assert_eq!(e.argument(), argument, "{what}: the argument of {e:?}");
+    }
+    let conn = h.connect().await;
+    let missing_q = fresh_name("missing-queue");
+    let missing_x = fresh_name("missing-exchange");
+    let e = expect_err!(
+        "consume from a missing queue",
+        conn.consume(&missing_q, ConsumeOptions::default()).await,
+        Error::NotFound(_)
+    );
+    check("consume", &e, &Subject::queue(&missing_q), None);
+    let e = expect_err!(
+        "passive declare of a missing exchange",
+        conn.declare_exchange(&missing_x, ExchangeKind::Direct, ExchangeOptions::passive())
+            .await,
+        Error::NotFound(_)
+    );
+    check("passive exchange", &e, &Subject::exchange(&missing_x), None);
+    let q = queue(&*conn, "subject").await;
+    let e = expect_err!(
+        "bind to a missing exchange",
+        conn.bind_queue(&q, &missing_x, "k", FieldTable::new())
+            .await,
+        Error::NotFound(_)
+    );
+    check("bind", &e, &Subject::exchange(&missing_x), None);
+    let e = expect_err!(
+        "publish to a missing exchange",
+        conn.publish(
+            &missing_x,
+            "k",
+            crate::Message::new("x"),
+            crate::PublishOptions::default()
+        )
+        .await,
+        Error::NotFound(_)
+    );
+    check("publish", &e, &Subject::exchange(&missing_x), None);
+
+    let e = expect_err!(
+        "redeclare a queue with another x-message-ttl",
+        conn.declare_queue(
+            &q,
+            QueueOptions::default().message_ttl(std::time::Duration::from_secs(60))
+        )
+        .await,
+        Error::PreconditionFailed(_)
+    );
+    check("ttl", &e, &Subject::queue(&q), Some("x-message-ttl"));
+    let e = expect_err!(
+        "redeclare a queue as durable",
+        conn.declare_queue(&q, QueueOptions::durable()).await,
+        Error::PreconditionFailed(_)
+    );
+    check("durable", &e, &Subject::queue(&q), Some("durable"));
+    let x = exchange(&*conn, "subject", ExchangeKind::Direct).await;
+    let e = expect_err!(
+        "redeclare a direct exchange as fanout",
+        conn.declare_exchange(&x, ExchangeKind::Fanout, ExchangeOptions::default())
+            .await,
+        Error::PreconditionFailed(_)
+    );
+    check("type", &e, &Subject::exchange(&x), Some("type"));
+
+    if h.capabilities().exclusive_queues {
+        let owner = h.connect().await;
+        let private = fresh_name("subject-exclusive");
+        owner
+            .declare_queue(&private, QueueOptions::default().with_exclusive(true))
+            .await
+            .expect("declare an exclusive queue");
+        let e = expect_err!(
+            "inspect another connection's exclusive queue",
+            conn.inspect_queue(&private).await,
+            Error::ResourceLocked(_)
+        );
+        check("exclusive", &e, &Subject::queue(&private), None);
+        owner.close().await.expect("close the owner");
+    }
+    cleanup(&*conn, &[&q], &[&x]).await;
+}
+
 /// `delete_exchange(if_unused)` is `PreconditionFailed` while the exchange
 /// has bindings (it stays, and routes) and succeeds once it has none.
 pub async fn exchange_delete_if_unused(h: &dyn Harness) {
@@ -564,7 +693,8 @@ pub async fn exchange_delete_if_unused(h: &dyn Harness) {
     bind(&*conn, &q, &x, "k").await;
     expect_err!(
         "delete a bound exchange if unused",
-        conn.delete_exchange(&x, true).await,
+        conn.delete_exchange(&x, DeleteExchangeOptions::if_unused())
+            .await,
         Error::PreconditionFailed(_)
     );
     publish_text(&*conn, &x, "k", "still routes").await;
@@ -572,7 +702,7 @@ pub async fn exchange_delete_if_unused(h: &dyn Harness) {
     conn.unbind_queue(&q, &x, "k", FieldTable::new())
         .await
         .expect("unbind");
-    conn.delete_exchange(&x, true)
+    conn.delete_exchange(&x, DeleteExchangeOptions::if_unused())
         .await
         .expect("delete an unbound exchange if unused");
     assert!(!conn.exchange_exists(&x).await.expect("passive"));
@@ -588,7 +718,7 @@ pub async fn delete_of_missing_entities_succeeds(h: &dyn Harness) {
         .await
         .expect("delete a missing queue");
     assert_eq!(n, 0, "a missing queue held no messages");
-    conn.delete_exchange(&fresh_name("missing"), false)
+    conn.delete_exchange(&fresh_name("missing"), DeleteExchangeOptions::default())
         .await
         .expect("delete a missing exchange");
 }
@@ -603,24 +733,11 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     publish_text(&*conn, "", &q, "two").await;
     expect_err!(
         "delete a queue with messages if empty",
-        conn.delete_queue(
-            &q,
-            DeleteQueueOptions {
-                if_empty: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue(&q, DeleteQueueOptions::if_empty()).await,
         Error::PreconditionFailed(_)
     );
     let removed = conn
-        .delete_queue(
-            &q,
-            DeleteQueueOptions {
-                if_unused: true,
-                ..Default::default()
-            },
-        )
+        .delete_queue(&q, DeleteQueueOptions::if_unused())
         .await
         .expect("delete a queue without consumers if unused");
     if h.capabilities().exact_counts {
@@ -636,14 +753,8 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     let mut consumer = consume(&*conn, &busy, ConsumeOptions::auto_ack()).await;
     expect_err!(
         "delete a queue with a consumer if unused",
-        conn.delete_queue(
-            &busy,
-            DeleteQueueOptions {
-                if_unused: true,
-                ..Default::default()
-            }
-        )
-        .await,
+        conn.delete_queue(&busy, DeleteQueueOptions::if_unused())
+            .await,
         Error::PreconditionFailed(_)
     );
     publish_text(&*conn, "", &busy, "still consumed").await;
@@ -651,15 +762,9 @@ pub async fn queue_delete_if_unused_and_if_empty(h: &dyn Harness) {
     assert_eq!(&d.message.body[..], b"still consumed");
     consumer.cancel().await.expect("cancel");
     drop(consumer);
-    conn.delete_queue(
-        &busy,
-        DeleteQueueOptions {
-            if_unused: true,
-            if_empty: true,
-        },
-    )
-    .await
-    .expect("delete an unused empty queue");
+    conn.delete_queue(&busy, DeleteQueueOptions::if_unused().with_if_empty(true))
+        .await
+        .expect("delete an unused empty queue");
 }
 
 /// Deleting a queue ends the streams of its consumers.
@@ -695,7 +800,7 @@ pub async fn purge_removes_ready_messages_only(h: &dyn Harness) {
     if h.capabilities().exact_counts {
         assert_eq!(purged, 2, "purge reports the ready messages it removed");
     }
-    held.nack(true).await.expect("nack with requeue");
+    held.nack(Requeue::Yes).await.expect("nack with requeue");
     let again = recv(&mut consumer, "the unacked delivery survives a purge").await;
     assert_eq!(&again.message.body[..], b"one");
     assert!(
@@ -782,11 +887,9 @@ pub async fn quorum_queues_are_durable_only(h: &dyn Harness) {
     }
     let conn = h.connect().await;
     let quorum = |durable: bool, exclusive: bool| {
-        let mut o = QueueOptions {
-            durable,
-            exclusive,
-            ..QueueOptions::default()
-        };
+        let mut o = QueueOptions::default()
+            .with_durable(durable)
+            .with_exclusive(exclusive);
         o.arguments.queue_type = Some(QueueType::Quorum);
         o
     };

@@ -19,8 +19,8 @@ use crate::worker::{
     WorkerStats,
 };
 use crate::{
-    Connection, ConnectionExt, ConsumeOptions, DeleteQueueOptions, ExchangeKind, Message,
-    QueueOptions,
+    Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions,
+    ExchangeKind, Message, QueueOptions,
 };
 
 const SHORT: Duration = Duration::from_millis(40);
@@ -79,7 +79,7 @@ async fn cleanup(conn: &dyn Connection, q: &str, delays: &[Duration]) {
             .unwrap_or_else(|e| panic!("cleanup: delete queue {name:?}: {e:?}"));
     }
     for name in &exchanges {
-        conn.delete_exchange(name, false)
+        conn.delete_exchange(name, DeleteExchangeOptions::default())
             .await
             .unwrap_or_else(|e| panic!("cleanup: delete exchange {name:?}: {e:?}"));
     }
@@ -289,7 +289,9 @@ pub async fn worker_retries_exhausted_go_to_poison_queue(h: &dyn Harness) {
     );
     stop(worker).await;
     cleanup(&*conn, &q, &[SHORT]).await;
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
 }
 
 /// A permanent failure poisons at once, without retries.
@@ -428,12 +430,16 @@ pub async fn worker_delayed_publish_has_no_head_of_line_blocking(h: &dyn Harness
         conn.delete_queue(&name, DeleteQueueOptions::default())
             .await
             .unwrap();
-        conn.delete_exchange(&name, false).await.unwrap();
+        conn.delete_exchange(&name, DeleteExchangeOptions::default())
+            .await
+            .unwrap();
     }
     conn.delete_queue(&q, DeleteQueueOptions::default())
         .await
         .unwrap();
-    conn.delete_exchange(&x, false).await.unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
 }
 
 /// The attempt count travels with the message: a worker stopped while a

@@ -39,13 +39,16 @@ impl UnknownTag {
     /// channel with), permanent.
     #[must_use]
     pub fn on_queue(self, queue: &str) -> Error {
-        Error::PreconditionFailed(format!("{self} on queue '{queue}'"))
+        Error::PreconditionFailed(crate::ErrorDetail::about(
+            crate::Subject::queue(queue),
+            format!("{self} on queue '{queue}'"),
+        ))
     }
 }
 
 impl From<UnknownTag> for Error {
     fn from(e: UnknownTag) -> Self {
-        Error::PreconditionFailed(e.to_string())
+        Error::PreconditionFailed(e.to_string().into())
     }
 }
 
@@ -276,6 +279,7 @@ mod tests {
             "{err:?}"
         );
         assert!(!err.is_temporary());
+        assert_eq!(err.subject(), Some(&crate::Subject::queue("q")));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{headers_match, validate_headers_binding, TopicMatcher};
-use crate::error::{Error, Result};
+use crate::equivalence::ExchangeSettings;
+use crate::error::{Error, ErrorDetail, Result, Subject};
 use crate::topology::{ExchangeKind, ExchangeOptions, PREDECLARED_EXCHANGES};
 use crate::value::{FieldTable, FieldValue};
 
@@ -25,11 +26,17 @@ pub fn alternate_exchange(name: &str, arguments: &FieldTable) -> Result<Option<S
     match arguments.get(ALTERNATE_EXCHANGE) {
         None => Ok(None),
         Some(FieldValue::String(ae)) => Ok(Some(ae.clone())),
-        Some(other) => Err(Error::PreconditionFailed(format!(
-            "invalid type '{}' for arg '{ALTERNATE_EXCHANGE}' in exchange '{name}': \
-             expected a string",
-            other.type_name()
-        ))),
+        Some(other) => Err(Error::PreconditionFailed(
+            ErrorDetail::about(
+                Subject::exchange(name),
+                format!(
+                    "invalid type '{}' for arg '{ALTERNATE_EXCHANGE}' in exchange '{name}': \
+                     expected a string",
+                    other.type_name()
+                ),
+            )
+            .with_argument(ALTERNATE_EXCHANGE),
+        )),
     }
 }
 
@@ -38,8 +45,8 @@ pub fn alternate_exchange(name: &str, arguments: &FieldTable) -> Result<Option<S
 ///
 /// # Errors
 /// [`Error::PreconditionFailed`] for an `x-match` RabbitMQ refuses.
-pub fn check_binding_arguments(kind: ExchangeKind, arguments: &FieldTable) -> Result<()> {
-    if kind == ExchangeKind::Headers {
+pub fn check_binding_arguments(kind: &ExchangeKind, arguments: &FieldTable) -> Result<()> {
+    if *kind == ExchangeKind::Headers {
         validate_headers_binding(arguments)?;
     }
     Ok(())
@@ -60,10 +67,13 @@ pub fn check_sender_routes(headers: &FieldTable) -> Result<()> {
         match headers.get(name) {
             None | Some(FieldValue::Array(_)) => {}
             Some(other) => {
-                return Err(Error::PreconditionFailed(format!(
-                    "invalid message: header {name} must be an array of routing keys, got {}",
-                    other.type_name()
-                )))
+                return Err(Error::PreconditionFailed(
+                    ErrorDetail::new(format!(
+                        "invalid message: header {name} must be an array of routing keys, got {}",
+                        other.type_name()
+                    ))
+                    .with_argument(name),
+                ))
             }
         }
     }
@@ -168,6 +178,8 @@ enum Index<Q> {
     Topic(TopicMatcher<Binding<Q>>),
     /// Every binding with its (ignored) key; matched on arguments.
     Headers(Vec<(String, Binding<Q>)>),
+    /// Bindings of a plugin exchange type, kept but never matched.
+    Custom(Vec<(String, Binding<Q>)>),
 }
 
 /// An exchange as declared, with its bindings indexed for its kind: a hash
@@ -220,6 +232,10 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
             ExchangeKind::Fanout => Index::Fanout(Vec::new()),
             ExchangeKind::Topic => Index::Topic(TopicMatcher::new()),
             ExchangeKind::Headers => Index::Headers(Vec::new()),
+            // A plugin's type: its routing is the plugin's, unknown here.
+            // Transports refuse to declare one (`require_built_in`); if
+            // one is built anyway, it routes nothing.
+            ExchangeKind::Custom(_) => Index::Custom(Vec::new()),
         };
         Exchange {
             kind,
@@ -249,8 +265,20 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
 
     /// Its kind.
     #[must_use]
-    pub fn kind(&self) -> ExchangeKind {
-        self.kind
+    pub fn kind(&self) -> &ExchangeKind {
+        &self.kind
+    }
+
+    /// What a redeclaration must match ([`crate::equivalence::check_exchange`]).
+    #[must_use]
+    pub fn settings(&self) -> ExchangeSettings<'_> {
+        ExchangeSettings {
+            kind: &self.kind,
+            durable: self.durable,
+            auto_delete: self.auto_delete,
+            internal: self.internal,
+            alternate: self.alternate.as_deref(),
+        }
     }
 
     /// Its alternate exchange, if it has one.
@@ -271,7 +299,7 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
     /// # Errors
     /// [`Error::PreconditionFailed`] for an `x-match` RabbitMQ refuses.
     pub fn check_binding(&self, arguments: &FieldTable) -> Result<()> {
-        check_binding_arguments(self.kind, arguments)
+        check_binding_arguments(&self.kind, arguments)
     }
 
     /// Adds a binding; `false` if the same one was there.
@@ -290,7 +318,7 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
                     true
                 }
             }
-            Index::Fanout(list) | Index::Headers(list) => {
+            Index::Fanout(list) | Index::Headers(list) | Index::Custom(list) => {
                 if list.iter().any(|(k, b)| k == key && *b == binding) {
                     false
                 } else {
@@ -325,7 +353,7 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
                 }
                 removed
             }
-            Index::Fanout(list) | Index::Headers(list) => {
+            Index::Fanout(list) | Index::Headers(list) | Index::Custom(list) => {
                 let before = list.len();
                 list.retain(|(k, b)| !(k == key && same(b)));
                 list.len() != before
@@ -351,14 +379,14 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
                 list.retain(|b| keep(&b.destination));
                 !list.is_empty()
             }),
-            Index::Fanout(list) | Index::Headers(list) => {
+            Index::Fanout(list) | Index::Headers(list) | Index::Custom(list) => {
                 list.retain(|(_, b)| keep(&b.destination))
             }
             Index::Topic(trie) => trie.retain(|b| keep(&b.destination)),
         }
         self.len = match &self.index {
             Index::Direct(map) => map.values().map(Vec::len).sum(),
-            Index::Fanout(list) | Index::Headers(list) => list.len(),
+            Index::Fanout(list) | Index::Headers(list) | Index::Custom(list) => list.len(),
             Index::Topic(trie) => trie.len(),
         };
         before - self.len
@@ -384,6 +412,7 @@ impl<Q: Clone + PartialEq> Exchange<Q> {
                 .iter()
                 .filter(|(_, b)| headers_match(&b.arguments, headers))
                 .for_each(|(_, b)| f(&b.destination)),
+            Index::Custom(_) => {}
         }
     }
 }
@@ -552,8 +581,9 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
         }
         match self.exchanges.get(exchange) {
             None => Err(not_found_exchange(exchange)),
-            Some(x) if x.internal => Err(Error::AccessRefused(format!(
-                "cannot publish to internal exchange '{exchange}'"
+            Some(x) if x.internal => Err(Error::AccessRefused(ErrorDetail::about(
+                Subject::exchange(exchange),
+                format!("cannot publish to internal exchange '{exchange}'"),
             ))),
             Some(_) => Ok(()),
         }
@@ -653,7 +683,7 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
 }
 
 fn not_found_exchange(name: &str) -> Error {
-    Error::NotFound(format!("no exchange '{name}'"))
+    Error::exchange_not_found(name)
 }
 
 /// What the topology rules need from a transport's stored bindings, so
@@ -747,7 +777,7 @@ mod tests {
         for (name, kind, ae) in exchanges {
             g.insert(
                 name,
-                Exchange::new(*kind, false, false, false, ae.map(str::to_owned)),
+                Exchange::new(kind.clone(), false, false, false, ae.map(str::to_owned)),
             );
         }
         g

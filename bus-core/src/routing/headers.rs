@@ -68,7 +68,7 @@ impl XMatch {
 pub fn validate_headers_binding(arguments: &FieldTable) -> Result<()> {
     XMatch::parse(arguments.get("x-match"))
         .map(|_| ())
-        .map_err(Error::PreconditionFailed)
+        .map_err(|m| Error::PreconditionFailed(crate::ErrorDetail::new(m).with_argument("x-match")))
 }
 
 /// Whether a message with `headers` matches a headers-exchange binding with

@@ -20,6 +20,7 @@ use crate::message::Message;
 use crate::topology::QueueOptions;
 use crate::transport::{Connection, ConsumeOptions, PublishOptions};
 use crate::worker::engine::{self, Process, Stop};
+use crate::Requeue;
 use crate::DEFAULT_EXCHANGE;
 
 /// What handling one request came to.
@@ -441,7 +442,7 @@ impl Serving {
             Outcome::Failed(text) => error_reply(&text, format),
             Outcome::Undecodable(text) if self.dead_letters => {
                 tracing::warn!(error = %text, "dead-lettering an undecodable request");
-                if let Err(e) = delivery.nack(false).await {
+                if let Err(e) = delivery.nack(Requeue::No).await {
                     tracing::warn!(error = %e, "could not dead-letter an undecodable request");
                 }
                 return;
@@ -450,7 +451,7 @@ impl Serving {
                 error_reply(&format!("the request cannot be decoded: {text}"), format)
             }
             Outcome::Requeue => {
-                if let Err(e) = delivery.nack(true).await {
+                if let Err(e) = delivery.nack(Requeue::Yes).await {
                     tracing::warn!(error = %e, "could not requeue a request");
                 }
                 return;

@@ -19,9 +19,7 @@ use std::collections::HashSet;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::topology::{
-    ExchangeKind, ExchangeOptions, QueueArguments, QueueOptions, DEFAULT_EXCHANGE, MAX_TTL,
-};
+use crate::topology::{ExchangeKind, ExchangeOptions, QueueOptions, DEFAULT_EXCHANGE, MAX_TTL};
 use crate::transport::{Connection, PublishOptions};
 
 /// The name prefix of the delay queues [`publish_delayed`] declares.
@@ -54,14 +52,9 @@ pub(crate) async fn declare_delay(
     let name = delay_name(prefix, exchange, delay);
     conn.declare_exchange(&name, ExchangeKind::Fanout, ExchangeOptions::durable())
         .await?;
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            message_ttl: Some(delay),
-            dead_letter_exchange: Some(exchange.to_owned()),
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::durable()
-    };
+    let options = QueueOptions::durable()
+        .message_ttl(delay)
+        .dead_letter_to(exchange);
     conn.declare_queue(&name, options).await?;
     conn.bind_queue(&name, &name, "", Default::default())
         .await?;

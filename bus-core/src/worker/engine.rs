@@ -20,6 +20,7 @@ use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::transport::Connection;
+use crate::Requeue;
 
 /// Handles one delivery, settling it before it resolves.
 pub(crate) type Process = Arc<dyn Fn(Delivery) -> BoxFuture<'static, ()> + Send + Sync>;
@@ -97,7 +98,7 @@ pub(crate) async fn run(
             // queue for another consumer.
             Ok(()) => {
                 while let Some(Ok(delivery)) = consumer.next().await {
-                    match delivery.nack(true).await {
+                    match delivery.nack(Requeue::Yes).await {
                         Ok(()) => drained.requeued += 1,
                         Err(e) => {
                             tracing::warn!(error = %e, "could not requeue a delivery while stopping");

@@ -27,6 +27,7 @@ use crate::rpc::panic_message;
 use crate::topology::{QueueOptions, DEFAULT_EXCHANGE};
 use crate::transport::{Connection, ConsumeOptions, PublishOptions};
 use crate::value::FieldValue;
+use crate::Requeue;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -691,7 +692,7 @@ where
 
     async fn requeue(&self, delivery: &Delivery) {
         self.count(|s| s.unsettled += 1);
-        if let Err(e) = delivery.nack(true).await {
+        if let Err(e) = delivery.nack(Requeue::Yes).await {
             tracing::warn!(error = %e, "could not requeue a message");
         }
     }
