@@ -806,7 +806,7 @@ struct Counted(Arc<Shared>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.consumers.fetch_sub(1, Ordering::AcqRel);
+        self.0.release_consumer_channel();
     }
 }
 
