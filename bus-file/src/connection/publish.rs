@@ -1,0 +1,413 @@
+//! Publishing: routing, queue admission (length limits and overflow),
+//! writing a message into its queues, the group commit, dead-lettering.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bus_core::engine::dead_letter::{cycles_into, dead_letter, DeadLetter, Death, Reason};
+use bus_core::engine::policy::{self, Admission, Depth, Limits};
+use bus_core::routing::{check_sender_routes, strip_bcc};
+use bus_core::{Error, Message, QueueArguments, Result};
+
+use super::{blocking, off_runtime, Inner};
+use crate::commit::Committer;
+use crate::consumer::Claim;
+use crate::envelope::Envelope;
+use crate::fsys;
+use crate::names::{self, MessageName};
+
+/// The publishing side of a connection.
+#[derive(Debug, Default)]
+pub(super) struct Publishing {
+    /// Publishes of this connection take it, first come first served, for
+    /// their file work: messages reach their queues in the order their
+    /// publishes were called, as on one AMQP channel, even with many in
+    /// flight. The durable flush happens after it is released, so
+    /// concurrent publishes still share one group commit.
+    order: tokio::sync::Mutex<()>,
+    /// Numbers the temporary files this connection writes.
+    tmp_seq: AtomicU64,
+    /// The group commit durable publishes wait on.
+    committer: Arc<Committer>,
+}
+
+/// What a publish did on disk, for the rest of it to finish: the links it
+/// made (queue, file name, arguments), which of them succeeded, and the
+/// queues that refused it.
+struct Prepared {
+    envelope: Envelope,
+    links: Vec<(String, String, QueueArguments)>,
+    linked: Vec<usize>,
+    durable: bool,
+    expiring: bool,
+    refused: Vec<(String, QueueArguments, bool)>,
+}
+
+/// Writes the envelope under its name into each queue folder, one file per
+/// queue (written under `tmp/`, then renamed in: the one step that makes it
+/// visible, whole). Not hard links: a message file has exactly one name, so
+/// a reader can refuse any file with more (a hard link planted from
+/// elsewhere). Returns the indexes of the destinations it reached (a queue
+/// deleted meanwhile is skipped).
+fn write_and_link(
+    root: &fsys::Root,
+    tmp: &Path,
+    bytes: &[u8],
+    durable: bool,
+    dests: &[PathBuf],
+) -> io::Result<Vec<usize>> {
+    let mut linked = Vec::with_capacity(dests.len());
+    for (i, dest) in dests.iter().enumerate() {
+        let mut tmp = tmp.as_os_str().to_owned();
+        tmp.push(format!(".{i}"));
+        let tmp = PathBuf::from(tmp);
+        let mut f = root.create_new(&tmp, fsys::FILE_MODE)?;
+        let written = f
+            .write_all(bytes)
+            .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+        drop(f);
+        match written.and_then(|()| root.rename(&tmp, dest)) {
+            Ok(()) => linked.push(i),
+            Err(e) => {
+                let _ = root.remove_file(&tmp);
+                if !fsys::is_not_found(&e) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(linked)
+}
+
+/// The sum of the body lengths file names claim, saturating.
+/// The depth of a queue from its listed ready names. Lengths come from file
+/// names anyone with write access can craft: the sum saturates (a queue
+/// "holding" u64::MAX bytes is full).
+fn depth_of(ready: &[(String, MessageName)]) -> Depth {
+    Depth {
+        messages: ready.len() as u64,
+        bytes: ready
+            .iter()
+            .fold(0u64, |acc, (_, m)| acc.saturating_add(m.body_len)),
+    }
+}
+
+/// The dead letter of the message in `envelope` leaving `queue` for
+/// `reason`, or `None` when the queue drops it (no dead-letter exchange).
+fn dead_letter_of(
+    envelope: &Envelope,
+    queue: &str,
+    reason: Reason,
+    args: &QueueArguments,
+) -> Option<DeadLetter> {
+    let death = Death::new(reason, queue, &envelope.exchange, &envelope.routing_key);
+    dead_letter(&envelope.message, &death, args)
+}
+
+impl Inner {
+    /// Settles a claimed message negatively without requeue: dead-letters
+    /// it when the queue has a dead-letter exchange, else drops it.
+    pub(crate) fn dead_letter_or_drop<'a>(
+        &'a self,
+        queue: &'a str,
+        args: &'a QueueArguments,
+        claim: &'a Claim,
+        reason: Reason,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
+        // Boxed and typed as `dyn Send`: dead-lettering publishes, and
+        // publishing can dead-letter (max-length), a cycle the compiler
+        // cannot see through otherwise.
+        Box::pin(async move {
+            if let Some(dl) = dead_letter_of(&claim.envelope, queue, reason, args) {
+                match self.publish_dead_letter(&claim.envelope, dl).await {
+                    // RabbitMQ drops what it cannot dead-letter to a missing
+                    // exchange; so does this transport.
+                    Ok(()) | Err(Error::NotFound(_)) | Err(Error::Nacked(_)) => {}
+                    Err(e) => {
+                        let (me, q, c) = (self.arc()?, queue.to_owned(), claim.clone());
+                        off_runtime(move || me.requeue(&q, &c));
+                        return Err(e);
+                    }
+                }
+            }
+            let (fs, path) = (self.layout.fs.clone(), claim.path.clone());
+            blocking(move || match fs.remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if fsys::is_not_found(&e) => Ok(()),
+                Err(e) => Err(e.into()),
+            })
+            .await
+        })
+    }
+
+    fn admission(&self, queue: &str, args: &QueueArguments, body_len: u64) -> Result<Admission> {
+        let limits = Limits::of(args);
+        if !limits.checks_admission() {
+            return Ok(Admission::Accept);
+        }
+        let ready = self.layout.list_messages(&self.layout.ready(queue))?;
+        Ok(limits.admit(depth_of(&ready), body_len))
+    }
+
+    /// Drops (or dead-letters, reason `maxlen`) the oldest ready messages
+    /// of a `drop-head` queue until it is within its limits.
+    async fn enforce_drop_head(&self, queue: &str, args: &QueueArguments) -> Result<()> {
+        if !Limits::of(args).drops_head() {
+            return Ok(());
+        }
+        let (me, q, a) = (self.arc()?, queue.to_owned(), args.clone());
+        let claims = blocking(move || me.drop_head_claims(&q, &a)).await?;
+        for claim in claims {
+            self.dead_letter_or_drop(queue, args, &claim, Reason::MaxLen)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Claims the oldest ready messages of a `drop-head` queue beyond its
+    /// limits, for [`Inner::enforce_drop_head`] to drop or dead-letter.
+    fn drop_head_claims(&self, queue: &str, args: &QueueArguments) -> Result<Vec<Claim>> {
+        let mut claims = Vec::new();
+        let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
+        ready.sort_by(|a, b| a.0.cmp(&b.0));
+        let limits = Limits::of(args);
+        let mut depth = depth_of(&ready);
+        for (file, name) in ready {
+            if !limits.must_drop_head(depth) {
+                break;
+            }
+            depth.messages -= 1;
+            depth.bytes = depth.bytes.saturating_sub(name.body_len);
+            if let Some(claim) = self.claim_file(queue, &file, name)? {
+                claims.push(claim);
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Publishes a dead letter of a message that was in `envelope` to its
+    /// dead-letter exchange, with the dead-letter routing key or the
+    /// message's own; queues it would close a cycle into are left out.
+    /// Behind a `dyn Send` box, for the recursion of dead-lettering a
+    /// refused publish.
+    fn publish_dead_letter<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        dl: DeadLetter,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            let routing_key = dl.routing_key.as_deref().unwrap_or(&envelope.routing_key);
+            self.publish_routed(
+                &dl.exchange,
+                routing_key,
+                dl.message,
+                false,
+                Some(dl.reason),
+            )
+            .await
+        })
+    }
+
+    /// Publishes a message: routes it, writes it once, links it into every
+    /// queue it goes to, and (for a persistent message bound for a durable
+    /// queue) waits for the group commit.
+    pub(crate) async fn publish_message(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+    ) -> Result<()> {
+        self.publish_routed(exchange, routing_key, message, mandatory, None)
+            .await
+    }
+
+    /// [`Inner::publish_message`]; a dead letter (`dead`: why it died)
+    /// skips the queues it would close a cycle into.
+    async fn publish_routed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+        dead: Option<Reason>,
+    ) -> Result<()> {
+        let msg_ttl = message.ttl()?;
+        if message.body.len() as u64 > self.options.max_message_size {
+            return Err(Error::PreconditionFailed(
+                format!(
+                    "message size {} is larger than the configured maximum {}",
+                    message.body.len(),
+                    self.options.max_message_size
+                )
+                .into(),
+            ));
+        }
+        crate::envelope::check_overhead(exchange, routing_key, &message.properties)?;
+        let me = self.arc()?;
+        let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
+        // Routing, admission and the writes run whole on the blocking pool,
+        // one publish of this connection at a time, in call order.
+        let order = self.publishing.order.lock().await;
+        let prepared =
+            blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead)).await;
+        drop(order);
+        let Some(Prepared {
+            envelope,
+            links,
+            linked,
+            durable,
+            expiring,
+            refused,
+        }) = prepared?
+        else {
+            return Ok(());
+        };
+        if durable && !linked.is_empty() {
+            let dirs = linked
+                .iter()
+                .map(|&i| self.layout.ready(&links[i].0))
+                .collect();
+            self.publishing
+                .committer
+                .sync_dirs(self.layout.fs.clone(), dirs)
+                .await?;
+        }
+        for &i in &linked {
+            let (q, f, args) = &links[i];
+            self.announce(q, f);
+            self.enforce_drop_head(q, args).await?;
+        }
+        if expiring {
+            self.janitor_wake.notify_one();
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for (q, args, dead_letter) in &refused {
+            if !*dead_letter {
+                continue;
+            }
+            if let Some(dl) = dead_letter_of(&envelope, q, Reason::MaxLen, args) {
+                let _ = self.publish_dead_letter(&envelope, dl).await;
+            }
+        }
+        Err(Error::Nacked(format!(
+            "queue {:?} is full (x-overflow reject-publish)",
+            refused[0].0
+        )))
+    }
+
+    /// The file work of a publish: routes it, checks every target queue's
+    /// limits, writes the message once and links it into each queue that
+    /// takes it. `None` when it goes nowhere (and is not mandatory).
+    fn prepare_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        mandatory: bool,
+        msg_ttl: Option<std::time::Duration>,
+        dead: Option<Reason>,
+    ) -> Result<Option<Prepared>> {
+        let snap = self.snapshot()?;
+        if dead.is_none() {
+            // A dead letter may go to an internal exchange, as in RabbitMQ,
+            // and carries headers its first publish was checked for.
+            snap.graph.check_publish(exchange)?;
+            check_sender_routes(&message.properties.headers)?;
+        }
+        let mut targets = snap.route(exchange, routing_key, &message.properties.headers)?;
+        if let Some(reason) = dead {
+            targets.retain(|q| !cycles_into(reason, q, &message.properties.headers));
+        }
+        if targets.is_empty() {
+            if mandatory {
+                return Err(Error::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    message: Box::new(message),
+                });
+            }
+            return Ok(None);
+        }
+        // BCC routes but is never delivered.
+        let mut message = message;
+        strip_bcc(&mut message.properties.headers);
+        let now = names::now_ms();
+        let stamp = names::next_stamp();
+        let body_len = message.body.len() as u64;
+        let persistent = message.is_persistent();
+        let priority = message.properties.priority;
+        let envelope = Envelope {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            published_at_ms: now,
+            message,
+        };
+
+        let mut links = Vec::new();
+        let mut refused = Vec::new();
+        let mut durable = false;
+        let mut expiring = false;
+        for q in &targets {
+            let Some(rec) = snap.topo.queues.get(q) else {
+                continue;
+            };
+            let args = QueueArguments::from_table(&rec.arguments)?;
+            match self.admission(q, &args, body_len)? {
+                Admission::Accept => {}
+                Admission::Refuse { dead_letter } => {
+                    refused.push((q.clone(), args, dead_letter));
+                    continue;
+                }
+            }
+            let ttl = policy::message_ttl(args.message_ttl, msg_ttl);
+            let expires_at_ms =
+                ttl.map(|t| (now.max(0) as u64).saturating_add(t.as_millis() as u64));
+            expiring |= expires_at_ms.is_some();
+            let rank = 255 - policy::priority_level(args.max_priority, priority);
+            let name = MessageName {
+                rank,
+                stamp,
+                origin: names::process_tag().to_owned(),
+                body_len,
+                expires_at_ms,
+                redelivered: false,
+            };
+            durable |= persistent && rec.durable && self.options.sync_persistent;
+            links.push((q.clone(), name.file_name(), args));
+        }
+
+        let linked = if links.is_empty() {
+            Vec::new()
+        } else {
+            let bytes = envelope.encode();
+            let tmp = self.layout.tmp().join(format!(
+                "{}.{}",
+                self.owner,
+                self.publishing.tmp_seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            let dests: Vec<PathBuf> = links
+                .iter()
+                .map(|(q, f, _)| self.layout.ready(q).join(f))
+                .collect();
+            // Where the group commit flushes the whole file system once
+            // per batch, that flush covers the files' data too.
+            let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
+            write_and_link(&self.layout.fs, &tmp, &bytes, fsync_files, &dests)?
+        };
+        Ok(Some(Prepared {
+            envelope,
+            links,
+            linked,
+            durable,
+            expiring,
+            refused,
+        }))
+    }
+}
