@@ -2,10 +2,11 @@
 //! lapin consumer itself (no task hop per delivery); a task per consumer
 //! starts it again after a loss and hands the new one to the stream.
 
+use bus_core::sync::{Mutex, MutexGuard};
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -59,10 +60,7 @@ struct Control {
 
 impl Control {
     fn batch(&self) -> Option<Arc<AckBatch>> {
-        self.batch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.batch.lock().clone()
     }
 }
 
@@ -70,11 +68,7 @@ impl Control {
 impl ConsumerControl for Control {
     async fn cancel(&self) -> Result<()> {
         self.cancelled.send_replace(true);
-        let channel = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let channel = self.current.lock().clone();
         if let Some(channel) = channel {
             let tag = short("consumer tag", &self.tag)?;
             if let Err(e) = channel
@@ -115,7 +109,7 @@ struct ChannelAcker {
 
 impl ChannelAcker {
     fn broker_tag(&self, tag: u64) -> Result<u64> {
-        if let Some(why) = &*self.gone.lock().unwrap_or_else(PoisonError::into_inner) {
+        if let Some(why) = &*self.gone.lock() {
             return Err(Error::Closed(format!(
                 "delivery {tag} of consumer {} cannot be settled: {why}",
                 self.tag
@@ -142,11 +136,7 @@ impl ChannelAcker {
                 self.tag
             ));
         }
-        if let Some(why) = &*self
-            .closed_by
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
+        if let Some(why) = &*self.closed_by.lock() {
             return Error::Closed(format!(
                 "the broker closed the channel of consumer {} ({why}); it requeued its unsettled deliveries, which will be delivered again",
                 self.tag
@@ -242,8 +232,8 @@ struct BatchState {
 }
 
 impl AckBatch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock()
     }
 
     fn failed(&self) -> Result<()> {
@@ -480,11 +470,7 @@ impl DeliveryReceiver {
                 shared.register_ack_batch(&batch);
                 batch
             });
-            *self
-                .control
-                .batch
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = batch.clone();
+            *self.control.batch.lock() = batch.clone();
             Some(Arc::new(ChannelAcker {
                 channel: channel.clone(),
                 offset,
@@ -581,10 +567,7 @@ impl Stream for DeliveryReceiver {
                         // again on a new channel, and settling the old
                         // deliveries says why they cannot be.
                         if let Some(close) = crate::convert::broker_close(&e) {
-                            *active
-                                .closed_by
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner) =
+                            *active.closed_by.lock() =
                                 Some(format!("{} {}", close.code, close.text));
                         }
                         active.failure = Some(e);
@@ -852,11 +835,7 @@ impl ConsumerTask {
     }
 
     fn set_current(&self, channel: Option<lapin::Channel>) {
-        *self
-            .control
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = channel;
+        *self.control.current.lock() = channel;
     }
 
     async fn run(mut self, mut link: Link, mut channel: lapin::Channel) {
@@ -1068,8 +1047,7 @@ impl ConsumerTask {
         if !self.spec.is_direct_reply() && self.shared.deleted_here(queue) {
             // The application deleted it through this connection: the
             // stream just ends, as after a cancel.
-            *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(format!("its queue {queue:?} was deleted"));
+            *self.gone.lock() = Some(format!("its queue {queue:?} was deleted"));
             return;
         }
         let exists = if self.spec.is_direct_reply() {
@@ -1081,8 +1059,7 @@ impl ConsumerTask {
             Ok(false) => {
                 let reason = format!("queue {queue:?} was deleted");
                 self.shared.forget_deleted_queue(queue);
-                *self.gone.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(format!("its queue {queue:?} was deleted"));
+                *self.gone.lock() = Some(format!("its queue {queue:?} was deleted"));
                 (
                     reason.clone(),
                     Error::Closed(format!(

@@ -1,7 +1,7 @@
 //! Publishing with publisher confirms on a shared channel in confirm mode.
 
 use std::fmt;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bus_core::{Error, Message, PublishOptions, Publisher, Result};
@@ -42,7 +42,7 @@ pub(crate) enum ChannelSource {
 #[derive(Default)]
 pub(crate) struct OwnChannel {
     /// The channel publishes use, read without waiting.
-    current: std::sync::Mutex<Option<SharedChannel>>,
+    current: bus_core::sync::Mutex<Option<SharedChannel>>,
     /// Held while a channel is opened, so that concurrent publishes open
     /// one, not many.
     opening: Mutex<()>,
@@ -50,7 +50,7 @@ pub(crate) struct OwnChannel {
 
 impl OwnChannel {
     fn usable(&self, generation: u64) -> Option<SharedChannel> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.lock();
         match &*current {
             Some((g, ch)) if *g == generation && ch.status().connected() => Some((*g, ch.clone())),
             _ => None,
@@ -97,8 +97,7 @@ impl ChannelSource {
                     match open_confirmed(&link).await {
                         Some(Ok(ch)) => {
                             let ch = Arc::new(ch);
-                            *own.current.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some((link.generation, ch.clone()));
+                            *own.current.lock() = Some((link.generation, ch.clone()));
                             return Ok((link.generation, ch));
                         }
                         // The link died after it was handed out; nothing
@@ -158,7 +157,7 @@ impl ChannelSource {
             return;
         };
         let retired = {
-            let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut current = own.current.lock();
             match &*current {
                 Some((g, c)) if *g == generation && Arc::ptr_eq(c, channel) => current.take(),
                 _ => None,
@@ -185,7 +184,7 @@ impl ChannelSource {
 
     fn forget(&self, generation: u64, channel: &lapin::Channel) {
         if let ChannelSource::Own(own) = self {
-            let mut current = own.current.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut current = own.current.lock();
             if matches!(&*current, Some((g, c)) if *g == generation && **c == *channel) {
                 *current = None;
             }

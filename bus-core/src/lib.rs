@@ -6,7 +6,8 @@
 //! the transports that route messages themselves: the exchange graph and
 //! its one routing algorithm, the topic and headers matchers; [`engine`]
 //! the dead-lettering, queue policy and delivery-tag bookkeeping of
-//! transports that keep their own queues. With the
+//! transports that keep their own queues; [`sync`] the locks of every
+//! transport, with their one poisoning policy. With the
 //! `conformance` feature, [`conformance`] is the behaviour suite every
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -24,6 +25,7 @@ pub mod otel;
 pub mod recovery;
 pub mod routing;
 pub mod rpc;
+pub mod sync;
 mod topology;
 mod transport;
 pub mod url;

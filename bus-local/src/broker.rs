@@ -10,7 +10,7 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Weak};
 
 use bus_core::routing::{
     check_sender_routes, strip_bcc, Destination, Exchange, ExchangeGraph, NameMap,
@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::connection::ConnInner;
 use crate::consumer::{Activity, ConsumerShared, Control, DeliveryStream, Settler};
 use bus_core::engine::dead_letter::cycles_into;
+use bus_core::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::dead_letter::DeadLetter;
 use crate::declaration::{
@@ -209,7 +210,7 @@ impl BrokerInner {
 
     /// Keeps track of a new connection, for [`BrokerInner::restart`].
     pub(crate) fn register_connection(&self, conn: &Arc<ConnInner>) {
-        let mut list = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.connections.lock();
         list.retain(|c| c.strong_count() > 0);
         list.push(Arc::downgrade(conn));
     }
@@ -224,7 +225,7 @@ impl BrokerInner {
             faults.on_commanded(None, Fault::RestartBroker, "every connection drops".into());
         }
         let connections: Vec<Arc<ConnInner>> = {
-            let list = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            let list = self.connections.lock();
             list.iter().filter_map(Weak::upgrade).collect()
         };
         let mut to_recover = Vec::new();
@@ -259,11 +260,11 @@ impl BrokerInner {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Topology> {
-        self.topology.read().unwrap_or_else(|p| p.into_inner())
+        self.topology.read()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Topology> {
-        self.topology.write().unwrap_or_else(|p| p.into_inner())
+        self.topology.write()
     }
 
     // ---- finishing queue operations ------------------------------------
@@ -338,7 +339,7 @@ impl BrokerInner {
         {
             return;
         }
-        let mut runtime = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        let mut runtime = self.runtime.lock();
         let handle = match Handle::try_current() {
             Ok(h) => {
                 *runtime = Some(h.clone());
@@ -721,20 +722,20 @@ impl BrokerInner {
         if !self.recording.load(Ordering::Acquire) {
             return;
         }
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.records.lock();
         if let Some(list) = records.get_mut(exchange) {
             list.push((routing_key.to_owned(), message.clone()));
         }
     }
 
     pub(crate) fn record_exchange(&self, exchange: &str) {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.records.lock();
         records.entry(exchange.to_owned()).or_default();
         self.recording.store(true, Ordering::Release);
     }
 
     pub(crate) fn published(&self, exchange: &str) -> Vec<(String, Message)> {
-        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let records = self.records.lock();
         records.get(exchange).cloned().unwrap_or_default()
     }
 

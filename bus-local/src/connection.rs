@@ -6,10 +6,11 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bus_core::recovery::{BindingRecord, ExchangeBindingRecord};
+use bus_core::sync::Mutex;
 use bus_core::{
     classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
     DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
@@ -62,32 +63,24 @@ impl ConnInner {
     }
 
     pub(crate) fn register_consumer(&self, consumer: Arc<ConsumerShared>) {
-        self.consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(consumer.id, consumer);
+        self.consumers.lock().insert(consumer.id, consumer);
     }
 
     pub(crate) fn unregister_consumer(&self, id: u64) {
-        self.consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.consumers.lock().remove(&id);
     }
 
     /// Ends the consumers (requeueing what they hold) and deletes the
     /// exclusive queues, as the broker does when a connection goes.
     fn teardown(&self, lost: bool) {
-        let consumers =
-            std::mem::take(&mut *self.consumers.lock().unwrap_or_else(|p| p.into_inner()));
+        let consumers = std::mem::take(&mut *self.consumers.lock());
         for consumer in consumers.values() {
             if lost {
                 consumer.lost.store(true, Ordering::Release);
             }
             self.broker.drop_consumer(consumer);
         }
-        let exclusive =
-            std::mem::take(&mut *self.exclusive.lock().unwrap_or_else(|p| p.into_inner()));
+        let exclusive = std::mem::take(&mut *self.exclusive.lock());
         for queue in &exclusive {
             self.broker.remove_queue(queue);
         }
@@ -127,7 +120,7 @@ impl ConnInner {
         {
             return false;
         }
-        *self.lost_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+        *self.lost_reason.lock() = reason.to_owned();
         if let Some(recovery) = &self.recovery {
             recovery.link_lost(reason);
         }
@@ -200,18 +193,14 @@ impl ConnInner {
     }
 
     pub(crate) fn track_exclusive(&self, queue: Arc<Queue>) {
-        let mut exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        let mut exclusive = self.exclusive.lock();
         exclusive.retain(|q| !q.lock().deleted);
         exclusive.push(queue);
     }
 
     fn closed_error(&self, state: u8) -> Error {
         if state == LOST {
-            let reason = self
-                .lost_reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            let reason = self.lost_reason.lock().clone();
             Error::ConnectionLost(format!(
                 "local connection {} was dropped by the broker ({reason}) and does not recover",
                 self.id()

@@ -1,10 +1,11 @@
 //! The consumer side: the buffer a queue pushes deliveries into, the stream
 //! that reads it, and the handles that settle and cancel.
 
+use bus_core::sync::Mutex;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
@@ -119,7 +120,7 @@ impl ConsumerShared {
     }
 
     fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+        self.inbox.lock()
     }
 
     /// Hands a delivery over. The queue only does so within the consumer's

@@ -5,9 +5,9 @@
 //! A broker without a plan holds `None` here and never reaches this module.
 
 use std::fmt;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use bus_core::sync::Mutex;
 use tokio::time::Instant;
 
 /// A fault to inject at a publish (see [`FaultPlan::on_publish`]).
@@ -388,7 +388,7 @@ impl FaultState {
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, Running> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        self.running.lock()
     }
 
     pub(crate) fn reconnect_delay(&self) -> Duration {

@@ -177,8 +177,9 @@ pub mod sim;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
+use bus_core::sync::Mutex;
 use bus_core::Message;
 
 pub use connection::{LocalConnection, Recovery};
@@ -239,10 +240,7 @@ impl LocalBroker {
     #[must_use]
     pub fn named(name: &str) -> Self {
         static REGISTRY: OnceLock<Mutex<HashMap<String, LocalBroker>>> = OnceLock::new();
-        let mut registry = REGISTRY
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut registry = REGISTRY.get_or_init(Mutex::default).lock();
         registry
             .entry(name.to_owned())
             .or_insert_with(|| LocalBroker {

@@ -7,13 +7,14 @@
 //! and done by the broker once the lock is released.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::engine::dead_letter::{dead_letter, Death, Reason};
 use bus_core::engine::policy::{self, Admission, Depth, Limits};
 use bus_core::engine::unacked::Unacked;
 use bus_core::routing::sender_routes;
+use bus_core::sync::Mutex;
 use bus_core::{Error, ErrorDetail, Message, QueueArguments, Result, Subject};
 use tokio::time::Instant;
 
@@ -346,7 +347,7 @@ impl Queue {
     /// state consistent (every method finishes its bookkeeping before it can
     /// fail), so a poisoned lock is taken over.
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     fn dead_or_drop(&self, envelope: &Envelope, reason: Reason, fx: &mut Effects) {

@@ -5,20 +5,17 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use bus_core::recovery::Journal;
+use bus_core::sync::{Mutex, MutexGuard};
 use bus_core::{ConsumeOptions, Consumer, ConsumerControl, Delivery, Error, RecoveryEvent, Result};
 use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, Notify};
 
 use crate::connection::ConnInner;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What a recovering connection keeps.
 pub(crate) struct RecoveryState {
@@ -46,7 +43,7 @@ impl RecoveryState {
     }
 
     pub(crate) fn journal(&self) -> MutexGuard<'_, Journal> {
-        lock(&self.journal)
+        self.journal.lock()
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -66,7 +63,7 @@ impl RecoveryState {
     }
 
     fn resumers(&self) -> Vec<Arc<Resumer>> {
-        let mut list = lock(&self.resumers);
+        let mut list = self.resumers.lock();
         list.retain(|r| r.strong_count() > 0);
         list.iter().filter_map(Weak::upgrade).collect()
     }
@@ -85,7 +82,7 @@ impl RecoveryState {
     pub(crate) fn link_lost(&self, reason: &str) {
         for r in self.resumers() {
             let exclusive = self.is_exclusive(&r.queue);
-            let mut st = lock(&r.state);
+            let mut st = r.state.lock();
             if st.finished || st.cancelled {
                 continue;
             }
@@ -104,7 +101,7 @@ impl RecoveryState {
     pub(crate) fn closed(&self) {
         for r in self.resumers() {
             let waker = {
-                let mut st = lock(&r.state);
+                let mut st = r.state.lock();
                 st.finished = true;
                 st.waiting = false;
                 st.waker.take()
@@ -189,7 +186,7 @@ impl RecoveryState {
     pub(crate) fn resume_consumers(&self, conn: &Arc<ConnInner>) {
         for r in self.resumers() {
             let first_tag = {
-                let st = lock(&r.state);
+                let st = r.state.lock();
                 if !st.waiting || st.finished || st.cancelled {
                     continue;
                 }
@@ -200,7 +197,7 @@ impl RecoveryState {
                 .broker
                 .consume(conn, &queue, r.options.clone(), first_tag);
             let (waker, event) = {
-                let mut st = lock(&r.state);
+                let mut st = r.state.lock();
                 match started {
                     Ok(consumer) => {
                         st.current = Some(consumer);
@@ -255,7 +252,7 @@ impl RecoveryState {
                 ..ResumeState::default()
             }),
         });
-        lock(&self.resumers).push(Arc::downgrade(&resumer));
+        self.resumers.lock().push(Arc::downgrade(&resumer));
         Ok(Consumer::new(
             tag,
             queue.to_owned(),
@@ -306,7 +303,7 @@ impl Stream for ResumingStream {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut st = lock(&self.resumer.state);
+        let mut st = self.resumer.state.lock();
         loop {
             // The loss notice comes first: what the old link had handed
             // over was requeued, and a resumed link may already be in place.
@@ -345,7 +342,7 @@ impl Stream for ResumingStream {
 impl Drop for ResumingStream {
     fn drop(&mut self) {
         let current = {
-            let mut st = lock(&self.resumer.state);
+            let mut st = self.resumer.state.lock();
             st.finished = true;
             st.waiting = false;
             st.current.take()
@@ -363,7 +360,7 @@ struct ResumeControl {
 impl ConsumerControl for ResumeControl {
     async fn cancel(&self) -> Result<()> {
         let (cancel, waker) = {
-            let mut st = lock(&self.resumer.state);
+            let mut st = self.resumer.state.lock();
             st.cancelled = true;
             match &st.current {
                 Some(c) => (Some(c.cancel()), None),

@@ -3,11 +3,12 @@
 //! and their coalesced acks, flushed on close.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
+use bus_core::sync::Mutex;
 use bus_core::{Error, Result};
 
-use super::{lock, Shared};
+use super::Shared;
 use crate::consume::AckBatch;
 use crate::link::Link;
 
@@ -37,14 +38,17 @@ impl Consumers {
 impl Shared {
     /// Keeps `batch` to be flushed when the connection closes.
     pub(crate) fn register_ack_batch(&self, batch: &Arc<AckBatch>) {
-        let mut batches = lock(&self.consumers.ack_batches);
+        let mut batches = self.consumers.ack_batches.lock();
         batches.retain(|b| b.strong_count() > 0);
         batches.push(Arc::downgrade(batch));
     }
 
     /// Sends every consumer's coalesced acks; the first failure.
     pub(super) async fn flush_ack_batches(&self) -> Result<()> {
-        let batches: Vec<Arc<AckBatch>> = lock(&self.consumers.ack_batches)
+        let batches: Vec<Arc<AckBatch>> = self
+            .consumers
+            .ack_batches
+            .lock()
             .iter()
             .filter_map(Weak::upgrade)
             .collect();

@@ -13,7 +13,7 @@ mod state;
 mod topology;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bus_core::{
@@ -38,10 +38,6 @@ use crate::link::{connect_any, LinkState};
 use crate::options::{AmqpOptions, ReplyMode};
 use crate::publish::{publish_via, ChannelSource, ReplyPublisher};
 use crate::url::AmqpUrl;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A connection to RabbitMQ (or any AMQP 0-9-1 broker) implementing the bus
 /// transport contract. See the crate documentation for the channel model

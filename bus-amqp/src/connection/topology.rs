@@ -6,13 +6,13 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use bus_core::sync::{Mutex, MutexGuard};
 use bus_core::{is_reserved_name, Error, ExchangeKind, QueueOptions, Result};
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 
-use super::{lock, Shared};
+use super::Shared;
 use crate::convert::{broker_close, is_connection_error, short};
 use crate::journal::Journal;
 use crate::link::unless_lost;
@@ -54,7 +54,7 @@ impl Topology {
 impl Shared {
     /// The journal of the topology this connection declared.
     pub(super) fn journal(&self) -> MutexGuard<'_, Journal> {
-        lock(&self.topology.journal)
+        self.topology.journal.lock()
     }
 
     /// Records the new names a recovery gave server-named queues
@@ -73,13 +73,13 @@ impl Shared {
     /// Notes that this connection is deleting the queue now named
     /// `current`; whether it was not noted already.
     pub(super) fn mark_deleting(&self, current: &str) -> bool {
-        lock(&self.topology.deleted_here).insert(current.to_owned())
+        self.topology.deleted_here.lock().insert(current.to_owned())
     }
 
     /// Forgets that this connection deleted the queue now named `current`:
     /// the deletion failed, or the queue was declared again.
     pub(super) fn unmark_deleting(&self, current: &str) {
-        lock(&self.topology.deleted_here).remove(current);
+        self.topology.deleted_here.lock().remove(current);
     }
 
     pub(crate) fn resolve_queue(&self, name: &str) -> String {
@@ -123,7 +123,10 @@ impl Shared {
     /// Whether this connection deleted (or is deleting) the queue the
     /// application names `name`.
     pub(crate) fn deleted_here(&self, name: &str) -> bool {
-        lock(&self.topology.deleted_here).contains(&self.resolve_queue(name))
+        self.topology
+            .deleted_here
+            .lock()
+            .contains(&self.resolve_queue(name))
     }
 
     /// Forgets a queue someone else deleted, so that recovery does not
@@ -142,12 +145,12 @@ impl Shared {
     }
 
     fn exchange_known(&self, generation: u64, name: &str) -> bool {
-        let known = lock(&self.topology.known_exchanges);
+        let known = self.topology.known_exchanges.lock();
         known.0 == generation && known.1.contains(name)
     }
 
     fn remember_exchange(&self, generation: u64, name: &str) {
-        let mut known = lock(&self.topology.known_exchanges);
+        let mut known = self.topology.known_exchanges.lock();
         if known.0 != generation {
             *known = (generation, HashSet::new());
         }
@@ -155,7 +158,7 @@ impl Shared {
     }
 
     pub(crate) fn forget_known_exchange(&self, name: &str) {
-        lock(&self.topology.known_exchanges).1.remove(name);
+        self.topology.known_exchanges.lock().1.remove(name);
     }
 
     /// `NotFound` when a publish would go to an exchange that does not

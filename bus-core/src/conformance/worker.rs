@@ -5,8 +5,9 @@
 //! quickly; on a paused clock they complete at once and the recorded times
 //! are exact.
 
+use crate::sync::Mutex;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -179,7 +180,7 @@ pub async fn worker_transient_then_success(h: &dyn Harness) {
         .handle_raw(move |job: Job| {
             let log = log.clone();
             async move {
-                log.lock().unwrap().push((job.attempt, Instant::now()));
+                log.lock().push((job.attempt, Instant::now()));
                 if job.attempt < 3 {
                     Err(HandlerError::transient(format!(
                         "not yet ({})",
@@ -199,7 +200,7 @@ pub async fn worker_transient_then_success(h: &dyn Harness) {
         (2, 1, 1, 0),
         "{stats:?}"
     );
-    let times = times.lock().unwrap().clone();
+    let times = times.lock().clone();
     let attempts: Vec<u32> = times.iter().map(|t| t.0).collect();
     assert_eq!(attempts, [1, 2, 3]);
     assert!(
@@ -231,11 +232,8 @@ pub async fn worker_retries_exhausted_go_to_poison_queue(h: &dyn Harness) {
         .handle_raw(move |job: Job| {
             let log = log.clone();
             async move {
-                log.lock().unwrap().push((
-                    job.attempt,
-                    job.exchange.clone(),
-                    job.routing_key.clone(),
-                ));
+                log.lock()
+                    .push((job.attempt, job.exchange.clone(), job.routing_key.clone()));
                 Err::<(), _>(HandlerError::transient("model not loaded"))
             }
         })
@@ -248,7 +246,7 @@ pub async fn worker_retries_exhausted_go_to_poison_queue(h: &dyn Harness) {
     publish(&*conn, &x, "speech.en", m).await;
     let stats = until(&worker, "the job is poisoned", |s| s.poisoned == 1).await;
     assert_eq!((stats.failures, stats.handled), (4, 0), "{stats:?}");
-    let calls = calls.lock().unwrap().clone();
+    let calls = calls.lock().clone();
     assert_eq!(calls.len(), 4, "{calls:?}");
     for (i, (attempt, ex, key)) in calls.iter().enumerate() {
         assert_eq!(*attempt as usize, i + 1, "{calls:?}");

@@ -42,7 +42,7 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
 
 use crossbeam_channel::Receiver;
@@ -57,6 +57,7 @@ use super::codec::decode_message;
 use super::server::{decode, encode, panic_message, Handler, Outcome, RpcServer};
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::sync::Mutex;
 use crate::topology::QueueOptions;
 use crate::transport::Connection;
 
@@ -311,7 +312,7 @@ impl BlockingRpcServerBuilder {
             let stop = server.stop_signal();
             tokio::spawn(async move {
                 let outcome = server.wait().await;
-                *result_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+                *result_slot.lock() = Some(outcome);
                 // Dropping the sender tells every waiting thread it is over.
                 drop(finished_tx);
             });
@@ -442,7 +443,7 @@ impl BlockingRpcServer {
         // The requests channel closes when the server task is done; its
         // result is in place once `finished` closes.
         let _ = self.finished.recv();
-        match &*self.result.lock().unwrap_or_else(PoisonError::into_inner) {
+        match &*self.result.lock() {
             Some(Err(Error::ConnectionLost(m))) => Err(Error::ConnectionLost(m.clone())),
             Some(Err(e)) if !self.stop.borrow().requested => Err(Error::Closed(e.to_string())),
             _ => Ok(()),
@@ -472,10 +473,6 @@ impl BlockingRpcServer {
                 recv(self.finished) -> _ => break,
             }
         }
-        self.result
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .unwrap_or(Ok(()))
+        self.result.lock().take().unwrap_or(Ok(()))
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,6 +17,7 @@ use super::codec::{decode_message, remote_error, Format};
 use crate::delivery::Consumer;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::sync::Mutex;
 use crate::topology::DeleteQueueOptions;
 use crate::topology::MAX_TTL;
 use crate::transport::{classic_reply_queue, Connection, PublishOptions, Publisher};
@@ -154,7 +155,7 @@ struct ClientInner {
 
 impl fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let current = lock(&self.inner.current);
+        let current = self.inner.current.lock();
         f.debug_struct("RpcClient")
             .field("options", &self.inner.options)
             .field("reply_to", &current.as_ref().map(|l| l.address.as_str()))
@@ -165,11 +166,6 @@ impl fmt::Debug for RpcClient {
             )
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The maps guarded here stay consistent even if a holder panicked.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl RpcClient {
@@ -286,7 +282,9 @@ impl RpcClient {
     /// Calls waiting for their reply right now.
     #[must_use]
     pub fn in_flight(&self) -> usize {
-        lock(&self.inner.current)
+        self.inner
+            .current
+            .lock()
             .as_ref()
             .map_or(0, |l| l.routes.len())
     }
@@ -347,12 +345,14 @@ impl RpcClient {
             return Ok(link);
         }
         let link = Arc::new(ReplyLink::open(&self.inner).await?);
-        *lock(&self.inner.current) = Some(link.clone());
+        *self.inner.current.lock() = Some(link.clone());
         Ok(link)
     }
 
     fn open_link(&self) -> Option<Arc<ReplyLink>> {
-        lock(&self.inner.current)
+        self.inner
+            .current
+            .lock()
             .as_ref()
             .filter(|l| l.routes.is_open())
             .cloned()
@@ -370,7 +370,7 @@ struct Routes {
 impl Routes {
     fn register(&self, id: &str) -> Result<oneshot::Receiver<Result<Message>>> {
         let (tx, rx) = oneshot::channel();
-        match lock(&self.waiting).as_mut() {
+        match self.waiting.lock().as_mut() {
             Some(waiting) => {
                 waiting.insert(id.to_owned(), tx);
                 Ok(rx)
@@ -383,7 +383,7 @@ impl Routes {
 
     /// The call waiting for the reply with this id, taken off the map.
     fn take(&self, id: &str) -> Option<oneshot::Sender<Result<Message>>> {
-        lock(&self.waiting).as_mut().and_then(|w| w.remove(id))
+        self.waiting.lock().as_mut().and_then(|w| w.remove(id))
     }
 
     /// Hands a reply to its call; `false` when no call waits for it.
@@ -393,24 +393,24 @@ impl Routes {
     }
 
     fn remove(&self, id: &str) {
-        if let Some(waiting) = lock(&self.waiting).as_mut() {
+        if let Some(waiting) = self.waiting.lock().as_mut() {
             waiting.remove(id);
         }
     }
 
     fn fail_all(&self, reason: &str) {
-        let waiting = lock(&self.waiting).take();
+        let waiting = self.waiting.lock().take();
         for (_, tx) in waiting.into_iter().flatten() {
             let _ = tx.send(Err(Error::ConnectionLost(reason.to_owned())));
         }
     }
 
     fn is_open(&self) -> bool {
-        lock(&self.waiting).is_some()
+        self.waiting.lock().is_some()
     }
 
     fn len(&self) -> usize {
-        lock(&self.waiting).as_ref().map_or(0, HashMap::len)
+        self.waiting.lock().as_ref().map_or(0, HashMap::len)
     }
 }
 

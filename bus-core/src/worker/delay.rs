@@ -12,7 +12,7 @@
 //! The queue and exchange are durable and the message keeps its delivery
 //! mode, so a persistent message survives a broker restart while it waits.
 
-use std::sync::Mutex;
+use crate::sync::Mutex;
 use std::time::Duration;
 
 use std::collections::HashSet;
@@ -111,19 +111,12 @@ impl Delays {
         message: Message,
         delay: Duration,
     ) -> Result<()> {
-        let known = self
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&delay);
+        let known = self.declared.lock().contains(&delay);
         let name = if known {
             delay_name(&self.prefix, DEFAULT_EXCHANGE, delay)
         } else {
             let name = declare_delay(conn, &self.prefix, DEFAULT_EXCHANGE, delay).await?;
-            self.declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(delay);
+            self.declared.lock().insert(delay);
             name
         };
         conn.publish(&name, routing_key, message, PublishOptions::default())
