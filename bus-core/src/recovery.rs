@@ -191,6 +191,16 @@ impl Journal {
             .map_or_else(|| current.to_owned(), |(k, _)| k.clone())
     }
 
+    /// Whether the queue `name` (the name the application holds, or its
+    /// current one) was declared exclusive; `false` for a queue not in the
+    /// journal.
+    pub fn is_exclusive(&self, name: &str) -> bool {
+        self.queues
+            .get(name)
+            .or_else(|| self.queues.values().find(|q| q.current == name))
+            .is_some_and(|q| q.options.exclusive)
+    }
+
     /// Records a declared exchange (a redeclaration replaces it).
     pub fn record_exchange(&mut self, name: &str, kind: ExchangeKind, options: ExchangeOptions) {
         self.exchanges.insert(name.to_owned(), (kind, options));
@@ -303,6 +313,22 @@ mod tests {
         j.record_binding(binding("amq.gen-1"));
         j.forget_queue("amq.gen-2");
         assert!(j.queues.is_empty() && j.bindings.is_empty());
+    }
+
+    #[test]
+    fn exclusivity_is_found_by_either_name() {
+        let mut j = Journal::default();
+        let exclusive = QueueOptions {
+            exclusive: true,
+            ..QueueOptions::default()
+        };
+        j.record_queue("", "amq.gen-1", exclusive);
+        j.record_queue("plain", "plain", QueueOptions::default());
+        j.rename("amq.gen-1", "amq.gen-2");
+        assert!(j.is_exclusive("amq.gen-1"));
+        assert!(j.is_exclusive("amq.gen-2"));
+        assert!(!j.is_exclusive("plain"));
+        assert!(!j.is_exclusive("unknown"));
     }
 
     #[test]

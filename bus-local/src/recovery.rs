@@ -69,12 +69,7 @@ impl RecoveryState {
     }
 
     fn is_exclusive(&self, handle: &str) -> bool {
-        let journal = self.journal();
-        journal
-            .queues
-            .get(handle)
-            .or_else(|| journal.queues.values().find(|q| q.current == handle))
-            .is_some_and(|q| q.options.exclusive)
+        self.journal().is_exclusive(handle)
     }
 
     /// The link is gone: consumers wait for the next one. Those of an

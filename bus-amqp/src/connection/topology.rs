@@ -135,13 +135,10 @@ impl Shared {
         self.journal().forget_queue(name);
     }
 
+    /// Whether the queue `name` (the application's name or its current
+    /// one) was declared exclusive by this connection.
     pub(crate) fn queue_is_exclusive(&self, name: &str) -> bool {
-        let journal = self.journal();
-        journal
-            .queues
-            .get(name)
-            .or_else(|| journal.queues.values().find(|q| q.current == name))
-            .is_some_and(|q| q.options.exclusive)
+        self.journal().is_exclusive(name)
     }
 
     fn exchange_known(&self, generation: u64, name: &str) -> bool {
