@@ -1,28 +1,37 @@
 //! The consume-handle-settle loop every serving component runs: the worker
 //! runtime and the RPC server alike.
 //!
-//! It takes deliveries from one consumer, runs at most `concurrency`
-//! handlers at once (one task each), and stops on request: it cancels the
-//! consumer, requeues what the transport had sent but nobody started, lets
-//! the handlers in hand finish within a deadline, and abandons the rest
-//! (their deliveries, dropped unsettled, go back to the queue).
+//! It takes deliveries from one consumer and runs at most `concurrency`
+//! handlers at once, and stops on request: it cancels the consumer,
+//! requeues what the transport had sent but nobody started, lets the
+//! handlers in hand finish within a deadline, and abandons the rest (their
+//! deliveries, dropped unsettled, go back to the queue).
+//!
+//! The handlers run inside the loop's own task, concurrently but not in
+//! parallel: no task is spawned per delivery, and a delivery that is ready
+//! is taken and handled in the same poll. That keeps the cost per message
+//! close to a hand-written consume-and-ack loop. Handlers that compute for
+//! long run on the blocking pool (`handle_blocking`, `serve_blocking`).
+//! The loop yields to the runtime after [`BUDGET`] rounds in a row, so a
+//! full queue never starves the other tasks of its thread.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::transport::Connection;
 
-/// Handles one delivery, settling it before it resolves.
-pub(crate) type Process = Arc<dyn Fn(Delivery) -> BoxFuture<'static, ()> + Send + Sync>;
+/// How many rounds (take what is ready, drive the handlers) one poll of the
+/// loop makes before it yields to the runtime.
+pub(crate) const BUDGET: u32 = 64;
 
 /// When to stop, and how long handlers in hand may take to finish.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,51 +54,130 @@ pub(crate) struct Drained {
     pub(crate) finished: u64,
 }
 
+/// The handlers in hand: one slot, reused for every delivery, when they run
+/// one at a time (no allocation per delivery); otherwise a set.
+enum Handling<F> {
+    One(Pin<Box<Option<F>>>),
+    Many(FuturesUnordered<F>),
+}
+
+impl<F: Future<Output = ()>> Handling<F> {
+    fn new(concurrency: usize) -> Self {
+        if concurrency == 1 {
+            Handling::One(Box::pin(None))
+        } else {
+            Handling::Many(FuturesUnordered::new())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Handling::One(slot) => usize::from(slot.is_some()),
+            Handling::Many(set) => set.len(),
+        }
+    }
+
+    /// Starts handling; only when [`Handling::len`] is below the
+    /// concurrency.
+    fn push(&mut self, handler: F) {
+        match self {
+            Handling::One(slot) => slot.set(Some(handler)),
+            Handling::Many(set) => set.push(handler),
+        }
+    }
+
+    /// Drives the handlers: `Ready(Some(()))` when one finished,
+    /// `Ready(None)` when there are none.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        match self {
+            Handling::One(slot) => match slot.as_mut().as_pin_mut() {
+                None => Poll::Ready(None),
+                Some(handler) => match handler.poll(cx) {
+                    Poll::Ready(()) => {
+                        slot.set(None);
+                        Poll::Ready(Some(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+            Handling::Many(set) => set.poll_next_unpin(cx),
+        }
+    }
+
+    /// Drops the handlers in hand (their deliveries are requeued).
+    fn clear(&mut self) {
+        match self {
+            Handling::One(slot) => slot.set(None),
+            Handling::Many(set) => set.clear(),
+        }
+    }
+}
+
 /// Runs the loop until a stop is requested (then `Ok`) or the consumer ends
 /// or fails (then the error, after the handlers in hand have finished).
-pub(crate) async fn run(
+///
+/// `process` handles one delivery, settling it before it resolves. `idle`
+/// is called whenever the loop is about to wait or yield, and once more
+/// after the drain: the worker publishes its statistics there, so that a
+/// waiter is woken once per burst of messages rather than once per message.
+pub(crate) async fn run<P, F>(
     mut consumer: Consumer,
     concurrency: usize,
-    process: Process,
+    process: P,
     mut stop: watch::Receiver<Stop>,
-) -> (Result<()>, Drained) {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let mut handling = JoinSet::new();
-    // `wait_for` also returns when the sender is gone: that stops too.
-    let ended = loop {
-        while handling.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| s.requested) => break Ok(()),
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break Ok(()),
-            },
-        };
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| s.requested) => break Ok(()),
-            next = consumer.next() => next,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                let handled = process(delivery);
-                handling.spawn(async move {
-                    handled.await;
-                    drop(permit);
-                });
+    idle: impl Fn(),
+) -> (Result<()>, Drained)
+where
+    P: Fn(Delivery) -> F,
+    F: Future<Output = ()>,
+{
+    let mut handling = Handling::new(concurrency);
+    let mut stop_seen = stop.clone();
+    let ended = {
+        // `wait_for` also returns when the sender is gone: that stops too.
+        let mut stopped = pin!(stop.wait_for(|s| s.requested));
+        std::future::poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
             }
-            Some(Err(e)) => break Err(e),
-            None => {
-                break Err(Error::ConnectionLost(format!(
-                    "the consumer of queue {:?} ended: its connection was closed or lost, or the queue deleted",
-                    consumer.queue()
-                )))
+            for _ in 0..BUDGET {
+                let mut progress = false;
+                while handling.len() < concurrency {
+                    // A stop asked for during this poll: start nothing more.
+                    if stop_seen.has_changed().unwrap_or(true)
+                        && stop_seen.borrow_and_update().requested
+                    {
+                        return Poll::Ready(Ok(()));
+                    }
+                    match consumer.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(delivery))) => {
+                            handling.push(process(delivery));
+                            progress = true;
+                        }
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err(Error::ConnectionLost(format!(
+                                "the consumer of queue {:?} ended: its connection was closed or lost, or the queue deleted",
+                                consumer.queue()
+                            ))))
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                while let Poll::Ready(Some(())) = handling.poll_next(cx) {
+                    progress = true;
+                }
+                if !progress {
+                    idle();
+                    return Poll::Pending;
+                }
             }
-        }
+            idle();
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
     };
-    // Handlers already done before the stop are not part of the drain.
-    while handling.try_join_next().is_some() {}
     let mut drained = Drained::default();
     if ended.is_ok() {
         match consumer.cancel().await {
@@ -112,8 +200,9 @@ pub(crate) async fn run(
     // The consumer stays alive until the deliveries in hand are settled:
     // dropping it would requeue them.
     let finish = async {
-        while handling.join_next().await.is_some() {
+        while std::future::poll_fn(|cx| handling.poll_next(cx)).await.is_some() {
             drained.finished += 1;
+            idle();
         }
     };
     match deadline {
@@ -121,12 +210,13 @@ pub(crate) async fn run(
         Some(deadline) => {
             if tokio::time::timeout(deadline, finish).await.is_err() {
                 drained.abandoned = handling.len() as u64;
-                // Aborting drops each handler's delivery unsettled, which
+                // Dropping a handler drops its delivery unsettled, which
                 // requeues it.
-                handling.shutdown().await;
+                handling.clear();
             }
         }
     }
+    idle();
     drop(consumer);
     (ended, drained)
 }

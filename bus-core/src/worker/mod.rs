@@ -63,6 +63,15 @@
 //! (a worker died mid-message, an unsettled delivery was dropped) does not
 //! count as an attempt.
 //!
+//! # Concurrency
+//! A worker runs up to [`WorkerBuilder::concurrency`] handlers at once, all
+//! on the worker's own task: no task is spawned per message, which keeps
+//! its cost per message close to a hand-written consume-and-ack loop (see
+//! `docs/BENCHMARKS.md`). The handlers are concurrent, not parallel: one
+//! that awaits I/O lets the others run, one that computes holds them up.
+//! CPU-heavy handlers run on tokio's blocking pool
+//! ([`WorkerBuilder::handle_blocking`]), or spawn their own task.
+//!
 //! # Handlers and tower
 //! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;
 //! [`WorkerBuilder::handle`] and its siblings wrap a function into one, and

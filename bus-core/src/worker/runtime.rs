@@ -3,11 +3,13 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
+use futures::future::Either;
+use futures::{FutureExt, TryFutureExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,7 +17,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::delay::Delays;
-use super::engine::{self, Drained, Process, Stop};
+use super::engine::{self, Drained, Stop};
 use super::job::{HandlerError, Job, Kind};
 use super::poison::{self, PoisonReason, Poisoning};
 use super::policy::RetryPolicy;
@@ -94,7 +96,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many handlers run at once; 1 unless set.
+    /// How many handlers run at once; 1 unless set. They run concurrently
+    /// on the worker's own task (no task is spawned per message), not in
+    /// parallel: a handler that computes for long belongs on the blocking
+    /// pool ([`WorkerBuilder::handle_blocking`]) or in a task of its own.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
         self
@@ -149,12 +154,9 @@ impl WorkerBuilder {
         E: Into<HandlerError> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        self.service(tower::service_fn(move |job: Job| {
-            let handler = handler.clone();
-            async move {
-                let job = job.decode::<T>()?;
-                handler(job).await.map_err(Into::into)
-            }
+        self.service(tower::service_fn(move |job: Job| match job.decode::<T>() {
+            Ok(job) => Either::Left(handler(job).map_err(Into::into)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
         }))
         .await
     }
@@ -171,8 +173,7 @@ impl WorkerBuilder {
     {
         let handler = Arc::new(handler);
         self.service(tower::service_fn(move |job: Job| {
-            let handler = handler.clone();
-            async move { handler(job).await.map_err(Into::into) }
+            handler(job).map_err(Into::into)
         }))
         .await
     }
@@ -247,6 +248,10 @@ impl WorkerBuilder {
         });
         let system = engine::system(&*conn);
         let (stats_tx, stats) = watch::channel(WorkerStats::default());
+        let stats_tx = Arc::new(Stats {
+            tx: stats_tx,
+            dirty: AtomicBool::new(false),
+        });
         let ctx = Arc::new(Ctx {
             conn: conn.clone(),
             delays: Delays::new(format!("{queue}.delay")),
@@ -257,16 +262,18 @@ impl WorkerBuilder {
             poison_queue: poison.1,
             identity,
             system,
-            stats: stats_tx,
+            stats: stats_tx.clone(),
         });
         let consumer = conn
             .consume(&queue, ConsumeOptions::prefetch(prefetch))
             .await?;
-        let process: Process = Arc::new(move |delivery| ctx.clone().process(delivery).boxed());
+        let process = move |delivery| ctx.clone().process(delivery);
         let (stop, stopped) = watch::channel(Stop::default());
         let task = engine::spawn_on_current(
             &format!("worker for queue '{queue}'"),
-            engine::run(consumer, self.concurrency, process, stopped),
+            engine::run(consumer, self.concurrency, process, stopped, move || {
+                stats_tx.publish();
+            }),
         )?;
         tracing::debug!(
             queue,
@@ -404,6 +411,33 @@ impl Drop for Worker {
     }
 }
 
+/// A worker's statistics as its handlers update them. Updates do not wake
+/// the waiters of [`Worker::wait_until`] one by one: the engine publishes
+/// them whenever it is about to wait or yield, so [`Worker::stats`] is
+/// always exact and a waiter is woken once per burst of messages.
+struct Stats {
+    tx: watch::Sender<WorkerStats>,
+    /// Whether an update is not published yet.
+    dirty: AtomicBool,
+}
+
+impl Stats {
+    fn update(&self, f: impl FnOnce(&mut WorkerStats)) {
+        self.tx.send_if_modified(|stats| {
+            f(stats);
+            false
+        });
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Wakes the waiters if anything changed since the last call.
+    fn publish(&self) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.tx.send_modify(|_| {});
+        }
+    }
+}
+
 /// Everything a worker's deliveries are processed with.
 struct Ctx<S> {
     conn: Arc<dyn Connection>,
@@ -417,7 +451,7 @@ struct Ctx<S> {
     poison_queue: Option<String>,
     identity: String,
     system: &'static str,
-    stats: watch::Sender<WorkerStats>,
+    stats: Arc<Stats>,
 }
 
 impl<S> Ctx<S>
@@ -427,7 +461,7 @@ where
     S::Future: Send + 'static,
 {
     fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
-        self.stats.send_modify(|stats| {
+        self.stats.update(|stats| {
             #[cfg(feature = "metrics")]
             let before = *stats;
             f(stats);
@@ -464,7 +498,10 @@ where
         }
     }
 
-    async fn process(self: Arc<Self>, delivery: Delivery) {
+    /// The future that processes one delivery. Kept small (no wrapper
+    /// around `settle`, the failure paths boxed): the engine moves it once
+    /// per delivery.
+    fn process(self: Arc<Self>, delivery: Delivery) -> impl Future<Output = ()> {
         let props = &delivery.message.properties;
         let text = |name: &str| {
             props
@@ -473,40 +510,48 @@ where
                 .and_then(FieldValue::as_str)
                 .map(str::to_owned)
         };
-        // A delayed retry comes back through the delay queue: the job still
-        // names where the message was first published.
-        let exchange =
-            text(poison::ORIGINAL_EXCHANGE_HEADER).unwrap_or_else(|| delivery.exchange.clone());
-        let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER)
-            .unwrap_or_else(|| delivery.routing_key.clone());
+        // A delayed retry comes back through the delay queue: its headers
+        // name where the message was first published.
+        let exchange = text(poison::ORIGINAL_EXCHANGE_HEADER);
+        let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER);
         let prior = poison::attempts(&props.headers).unwrap_or(0);
         let span = engine::process_span(
             self.system,
             &self.queue,
             &delivery,
-            &routing_key,
+            routing_key.as_deref().unwrap_or(&delivery.routing_key),
             Some(prior + 1),
         );
         self.settle(delivery, exchange, routing_key, prior)
             .instrument(span)
-            .await;
     }
 
-    async fn settle(&self, delivery: Delivery, exchange: String, routing_key: String, prior: u32) {
+    async fn settle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        exchange: Option<String>,
+        routing_key: Option<String>,
+        prior: u32,
+    ) {
+        // Where the message was first published: as the headers say, or else
+        // as the delivery does.
+        let exchange = exchange.as_deref().unwrap_or(&delivery.exchange);
+        let routing_key = routing_key.as_deref().unwrap_or(&delivery.routing_key);
         let max = self.policy.max_attempts();
         if prior >= max {
             let error =
                 format!("it arrived with {prior} attempts made, and the policy allows {max}");
-            return self
-                .poison(
-                    &delivery,
-                    PoisonReason::Exhausted,
-                    &error,
-                    prior,
-                    &exchange,
-                    &routing_key,
-                )
-                .await;
+            // The failure paths are boxed: their futures are large, and
+            // would otherwise make every delivery's future as large.
+            return Box::pin(self.poison(
+                &delivery,
+                PoisonReason::Exhausted,
+                &error,
+                prior,
+                exchange,
+                routing_key,
+            ))
+            .await;
         }
         let round = prior / self.policy.attempts_per_round();
         let mut attempt = prior + 1;
@@ -515,8 +560,8 @@ where
             let job = Job {
                 body: delivery.message.body.clone(),
                 properties: delivery.message.properties.clone(),
-                exchange: exchange.clone(),
-                routing_key: routing_key.clone(),
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
                 redelivered: delivery.redelivered,
                 attempt,
                 conn: self.conn.clone(),
@@ -550,7 +595,7 @@ where
                 Kind::Transient if retry < self.policy.attempts_per_round() - 1 => {
                     let backoff = self.policy.backoff_for(retry);
                     tracing::debug!(attempt, error = %error, ?backoff, "retrying in process");
-                    tokio::time::sleep(backoff).await;
+                    Box::pin(tokio::time::sleep(backoff)).await;
                     retry += 1;
                     attempt += 1;
                     self.count(|s| s.retried += 1);
@@ -558,43 +603,40 @@ where
                 }
                 Kind::Transient => match self.policy.delay_after(round) {
                     Some(delay) => {
-                        return self
-                            .delay(&delivery, delay, attempt, &error, &exchange, &routing_key)
-                            .await
+                        return Box::pin(self.delay(
+                            &delivery,
+                            delay,
+                            attempt,
+                            &error,
+                            exchange,
+                            routing_key,
+                        ))
+                        .await
                     }
                     None => PoisonReason::Exhausted,
                 },
             };
-            return self
-                .poison(
-                    &delivery,
-                    reason,
-                    &error.message,
-                    attempt,
-                    &exchange,
-                    &routing_key,
-                )
-                .await;
+            return Box::pin(self.poison(
+                &delivery,
+                reason,
+                &error.message,
+                attempt,
+                exchange,
+                routing_key,
+            ))
+            .await;
         }
     }
 
     /// Runs the service on one job: readiness, the call, a panic caught.
-    async fn call(&self, job: Job<Bytes>) -> std::result::Result<(), HandlerError> {
-        let mut service = self.service.clone();
-        let run = async move {
-            service
-                .ready()
-                .await
-                .map_err(|e| HandlerError::classify(e.into()))?;
-            service
-                .call(job)
-                .await
-                .map_err(|e| HandlerError::classify(e.into()))
-        };
-        match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
-        }
+    fn call(&self, job: Job<Bytes>) -> impl Future<Output = std::result::Result<(), HandlerError>> {
+        // `oneshot` keeps the job and the service's future in one place.
+        AssertUnwindSafe(self.service.clone().oneshot(job))
+            .catch_unwind()
+            .map(|outcome| match outcome {
+                Ok(result) => result.map_err(|e| HandlerError::classify(e.into())),
+                Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
+            })
     }
 
     async fn delay(
