@@ -351,12 +351,33 @@ pub trait ConnectionExt: Connection {
 
     /// Publishes through the default exchange straight to a queue (not
     /// mandatory: a message for a missing queue is dropped, as in AMQP).
+    /// With feature `otel`, the message carries the current span's trace
+    /// context unless it carries a `traceparent` already.
     ///
     /// # Errors
     /// As [`Connection::publish`].
-    async fn send_to_queue(&self, queue: &str, message: Message) -> Result<()> {
+    async fn send_to_queue(&self, queue: &str, mut message: Message) -> Result<()> {
+        crate::propagation::trace(&mut message);
         self.publish("", queue, message, PublishOptions::default())
             .await
+    }
+
+    /// Publishes as [`Connection::publish`] does, after writing the current
+    /// span's trace context into the message (feature `otel`) unless it
+    /// carries a `traceparent` already; without the feature, the same as
+    /// [`Connection::publish`].
+    ///
+    /// # Errors
+    /// As [`Connection::publish`].
+    async fn publish_traced(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        options: PublishOptions,
+    ) -> Result<()> {
+        crate::propagation::trace(&mut message);
+        self.publish(exchange, routing_key, message, options).await
     }
 }
 

@@ -464,7 +464,7 @@ impl Serving {
         };
         if let Some(reply_to) = reply_to {
             reply.properties.correlation_id = correlation_id;
-            engine::trace(&mut reply);
+            crate::propagation::trace(&mut reply);
             if let Err(e) = self
                 .conn
                 .publish(

@@ -26,12 +26,15 @@ use tokio::sync::watch;
 
 use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
-use crate::message::Message;
 use crate::transport::Connection;
 
 /// How many rounds (take what is ready, drive the handlers) one poll of the
 /// loop makes before it yields to the runtime.
 pub(crate) const BUDGET: u32 = 64;
+
+/// How many yields in a row (a queue that never runs dry) the loop makes
+/// between two calls of its `idle` hook.
+pub(crate) const BUSY_IDLE: u32 = 16;
 
 /// When to stop, and how long handlers in hand may take to finish.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,9 +120,11 @@ impl<F: Future<Output = ()>> Handling<F> {
 /// or fails (then the error, after the handlers in hand have finished).
 ///
 /// `process` handles one delivery, settling it before it resolves. `idle`
-/// is called whenever the loop is about to wait or yield, and once more
-/// after the drain: the worker publishes its statistics there, so that a
-/// waiter is woken once per burst of messages rather than once per message.
+/// is called whenever the loop is about to wait, every [`BUSY_IDLE`]
+/// yields under a steady load, after each handler finished while draining,
+/// and once more at the end: the worker publishes its statistics there, so
+/// that a waiter is woken once per burst of messages rather than once per
+/// message.
 pub(crate) async fn run<P, F>(
     mut consumer: Consumer,
     concurrency: usize,
@@ -136,6 +141,7 @@ where
     let ended = {
         // `wait_for` also returns when the sender is gone: that stops too.
         let mut stopped = pin!(stop.wait_for(|s| s.requested));
+        let mut yields = 0u32;
         std::future::poll_fn(|cx| {
             if stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
@@ -172,7 +178,12 @@ where
                     return Poll::Pending;
                 }
             }
-            idle();
+            // Under a steady load the loop never waits: it still tells
+            // every [`BUSY_IDLE`] yields.
+            yields += 1;
+            if yields % BUSY_IDLE == 0 {
+                idle();
+            }
             cx.waker().wake_by_ref();
             Poll::Pending
         })
@@ -273,13 +284,4 @@ pub(crate) fn process_span(
     #[cfg(feature = "otel")]
     crate::otel::set_parent(&span, &props.headers);
     span
-}
-
-/// With feature `otel`, writes the current span's trace context into
-/// `message`'s headers; without it, does nothing.
-pub(crate) fn trace(message: &mut Message) {
-    #[cfg(feature = "otel")]
-    crate::otel::inject(message);
-    #[cfg(not(feature = "otel"))]
-    let _ = message;
 }

@@ -658,7 +658,7 @@ where
             .or_insert_with(|| exchange.into());
         h.entry(poison::ORIGINAL_ROUTING_KEY_HEADER.into())
             .or_insert_with(|| routing_key.into());
-        engine::trace(&mut message);
+        crate::propagation::retrace(&mut message);
         tracing::debug!(attempts, error = %error, ?delay, "retrying through a delay queue");
         match self
             .delays
@@ -695,7 +695,7 @@ where
             worker: &self.identity,
         }
         .mark(&mut message);
-        engine::trace(&mut message);
+        crate::propagation::retrace(&mut message);
         let key = self.poison_queue.as_deref().unwrap_or(routing_key);
         tracing::warn!(
             reason = reason.as_str(),
