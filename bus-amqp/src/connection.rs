@@ -978,6 +978,7 @@ impl Connection for AmqpConnection {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         validate_name("exchange", name)?;
         let exchange = short("exchange name", name)?;
         let arguments = table_to_amqp(&options.arguments)?;
@@ -1001,6 +1002,7 @@ impl Connection for AmqpConnection {
     }
 
     async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        tracing::debug!(exchange = name, if_unused, "delete exchange");
         validate_name("exchange", name)?;
         let exchange = short("exchange name", name)?;
         self.shared
@@ -1021,6 +1023,7 @@ impl Connection for AmqpConnection {
     }
 
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
@@ -1051,6 +1054,7 @@ impl Connection for AmqpConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
@@ -1097,6 +1101,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         validate_name("queue", queue)?;
         validate_name("exchange", exchange)?;
         let q = short("queue name", &self.shared.resolve_queue(queue))?;
@@ -1125,6 +1130,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         validate_name("queue", queue)?;
         validate_name("exchange", exchange)?;
         let q = short("queue name", &self.shared.resolve_queue(queue))?;

@@ -1707,6 +1707,7 @@ impl Connection for FileConnection {
     }
 
     async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        tracing::debug!(exchange = name, if_unused, "delete exchange");
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_exchange_sync(&name, if_unused)).await
@@ -1719,6 +1720,7 @@ impl Connection for FileConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_queue_sync(&name, options)).await
@@ -1737,6 +1739,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let exchange = exchange.to_owned();
@@ -1751,6 +1754,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let exchange = exchange.to_owned();
