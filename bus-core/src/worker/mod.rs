@@ -55,8 +55,21 @@
 //! [`ORIGINAL_EXCHANGE_HEADER`], [`ORIGINAL_ROUTING_KEY_HEADER`],
 //! [`FAILED_AT_HEADER`] and [`WORKER_HEADER`] ([`FailureReport::of`] reads
 //! them back, with the broker's `x-death` history). A poisoned message is published
-//! (and confirmed) before its delivery is acked; if that publish fails the
-//! delivery is requeued, so nothing is lost.
+//! (and confirmed) before its delivery is acked, so nothing is lost:
+//! - if that publish fails for a reason that can pass (the connection was
+//!   lost, the broker nacked it or holds publishers back), the delivery is
+//!   requeued and handled again later;
+//! - if the destination refuses it for good (a dead-letter exchange that
+//!   routes it nowhere: the poison publish is mandatory; a poison queue
+//!   deleted meanwhile), the message goes to the fallback queue instead:
+//!   the worker's poison queue, declared again, or `<queue>.error` for a
+//!   dead-letter exchange, with [`POISON_REFUSED_HEADER`] saying why. So a
+//!   broken poison destination never sends a message round the queue again
+//!   and again;
+//! - if the fallback fails for good too (the broker refuses the
+//!   declaration), the delivery is rejected without requeue: the queue's
+//!   own dead-lettering applies, or the broker drops it. That is logged as
+//!   an error and counted in [`WorkerStats::unsettled`].
 //!
 //! The attempt count travels in the [`ATTEMPTS_HEADER`] header of the
 //! retried message, so it survives delay queues and restarts. A redelivery
@@ -93,7 +106,8 @@ pub use delay::{publish_delayed, DELAY_PREFIX};
 pub use job::{HandlerError, Job};
 pub use poison::{
     Death, FailureReport, PoisonReason, ATTEMPTS_HEADER, ERROR_HEADER, FAILED_AT_HEADER,
-    ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, WORKER_HEADER,
+    ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, POISON_REFUSED_HEADER, REASON_HEADER,
+    WORKER_HEADER,
 };
 pub use policy::RetryPolicy;
 pub use runtime::{Worker, WorkerBuilder, WorkerStats};

@@ -45,9 +45,11 @@ pub struct WorkerStats {
     pub delayed: u64,
     /// Messages sent to the poison queue.
     pub poisoned: u64,
-    /// Deliveries that could not be settled as decided (the ack, the
-    /// delayed retry or the poison publish failed); the transport gives
-    /// them back to the queue.
+    /// Deliveries that could not be settled as decided: the ack, the
+    /// delayed retry or the poison publish failed, and the transport gives
+    /// them back to the queue; or the poison destination and its fallback
+    /// both refused the message, and it was rejected without requeue (see
+    /// [the module docs](super)).
     pub unsettled: u64,
 }
 
@@ -126,7 +128,10 @@ impl WorkerBuilder {
     }
 
     /// Sends poisoned messages to this exchange (which must exist), with
-    /// their routing key, instead of a poison queue.
+    /// their routing key, instead of a poison queue. A message it refuses
+    /// (routes to no queue, or the exchange is gone) goes to `<queue>.error`
+    /// instead, with [`POISON_REFUSED_HEADER`](super::POISON_REFUSED_HEADER)
+    /// saying why.
     pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
         self.poison = PoisonTo::Exchange(exchange.into());
         self
@@ -258,6 +263,7 @@ impl WorkerBuilder {
             queue: queue.clone(),
             service,
             policy: self.policy,
+            fallback_queue: poison.1.clone().unwrap_or_else(|| format!("{queue}.error")),
             poison_exchange: poison.0,
             poison_queue: poison.1,
             identity,
@@ -449,6 +455,9 @@ struct Ctx<S> {
     /// `poison_queue` or else their own.
     poison_exchange: String,
     poison_queue: Option<String>,
+    /// Where a message goes when its poison destination refuses it for
+    /// good: the poison queue (declared again), or `<queue>.error`.
+    fallback_queue: String,
     identity: String,
     system: &'static str,
     stats: Arc<Stats>,
@@ -703,23 +712,74 @@ where
             attempts,
             "poisoning a message"
         );
-        match self
+        let refused = match self
             .conn
             .publish(
                 &self.poison_exchange,
                 key,
-                message,
+                message.clone(),
                 PublishOptions::mandatory(),
             )
             .await
         {
             Ok(()) => {
                 self.count(|s| s.poisoned += 1);
+                return self.settle_ack(delivery, "poisoned").await;
+            }
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "could not publish to the poison queue; requeueing the message");
+                return self.requeue(delivery).await;
+            }
+            Err(e) => e,
+        };
+        // Requeueing would bring the message back here for ever: send it to
+        // the fallback queue instead.
+        let fallback = &self.fallback_queue;
+        tracing::warn!(
+            error = %refused,
+            fallback,
+            "the poison destination refused a message; sending it to the fallback queue"
+        );
+        message.properties.headers.insert(
+            poison::POISON_REFUSED_HEADER.into(),
+            FieldValue::String(refused.to_string()),
+        );
+        let sent = match self
+            .conn
+            .declare_queue(fallback, QueueOptions::durable())
+            .await
+        {
+            Ok(_) => {
+                self.conn
+                    .publish(
+                        DEFAULT_EXCHANGE,
+                        fallback,
+                        message,
+                        PublishOptions::mandatory(),
+                    )
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => {
+                self.count(|s| s.poisoned += 1);
                 self.settle_ack(delivery, "poisoned").await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not publish to the poison queue; requeueing the message");
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "could not publish to the fallback queue; requeueing the message");
                 self.requeue(delivery).await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    fallback,
+                    "the fallback queue refused a poisoned message too; rejecting it without requeue"
+                );
+                self.count(|s| s.unsettled += 1);
+                if let Err(e) = delivery.nack(false).await {
+                    tracing::warn!(error = %e, "could not reject a message");
+                }
             }
         }
     }
