@@ -76,6 +76,22 @@
 //! (a worker died mid-message, an unsettled delivery was dropped) does not
 //! count as an attempt.
 //!
+//! # Crash loops
+//! A handler that kills its process (an abort, the OOM killer) leaves no
+//! attempt behind: the broker redelivers the message with `redelivered`
+//! set, and the next worker runs it again, for ever. The worker does not
+//! count such redeliveries as attempts, because it cannot tell them from
+//! harmless ones: a graceful shutdown requeues the deliveries the transport
+//! had sent ahead but no handler had started, and a lost connection
+//! requeues those in hand, all with `redelivered` set; counting them would
+//! poison messages that never failed. The handler can see
+//! [`Job::redelivered`] and decide. The broker-side answer is a quorum
+//! queue with a delivery limit
+//! ([`QueueArguments::delivery_limit`](crate::QueueArguments::delivery_limit),
+//! through [`WorkerBuilder::queue_options`]): RabbitMQ dead-letters a
+//! message delivered more than that many times, whatever ended each
+//! delivery.
+//!
 //! # Concurrency
 //! A worker runs up to [`WorkerBuilder::concurrency`] handlers at once, all
 //! on the worker's own task: no task is spawned per message, which keeps
