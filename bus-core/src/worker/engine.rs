@@ -211,7 +211,10 @@ where
     // The consumer stays alive until the deliveries in hand are settled:
     // dropping it would requeue them.
     let finish = async {
-        while std::future::poll_fn(|cx| handling.poll_next(cx)).await.is_some() {
+        while std::future::poll_fn(|cx| handling.poll_next(cx))
+            .await
+            .is_some()
+        {
             drained.finished += 1;
             idle();
         }
