@@ -57,62 +57,68 @@ pub(crate) struct Drained {
     pub(crate) finished: u64,
 }
 
-/// The handlers in hand: one slot, reused for every delivery, when they run
-/// one at a time (no allocation per delivery); otherwise a set.
-enum Handling<F> {
-    One(Pin<Box<Option<F>>>),
-    Many(FuturesUnordered<F>),
+/// The handlers in hand. A new handler is polled at once in a slot reused
+/// for every delivery: one that finishes in that first poll (a quick
+/// handler, an ack that needs no round trip) costs no allocation and never
+/// joins the set. One that has to wait is parked in the set, in its own
+/// box, and the slot is replaced.
+struct Handling<F> {
+    slot: Pin<Box<Option<F>>>,
+    waiting: FuturesUnordered<Parked<F>>,
+}
+
+/// A handler that did not finish in its first poll.
+struct Parked<F>(Pin<Box<Option<F>>>);
+
+impl<F: Future<Output = ()>> Future for Parked<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0.as_mut().as_pin_mut() {
+            Some(handler) => handler.poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
 }
 
 impl<F: Future<Output = ()>> Handling<F> {
-    fn new(concurrency: usize) -> Self {
-        if concurrency == 1 {
-            Handling::One(Box::pin(None))
-        } else {
-            Handling::Many(FuturesUnordered::new())
+    fn new() -> Self {
+        Handling {
+            slot: Box::pin(None),
+            waiting: FuturesUnordered::new(),
         }
     }
 
+    /// Handlers waiting to finish.
     fn len(&self) -> usize {
-        match self {
-            Handling::One(slot) => usize::from(slot.is_some()),
-            Handling::Many(set) => set.len(),
+        self.waiting.len()
+    }
+
+    /// Starts a handler and polls it once; parks it when it has to wait.
+    fn start(&mut self, handler: F, cx: &mut Context<'_>) {
+        self.slot.set(Some(handler));
+        let first = match self.slot.as_mut().as_pin_mut() {
+            Some(handler) => handler.poll(cx),
+            None => Poll::Ready(()),
+        };
+        match first {
+            Poll::Ready(()) => self.slot.set(None),
+            Poll::Pending => {
+                let parked = std::mem::replace(&mut self.slot, Box::pin(None));
+                self.waiting.push(Parked(parked));
+            }
         }
     }
 
-    /// Starts handling; only when [`Handling::len`] is below the
-    /// concurrency.
-    fn push(&mut self, handler: F) {
-        match self {
-            Handling::One(slot) => slot.set(Some(handler)),
-            Handling::Many(set) => set.push(handler),
-        }
-    }
-
-    /// Drives the handlers: `Ready(Some(()))` when one finished,
+    /// Drives the parked handlers: `Ready(Some(()))` when one finished,
     /// `Ready(None)` when there are none.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        match self {
-            Handling::One(slot) => match slot.as_mut().as_pin_mut() {
-                None => Poll::Ready(None),
-                Some(handler) => match handler.poll(cx) {
-                    Poll::Ready(()) => {
-                        slot.set(None);
-                        Poll::Ready(Some(()))
-                    }
-                    Poll::Pending => Poll::Pending,
-                },
-            },
-            Handling::Many(set) => set.poll_next_unpin(cx),
-        }
+        self.waiting.poll_next_unpin(cx)
     }
 
-    /// Drops the handlers in hand (their deliveries are requeued).
+    /// Drops the parked handlers (their deliveries are requeued).
     fn clear(&mut self) {
-        match self {
-            Handling::One(slot) => slot.set(None),
-            Handling::Many(set) => set.clear(),
-        }
+        self.waiting.clear();
     }
 }
 
@@ -136,7 +142,7 @@ where
     P: Fn(Delivery) -> F,
     F: Future<Output = ()>,
 {
-    let mut handling = Handling::new(concurrency);
+    let mut handling = Handling::new();
     let mut stop_seen = stop.clone();
     let ended = {
         // `wait_for` also returns when the sender is gone: that stops too.
@@ -157,7 +163,7 @@ where
                     }
                     match consumer.poll_next_unpin(cx) {
                         Poll::Ready(Some(Ok(delivery))) => {
-                            handling.push(process(delivery));
+                            handling.start(process(delivery), cx);
                             progress = true;
                         }
                         Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
