@@ -12,8 +12,8 @@
 //! is taken and handled in the same poll. That keeps the cost per message
 //! close to a hand-written consume-and-ack loop. Handlers that compute for
 //! long run on the blocking pool (`handle_blocking`, `serve_blocking`).
-//! The loop yields to the runtime after [`BUDGET`] rounds in a row, so a
-//! full queue never starves the other tasks of its thread.
+//! The loop yields to the runtime after [`BUDGET`] deliveries in a row, so
+//! a full queue never starves the other tasks of its thread.
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -28,13 +28,13 @@ use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
 use crate::transport::Connection;
 
-/// How many rounds (take what is ready, drive the handlers) one poll of the
-/// loop makes before it yields to the runtime.
-pub(crate) const BUDGET: u32 = 64;
+/// How many deliveries one poll of the loop starts, and handlers it sees
+/// finish, before it yields to the runtime.
+pub(crate) const BUDGET: u32 = 128;
 
 /// How many yields in a row (a queue that never runs dry) the loop makes
 /// between two calls of its `idle` hook.
-pub(crate) const BUSY_IDLE: u32 = 16;
+pub(crate) const BUSY_IDLE: u32 = 8;
 
 /// When to stop, and how long handlers in hand may take to finish.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,9 +152,11 @@ where
             if stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
-            for _ in 0..BUDGET {
+            // Deliveries started and handlers finished in this poll.
+            let mut budget = BUDGET;
+            while budget > 0 {
                 let mut progress = false;
-                while handling.len() < concurrency {
+                while handling.len() < concurrency && budget > 0 {
                     // A stop asked for during this poll: start nothing more.
                     if stop_seen.has_changed().unwrap_or(true)
                         && stop_seen.borrow_and_update().requested
@@ -163,8 +165,10 @@ where
                     }
                     match consumer.poll_next_unpin(cx) {
                         Poll::Ready(Some(Ok(delivery))) => {
+                            // A quick handler finishes in here.
                             handling.start(process(delivery), cx);
                             progress = true;
+                            budget -= 1;
                         }
                         Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                         Poll::Ready(None) => {
@@ -178,6 +182,7 @@ where
                 }
                 while let Poll::Ready(Some(())) = handling.poll_next(cx) {
                     progress = true;
+                    budget = budget.saturating_sub(1);
                 }
                 if !progress {
                     idle();
@@ -293,4 +298,121 @@ pub(crate) fn process_span(
     #[cfg(feature = "otel")]
     crate::otel::set_parent(&span, &props.headers);
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+    use futures::task::noop_waker_ref;
+    use futures::FutureExt;
+    use tokio::sync::watch;
+
+    use super::{run, Stop, BUDGET, BUSY_IDLE};
+    use crate::delivery::{Consumer, ConsumerControl, Delivery};
+    use crate::error::Result;
+    use crate::message::Message;
+    use futures::StreamExt;
+
+    struct NoControl;
+
+    #[async_trait]
+    impl ConsumerControl for NoControl {
+        async fn cancel(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A consumer with `n` auto-acked deliveries ready at once.
+    fn full_queue(n: u64) -> Consumer {
+        let deliveries = (1..=n).map(|tag| {
+            Ok(Delivery::new(
+                Message::new(&b"x"[..]),
+                String::new(),
+                "q".into(),
+                false,
+                tag,
+                None,
+            ))
+        });
+        Consumer::new(
+            "tag".into(),
+            "q".into(),
+            Box::pin(futures::stream::iter(deliveries).chain(futures::stream::pending())),
+            Arc::new(NoControl),
+        )
+    }
+
+    /// Under a queue that never runs dry, with handlers that finish at
+    /// once, one poll handles [`BUDGET`] deliveries and yields (asking to be
+    /// polled again), and the stats hook runs every [`BUSY_IDLE`] yields.
+    #[test]
+    fn a_full_queue_yields_after_the_budget() {
+        for concurrency in [1, 256] {
+            let handled = Arc::new(AtomicU64::new(0));
+            let idles = Arc::new(AtomicU64::new(0));
+            let (_stop, stopped) = watch::channel(Stop::default());
+            let count = handled.clone();
+            let idle = idles.clone();
+            let mut engine = Box::pin(run(
+                full_queue(100_000),
+                concurrency,
+                move |_delivery| {
+                    let count = count.clone();
+                    async move {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                stopped,
+                move || {
+                    idle.fetch_add(1, Ordering::Relaxed);
+                },
+            ));
+            let mut cx = Context::from_waker(noop_waker_ref());
+            for poll in 1..=u64::from(BUSY_IDLE) {
+                assert!(engine.poll_unpin(&mut cx).is_pending());
+                assert_eq!(
+                    handled.load(Ordering::Relaxed),
+                    poll * u64::from(BUDGET),
+                    "concurrency {concurrency}, poll {poll}"
+                );
+            }
+            assert_eq!(
+                idles.load(Ordering::Relaxed),
+                1,
+                "concurrency {concurrency}"
+            );
+        }
+    }
+
+    /// Once the queue runs dry, the loop waits, and tells its hook first.
+    #[test]
+    fn an_empty_queue_waits_and_publishes() {
+        let handled = Arc::new(AtomicU64::new(0));
+        let idles = Arc::new(AtomicU64::new(0));
+        let (_stop, stopped) = watch::channel(Stop::default());
+        let count = handled.clone();
+        let idle = idles.clone();
+        let mut engine = Box::pin(run(
+            full_queue(10),
+            4,
+            move |_delivery| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            stopped,
+            move || {
+                idle.fetch_add(1, Ordering::Relaxed);
+            },
+        ));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(engine.poll_unpin(&mut cx), Poll::Pending));
+        assert_eq!(handled.load(Ordering::Relaxed), 10);
+        assert_eq!(idles.load(Ordering::Relaxed), 1);
+    }
 }
