@@ -43,7 +43,10 @@
 //!   jitter ([`RetryPolicy::immediate`]); then through the broker after each
 //!   of [`RetryPolicy::delayed`]'s delays (the message is republished to a
 //!   delay queue and the delivery acked, so a worker restart loses nothing);
-//!   once every attempt is used, it is poisoned;
+//!   once every attempt is used, it is poisoned (and at once, as
+//!   `exhausted`, when the delay queue refuses the retry for good, e.g. a
+//!   queue of that name declared by someone else with other arguments:
+//!   requeueing it would loop);
 //! - a permanent failure ([`HandlerError::permanent`]), a body that does not
 //!   decode as the handler's type, and a message that arrives with its
 //!   attempts already used up go to the poison queue at once.

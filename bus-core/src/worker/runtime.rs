@@ -678,9 +678,25 @@ where
                 self.count(|s| s.delayed += 1);
                 self.settle_ack(delivery, "delayed for a retry").await;
             }
-            Err(e) => {
+            Err(e) if e.is_temporary() => {
                 tracing::warn!(error = %e, "could not delay a retry; requeueing the message");
                 self.requeue(delivery).await;
+            }
+            Err(e) => {
+                // A delay queue that cannot be had (declared by someone else
+                // with other arguments, no permission) would refuse every
+                // retry: requeueing would loop, so the message is poisoned.
+                tracing::warn!(error = %e, "the delay queue refused a retry; poisoning the message");
+                let text = format!("{error}; its delayed retry was refused: {e}");
+                self.poison(
+                    delivery,
+                    PoisonReason::Exhausted,
+                    &text,
+                    attempts,
+                    exchange,
+                    routing_key,
+                )
+                .await;
             }
         }
     }
