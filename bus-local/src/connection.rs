@@ -498,6 +498,11 @@ impl Connection for LocalConnection {
     }
 
     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+        tracing::debug!(
+            exchange = name,
+            if_unused = options.if_unused,
+            "delete exchange"
+        );
         let broker = self.inner.ready().await?;
         broker.delete_exchange(name, options.if_unused)?;
         self.inner.journal(|j| j.forget_exchange(name));
@@ -530,6 +535,7 @@ impl Connection for LocalConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         let broker = self.inner.ready().await?;
         let n = broker.delete_queue(self.inner.id(), &self.inner.resolve(name), options)?;
         self.inner.journal(|j| j.forget_queue(name));
@@ -548,6 +554,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         let broker = self.inner.ready().await?;
         if self.inner.slow {
             self.inner
@@ -578,6 +585,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         let broker = self.inner.ready().await?;
         broker.unbind(
             &self.inner.resolve(queue),
