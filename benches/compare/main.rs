@@ -6,6 +6,8 @@
 //! cargo bench --bench compare                       # every scenario
 //! cargo bench --bench compare -- local-throughput   # only the named ones
 //! BENCH_SECS=1 cargo bench --bench compare          # shorter runs
+//! # one side of local-worker alone, for an instruction count:
+//! valgrind --tool=callgrind target/release/deps/compare-<hash> bus-bench-worker-alone worker 20000 1
 //! ```
 //!
 //! Each comparison prints one line
@@ -29,6 +31,10 @@ fn main() {
         .collect();
     if let Some(n) = support::rss_child_request() {
         support::rss_child(n);
+        return;
+    }
+    if let Some((side, n, concurrency)) = worker::alone_request() {
+        worker::alone(&side, n, concurrency);
         return;
     }
     if let Some((mode, dir, count, gap)) = file::writer_request() {

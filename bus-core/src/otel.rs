@@ -8,17 +8,34 @@
 //! The current span is that of `tracing`, bridged to OpenTelemetry by
 //! [`tracing_opentelemetry`]: install its layer in the application's
 //! subscriber, or these headers carry nothing. Then:
-//! - what the worker runtime publishes ([`Job::publish`],
-//!   [`Job::publish_value`], delayed retries, poisoned messages) and the RPC
-//!   server's replies carry the context of the span they are published from;
-//!   [`inject`] does the same for a message of the user's;
+//! - these publishes carry the context of the span they are made from,
+//!   unless the message carries a [`TRACEPARENT_HEADER`] already (the
+//!   caller's context is never overwritten):
+//!   - [`RpcClient`] requests (every `call` variant, and the blocking
+//!     client, which goes through it) and the RPC server's replies;
+//!   - [`Job::publish`] and [`Job::publish_value`] inside a worker's
+//!     handler;
+//!   - [`ConnectionExt::send_to_queue`], [`ConnectionExt::publish_traced`]
+//!     and [`publish_delayed`];
+//!   - a message of the user's passed through [`inject`] first;
+//! - a worker's delayed retries and poisoned copies are the consumed
+//!   message sent on: their context is replaced by that of the handling
+//!   span, so a retry's handling is a child of the attempt before it;
+//! - a plain [`Connection::publish`] sends the message exactly as given:
+//!   the transports do not add headers of their own, so use one of the
+//!   paths above, or [`inject`], for a message that should carry a trace;
 //! - the `process` span a worker or an RPC server opens for each delivery
 //!   has the context the message carries as its parent ([`set_parent`]). A
 //!   message without one (legacy peers send none) or with a malformed one is
 //!   handled as any other, in a trace of its own.
 //!
+//! [`RpcClient`]: crate::rpc::RpcClient
 //! [`Job::publish`]: crate::worker::Job::publish
 //! [`Job::publish_value`]: crate::worker::Job::publish_value
+//! [`ConnectionExt::send_to_queue`]: crate::ConnectionExt::send_to_queue
+//! [`ConnectionExt::publish_traced`]: crate::ConnectionExt::publish_traced
+//! [`publish_delayed`]: crate::worker::publish_delayed
+//! [`Connection::publish`]: crate::Connection::publish
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
@@ -73,11 +90,16 @@ pub fn inject_span(span: &tracing::Span, headers: &mut FieldTable) {
     TraceContextPropagator::new().inject_context(&cx, &mut Headers(headers));
 }
 
-/// Writes the trace context of the current span into `message`'s headers
-/// (replacing any there), so that its consumer's handling joins the trace;
-/// leaves them as they are outside any trace.
+/// Writes the trace context of the current span into `message`'s headers,
+/// so that its consumer's handling joins the trace. A message that carries
+/// a [`TRACEPARENT_HEADER`] already keeps it (and its `tracestate`): the
+/// caller's context wins. Leaves the headers as they are outside any trace.
 pub fn inject(message: &mut Message) {
-    inject_span(&tracing::Span::current(), &mut message.properties.headers);
+    let headers = &mut message.properties.headers;
+    if headers.contains_key(TRACEPARENT_HEADER) {
+        return;
+    }
+    inject_span(&tracing::Span::current(), headers);
 }
 
 /// The trace context `headers` carry, if they carry a well-formed one.

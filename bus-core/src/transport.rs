@@ -562,15 +562,18 @@ pub trait ConnectionExt: Connection {
 
     /// Publishes through the default exchange straight to a queue (not
     /// mandatory: a message for a missing queue is dropped, as in AMQP).
+    /// With feature `otel`, the message carries the current span's trace
+    /// context unless it carries a `traceparent` already.
     ///
     /// # Errors
     /// As [`Connection::publish`].
     fn send_to_queue(
         &self,
         queue: &str,
-        message: Message,
+        mut message: Message,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
+            crate::propagation::trace(&mut message);
             Connection::publish(
                 self,
                 DEFAULT_EXCHANGE,
@@ -579,6 +582,26 @@ pub trait ConnectionExt: Connection {
                 PublishOptions::default(),
             )
             .await
+        }
+    }
+
+    /// Publishes as [`Connection::publish`] does, after writing the current
+    /// span's trace context into the message (feature `otel`) unless it
+    /// carries a `traceparent` already; without the feature, the same as
+    /// [`Connection::publish`].
+    ///
+    /// # Errors
+    /// As [`Connection::publish`].
+    fn publish_traced(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        options: PublishOptions,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            crate::propagation::trace(&mut message);
+            Connection::publish(self, exchange, routing_key, message, options).await
         }
     }
 }

@@ -487,6 +487,11 @@ impl Connection for LocalConnection {
     }
 
     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+        tracing::debug!(
+            exchange = name,
+            if_unused = options.if_unused,
+            "delete exchange"
+        );
         let broker = self.inner.ready().await?;
         broker.delete_exchange(name, options.if_unused)?;
         self.inner.journal(|j| j.forget_exchange(name));
@@ -519,6 +524,7 @@ impl Connection for LocalConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         let broker = self.inner.ready().await?;
         let n = broker.delete_queue(self.inner.id(), &self.inner.resolve(name), options)?;
         self.inner.journal(|j| j.forget_queue(name));
@@ -537,6 +543,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         let broker = self.inner.ready().await?;
         if self.inner.slow {
             self.inner
@@ -567,6 +574,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         let broker = self.inner.ready().await?;
         broker.unbind(
             &self.inner.resolve(queue),

@@ -1,8 +1,9 @@
-//! W3C Trace Context through the worker runtime (feature `otel`), with the
-//! OpenTelemetry SDK's in-memory exporter behind tracing-opentelemetry: one
-//! trace across publish, handle, publish, handle (and a delayed retry);
-//! messages without a trace, or with a malformed one, are handled as any
-//! other.
+//! W3C Trace Context through the worker runtime and RPC (feature `otel`),
+//! with the OpenTelemetry SDK's in-memory exporter behind
+//! tracing-opentelemetry: one trace across publish, handle, publish, handle
+//! (and a delayed retry); one trace across an RPC call, its handling and
+//! its reply; a caller's own `traceparent` is kept; messages without a
+//! trace, or with a malformed one, are handled as any other.
 //!
 //! Its own test binary: it installs a tracing subscriber for its thread.
 
@@ -10,10 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus_core::otel::{self, TRACEPARENT_HEADER};
+use bus_core::rpc::{RpcClient, RpcServer};
 use bus_core::worker::{HandlerError, Job, RetryPolicy, Worker};
-use bus_core::{Connection, FieldValue, Message, PublishOptions};
+use bus_core::{Connection, ConnectionExt, ConsumeOptions, FieldValue, Message, PublishOptions};
 use bus_local::LocalBroker;
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use futures::StreamExt;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -30,16 +33,30 @@ fn process_spans(spans: &[SpanData], queue: &str) -> Vec<SpanData> {
         .collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn one_trace_across_publish_handle_publish_handle() {
-    let exporter = InMemorySpanExporter::default();
+/// Spans go to `exporter` while the guard lives; the tests run on one
+/// thread (current-thread runtime), workers and servers included.
+fn export_to(exporter: &InMemorySpanExporter) -> tracing::subscriber::DefaultGuard {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("worker_otel")));
-    // The test runs on one thread (current-thread runtime), workers included.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_default(subscriber)
+}
+
+fn traceparent(message: &Message) -> Option<String> {
+    message
+        .properties
+        .headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(FieldValue::as_str)
+        .map(str::to_owned)
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_trace_across_publish_handle_publish_handle() {
+    let exporter = InMemorySpanExporter::default();
+    let _guard = export_to(&exporter);
 
     let broker = LocalBroker::new();
     let conn: Arc<dyn Connection> = Arc::new(broker.connect());
@@ -145,12 +162,7 @@ async fn one_trace_across_publish_handle_publish_handle() {
 #[tokio::test(start_paused = true)]
 async fn messages_without_a_trace_or_with_a_malformed_one_are_handled() {
     let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("worker_otel")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = export_to(&exporter);
 
     let broker = LocalBroker::new();
     let conn: Arc<dyn Connection> = Arc::new(broker.connect());
@@ -194,4 +206,123 @@ async fn messages_without_a_trace_or_with_a_malformed_one_are_handled() {
         spans[0].span_context.trace_id(),
         spans[1].span_context.trace_id()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_trace_across_an_rpc_call_and_its_reply() {
+    let exporter = InMemorySpanExporter::default();
+    let _guard = export_to(&exporter);
+
+    let broker = LocalBroker::new();
+    let server_conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let client_conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let log = requests.clone();
+    let server = RpcServer::builder(server_conn, "otel.rpc")
+        .serve_raw(move |request: Message| {
+            log.lock().unwrap().push(traceparent(&request));
+            async { Ok::<_, String>(Message::new(&b"pong"[..])) }
+        })
+        .await
+        .expect("start the server");
+    let client = RpcClient::new(client_conn).await.expect("client");
+
+    let root = tracing::info_span!("caller");
+    let reply = tracing::Instrument::instrument(
+        client.call_raw("otel.rpc", Message::new(&b"ping"[..])),
+        root.clone(),
+    )
+    .await
+    .expect("the call");
+    drop(root);
+    assert_eq!(&reply.body[..], b"pong");
+    server.shutdown().await.expect("shutdown");
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let caller = spans
+        .iter()
+        .find(|s| s.name == "caller")
+        .expect("the caller's span");
+    let trace_id = caller.span_context.trace_id();
+    assert_ne!(trace_id, TraceId::INVALID);
+    // The request carried the caller's context, with no inject of the
+    // user's: the client wrote it.
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(
+        requests,
+        vec![Some(format!(
+            "00-{trace_id}-{}-01",
+            caller.span_context.span_id()
+        ))]
+    );
+    // The server handled it as a child of the caller, in the same trace,
+    // and its reply carries the handling span's context.
+    let handled = process_spans(&spans, "otel.rpc");
+    assert_eq!(handled.len(), 1);
+    let handled = &handled[0];
+    assert_eq!(handled.span_context.trace_id(), trace_id, "one trace id");
+    assert_eq!(handled.parent_span_id, caller.span_context.span_id());
+    assert!(handled.parent_span_is_remote);
+    assert_eq!(
+        traceparent(&reply),
+        Some(format!(
+            "00-{trace_id}-{}-01",
+            handled.span_context.span_id()
+        ))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_traceparent_the_caller_set_is_kept() {
+    let exporter = InMemorySpanExporter::default();
+    let _guard = export_to(&exporter);
+
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    conn.declare_queue("otel.kept", Default::default())
+        .await
+        .unwrap();
+    let theirs = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let span = tracing::info_span!("publisher");
+    let _entered = span.enter();
+    // Through each library path that writes a trace: the caller's wins.
+    let mut sent = 0;
+    for path in ["send_to_queue", "publish_traced", "inject"] {
+        let mut message = Message::new(path.as_bytes().to_vec());
+        message
+            .properties
+            .headers
+            .insert(TRACEPARENT_HEADER.into(), FieldValue::String(theirs.into()));
+        match path {
+            "send_to_queue" => conn.send_to_queue("otel.kept", message).await.unwrap(),
+            "publish_traced" => conn
+                .publish_traced("", "otel.kept", message, PublishOptions::default())
+                .await
+                .unwrap(),
+            _ => {
+                otel::inject(&mut message);
+                conn.publish("", "otel.kept", message, PublishOptions::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        sent += 1;
+    }
+    // And a message without one gets the current span's.
+    conn.send_to_queue("otel.kept", Message::new(&b"fresh"[..]))
+        .await
+        .unwrap();
+    let mut consumer = conn
+        .consume("otel.kept", ConsumeOptions::auto_ack())
+        .await
+        .unwrap();
+    for _ in 0..sent {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        assert_eq!(traceparent(&delivery.message).as_deref(), Some(theirs));
+    }
+    let fresh = consumer.next().await.unwrap().unwrap();
+    let written = traceparent(&fresh.message).expect("a traceparent");
+    assert_ne!(written, theirs);
+    let cx = otel::extract(&fresh.message.properties.headers).expect("well-formed");
+    assert_ne!(cx.span().span_context().trace_id(), TraceId::INVALID);
 }

@@ -151,6 +151,7 @@ impl Connection for AmqpConnection {
         kind: ExchangeKind,
         options: ExchangeOptions,
     ) -> Result<()> {
+        tracing::debug!(exchange = name, ?kind, "declare exchange");
         validate_name("exchange", name)?;
         if !options.passive {
             kind.validate()?;
@@ -178,6 +179,11 @@ impl Connection for AmqpConnection {
     }
 
     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
+        tracing::debug!(
+            exchange = name,
+            if_unused = options.if_unused,
+            "delete exchange"
+        );
         validate_name("exchange", name)?;
         let if_unused = options.if_unused;
         let exchange = short("exchange name", name)?;
@@ -199,6 +205,7 @@ impl Connection for AmqpConnection {
     }
 
     async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<QueueInfo> {
+        tracing::debug!(queue = name, durable = options.durable, "declare queue");
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
@@ -229,6 +236,7 @@ impl Connection for AmqpConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         validate_name("queue", name)?;
         let current = self.shared.resolve_queue(name);
         let queue = short("queue name", &current)?;
@@ -275,6 +283,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         validate_name("queue", queue)?;
         validate_name("exchange", exchange)?;
         let q = short("queue name", &self.shared.resolve_queue(queue))?;
@@ -303,6 +312,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         validate_name("queue", queue)?;
         validate_name("exchange", exchange)?;
         let q = short("queue name", &self.shared.resolve_queue(queue))?;

@@ -173,9 +173,27 @@ impl Background {
         }
     }
 
-    /// Everything on stderr so far (after the process ended: all of it).
+    /// Every standard-error line not read yet, up to its end: for a
+    /// process that has exited (after [`Background::wait`]). The reader
+    /// thread may still be forwarding its last lines, so this waits for
+    /// the pipe's end of file, up to a minute, rather than taking only
+    /// what has arrived.
     pub fn stderr_lines(&mut self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        const LIMIT: Duration = Duration::from_secs(60);
+        let deadline = Instant::now() + LIMIT;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "standard error still open {LIMIT:?} after the process exited: {lines:?}"
+                    )
+                }
+            }
+        }
     }
 
     /// Sends a signal (`libc`-free: through `kill`).

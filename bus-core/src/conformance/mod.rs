@@ -291,6 +291,8 @@ macro_rules! conformance_tests {
             worker::worker_transient_then_success,
             worker::worker_retries_exhausted_go_to_poison_queue,
             worker::worker_permanent_failure_poisons_at_once,
+            worker::worker_refused_poison_falls_back_without_looping,
+            worker::worker_refused_delay_poisons_without_looping,
             worker::worker_undecodable_body_poisons_at_once,
             worker::worker_panic_is_transient,
             worker::worker_delayed_publish_has_no_head_of_line_blocking,

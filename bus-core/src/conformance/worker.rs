@@ -321,6 +321,112 @@ pub async fn worker_permanent_failure_poisons_at_once(h: &dyn Harness) {
     cleanup(&*conn, &q, &[]).await;
 }
 
+/// A poison destination that refuses the message for good (here a
+/// dead-letter exchange with no binding: the poison publish is mandatory)
+/// does not send it round the queue again: it goes to `<queue>.error` once,
+/// saying why, and the handler ran once.
+pub async fn worker_refused_poison_falls_back_without_looping(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-refused-poison").await;
+    let dlx = exchange(&*conn, "worker-refused-dlx", ExchangeKind::Direct).await;
+    let (runs_tx, runs) = watch::channel(0u32);
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().immediate(2))
+        .dead_letter_exchange(&dlx)
+        .handle_raw(move |_: Job| {
+            runs_tx.send_modify(|n| *n += 1);
+            async { Err::<(), _>(HandlerError::permanent("broken input")) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new("one")).await;
+    // Without the fallback, the message went back to the queue after each
+    // refused poison publish and failed again: a second failure ends the
+    // wait as well, and the assertions below report it.
+    let stats = until(&worker, "poisoned, or failed again", |s| {
+        s.poisoned == 1 || s.failures > 1
+    })
+    .await;
+    assert_eq!(
+        (stats.poisoned, stats.failures, stats.unsettled),
+        (1, 1, 0),
+        "poisoned once, nothing requeued: {stats:?}"
+    );
+    let message = poisoned(&*conn, &q).await;
+    stop(worker).await;
+    assert_eq!(*runs.borrow(), 1, "the handler ran once: no redelivery");
+    let report = FailureReport::of(&message);
+    assert_eq!(report.reason, Some(PoisonReason::Permanent));
+    assert_eq!(report.error.as_deref(), Some("broken input"));
+    assert_eq!(report.original_routing_key.as_deref(), Some(q.as_str()));
+    let refused = message
+        .properties
+        .headers
+        .get(crate::worker::POISON_REFUSED_HEADER)
+        .and_then(crate::FieldValue::as_str)
+        .unwrap_or_else(|| panic!("no refusal header: {:?}", message.properties.headers));
+    assert!(!refused.is_empty());
+    let left = conn
+        .inspect_queue(&q)
+        .await
+        .unwrap_or_else(|e| panic!("inspect {q:?}: {e:?}"));
+    assert_eq!(left.message_count, 0, "nothing went back to the queue");
+    cleanup(&*conn, &q, &[]).await;
+    conn.delete_exchange(&dlx, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A delay queue that refuses the retry for good (here one of the same name
+/// declared beforehand with other arguments) does not send the message
+/// round the queue again: it is poisoned as exhausted, once.
+pub async fn worker_refused_delay_poisons_without_looping(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-refused-delay").await;
+    // The worker would declare it durable, with a TTL and a dead-letter
+    // exchange.
+    let squatter = format!("{q}.delay.{}ms", SHORT.as_millis());
+    conn.declare_queue(&squatter, QueueOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("declare {squatter:?}: {e:?}"));
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().delayed([SHORT]))
+        .handle_raw(|_: Job| async { Err::<(), _>(HandlerError::transient("flaky")) })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new("one")).await;
+    // Without the fallback, each refused retry requeued the message and it
+    // failed again: a second failure ends the wait as well.
+    let stats = until(&worker, "poisoned, or failed again", |s| {
+        s.poisoned == 1 || s.failures > 1
+    })
+    .await;
+    assert_eq!(
+        (
+            stats.poisoned,
+            stats.failures,
+            stats.delayed,
+            stats.unsettled
+        ),
+        (1, 1, 0, 0),
+        "poisoned once, nothing requeued: {stats:?}"
+    );
+    let report = FailureReport::of(&poisoned(&*conn, &q).await);
+    stop(worker).await;
+    assert_eq!(report.reason, Some(PoisonReason::Exhausted));
+    let error = report.error.unwrap_or_default();
+    assert!(
+        error.starts_with("flaky; its delayed retry was refused: "),
+        "{error:?}"
+    );
+    let left = conn
+        .inspect_queue(&q)
+        .await
+        .unwrap_or_else(|e| panic!("inspect {q:?}: {e:?}"));
+    assert_eq!(left.message_count, 0, "nothing went back to the queue");
+    cleanup(&*conn, &q, &[SHORT]).await;
+}
+
 /// A body that does not decode as the handler's type (here a valid value
 /// followed by a trailing byte, and an unknown content type) is poisoned at
 /// once and the handler never runs.

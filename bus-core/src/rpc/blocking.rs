@@ -96,9 +96,16 @@ impl Background {
         F::Output: Send + 'static,
     {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(future.await);
-        });
+        // The call runs in the caller's span, on the runtime's thread: its
+        // events, and the trace context its request carries, are the
+        // caller's.
+        let span = tracing::Span::current();
+        self.handle.spawn(tracing::Instrument::instrument(
+            async move {
+                let _ = tx.send(future.await);
+            },
+            span,
+        ));
         rx.recv()
             .map_err(|_| Error::Closed("the blocking RPC runtime has stopped".into()))
     }

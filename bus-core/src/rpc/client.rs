@@ -119,7 +119,10 @@ impl CallOptions {
 /// Requests are published mandatory where the transport supports it, carry
 /// `reply_to`, `correlation_id` and an `expiration` equal to the call's
 /// timeout (at most [`MAX_TTL`](crate::MAX_TTL)), so that work nobody waits
-/// for any more can be dropped.
+/// for any more can be dropped. With feature `otel`, a request also carries
+/// the caller's trace context (`traceparent`, `tracestate`) unless it
+/// carries a `traceparent` already, so the server's handling joins the
+/// caller's trace (see `otel`).
 ///
 /// Errors a call reports:
 /// - [`Error::Timeout`] when no reply came in time; the call's slot is freed
@@ -321,6 +324,7 @@ impl RpcClient {
         // A longer timeout than a broker accepts as an expiration still
         // waits that long; the request just lives for the longest TTL.
         props.expiration = Some(timeout.min(MAX_TTL).as_millis().to_string());
+        crate::propagation::trace(&mut request);
         let options = PublishOptions::default().with_mandatory(self.inner.mandatory);
         link.publisher
             .publish(DEFAULT_EXCHANGE, queue, request, options)

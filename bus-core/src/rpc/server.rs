@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
 use crate::transport::{Connection, ConsumeOptions, PublishOptions};
-use crate::worker::engine::{self, Process, Stop};
+use crate::worker::engine::{self, Stop};
 use crate::Requeue;
 use crate::DEFAULT_EXCHANGE;
 
@@ -72,7 +72,9 @@ impl RpcServerBuilder {
     }
 
     /// How many requests are handled at once, which is also the consumer's
-    /// prefetch; 1 unless set, as the legacy servers do.
+    /// prefetch; 1 unless set, as the legacy servers do. The handlers run
+    /// concurrently on the server's own task, not in parallel: CPU-heavy
+    /// handlers belong on the blocking pool ([`RpcServerBuilder::serve_blocking`]).
     pub fn concurrency(mut self, concurrency: u16) -> Self {
         self.concurrency = concurrency;
         self
@@ -236,7 +238,7 @@ impl RpcServerBuilder {
             handler,
             dead_letters,
         });
-        let process: Process = Arc::new(move |delivery| {
+        let process = move |delivery: Delivery| {
             let serving = serving.clone();
             let span = engine::process_span(
                 serving.system,
@@ -245,13 +247,17 @@ impl RpcServerBuilder {
                 &delivery.routing_key,
                 None,
             );
-            async move { serving.handle(delivery).await }
-                .instrument(span)
-                .boxed()
-        });
+            async move { serving.handle(delivery).await }.instrument(span)
+        };
         let task = runtime.spawn(
-            engine::run(consumer, usize::from(self.concurrency), process, stopped)
-                .map(|(ended, _)| ended),
+            engine::run(
+                consumer,
+                usize::from(self.concurrency),
+                process,
+                stopped,
+                || {},
+            )
+            .map(|(ended, _)| ended),
         );
         Ok(RpcServer {
             queue: info.name,
@@ -459,7 +465,7 @@ impl Serving {
         };
         if let Some(reply_to) = reply_to {
             reply.properties.correlation_id = correlation_id;
-            engine::trace(&mut reply);
+            crate::propagation::trace(&mut reply);
             if let Err(e) = self
                 .conn
                 .publish(

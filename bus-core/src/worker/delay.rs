@@ -72,6 +72,9 @@ pub(crate) async fn declare_delay(
 /// The delay is kept to the millisecond; every distinct delay declares its
 /// own durable queue, so prefer a few fixed values.
 ///
+/// With feature `otel`, the message carries the current span's trace
+/// context unless it carries a `traceparent` already.
+///
 /// # Errors
 /// [`Error::InvalidArgument`] for a zero delay or one over
 /// [`MAX_TTL`]; whatever declaring or publishing reports.
@@ -79,9 +82,10 @@ pub async fn publish_delayed(
     conn: &dyn Connection,
     exchange: &str,
     routing_key: &str,
-    message: Message,
+    mut message: Message,
     delay: Duration,
 ) -> Result<()> {
+    crate::propagation::trace(&mut message);
     let name = declare_delay(conn, DELAY_PREFIX, exchange, delay).await?;
     conn.publish(&name, routing_key, message, PublishOptions::default())
         .await

@@ -73,7 +73,7 @@ impl<T> Job<T> {
     /// Publishes `message` through the worker's connection and waits for
     /// its confirm. With feature `otel`, the message carries the trace
     /// context of the current span (the job's `process` span inside a
-    /// handler), replacing any it had.
+    /// handler), unless it carries a `traceparent` already.
     ///
     /// # Errors
     /// Whatever [`Connection::publish`] reports.
@@ -83,7 +83,7 @@ impl<T> Job<T> {
         routing_key: &str,
         mut message: Message,
     ) -> Result<()> {
-        super::engine::trace(&mut message);
+        crate::propagation::trace(&mut message);
         self.conn
             .publish(exchange, routing_key, message, PublishOptions::default())
             .await

@@ -43,7 +43,10 @@
 //!   jitter ([`RetryPolicy::immediate`]); then through the broker after each
 //!   of [`RetryPolicy::delayed`]'s delays (the message is republished to a
 //!   delay queue and the delivery acked, so a worker restart loses nothing);
-//!   once every attempt is used, it is poisoned;
+//!   once every attempt is used, it is poisoned (and at once, as
+//!   `exhausted`, when the delay queue refuses the retry for good, e.g. a
+//!   queue of that name declared by someone else with other arguments:
+//!   requeueing it would loop);
 //! - a permanent failure ([`HandlerError::permanent`]), a body that does not
 //!   decode as the handler's type, and a message that arrives with its
 //!   attempts already used up go to the poison queue at once.
@@ -55,13 +58,51 @@
 //! [`ORIGINAL_EXCHANGE_HEADER`], [`ORIGINAL_ROUTING_KEY_HEADER`],
 //! [`FAILED_AT_HEADER`] and [`WORKER_HEADER`] ([`FailureReport::of`] reads
 //! them back, with the broker's `x-death` history). A poisoned message is published
-//! (and confirmed) before its delivery is acked; if that publish fails the
-//! delivery is requeued, so nothing is lost.
+//! (and confirmed) before its delivery is acked, so nothing is lost:
+//! - if that publish fails for a reason that can pass (the connection was
+//!   lost, the broker nacked it or holds publishers back), the delivery is
+//!   requeued and handled again later;
+//! - if the destination refuses it for good (a dead-letter exchange that
+//!   routes it nowhere: the poison publish is mandatory; a poison queue
+//!   deleted meanwhile), the message goes to the fallback queue instead:
+//!   the worker's poison queue, declared again, or `<queue>.error` for a
+//!   dead-letter exchange, with [`POISON_REFUSED_HEADER`] saying why. So a
+//!   broken poison destination never sends a message round the queue again
+//!   and again;
+//! - if the fallback fails for good too (the broker refuses the
+//!   declaration), the delivery is rejected without requeue: the queue's
+//!   own dead-lettering applies, or the broker drops it. That is logged as
+//!   an error and counted in [`WorkerStats::unsettled`].
 //!
 //! The attempt count travels in the [`ATTEMPTS_HEADER`] header of the
 //! retried message, so it survives delay queues and restarts. A redelivery
 //! (a worker died mid-message, an unsettled delivery was dropped) does not
 //! count as an attempt.
+//!
+//! # Crash loops
+//! A handler that kills its process (an abort, the OOM killer) leaves no
+//! attempt behind: the broker redelivers the message with `redelivered`
+//! set, and the next worker runs it again, for ever. The worker does not
+//! count such redeliveries as attempts, because it cannot tell them from
+//! harmless ones: a graceful shutdown requeues the deliveries the transport
+//! had sent ahead but no handler had started, and a lost connection
+//! requeues those in hand, all with `redelivered` set; counting them would
+//! poison messages that never failed. The handler can see
+//! [`Job::redelivered`] and decide. The broker-side answer is a quorum
+//! queue with a delivery limit
+//! ([`QueueArguments::delivery_limit`](crate::QueueArguments::delivery_limit),
+//! through [`WorkerBuilder::queue_options`]): RabbitMQ dead-letters a
+//! message delivered more than that many times, whatever ended each
+//! delivery.
+//!
+//! # Concurrency
+//! A worker runs up to [`WorkerBuilder::concurrency`] handlers at once, all
+//! on the worker's own task: no task is spawned per message, which keeps
+//! its cost per message close to a hand-written consume-and-ack loop (see
+//! `docs/BENCHMARKS.md`). The handlers are concurrent, not parallel: one
+//! that awaits I/O lets the others run, one that computes holds them up.
+//! CPU-heavy handlers run on tokio's blocking pool
+//! ([`WorkerBuilder::handle_blocking`]), or spawn their own task.
 //!
 //! # Handlers and tower
 //! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;
@@ -84,7 +125,8 @@ pub use delay::{publish_delayed, DELAY_PREFIX};
 pub use job::{HandlerError, Job};
 pub use poison::{
     Death, FailureReport, PoisonReason, ATTEMPTS_HEADER, ERROR_HEADER, FAILED_AT_HEADER,
-    ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, WORKER_HEADER,
+    ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, POISON_REFUSED_HEADER, REASON_HEADER,
+    WORKER_HEADER,
 };
 pub use policy::RetryPolicy;
 pub use runtime::{Worker, WorkerBuilder, WorkerStats};

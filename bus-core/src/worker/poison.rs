@@ -27,6 +27,10 @@ pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-bus-original-routing-key";
 pub const FAILED_AT_HEADER: &str = "x-bus-failed-at";
 /// The header of a poisoned message naming the worker that poisoned it.
 pub const WORKER_HEADER: &str = "x-bus-worker";
+/// On a poisoned message in the fallback queue: why its configured poison
+/// destination refused it (a dead-letter exchange that routed it nowhere,
+/// a poison queue deleted meanwhile).
+pub const POISON_REFUSED_HEADER: &str = "x-bus-poison-refused";
 
 /// Why a message went to the poison queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

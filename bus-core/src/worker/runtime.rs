@@ -3,11 +3,13 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
+use futures::future::Either;
+use futures::{FutureExt, TryFutureExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,7 +17,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::delay::Delays;
-use super::engine::{self, Drained, Process, Stop};
+use super::engine::{self, Drained, Stop};
 use super::job::{HandlerError, Job, Kind};
 use super::poison::{self, PoisonReason, Poisoning};
 use super::policy::RetryPolicy;
@@ -44,9 +46,11 @@ pub struct WorkerStats {
     pub delayed: u64,
     /// Messages sent to the poison queue.
     pub poisoned: u64,
-    /// Deliveries that could not be settled as decided (the ack, the
-    /// delayed retry or the poison publish failed); the transport gives
-    /// them back to the queue.
+    /// Deliveries that could not be settled as decided: the ack, the
+    /// delayed retry or the poison publish failed, and the transport gives
+    /// them back to the queue; or the poison destination and its fallback
+    /// both refused the message, and it was rejected without requeue (see
+    /// [the module docs](super)).
     pub unsettled: u64,
 }
 
@@ -95,7 +99,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many handlers run at once; 1 unless set.
+    /// How many handlers run at once; 1 unless set. They run concurrently
+    /// on the worker's own task (no task is spawned per message), not in
+    /// parallel: a handler that computes for long belongs on the blocking
+    /// pool ([`WorkerBuilder::handle_blocking`]) or in a task of its own.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
         self
@@ -122,7 +129,10 @@ impl WorkerBuilder {
     }
 
     /// Sends poisoned messages to this exchange (which must exist), with
-    /// their routing key, instead of a poison queue.
+    /// their routing key, instead of a poison queue. A message it refuses
+    /// (routes to no queue, or the exchange is gone) goes to `<queue>.error`
+    /// instead, with [`POISON_REFUSED_HEADER`](super::POISON_REFUSED_HEADER)
+    /// saying why.
     pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
         self.poison = PoisonTo::Exchange(exchange.into());
         self
@@ -150,12 +160,9 @@ impl WorkerBuilder {
         E: Into<HandlerError> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        self.service(tower::service_fn(move |job: Job| {
-            let handler = handler.clone();
-            async move {
-                let job = job.decode::<T>()?;
-                handler(job).await.map_err(Into::into)
-            }
+        self.service(tower::service_fn(move |job: Job| match job.decode::<T>() {
+            Ok(job) => Either::Left(handler(job).map_err(Into::into)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
         }))
         .await
     }
@@ -172,8 +179,7 @@ impl WorkerBuilder {
     {
         let handler = Arc::new(handler);
         self.service(tower::service_fn(move |job: Job| {
-            let handler = handler.clone();
-            async move { handler(job).await.map_err(Into::into) }
+            handler(job).map_err(Into::into)
         }))
         .await
     }
@@ -248,26 +254,33 @@ impl WorkerBuilder {
         });
         let system = engine::system(&*conn);
         let (stats_tx, stats) = watch::channel(WorkerStats::default());
+        let stats_tx = Arc::new(Stats {
+            tx: stats_tx,
+            dirty: AtomicBool::new(false),
+        });
         let ctx = Arc::new(Ctx {
             conn: conn.clone(),
             delays: Delays::new(format!("{queue}.delay")),
             queue: queue.clone(),
             service,
             policy: self.policy,
+            fallback_queue: poison.1.clone().unwrap_or_else(|| format!("{queue}.error")),
             poison_exchange: poison.0,
             poison_queue: poison.1,
             identity,
             system,
-            stats: stats_tx,
+            stats: stats_tx.clone(),
         });
         let consumer = conn
             .consume(&queue, ConsumeOptions::prefetch(prefetch))
             .await?;
-        let process: Process = Arc::new(move |delivery| ctx.clone().process(delivery).boxed());
+        let process = move |delivery| ctx.clone().process(delivery);
         let (stop, stopped) = watch::channel(Stop::default());
         let task = engine::spawn_on_current(
             &format!("worker for queue '{queue}'"),
-            engine::run(consumer, self.concurrency, process, stopped),
+            engine::run(consumer, self.concurrency, process, stopped, move || {
+                stats_tx.publish();
+            }),
         )?;
         tracing::debug!(
             queue,
@@ -405,6 +418,33 @@ impl Drop for Worker {
     }
 }
 
+/// A worker's statistics as its handlers update them. Updates do not wake
+/// the waiters of [`Worker::wait_until`] one by one: the engine publishes
+/// them whenever it is about to wait or yield, so [`Worker::stats`] is
+/// always exact and a waiter is woken once per burst of messages.
+struct Stats {
+    tx: watch::Sender<WorkerStats>,
+    /// Whether an update is not published yet.
+    dirty: AtomicBool,
+}
+
+impl Stats {
+    fn update(&self, f: impl FnOnce(&mut WorkerStats)) {
+        self.tx.send_if_modified(|stats| {
+            f(stats);
+            false
+        });
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Wakes the waiters if anything changed since the last call.
+    fn publish(&self) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.tx.send_modify(|_| {});
+        }
+    }
+}
+
 /// Everything a worker's deliveries are processed with.
 struct Ctx<S> {
     conn: Arc<dyn Connection>,
@@ -416,9 +456,12 @@ struct Ctx<S> {
     /// `poison_queue` or else their own.
     poison_exchange: String,
     poison_queue: Option<String>,
+    /// Where a message goes when its poison destination refuses it for
+    /// good: the poison queue (declared again), or `<queue>.error`.
+    fallback_queue: String,
     identity: String,
     system: &'static str,
-    stats: watch::Sender<WorkerStats>,
+    stats: Arc<Stats>,
 }
 
 impl<S> Ctx<S>
@@ -428,7 +471,7 @@ where
     S::Future: Send + 'static,
 {
     fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
-        self.stats.send_modify(|stats| {
+        self.stats.update(|stats| {
             #[cfg(feature = "metrics")]
             let before = *stats;
             f(stats);
@@ -465,7 +508,10 @@ where
         }
     }
 
-    async fn process(self: Arc<Self>, delivery: Delivery) {
+    /// The future that processes one delivery. Kept small (no wrapper
+    /// around `settle`, the failure paths boxed): the engine moves it once
+    /// per delivery.
+    fn process(self: Arc<Self>, delivery: Delivery) -> impl Future<Output = ()> {
         let props = &delivery.message.properties;
         let text = |name: &str| {
             props
@@ -474,40 +520,48 @@ where
                 .and_then(FieldValue::as_str)
                 .map(str::to_owned)
         };
-        // A delayed retry comes back through the delay queue: the job still
-        // names where the message was first published.
-        let exchange =
-            text(poison::ORIGINAL_EXCHANGE_HEADER).unwrap_or_else(|| delivery.exchange.clone());
-        let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER)
-            .unwrap_or_else(|| delivery.routing_key.clone());
+        // A delayed retry comes back through the delay queue: its headers
+        // name where the message was first published.
+        let exchange = text(poison::ORIGINAL_EXCHANGE_HEADER);
+        let routing_key = text(poison::ORIGINAL_ROUTING_KEY_HEADER);
         let prior = poison::attempts(&props.headers).unwrap_or(0);
         let span = engine::process_span(
             self.system,
             &self.queue,
             &delivery,
-            &routing_key,
+            routing_key.as_deref().unwrap_or(&delivery.routing_key),
             Some(prior + 1),
         );
         self.settle(delivery, exchange, routing_key, prior)
             .instrument(span)
-            .await;
     }
 
-    async fn settle(&self, delivery: Delivery, exchange: String, routing_key: String, prior: u32) {
+    async fn settle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        exchange: Option<String>,
+        routing_key: Option<String>,
+        prior: u32,
+    ) {
+        // Where the message was first published: as the headers say, or else
+        // as the delivery does.
+        let exchange = exchange.as_deref().unwrap_or(&delivery.exchange);
+        let routing_key = routing_key.as_deref().unwrap_or(&delivery.routing_key);
         let max = self.policy.max_attempts();
         if prior >= max {
             let error =
                 format!("it arrived with {prior} attempts made, and the policy allows {max}");
-            return self
-                .poison(
-                    &delivery,
-                    PoisonReason::Exhausted,
-                    &error,
-                    prior,
-                    &exchange,
-                    &routing_key,
-                )
-                .await;
+            // The failure paths are boxed: their futures are large, and
+            // would otherwise make every delivery's future as large.
+            return Box::pin(self.poison(
+                &delivery,
+                PoisonReason::Exhausted,
+                &error,
+                prior,
+                exchange,
+                routing_key,
+            ))
+            .await;
         }
         let round = prior / self.policy.attempts_per_round();
         let mut attempt = prior + 1;
@@ -516,8 +570,8 @@ where
             let job = Job {
                 body: delivery.message.body.clone(),
                 properties: delivery.message.properties.clone(),
-                exchange: exchange.clone(),
-                routing_key: routing_key.clone(),
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
                 redelivered: delivery.redelivered,
                 attempt,
                 conn: self.conn.clone(),
@@ -551,7 +605,7 @@ where
                 Kind::Transient if retry < self.policy.attempts_per_round() - 1 => {
                     let backoff = self.policy.backoff_for(retry);
                     tracing::debug!(attempt, error = %error, ?backoff, "retrying in process");
-                    tokio::time::sleep(backoff).await;
+                    Box::pin(tokio::time::sleep(backoff)).await;
                     retry += 1;
                     attempt += 1;
                     self.count(|s| s.retried += 1);
@@ -559,43 +613,40 @@ where
                 }
                 Kind::Transient => match self.policy.delay_after(round) {
                     Some(delay) => {
-                        return self
-                            .delay(&delivery, delay, attempt, &error, &exchange, &routing_key)
-                            .await
+                        return Box::pin(self.delay(
+                            &delivery,
+                            delay,
+                            attempt,
+                            &error,
+                            exchange,
+                            routing_key,
+                        ))
+                        .await
                     }
                     None => PoisonReason::Exhausted,
                 },
             };
-            return self
-                .poison(
-                    &delivery,
-                    reason,
-                    &error.message,
-                    attempt,
-                    &exchange,
-                    &routing_key,
-                )
-                .await;
+            return Box::pin(self.poison(
+                &delivery,
+                reason,
+                &error.message,
+                attempt,
+                exchange,
+                routing_key,
+            ))
+            .await;
         }
     }
 
     /// Runs the service on one job: readiness, the call, a panic caught.
-    async fn call(&self, job: Job<Bytes>) -> std::result::Result<(), HandlerError> {
-        let mut service = self.service.clone();
-        let run = async move {
-            service
-                .ready()
-                .await
-                .map_err(|e| HandlerError::classify(e.into()))?;
-            service
-                .call(job)
-                .await
-                .map_err(|e| HandlerError::classify(e.into()))
-        };
-        match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
-        }
+    fn call(&self, job: Job<Bytes>) -> impl Future<Output = std::result::Result<(), HandlerError>> {
+        // `oneshot` keeps the job and the service's future in one place.
+        AssertUnwindSafe(self.service.clone().oneshot(job))
+            .catch_unwind()
+            .map(|outcome| match outcome {
+                Ok(result) => result.map_err(|e| HandlerError::classify(e.into())),
+                Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
+            })
     }
 
     async fn delay(
@@ -617,7 +668,7 @@ where
             .or_insert_with(|| exchange.into());
         h.entry(poison::ORIGINAL_ROUTING_KEY_HEADER.into())
             .or_insert_with(|| routing_key.into());
-        engine::trace(&mut message);
+        crate::propagation::retrace(&mut message);
         tracing::debug!(attempts, error = %error, ?delay, "retrying through a delay queue");
         match self
             .delays
@@ -628,9 +679,25 @@ where
                 self.count(|s| s.delayed += 1);
                 self.settle_ack(delivery, "delayed for a retry").await;
             }
-            Err(e) => {
+            Err(e) if e.is_temporary() => {
                 tracing::warn!(error = %e, "could not delay a retry; requeueing the message");
                 self.requeue(delivery).await;
+            }
+            Err(e) => {
+                // A delay queue that cannot be had (declared by someone else
+                // with other arguments, no permission) would refuse every
+                // retry: requeueing would loop, so the message is poisoned.
+                tracing::warn!(error = %e, "the delay queue refused a retry; poisoning the message");
+                let text = format!("{error}; its delayed retry was refused: {e}");
+                self.poison(
+                    delivery,
+                    PoisonReason::Exhausted,
+                    &text,
+                    attempts,
+                    exchange,
+                    routing_key,
+                )
+                .await;
             }
         }
     }
@@ -654,7 +721,7 @@ where
             worker: &self.identity,
         }
         .mark(&mut message);
-        engine::trace(&mut message);
+        crate::propagation::retrace(&mut message);
         let key = self.poison_queue.as_deref().unwrap_or(routing_key);
         tracing::warn!(
             reason = reason.as_str(),
@@ -662,23 +729,74 @@ where
             attempts,
             "poisoning a message"
         );
-        match self
+        let refused = match self
             .conn
             .publish(
                 &self.poison_exchange,
                 key,
-                message,
+                message.clone(),
                 PublishOptions::mandatory(),
             )
             .await
         {
             Ok(()) => {
                 self.count(|s| s.poisoned += 1);
+                return self.settle_ack(delivery, "poisoned").await;
+            }
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "could not publish to the poison queue; requeueing the message");
+                return self.requeue(delivery).await;
+            }
+            Err(e) => e,
+        };
+        // Requeueing would bring the message back here for ever: send it to
+        // the fallback queue instead.
+        let fallback = &self.fallback_queue;
+        tracing::warn!(
+            error = %refused,
+            fallback,
+            "the poison destination refused a message; sending it to the fallback queue"
+        );
+        message.properties.headers.insert(
+            poison::POISON_REFUSED_HEADER.into(),
+            FieldValue::String(refused.to_string()),
+        );
+        let sent = match self
+            .conn
+            .declare_queue(fallback, QueueOptions::durable())
+            .await
+        {
+            Ok(_) => {
+                self.conn
+                    .publish(
+                        DEFAULT_EXCHANGE,
+                        fallback,
+                        message,
+                        PublishOptions::mandatory(),
+                    )
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => {
+                self.count(|s| s.poisoned += 1);
                 self.settle_ack(delivery, "poisoned").await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not publish to the poison queue; requeueing the message");
+            Err(e) if e.is_temporary() => {
+                tracing::warn!(error = %e, "could not publish to the fallback queue; requeueing the message");
                 self.requeue(delivery).await;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    fallback,
+                    "the fallback queue refused a poisoned message too; rejecting it without requeue"
+                );
+                self.count(|s| s.unsettled += 1);
+                if let Err(e) = delivery.nack(Requeue::No).await {
+                    tracing::warn!(error = %e, "could not reject a message");
+                }
             }
         }
     }

@@ -265,6 +265,7 @@ impl Connection for FileConnection {
 
     async fn delete_exchange(&self, name: &str, options: DeleteExchangeOptions) -> Result<()> {
         let if_unused = options.if_unused;
+        tracing::debug!(exchange = name, if_unused, "delete exchange");
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_exchange_sync(&name, if_unused)).await
@@ -277,6 +278,7 @@ impl Connection for FileConnection {
     }
 
     async fn delete_queue(&self, name: &str, options: DeleteQueueOptions) -> Result<u32> {
+        tracing::debug!(queue = name, "delete queue");
         let inner = self.inner.clone();
         let name = name.to_owned();
         blocking(move || inner.delete_queue_sync(&name, options)).await
@@ -295,6 +297,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "bind queue");
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let exchange = exchange.to_owned();
@@ -309,6 +312,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(queue, exchange, routing_key, "unbind queue");
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let exchange = exchange.to_owned();
