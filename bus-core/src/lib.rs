@@ -22,7 +22,7 @@ mod error;
 mod message;
 #[cfg(feature = "otel")]
 pub mod otel;
-mod propagation;
+pub mod propagation;
 pub mod recovery;
 pub mod routing;
 pub mod rpc;

@@ -8,22 +8,19 @@
 //! The current span is that of `tracing`, bridged to OpenTelemetry by
 //! [`tracing_opentelemetry`]: install its layer in the application's
 //! subscriber, or these headers carry nothing. Then:
-//! - these publishes carry the context of the span they are made from,
-//!   unless the message carries a [`TRACEPARENT_HEADER`] already (the
-//!   caller's context is never overwritten):
-//!   - [`RpcClient`] requests (every `call` variant, and the blocking
-//!     client, which goes through it) and the RPC server's replies;
-//!   - [`Job::publish`] and [`Job::publish_value`] inside a worker's
-//!     handler;
-//!   - [`ConnectionExt::send_to_queue`], [`ConnectionExt::publish_traced`]
-//!     and [`publish_delayed`];
-//!   - a message of the user's passed through [`inject`] first;
+//! - every publish carries the context of the span it is made from, unless
+//!   the message carries a [`TRACEPARENT_HEADER`] already (the caller's
+//!   context is never overwritten): each transport's
+//!   [`Connection::publish`] writes it first
+//!   ([`propagation::trace`](crate::propagation::trace)), so
+//!   [`ConnectionExt::send_to_queue`], [`RpcClient`] requests (every
+//!   `call` variant, and the blocking client, which runs the call in the
+//!   caller's span) and the RPC server's replies, [`Job::publish`] and
+//!   [`Job::publish_value`] inside a worker's handler, and
+//!   [`publish_delayed`] all do;
 //! - a worker's delayed retries and poisoned copies are the consumed
 //!   message sent on: their context is replaced by that of the handling
 //!   span, so a retry's handling is a child of the attempt before it;
-//! - a plain [`Connection::publish`] sends the message exactly as given:
-//!   the transports do not add headers of their own, so use one of the
-//!   paths above, or [`inject`], for a message that should carry a trace;
 //! - the `process` span a worker or an RPC server opens for each delivery
 //!   has the context the message carries as its parent ([`set_parent`]). A
 //!   message without one (legacy peers send none) or with a malformed one is
@@ -33,7 +30,6 @@
 //! [`Job::publish`]: crate::worker::Job::publish
 //! [`Job::publish_value`]: crate::worker::Job::publish_value
 //! [`ConnectionExt::send_to_queue`]: crate::ConnectionExt::send_to_queue
-//! [`ConnectionExt::publish_traced`]: crate::ConnectionExt::publish_traced
 //! [`publish_delayed`]: crate::worker::publish_delayed
 //! [`Connection::publish`]: crate::Connection::publish
 

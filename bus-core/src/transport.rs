@@ -480,6 +480,11 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
     /// responsibility for it (the publisher confirm; for a persistent message
     /// in a durable queue, on disk).
     ///
+    /// With feature `otel`, the message first gets the current span's W3C
+    /// trace context in its headers, unless it carries a `traceparent`
+    /// already ([`propagation::trace`](crate::propagation::trace), which
+    /// every transport calls first).
+    ///
     /// # Errors
     /// `NotFound` for a missing exchange; `AccessRefused` for an internal
     /// one; `PreconditionFailed` for an `expiration` that is not a number of
@@ -570,10 +575,9 @@ pub trait ConnectionExt: Connection {
     fn send_to_queue(
         &self,
         queue: &str,
-        mut message: Message,
+        message: Message,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
-            crate::propagation::trace(&mut message);
             Connection::publish(
                 self,
                 DEFAULT_EXCHANGE,
@@ -582,26 +586,6 @@ pub trait ConnectionExt: Connection {
                 PublishOptions::default(),
             )
             .await
-        }
-    }
-
-    /// Publishes as [`Connection::publish`] does, after writing the current
-    /// span's trace context into the message (feature `otel`) unless it
-    /// carries a `traceparent` already; without the feature, the same as
-    /// [`Connection::publish`].
-    ///
-    /// # Errors
-    /// As [`Connection::publish`].
-    fn publish_traced(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        mut message: Message,
-        options: PublishOptions,
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            crate::propagation::trace(&mut message);
-            Connection::publish(self, exchange, routing_key, message, options).await
         }
     }
 }

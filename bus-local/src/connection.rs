@@ -644,7 +644,7 @@ impl Connection for LocalConnection {
         &'life0 self,
         exchange: &'life1 str,
         routing_key: &'life2 str,
-        message: Message,
+        mut message: Message,
         options: PublishOptions,
     ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
     where
@@ -654,6 +654,7 @@ impl Connection for LocalConnection {
         Self: 'async_trait,
     {
         tracing::debug!(exchange, routing_key, "publish");
+        bus_core::propagation::trace(&mut message);
         if self.inner.slow {
             return Box::pin(self.publish_slow(exchange, routing_key, message, options));
         }

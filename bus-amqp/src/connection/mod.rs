@@ -395,9 +395,10 @@ impl Connection for AmqpConnection {
         &self,
         exchange: &str,
         routing_key: &str,
-        message: Message,
+        mut message: Message,
         options: PublishOptions,
     ) -> Result<()> {
+        bus_core::propagation::trace(&mut message);
         publish_via(
             &self.shared,
             &self.shared.publisher,

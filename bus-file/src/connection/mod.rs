@@ -358,10 +358,11 @@ impl Connection for FileConnection {
         &self,
         exchange: &str,
         routing_key: &str,
-        message: Message,
+        mut message: Message,
         options: PublishOptions,
     ) -> Result<()> {
         tracing::debug!(exchange, routing_key, "publish");
+        bus_core::propagation::trace(&mut message);
         let inner = &self.inner;
         inner.check_open()?;
         if !exchange.is_empty() {
