@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use bus_core::recovery::{BindingRecord, ExchangeBindingRecord};
 use bus_core::{
     classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
-    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
-    QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
+    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishNow,
+    PublishOptions, QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
 };
 use tokio::sync::broadcast;
 
@@ -656,12 +656,37 @@ impl Connection for LocalConnection {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
+        // Lazy as an `async fn`: nothing is published until it is polled.
+        Box::pin(async move {
+            match self.publish_now(exchange, routing_key, message, options.clone()) {
+                PublishNow::Done(done) => done,
+                PublishNow::Wait(message) => {
+                    self.publish_slow(exchange, routing_key, message, options)
+                        .await
+                }
+            }
+        })
+    }
+
+    // Without simulated faults or recovery a publish never waits: it is
+    // done here, with no future to allocate.
+    fn publish_now(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        options: PublishOptions,
+    ) -> PublishNow {
         tracing::debug!(exchange, routing_key, "publish");
         if self.inner.slow {
-            return Box::pin(self.publish_slow(exchange, routing_key, message, options));
+            return PublishNow::Wait(message);
         }
-        let envelope = Arc::new(Envelope::published(exchange, routing_key, message));
-        Box::pin(async move { self.broker()?.publish(envelope, options.mandatory) })
+        PublishNow::Done(self.broker().and_then(|broker| {
+            broker.publish(
+                Arc::new(Envelope::published(exchange, routing_key, message)),
+                options.mandatory,
+            )
+        }))
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {
