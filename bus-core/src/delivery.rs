@@ -166,6 +166,7 @@ impl fmt::Debug for Delivery {
 impl Delivery {
     /// Builds a delivery. `acker` is `None` for auto-ack consumers, whose
     /// deliveries are settled already.
+    #[inline]
     pub fn new(
         message: Message,
         exchange: String,

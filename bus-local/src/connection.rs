@@ -432,7 +432,7 @@ impl LocalConnection {
                 )
             })
         });
-        let envelope = Arc::new(Envelope::published(exchange, &routing_key, message));
+        let envelope = Envelope::published(exchange, &routing_key, message);
         let lost = |what: &str| {
             Error::ConnectionLost(format!(
                 "the connection was lost before the broker confirmed the publish ({what})"
@@ -681,12 +681,12 @@ impl Connection for LocalConnection {
         if self.inner.slow {
             return PublishNow::Wait(message);
         }
-        PublishNow::Done(self.broker().and_then(|broker| {
-            broker.publish(
-                Arc::new(Envelope::published(exchange, routing_key, message)),
-                options.mandatory,
-            )
-        }))
+        let broker = match self.broker() {
+            Ok(broker) => broker,
+            Err(e) => return PublishNow::Done(Err(e)),
+        };
+        let envelope = Envelope::published(exchange, routing_key, message);
+        PublishNow::Done(broker.publish(envelope, options.mandatory))
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {

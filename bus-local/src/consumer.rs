@@ -247,6 +247,9 @@ pub(crate) struct DeliveryStream {
 }
 
 impl DeliveryStream {
+    // Inlined so that the delivery is built where the stream returns it
+    // instead of being copied there.
+    #[inline]
     fn delivery(&self, handover: Handover) -> Delivery {
         let Handover {
             envelope,

@@ -49,7 +49,10 @@ pub(crate) struct Envelope {
 impl Envelope {
     /// A message as published to `exchange` with `routing_key`, with the
     /// keys its `CC` and `BCC` headers add.
-    pub(crate) fn published(exchange: &str, routing_key: &str, message: Message) -> Self {
+    ///
+    /// Built in place in its shared allocation: a message is a few hundred
+    /// bytes, and building it on the stack first would copy it twice.
+    pub(crate) fn published(exchange: &str, routing_key: &str, message: Message) -> Arc<Self> {
         let cc = if message.properties.headers.is_empty() {
             Vec::new()
         } else {
@@ -57,11 +60,18 @@ impl Envelope {
                 .map(str::to_owned)
                 .collect()
         };
-        Envelope {
-            message,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            cc,
+        let mut shared = Arc::<Envelope>::new_uninit();
+        let slot = Arc::get_mut(&mut shared)
+            .expect("a new allocation is not shared")
+            .as_mut_ptr();
+        // SAFETY: `slot` points at the new, unshared allocation; every field
+        // is written exactly once before `assume_init`.
+        unsafe {
+            std::ptr::addr_of_mut!((*slot).message).write(message);
+            std::ptr::addr_of_mut!((*slot).exchange).write(exchange.to_owned());
+            std::ptr::addr_of_mut!((*slot).routing_key).write(routing_key.to_owned());
+            std::ptr::addr_of_mut!((*slot).cc).write(cc);
+            shared.assume_init()
         }
     }
 
@@ -415,7 +425,8 @@ impl Queue {
             let idx = st.consumers.iter().position(|s| !s.cancelled)?;
             return st.consumers[idx].has_capacity().then_some(idx);
         }
-        let mut best: Option<(usize, i64)> = None;
+        // (position in the rotation, priority, slot index)
+        let mut best: Option<(usize, i64, usize)> = None;
         let mut i = 0;
         while i < st.active.len() {
             let id = st.active[i];
@@ -429,16 +440,19 @@ impl Queue {
                 st.active.remove(i);
                 continue;
             }
-            if best.is_none_or(|(_, p)| slot.priority > p) {
-                best = Some((i, slot.priority));
+            if best.is_none_or(|(_, p, _)| slot.priority > p) {
+                best = Some((i, slot.priority, idx));
             }
             i += 1;
         }
-        let (pos, _) = best?;
-        let id = st.active.remove(pos).expect("position is in range");
-        let idx = Self::slot_index(st, id).expect("active ids have slots");
+        let (pos, _, idx) = best?;
         // Back of the rotation; dropped from it by the next pick if full.
-        st.active.push_back(id);
+        if pos == 0 {
+            st.active.rotate_left(1);
+        } else {
+            let id = st.active.remove(pos).expect("position is in range");
+            st.active.push_back(id);
+        }
         Some(idx)
     }
 
