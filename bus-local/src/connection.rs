@@ -656,16 +656,12 @@ impl Connection for LocalConnection {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
-        // Lazy as an `async fn`: nothing is published until it is polled.
-        Box::pin(async move {
-            match self.publish_now(exchange, routing_key, message, options.clone()) {
-                PublishNow::Done(done) => done,
-                PublishNow::Wait(message) => {
-                    self.publish_slow(exchange, routing_key, message, options)
-                        .await
-                }
-            }
-        })
+        tracing::debug!(exchange, routing_key, "publish");
+        if self.inner.slow {
+            return Box::pin(self.publish_slow(exchange, routing_key, message, options));
+        }
+        let envelope = Envelope::published(exchange, routing_key, message);
+        Box::pin(async move { self.broker()?.publish(envelope, options.mandatory) })
     }
 
     // Without simulated faults or recovery a publish never waits: it is
@@ -677,10 +673,11 @@ impl Connection for LocalConnection {
         message: Message,
         options: PublishOptions,
     ) -> PublishNow {
-        tracing::debug!(exchange, routing_key, "publish");
         if self.inner.slow {
+            // `publish` takes it from here (and logs it).
             return PublishNow::Wait(message);
         }
+        tracing::debug!(exchange, routing_key, "publish");
         let broker = match self.broker() {
             Ok(broker) => broker,
             Err(e) => return PublishNow::Done(Err(e)),
