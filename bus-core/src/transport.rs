@@ -540,6 +540,9 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
 
 /// What [`Connection::publish_now`] did with a message.
 #[derive(Debug)]
+// The message is handed back as it came: boxing it would allocate on the
+// path this exists to keep free of allocations.
+#[allow(clippy::large_enum_variant)]
 pub enum PublishNow {
     /// Published: the outcome [`Connection::publish`] would have returned.
     Done(Result<()>),
