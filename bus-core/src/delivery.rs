@@ -101,6 +101,24 @@ pub trait Acknowledger: Send + Sync + 'static {
     /// Nacks `tag` (and earlier ones when `options.multiple`), requeueing or
     /// dead-lettering them as `options.requeue` says.
     async fn nack(&self, tag: u64, options: NackOptions) -> Result<()>;
+
+    /// Acks at once, without a future, for a transport that settles
+    /// without waiting (the in-process broker): `Some` with what
+    /// [`Acknowledger::ack`] would have returned, the ack done; `None` when
+    /// the transport has to wait, nothing done (the caller then awaits
+    /// [`Acknowledger::ack`]). The default is `None`.
+    fn ack_now(&self, tag: u64, options: AckOptions) -> Option<Result<()>> {
+        let _ = (tag, options);
+        None
+    }
+
+    /// Nacks at once, as [`Acknowledger::ack_now`] acks: `Some` with what
+    /// [`Acknowledger::nack`] would have returned, `None` (the default) when
+    /// the caller has to await [`Acknowledger::nack`].
+    fn nack_now(&self, tag: u64, options: NackOptions) -> Option<Result<()>> {
+        let _ = (tag, options);
+        None
+    }
 }
 
 /// One message handed to a consumer, with what it needs to settle it.
@@ -148,6 +166,7 @@ impl fmt::Debug for Delivery {
 impl Delivery {
     /// Builds a delivery. `acker` is `None` for auto-ack consumers, whose
     /// deliveries are settled already.
+    #[inline]
     pub fn new(
         message: Message,
         exchange: String,
@@ -208,9 +227,13 @@ impl Delivery {
         let claimed = self.claim()?;
         self.mark_multiple(multiple);
         tracing::debug!(delivery_tag = self.delivery_tag, multiple, "ack");
-        match claimed {
-            Some(acker) => acker.ack(self.delivery_tag, AckOptions { multiple }).await,
-            None => Ok(()),
+        let Some(acker) = claimed else {
+            return Ok(());
+        };
+        let options = AckOptions { multiple };
+        match acker.ack_now(self.delivery_tag, options) {
+            Some(done) => done,
+            None => acker.ack(self.delivery_tag, options).await,
         }
     }
 
@@ -226,7 +249,10 @@ impl Delivery {
             );
         }
         match claimed {
-            Some(acker) => acker.nack(self.delivery_tag, options).await,
+            Some(acker) => match acker.nack_now(self.delivery_tag, options) {
+                Some(done) => done,
+                None => acker.nack(self.delivery_tag, options).await,
+            },
             None => Err(Error::PreconditionFailed(
                 format!(
                     "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",
@@ -430,13 +456,12 @@ impl Stream for Consumer {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = self.stream.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(delivery))) = next {
-            let mut delivery = delivery;
+        let mut next = self.stream.as_mut().poll_next(cx);
+        // In place: a delivery is a few hundred bytes, not worth moving.
+        if let Poll::Ready(Some(Ok(delivery))) = &mut next {
             if delivery.acker.is_some() {
                 delivery.multiple = Some(self.multiple.clone());
             }
-            return Poll::Ready(Some(Ok(delivery)));
         }
         next
     }

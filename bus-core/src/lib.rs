@@ -46,8 +46,8 @@ pub use topology::{
     DEFAULT_EXCHANGE, MAX_NAME_LEN, MAX_TTL, PREDECLARED_EXCHANGES,
 };
 pub use transport::{
-    classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishOptions,
-    Publisher, ReplyQueue,
+    classic_reply_queue, Capabilities, Connection, ConnectionExt, ConsumeOptions, PublishNow,
+    PublishOptions, Publisher, ReplyQueue,
 };
 pub use url::redact_url;
 pub use value::{FieldTable, FieldValue};

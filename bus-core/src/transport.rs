@@ -499,6 +499,24 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
         options: PublishOptions,
     ) -> Result<()>;
 
+    /// Publishes at once, without a future, for a transport that confirms
+    /// without waiting (the in-process broker): [`PublishNow::Done`] with
+    /// what [`Connection::publish`] would have returned, the publish done;
+    /// [`PublishNow::Wait`] with the message untouched when the transport
+    /// has to wait (the caller then awaits [`Connection::publish`]). The
+    /// default hands every message back, so a wrapper that does not
+    /// override it keeps its own `publish` in the path.
+    fn publish_now(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        options: PublishOptions,
+    ) -> PublishNow {
+        let _ = (exchange, routing_key, options);
+        PublishNow::Wait(message)
+    }
+
     /// Starts a consumer on a queue.
     ///
     /// # Errors
@@ -523,6 +541,18 @@ pub trait Connection: fmt::Debug + Send + Sync + 'static {
 
     /// Whether the connection is open (or recovering) and usable.
     fn is_open(&self) -> bool;
+}
+
+/// What [`Connection::publish_now`] did with a message.
+#[derive(Debug)]
+// The message is handed back as it came: boxing it would allocate on the
+// path this exists to keep free of allocations.
+#[allow(clippy::large_enum_variant)]
+pub enum PublishNow {
+    /// Published: the outcome [`Connection::publish`] would have returned.
+    Done(Result<()>),
+    /// Not published: the transport has to wait; here is the message back.
+    Wait(Message),
 }
 
 /// Conveniences over any [`Connection`], implemented for every one
@@ -578,14 +608,13 @@ pub trait ConnectionExt: Connection {
         message: Message,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
-            Connection::publish(
-                self,
-                DEFAULT_EXCHANGE,
-                queue,
-                message,
-                PublishOptions::default(),
-            )
-            .await
+            let options = PublishOptions::default;
+            match self.publish_now(DEFAULT_EXCHANGE, queue, message, options()) {
+                PublishNow::Done(done) => done,
+                PublishNow::Wait(message) => {
+                    Connection::publish(self, DEFAULT_EXCHANGE, queue, message, options()).await
+                }
+            }
         }
     }
 }
@@ -832,6 +861,16 @@ macro_rules! forward_connection {
                 Self: 'r,
             {
                 Connection::publish(&**self, exchange, routing_key, message, options)
+            }
+
+            fn publish_now(
+                &self,
+                exchange: &str,
+                routing_key: &str,
+                message: Message,
+                options: PublishOptions,
+            ) -> PublishNow {
+                Connection::publish_now(&**self, exchange, routing_key, message, options)
             }
 
             fn consume<'a, 'b, 'r>(

@@ -13,8 +13,8 @@ use bus_core::recovery::{BindingRecord, ExchangeBindingRecord};
 use bus_core::sync::Mutex;
 use bus_core::{
     classic_reply_queue, Capabilities, Connection, ConsumeOptions, Consumer, DeleteExchangeOptions,
-    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishOptions,
-    QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
+    DeleteQueueOptions, Error, ExchangeKind, ExchangeOptions, FieldTable, Message, PublishNow,
+    PublishOptions, QueueInfo, QueueOptions, RecoveryEvent, ReplyQueue, Result,
 };
 use tokio::sync::broadcast;
 
@@ -421,7 +421,7 @@ impl LocalConnection {
                 )
             })
         });
-        let envelope = Arc::new(Envelope::published(exchange, &routing_key, message));
+        let envelope = Envelope::published(exchange, &routing_key, message);
         let lost = |what: &str| {
             Error::ConnectionLost(format!(
                 "the connection was lost before the broker confirmed the publish ({what})"
@@ -658,8 +658,31 @@ impl Connection for LocalConnection {
         if self.inner.slow {
             return Box::pin(self.publish_slow(exchange, routing_key, message, options));
         }
-        let envelope = Arc::new(Envelope::published(exchange, routing_key, message));
+        let envelope = Envelope::published(exchange, routing_key, message);
         Box::pin(async move { self.broker()?.publish(envelope, options.mandatory) })
+    }
+
+    // Without simulated faults or recovery a publish never waits: it is
+    // done here, with no future to allocate.
+    fn publish_now(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        options: PublishOptions,
+    ) -> PublishNow {
+        if self.inner.slow {
+            // `publish` takes it from here (and logs it).
+            return PublishNow::Wait(message);
+        }
+        tracing::debug!(exchange, routing_key, "publish");
+        bus_core::propagation::trace(&mut message);
+        let broker = match self.broker() {
+            Ok(broker) => broker,
+            Err(e) => return PublishNow::Done(Err(e)),
+        };
+        let envelope = Envelope::published(exchange, routing_key, message);
+        PublishNow::Done(broker.publish(envelope, options.mandatory))
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer> {

@@ -248,6 +248,9 @@ pub(crate) struct DeliveryStream {
 }
 
 impl DeliveryStream {
+    // Inlined so that the delivery is built where the stream returns it
+    // instead of being copied there.
+    #[inline]
     fn delivery(&self, handover: Handover) -> Delivery {
         let Handover {
             envelope,
@@ -372,11 +375,23 @@ impl Acknowledger for Settler {
     }
 
     async fn nack(&self, tag: u64, options: NackOptions) -> Result<()> {
-        let how = match options.requeue {
-            Requeue::Yes => Settle::Requeue,
-            Requeue::No => Settle::Reject,
-        };
-        self.settle(tag, options.multiple, how)
+        self.settle(tag, options.multiple, nack_settle(options))
+    }
+
+    // Settling never waits here: no future to allocate per ack.
+    fn ack_now(&self, tag: u64, options: AckOptions) -> Option<Result<()>> {
+        Some(self.settle(tag, options.multiple, Settle::Ack))
+    }
+
+    fn nack_now(&self, tag: u64, options: NackOptions) -> Option<Result<()>> {
+        Some(self.settle(tag, options.multiple, nack_settle(options)))
+    }
+}
+
+fn nack_settle(options: NackOptions) -> Settle {
+    match options.requeue {
+        Requeue::Yes => Settle::Requeue,
+        Requeue::No => Settle::Reject,
     }
 }
 

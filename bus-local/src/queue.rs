@@ -50,7 +50,7 @@ pub(crate) struct Envelope {
 impl Envelope {
     /// A message as published to `exchange` with `routing_key`, with the
     /// keys its `CC` and `BCC` headers add.
-    pub(crate) fn published(exchange: &str, routing_key: &str, message: Message) -> Self {
+    pub(crate) fn published(exchange: &str, routing_key: &str, message: Message) -> Arc<Self> {
         let cc = if message.properties.headers.is_empty() {
             Vec::new()
         } else {
@@ -58,12 +58,12 @@ impl Envelope {
                 .map(str::to_owned)
                 .collect()
         };
-        Envelope {
+        Arc::new(Envelope {
             message,
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             cc,
-        }
+        })
     }
 
     pub(crate) fn routing_key(&self) -> &str {
@@ -416,7 +416,8 @@ impl Queue {
             let idx = st.consumers.iter().position(|s| !s.cancelled)?;
             return st.consumers[idx].has_capacity().then_some(idx);
         }
-        let mut best: Option<(usize, i64)> = None;
+        // (position in the rotation, priority, slot index)
+        let mut best: Option<(usize, i64, usize)> = None;
         let mut i = 0;
         while i < st.active.len() {
             let id = st.active[i];
@@ -430,16 +431,19 @@ impl Queue {
                 st.active.remove(i);
                 continue;
             }
-            if best.is_none_or(|(_, p)| slot.priority > p) {
-                best = Some((i, slot.priority));
+            if best.is_none_or(|(_, p, _)| slot.priority > p) {
+                best = Some((i, slot.priority, idx));
             }
             i += 1;
         }
-        let (pos, _) = best?;
-        let id = st.active.remove(pos).expect("position is in range");
-        let idx = Self::slot_index(st, id).expect("active ids have slots");
+        let (pos, _, idx) = best?;
         // Back of the rotation; dropped from it by the next pick if full.
-        st.active.push_back(id);
+        if pos == 0 {
+            st.active.rotate_left(1);
+        } else {
+            let id = st.active.remove(pos).expect("position is in range");
+            st.active.push_back(id);
+        }
         Some(idx)
     }
 

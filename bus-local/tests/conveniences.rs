@@ -310,3 +310,47 @@ async fn smart_pointers_to_connections_are_connections() {
     assert!(!boxed.is_open(), "close goes through the box");
     assert!(concrete.is_open(), "another connection stays open");
 }
+
+#[tokio::test(start_paused = true)]
+async fn publish_now_publishes_at_once_or_hands_the_message_back() {
+    use bus_core::{ConnectionExt, PublishNow};
+    let broker = LocalBroker::new();
+    let local = broker.connect();
+    queue(&local, "q").await;
+    let conn: Arc<dyn Connection> = Arc::new(local);
+    // Through `Arc<dyn Connection>`: done before anything is awaited.
+    let done = conn.publish_now("", "q", Message::new("a"), PublishOptions::default());
+    assert!(matches!(done, PublishNow::Done(Ok(()))), "{done:?}");
+    assert_eq!(broker.queue_depth("q"), Some(1));
+    // Errors come back as `publish` gives them.
+    let missing = conn.publish_now("nope", "q", Message::new("b"), PublishOptions::default());
+    assert!(
+        matches!(missing, PublishNow::Done(Err(bus_core::Error::NotFound(_)))),
+        "{missing:?}"
+    );
+
+    // A broker with a fault plan waits: the message comes back untouched,
+    // and nothing was published.
+    let faulty = LocalBroker::with_faults(bus_local::FaultPlan::none());
+    let slow = faulty.connect();
+    queue(&slow, "q").await;
+    match slow.publish_now("", "q", Message::new("c"), PublishOptions::default()) {
+        PublishNow::Wait(m) => assert_eq!(&m.body[..], b"c"),
+        other => panic!("expected the message back, got {other:?}"),
+    }
+    assert_eq!(faulty.queue_depth("q"), Some(0));
+    // `send_to_queue` then takes the awaited path.
+    slow.send_to_queue("q", Message::new("c")).await.unwrap();
+    assert_eq!(faulty.queue_depth("q"), Some(1));
+
+    // An ack settles at once (`Acknowledger::ack_now`); a second is refused.
+    let mut c = conn
+        .consume("q", ConsumeOptions::prefetch(1))
+        .await
+        .unwrap();
+    let d = c.next().await.unwrap().unwrap();
+    d.ack().await.unwrap();
+    assert_eq!(broker.queue_depth("q"), Some(0));
+    assert_eq!(broker.unacked_count("q"), Some(0));
+    assert!(d.ack().await.is_err());
+}

@@ -18,10 +18,9 @@ use crate::delivery::Delivery;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
-use crate::transport::{Connection, ConsumeOptions, PublishOptions};
+use crate::transport::{Connection, ConnectionExt, ConsumeOptions};
 use crate::worker::engine::{self, Stop};
 use crate::Requeue;
-use crate::DEFAULT_EXCHANGE;
 
 /// What handling one request came to.
 pub(crate) enum Outcome {
@@ -466,16 +465,9 @@ impl Serving {
         if let Some(reply_to) = reply_to {
             reply.properties.correlation_id = correlation_id;
             crate::propagation::trace(&mut reply);
-            if let Err(e) = self
-                .conn
-                .publish(
-                    DEFAULT_EXCHANGE,
-                    &reply_to,
-                    reply,
-                    PublishOptions::default(),
-                )
-                .await
-            {
+            // `send_to_queue`: published without a boxed future where the
+            // transport does not wait (`Connection::publish_now`).
+            if let Err(e) = self.conn.send_to_queue(&reply_to, reply).await {
                 tracing::warn!(reply_to, error = %e, "could not publish an RPC reply");
                 if matches!(e, Error::ConnectionLost(_) | Error::Closed(_)) {
                     // The request goes back to the queue with the connection.
