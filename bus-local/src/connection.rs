@@ -600,6 +600,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "bind exchange");
         let broker = self.inner.ready().await?;
         if self.inner.slow {
             self.inner
@@ -624,6 +625,7 @@ impl Connection for LocalConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "unbind exchange");
         let broker = self.inner.ready().await?;
         broker.unbind_exchange(destination, source, routing_key, arguments.clone())?;
         self.inner.journal(|j| {

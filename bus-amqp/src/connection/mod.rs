@@ -338,6 +338,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "bind exchange");
         validate_name("exchange", destination)?;
         validate_name("exchange", source)?;
         let d = short("exchange name", destination)?;
@@ -368,6 +369,7 @@ impl Connection for AmqpConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "unbind exchange");
         validate_name("exchange", destination)?;
         validate_name("exchange", source)?;
         let d = short("exchange name", destination)?;

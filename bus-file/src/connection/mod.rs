@@ -327,6 +327,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "bind exchange");
         let inner = self.inner.clone();
         let b = ExchangeBindingRecord {
             destination: destination.to_owned(),
@@ -344,6 +345,7 @@ impl Connection for FileConnection {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<()> {
+        tracing::debug!(destination, source, routing_key, "unbind exchange");
         let inner = self.inner.clone();
         let b = ExchangeBindingRecord {
             destination: destination.to_owned(),
