@@ -214,10 +214,13 @@ pub(crate) async fn publish_via(
     source: &ChannelSource,
     exchange: &str,
     routing_key: &str,
-    message: Message,
+    mut message: Message,
     options: PublishOptions,
 ) -> Result<()> {
     tracing::debug!(exchange, routing_key, "publish");
+    // Both paths, the connection's publish and a direct reply-to
+    // publisher, carry the current trace.
+    bus_core::propagation::trace(&mut message);
     shared.check_open()?;
     bus_core::validate_name("exchange", exchange)?;
     let exchange_name = short("exchange name", exchange)?;

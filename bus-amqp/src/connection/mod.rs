@@ -397,10 +397,9 @@ impl Connection for AmqpConnection {
         &self,
         exchange: &str,
         routing_key: &str,
-        mut message: Message,
+        message: Message,
         options: PublishOptions,
     ) -> Result<()> {
-        bus_core::propagation::trace(&mut message);
         publish_via(
             &self.shared,
             &self.shared.publisher,

@@ -324,7 +324,6 @@ impl RpcClient {
         // A longer timeout than a broker accepts as an expiration still
         // waits that long; the request just lives for the longest TTL.
         props.expiration = Some(timeout.min(MAX_TTL).as_millis().to_string());
-        crate::propagation::trace(&mut request);
         let options = PublishOptions::default().with_mandatory(self.inner.mandatory);
         link.publisher
             .publish(DEFAULT_EXCHANGE, queue, request, options)

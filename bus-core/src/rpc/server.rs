@@ -464,7 +464,6 @@ impl Serving {
         };
         if let Some(reply_to) = reply_to {
             reply.properties.correlation_id = correlation_id;
-            crate::propagation::trace(&mut reply);
             // `send_to_queue`: published without a boxed future where the
             // transport does not wait (`Connection::publish_now`).
             if let Err(e) = self.conn.send_to_queue(&reply_to, reply).await {

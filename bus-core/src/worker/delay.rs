@@ -82,10 +82,9 @@ pub async fn publish_delayed(
     conn: &dyn Connection,
     exchange: &str,
     routing_key: &str,
-    mut message: Message,
+    message: Message,
     delay: Duration,
 ) -> Result<()> {
-    crate::propagation::trace(&mut message);
     let name = declare_delay(conn, DELAY_PREFIX, exchange, delay).await?;
     conn.publish(&name, routing_key, message, PublishOptions::default())
         .await

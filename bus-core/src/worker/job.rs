@@ -81,9 +81,8 @@ impl<T> Job<T> {
         &self,
         exchange: &str,
         routing_key: &str,
-        mut message: Message,
+        message: Message,
     ) -> Result<()> {
-        crate::propagation::trace(&mut message);
         self.conn
             .publish(exchange, routing_key, message, PublishOptions::default())
             .await
