@@ -262,3 +262,31 @@ async fn four_processes_ack_twenty_thousand_messages_exactly_once() {
     );
     conn.close().await.expect("close");
 }
+
+/// A message another process publishes wakes this process's consumer at
+/// once, through the file-system watch on the queue's `ready/` folder,
+/// not at the next rescan (an hour away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_another_process_wakes_the_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_owned();
+    let options = FileOptions::default().with_rescan_interval(Duration::from_secs(3600));
+    let conn = FileConnection::open_with(&root, options).await.unwrap();
+    conn.declare_queue("woken", QueueOptions::durable())
+        .await
+        .unwrap();
+    let mut consumer = conn
+        .consume("woken", ConsumeOptions::prefetch(1))
+        .await
+        .unwrap();
+    let mut publisher = helper(&["publish", &root, "woken", "1", "8"]);
+    assert_eq!(read_lines(&mut publisher, 1), ["P 0"]);
+    publisher.wait().expect("the publisher exits");
+    let d = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("woken by the watch, long before the next rescan")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert!(d.message.body.starts_with(b"0:"));
+    d.ack().await.unwrap();
+}

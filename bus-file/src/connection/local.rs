@@ -98,7 +98,7 @@ impl Inner {
     pub(crate) fn unwatch(&self, d: &Dispatcher) {
         use notify::Watcher;
         if let Some(w) = self.watcher.lock().as_mut() {
-            let _ = w.unwatch(&self.layout.ready(&d.queue));
+            let _ = w.unwatch(&self.layout.fs.display_path(&self.layout.ready(&d.queue)));
         }
     }
 
@@ -127,8 +127,10 @@ impl Inner {
         {
             use notify::Watcher;
             if let Some(w) = self.watcher.lock().as_mut() {
+                // notify takes a path, not a folder descriptor: the
+                // layout's paths are relative to the root.
                 if let Err(e) = w.watch(
-                    &self.layout.ready(name),
+                    &self.layout.fs.display_path(&self.layout.ready(name)),
                     notify::RecursiveMode::NonRecursive,
                 ) {
                     tracing::warn!(queue = name, error = %e, "no file-system events for queue");
