@@ -1,8 +1,13 @@
-//! The RPC examples (`examples/rpc_server.rs`, `examples/rpc_client.rs`)
-//! against the legacy Python peers (`bus-amqp/tests/python/`: pika +
-//! msgpack, as the production workers and callers are written), over a real
-//! RabbitMQ: the Python caller calls the `rpc_server` example, and the
-//! `rpc_client` example calls the Python worker.
+//! Every example, run as the program a user runs, checking its outcome:
+//! - the RPC examples (`examples/rpc_server.rs`, `examples/rpc_client.rs`)
+//!   against the legacy Python peers (`bus-amqp/tests/python/`: pika +
+//!   msgpack, as the production workers and callers are written), over a
+//!   real RabbitMQ: the Python caller calls the `rpc_server` example, and
+//!   the `rpc_client` example calls the Python worker;
+//! - `worker`, in memory and on RabbitMQ; `quickstart`, `topics` and
+//!   `work_queue` in memory;
+//! - the legacy folder pair: `legacy_worker` on folders, and
+//!   `legacy_bridge` from a folder through RabbitMQ into a folder.
 //!
 //! The examples are built with `cargo build` first (a no-op when `cargo
 //! test` already built them), and run as the programs a user runs.

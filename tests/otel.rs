@@ -105,12 +105,14 @@ async fn in_memory() {
     plain_publish_carries_the_span("memory://otel-publish").await;
 }
 
+#[cfg(feature = "file")]
 #[tokio::test]
 async fn on_a_folder() {
     let dir = tempfile::tempdir().unwrap();
     plain_publish_carries_the_span(&format!("file://{}", dir.path().display())).await;
 }
 
+#[cfg(feature = "amqp")]
 #[tokio::test]
 async fn on_rabbitmq() {
     plain_publish_carries_the_span(&amqp_addr()).await;

@@ -182,8 +182,8 @@
 //!   message lapin had not finished writing when the link died is sent
 //!   again on the next link (the broker cannot have it); one whose message
 //!   was written is never sent again, its outcome being unknown;
-//! * settling a delivery of the dead channel fails with `ConnectionLost`
-//!   (the broker has requeued it);
+//! * settling a delivery of the dead channel fails with the permanent
+//!   `Closed` (the broker has requeued it);
 //! * the direct reply-to consumer, and consumers of exclusive queues (which
 //!   die with the connection, messages and all), yield one
 //!   `Err(ConnectionLost)` item before going on, so an RPC client fails its
@@ -221,7 +221,7 @@
 //!   starts again on a new channel of the same stream, with a
 //!   [`RecoveryEvent::ConsumerResumed`]: the message comes again with
 //!   `redelivered` set, and its ack on the closed channel fails with
-//!   `ConnectionLost` naming the broker's 406 and its reason.
+//!   `Closed` naming the broker's 406 and its reason.
 //!
 //! # Flow control
 //!

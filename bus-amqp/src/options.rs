@@ -89,7 +89,7 @@ impl ReconnectPolicy {
 /// sent: they are delivered again (with `redelivered` set), exactly as a
 /// message whose uncoalesced ack frame was lost with the connection. The
 /// failure is reported by the next `ack`/`nack` of that consumer's
-/// deliveries (`ConnectionLost`), by [`Consumer::cancel`](bus_core::Consumer::cancel)
+/// deliveries (`Closed`), by [`Consumer::cancel`](bus_core::Consumer::cancel)
 /// and by [`close`](bus_core::Connection::close) when they flush; a flush on
 /// a timer or on drop has no caller and logs it (`tracing` warning).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

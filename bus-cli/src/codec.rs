@@ -388,14 +388,13 @@ pub fn delivery_to_text(d: &Delivery, decode: Decode) -> String {
     for (k, v) in &d.message.properties.headers {
         out.push_str(&format!("header {k}: {}\n", field_to_json(v)));
     }
-    let (body, encoding, error) = body_to_json(&d.message.body, decode);
+    let (body, _encoding, error) = body_to_json(&d.message.body, decode);
     if let Some(e) = error {
         out.push_str(&format!("({e})\n"));
     }
-    match (encoding, body) {
-        ("text", Value::String(s)) => out.push_str(&s),
-        (_, Value::String(s)) => out.push_str(&s),
-        (_, other) => out.push_str(&serde_json::to_string_pretty(&other).unwrap_or_default()),
+    match body {
+        Value::String(s) => out.push_str(&s),
+        other => out.push_str(&serde_json::to_string_pretty(&other).unwrap_or_default()),
     }
     if !out.ends_with('\n') {
         out.push('\n');

@@ -104,8 +104,10 @@ fn body_file_name(m: &Message) -> String {
 
 /// Runs `command` for one message and waits for it.
 pub async fn run(command: &str, origin: &Origin, message: &Message) -> std::io::Result<Outcome> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!("bus-exec-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir(&dir)?;
+    // Private from its creation: it holds the message body.
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     let result = run_in(&dir, command, origin, message).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -117,8 +119,6 @@ async fn run_in(
     origin: &Origin,
     message: &Message,
 ) -> std::io::Result<Outcome> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let body_file: PathBuf = dir.join(body_file_name(message));
     std::fs::write(&body_file, &message.body)?;
     let shown_path = body_file.to_string_lossy().into_owned();

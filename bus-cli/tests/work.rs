@@ -222,6 +222,12 @@ fn sigterm_lets_the_running_program_finish() {
     ok(&url, &["publish", "-q", &w.queue, "next"]);
     wait_until(LIMIT, "the program to start", || started.exists());
     w.process.signal("TERM");
+    // Released only once the worker has stopped consuming (its consumer
+    // is gone from the queue), so it cannot start "next" meanwhile.
+    wait_until(LIMIT, "the worker to stop consuming", || {
+        let v: Value = serde_json::from_str(&ok(&url, &["inspect", &w.queue, "--json"])).unwrap();
+        v["consumers"] == 0
+    });
     std::fs::write(&release, "").unwrap();
     assert_eq!(w.process.wait(LIMIT).code(), Some(0));
     let out = take(&url, &w.output, 1, LIMIT);

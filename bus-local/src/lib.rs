@@ -82,7 +82,7 @@
 //! by the test ([`LocalBroker::close_connection`], [`LocalBroker::restart`]).
 //!
 //! - Closing a connection requeues its consumers' unacked deliveries with
-//!   `redelivered` (settling them then fails with `ConnectionLost`),
+//!   `redelivered` (settling them then fails with the permanent `Closed`),
 //!   deletes its exclusive queues, and fails the publish in flight with the
 //!   temporary [`bus_core::Error::ConnectionLost`] (the message was not
 //!   taken).
@@ -271,8 +271,8 @@ impl LocalBroker {
     /// Drops `conn` from the broker's side, as `rabbitmqctl
     /// close_connection` does on RabbitMQ: its consumers end and their
     /// unacked deliveries are requeued with `redelivered`, its exclusive
-    /// queues go, and settling what it had received fails with
-    /// `ConnectionLost`. A recovering connection comes back after the
+    /// queues go, and settling what it had received fails with the
+    /// permanent `Closed`. A recovering connection comes back after the
     /// plan's reconnection delay (50 ms without a plan); another stays
     /// lost. Nothing happens to a connection that is not open.
     pub fn close_connection(&self, conn: &LocalConnection) {

@@ -213,7 +213,7 @@ impl Shared {
         let mut link = self.link_after(0, deadline).await?;
         let mut slot = match tokio::time::timeout_at(until, self.topology.channel.lock()).await {
             Ok(slot) => slot,
-            Err(_) => return Err(self.operation_timed_out(timeout)),
+            Err(_) => return Err(self.not_sent_in_time(timeout)),
         };
         self.wait_unblocked(until, "the operation").await?;
         let channel = match &*slot {
@@ -245,7 +245,8 @@ impl Shared {
             tokio::spawn(async move {
                 let _ = channel.close(200, "operation timed out".into()).await;
             });
-            return Err(self.operation_timed_out(timeout));
+            // Sent: its outcome is unknown, whatever holds the broker back.
+            return Err(Error::Timeout(timeout));
         };
         match result {
             Ok(v) => Ok(v),
@@ -258,11 +259,13 @@ impl Shared {
         }
     }
 
-    /// The error of an operation that did not finish within `timeout`.
-    fn operation_timed_out(&self, timeout: Duration) -> Error {
+    /// The error of an operation whose `timeout` passed before it was sent:
+    /// `Blocked` while the broker holds the connection back (nothing was
+    /// sent), else `Timeout`.
+    fn not_sent_in_time(&self, timeout: Duration) -> Error {
         match self.blocked_reason() {
             Some(reason) => Error::Blocked(format!(
-                "the broker holds back this connection ({reason}); the operation was sent but not answered within {timeout:?}"
+                "the broker holds back this connection ({reason}); the operation was not sent within {timeout:?}"
             )),
             None => Error::Timeout(timeout),
         }

@@ -613,9 +613,10 @@ pub async fn worker_shutdown_drains_and_requeues(h: &dyn Harness) {
             .as_deref(),
         Some("one")
     );
-    let stopping = tokio::spawn(worker.shutdown(WAIT));
-    // Let the shutdown begin before the handler finishes.
-    tokio::task::yield_now().await;
+    // The stop is requested before the handler is released, so the
+    // worker never starts "two".
+    worker.stopper().stop(WAIT);
+    let stopping = tokio::spawn(worker.wait());
     release.send_replace(true);
     let report = within("shutdown", stopping)
         .await

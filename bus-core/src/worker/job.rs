@@ -77,12 +77,7 @@ impl<T> Job<T> {
     ///
     /// # Errors
     /// Whatever [`Connection::publish`] reports.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: Message,
-    ) -> Result<()> {
+    pub async fn publish(&self, exchange: &str, routing_key: &str, message: Message) -> Result<()> {
         self.conn
             .publish(exchange, routing_key, message, PublishOptions::default())
             .await
