@@ -230,7 +230,11 @@ impl Delivery {
         let Some(acker) = claimed else {
             return Ok(());
         };
-        let options = AckOptions { multiple };
+        let options = if multiple {
+            AckOptions::multiple()
+        } else {
+            AckOptions::single()
+        };
         match acker.ack_now(self.delivery_tag, options) {
             Some(done) => done,
             None => acker.ack(self.delivery_tag, options).await,
@@ -238,21 +242,20 @@ impl Delivery {
     }
 
     async fn settle_nack(&self, options: NackOptions) -> Result<()> {
-        let claimed = self.claim()?;
-        if claimed.is_some() {
-            self.mark_multiple(options.multiple);
-            tracing::debug!(
-                delivery_tag = self.delivery_tag,
-                multiple = options.multiple,
-                requeue = options.requeue.is_yes(),
-                "nack"
-            );
-        }
-        match claimed {
-            Some(acker) => match acker.nack_now(self.delivery_tag, options) {
-                Some(done) => done,
-                None => acker.nack(self.delivery_tag, options).await,
-            },
+        match self.claim()? {
+            Some(acker) => {
+                self.mark_multiple(options.multiple);
+                tracing::debug!(
+                    delivery_tag = self.delivery_tag,
+                    multiple = options.multiple,
+                    requeue = options.requeue.is_yes(),
+                    "nack"
+                );
+                match acker.nack_now(self.delivery_tag, options) {
+                    Some(done) => done,
+                    None => acker.nack(self.delivery_tag, options).await,
+                }
+            }
             None => Err(Error::PreconditionFailed(
                 format!(
                     "{} came from an auto-ack consumer: it counts as acked and cannot be nacked",

@@ -15,9 +15,9 @@ use crate::message::Message;
 /// carries a `traceparent` already (feature `otel`; without it, nothing).
 ///
 /// What a transport's [`Connection::publish`](crate::Connection::publish)
-/// does first with the message it is given; the library's own publish
-/// helpers call it too, which is harmless (a second call keeps what the
-/// first wrote).
+/// (and its fast path, [`Connection::publish_now`](crate::Connection::publish_now))
+/// does first with the message it is given, so that the library's own
+/// helpers need not.
 pub fn trace(message: &mut Message) {
     #[cfg(feature = "otel")]
     crate::otel::inject(message);

@@ -185,11 +185,9 @@ impl ConsumeOptions {
     /// new channel of the same stream, where the message comes again
     /// (`redelivered`), and settling the stale delivery returns an error.
     #[must_use]
-    pub fn consumer_timeout(mut self, timeout: std::time::Duration) -> Self {
+    pub fn consumer_timeout(self, timeout: std::time::Duration) -> Self {
         let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
-        self.arguments
-            .insert("x-consumer-timeout".into(), crate::FieldValue::I64(ms));
-        self
+        self.argument("x-consumer-timeout", crate::FieldValue::I64(ms))
     }
 
     /// Auto-ack, unlimited prefetch.
@@ -608,11 +606,11 @@ pub trait ConnectionExt: Connection {
         message: Message,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
-            let options = PublishOptions::default;
-            match self.publish_now(DEFAULT_EXCHANGE, queue, message, options()) {
+            match self.publish_now(DEFAULT_EXCHANGE, queue, message, PublishOptions::default()) {
                 PublishNow::Done(done) => done,
                 PublishNow::Wait(message) => {
-                    Connection::publish(self, DEFAULT_EXCHANGE, queue, message, options()).await
+                    let options = PublishOptions::default();
+                    Connection::publish(self, DEFAULT_EXCHANGE, queue, message, options).await
                 }
             }
         }

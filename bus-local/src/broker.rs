@@ -125,18 +125,6 @@ fn random_suffix() -> String {
         .collect()
 }
 
-fn not_found_queue(name: &str) -> Error {
-    Error::queue_not_found(name)
-}
-
-fn not_found_exchange(name: &str) -> Error {
-    Error::exchange_not_found(name)
-}
-
-fn locked(name: &str) -> Error {
-    Error::queue_locked(name)
-}
-
 /// RabbitMQ's refusal of any explicit operation on the default exchange,
 /// saying which one was attempted.
 fn default_exchange_refused(operation: &str) -> Error {
@@ -394,7 +382,7 @@ impl BrokerInner {
 
     fn check_owner(queue: &Queue, conn: u64) -> Result<()> {
         match queue.owner {
-            Some(owner) if owner != conn => Err(locked(&queue.name)),
+            Some(owner) if owner != conn => Err(Error::queue_locked(&queue.name)),
             _ => Ok(()),
         }
     }
@@ -450,7 +438,7 @@ impl BrokerInner {
         if options.passive {
             return match self.read().exchanges.get(name).is_some() {
                 true => Ok(()),
-                false => Err(not_found_exchange(name)),
+                false => Err(Error::exchange_not_found(name)),
             };
         }
         let exchange = Exchange::declared(name, kind.clone(), options)?;
@@ -507,7 +495,7 @@ impl BrokerInner {
         if options.passive {
             let queue = self
                 .lookup_queue(name)
-                .ok_or_else(|| not_found_queue(name))?;
+                .ok_or_else(|| Error::queue_not_found(name))?;
             Self::check_owner(&queue, conn)?;
             return Ok((self.queue_info(&queue, true), None));
         }
@@ -577,7 +565,7 @@ impl BrokerInner {
     ) -> Result<(QueueInfo, Option<Arc<Queue>>)> {
         check_queue_flags(queue, options)?;
         if queue.owner != owner {
-            return Err(locked(&queue.name));
+            return Err(Error::queue_locked(&queue.name));
         }
         bus_core::equivalence::check_queue_arguments(&queue.name, &queue.args, args)?;
         Ok((self.queue_info(queue, true), None))
@@ -634,7 +622,7 @@ impl BrokerInner {
         validate_name("queue", name)?;
         let queue = self
             .lookup_queue(name)
-            .ok_or_else(|| not_found_queue(name))?;
+            .ok_or_else(|| Error::queue_not_found(name))?;
         Self::check_owner(&queue, conn)?;
         let mut st = queue.lock();
         let n = Queue::purge(&mut st);
@@ -655,11 +643,11 @@ impl BrokerInner {
         check_binding_names("bind", queue, exchange, key)?;
         let q = self
             .lookup_queue(queue)
-            .ok_or_else(|| not_found_queue(queue))?;
+            .ok_or_else(|| Error::queue_not_found(queue))?;
         Self::check_owner(&q, conn)?;
         let mut topo = self.write();
         if !topo.queues.get(queue).is_some_and(|x| Arc::ptr_eq(x, &q)) {
-            return Err(not_found_queue(queue));
+            return Err(Error::queue_not_found(queue));
         }
         topo.exchanges
             .bind(exchange, key, Destination::Queue(QueueRef(q)), arguments)?;
@@ -764,7 +752,7 @@ impl BrokerInner {
                 topo.exchanges.check_publish(exchange)?;
                 Targets::Many(
                     topo.route(&envelope)
-                        .ok_or_else(|| not_found_exchange(exchange))?,
+                        .ok_or_else(|| Error::exchange_not_found(exchange))?,
                 )
             }
         };
@@ -829,7 +817,7 @@ impl BrokerInner {
         validate_name("queue", queue)?;
         let q = self
             .lookup_queue(queue)
-            .ok_or_else(|| not_found_queue(queue))?;
+            .ok_or_else(|| Error::queue_not_found(queue))?;
         Self::check_owner(&q, conn.id())?;
         let priority = match options.arguments.get("x-priority") {
             None => 0,
@@ -879,7 +867,7 @@ impl BrokerInner {
         let mut fx = Effects::default();
         let mut st = q.lock();
         if st.deleted {
-            return Err(not_found_queue(queue));
+            return Err(Error::queue_not_found(queue));
         }
         q.add_consumer(
             &mut st,

@@ -459,6 +459,13 @@ impl LocalConnection {
     }
 }
 
+/// What every publish does first, on the fast path and the slow one alike:
+/// its debug event, and the current span's trace in the message.
+fn stamp(exchange: &str, routing_key: &str, message: &mut Message) {
+    tracing::debug!(exchange, routing_key, "publish");
+    bus_core::propagation::trace(message);
+}
+
 #[async_trait]
 impl Connection for LocalConnection {
     fn capabilities(&self) -> Capabilities {
@@ -655,8 +662,7 @@ impl Connection for LocalConnection {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
-        tracing::debug!(exchange, routing_key, "publish");
-        bus_core::propagation::trace(&mut message);
+        stamp(exchange, routing_key, &mut message);
         if self.inner.slow {
             return Box::pin(self.publish_slow(exchange, routing_key, message, options));
         }
@@ -677,8 +683,7 @@ impl Connection for LocalConnection {
             // `publish` takes it from here (and logs it).
             return PublishNow::Wait(message);
         }
-        tracing::debug!(exchange, routing_key, "publish");
-        bus_core::propagation::trace(&mut message);
+        stamp(exchange, routing_key, &mut message);
         let broker = match self.broker() {
             Ok(broker) => broker,
             Err(e) => return PublishNow::Done(Err(e)),

@@ -692,8 +692,7 @@ impl Queue {
                 }
             }
         } else {
-            let settled: Vec<Entry> = taken.collect();
-            for entry in settled {
+            for entry in taken {
                 if how == Settle::Requeue {
                     st.ready.restore(entry);
                 } else {

@@ -46,12 +46,6 @@ impl UnknownTag {
     }
 }
 
-impl From<UnknownTag> for Error {
-    fn from(e: UnknownTag) -> Self {
-        Error::PreconditionFailed(e.to_string().into())
-    }
-}
-
 /// The unsettled deliveries of one consumer, by tag, each with what the
 /// transport keeps for it (`T`: the message, a claimed file's name).
 #[derive(Clone)]

@@ -518,13 +518,13 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
     ) -> Result<bool> {
         if let Destination::Exchange(d) = &destination {
             if !self.exchanges.contains_key(d) {
-                return Err(not_found_exchange(d));
+                return Err(Error::exchange_not_found(d));
             }
         }
         let x = self
             .exchanges
             .get_mut(source)
-            .ok_or_else(|| not_found_exchange(source))?;
+            .ok_or_else(|| Error::exchange_not_found(source))?;
         x.check_binding(&arguments)?;
         Ok(x.bind(key, destination, arguments))
     }
@@ -580,7 +580,7 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
             return Ok(());
         }
         match self.exchanges.get(exchange) {
-            None => Err(not_found_exchange(exchange)),
+            None => Err(Error::exchange_not_found(exchange)),
             Some(x) if x.internal => Err(Error::AccessRefused(ErrorDetail::about(
                 Subject::exchange(exchange),
                 format!("cannot publish to internal exchange '{exchange}'"),
@@ -650,7 +650,9 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
         }
         let routed = &mut out[start..];
         if routed.len() > 1 {
-            routed.sort();
+            // Equal handles are dropped next, so stability buys nothing,
+            // and an unstable sort never allocates.
+            routed.sort_unstable();
             let mut kept = start + 1;
             for i in start + 1..out.len() {
                 if out[i] != out[kept - 1] {
@@ -680,10 +682,6 @@ impl<Q: Clone + Ord> ExchangeGraph<Q> {
             pending.push(x);
         }
     }
-}
-
-fn not_found_exchange(name: &str) -> Error {
-    Error::exchange_not_found(name)
 }
 
 /// What the topology rules need from a transport's stored bindings, so
