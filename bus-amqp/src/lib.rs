@@ -274,10 +274,11 @@ mod publish;
 mod tls;
 mod url;
 
+pub use bus_core::redact_url;
 pub use connection::AmqpConnection;
 pub use events::RecoveryEvent;
 pub use options::{AckCoalescing, AmqpOptions, ReconnectPolicy, ReplyMode};
-pub use url::{redact_url, AmqpUrl, BrokerHost};
+pub use url::{AmqpUrl, BrokerHost};
 
 /// What every [`AmqpConnection`] offers: everything RabbitMQ does, with
 /// `direct_reply` only in [`ReplyMode::Direct`]. The same value

@@ -109,8 +109,11 @@ pub(crate) async fn connect_any(
     // Whether every node failed in a way retrying cannot cure (a
     // certificate the client does not trust, say).
     let mut permanent = true;
+    // Read and checked once for every node it is tried on.
+    let tls = Tls::new(url, options)?;
     for host in &url.hosts {
-        match tokio::time::timeout(options.connect_timeout, connect_one(url, options, host)).await {
+        let attempt = connect_one(url, options, tls.as_ref(), host);
+        match tokio::time::timeout(options.connect_timeout, attempt).await {
             Ok(Ok(conn)) => {
                 let events = Box::pin(conn.events_listener());
                 tracing::info!(host = %host, generation, "connected to the broker");
@@ -123,8 +126,8 @@ pub(crate) async fn connect_any(
                     events,
                 ));
             }
-            // A TLS file that cannot be read or parsed is the same for
-            // every node.
+            // Input the URL or the options got wrong is the same for every
+            // node.
             Ok(Err(e @ Error::InvalidArgument(_))) => return Err(e),
             Ok(Err(e)) => {
                 tracing::debug!(host = %host, error = %e, "could not connect");
@@ -168,6 +171,7 @@ pub(crate) async fn connect_any(
 async fn connect_one(
     url: &AmqpUrl,
     options: &AmqpOptions,
+    tls: Option<&Tls>,
     host: &BrokerHost,
 ) -> Result<lapin::Connection> {
     let heartbeat = url
@@ -208,7 +212,9 @@ async fn connect_one(
     if let Some(name) = &options.connection_name {
         props = props.with_connection_name(LongString::from(name.as_bytes()));
     }
-    let tls = Tls::new(url, options)?;
+    if let Some(tls) = tls {
+        tls.start_attempt();
+    }
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
         Error::NotSupported(format!("the AMQP transport needs a tokio runtime: {e}"))
     })?;
@@ -218,7 +224,7 @@ async fn connect_one(
     // client certificate.
     let tls_name = url.server_name.clone().unwrap_or_else(|| host.host.clone());
     let connect = {
-        let (tls, tls_name) = (tls.clone(), tls_name.clone());
+        let (tls, tls_name) = (tls.cloned(), tls_name.clone());
         async move |uri: AMQPUri, runtime| {
             use lapin::tcp::{AMQPUriTcpExt, TLSConfig};
             let plain = AMQPUri {

@@ -107,6 +107,13 @@ impl Tls {
         }))
     }
 
+    /// Forgets what an earlier attempt with this configuration learnt, so
+    /// that [`Tls::refused_for_lack_of_certificate`] speaks of the next one
+    /// (attempts are made one at a time).
+    pub(crate) fn start_attempt(&self) {
+        self.asked_for_certificate.store(false, Ordering::Release);
+    }
+
     /// Whether a connection that broke before the AMQP handshake broke
     /// because the broker wants a client certificate and none was given:
     /// the broker asked for one during the TLS handshake. Retrying cannot
