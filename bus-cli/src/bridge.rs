@@ -1,15 +1,15 @@
 //! `bus bridge`: `bus::bridge::Bridge` from a queue or a legacy input
 //! folder to an exchange, a queue or a legacy result folder.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bus::bridge::Bridge;
-use bus::{ConsumeOptions, DeliveryMode, FieldValue, Message, PublishOptions, Publisher};
-use bus_file::legacy::{Consumed, Inbox, Readiness, ResultWriter, FILE_HEADER};
+use bus::{ConsumeOptions, DeliveryMode, Message, PublishOptions, Publisher};
+use bus_file::legacy::{Consumed, Inbox, Readiness, ResultWriter};
 use clap::Args;
 
 use crate::fail::{CliResult, Fail};
@@ -152,39 +152,6 @@ impl Publisher for Counting {
     }
 }
 
-/// A legacy folder writer that keeps each input's own file name (its
-/// extension included): a `ResultWriter` per extension.
-struct KeepName {
-    dir: PathBuf,
-}
-
-#[async_trait]
-impl Publisher for KeepName {
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: Message,
-        options: PublishOptions,
-    ) -> bus::Result<()> {
-        let p = &message.properties;
-        let name = p
-            .headers
-            .get(FILE_HEADER)
-            .and_then(FieldValue::as_str)
-            .map(str::to_owned)
-            .or_else(|| p.message_id.clone())
-            .unwrap_or_else(|| routing_key.to_owned());
-        let extension = Path::new(&name)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("");
-        ResultWriter::new(&self.dir, extension)?
-            .publish(exchange, routing_key, message, options)
-            .await
-    }
-}
-
 /// Runs `bus bridge`.
 pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
     let stop = Stop::install()?;
@@ -202,13 +169,11 @@ pub async fn run(url: &str, a: BridgeArgs) -> CliResult {
     let mut connections = Vec::new();
     let (destination, exchange, key): (Arc<dyn Publisher>, String, Option<String>) =
         if let Some(dir) = &a.to_folder {
-            let p: Arc<dyn Publisher> = if a.extension == "keep" {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| Fail::error(format!("cannot create {}: {e}", dir.display())))?;
-                Arc::new(KeepName { dir: dir.clone() })
+            let p: Arc<dyn Publisher> = Arc::new(if a.extension == "keep" {
+                ResultWriter::keeping_names(dir)?
             } else {
-                Arc::new(ResultWriter::new(dir, &a.extension)?)
-            };
+                ResultWriter::new(dir, &a.extension)?
+            });
             (p, String::new(), None)
         } else {
             let conn = crate::conn::open(a.to_url.as_deref().unwrap_or(url)).await?;

@@ -195,9 +195,7 @@ impl Inbox {
     /// [`Error::Io`] when the folders cannot be created or locked.
     pub async fn consume(&self, prefetch: u16) -> Result<Consumer> {
         let s = self.shared.clone();
-        let opened = tokio::task::spawn_blocking(move || open_inbox(&s))
-            .await
-            .map_err(|e| Error::backend("file", false, e.to_string()))??;
+        let opened = blocking(move || open_inbox(&s)).await?;
         let (fs, failed_fs, done_fs, owner, claims, lock) = opened;
         let s = &self.shared;
 
@@ -729,14 +727,16 @@ impl Drop for InboxStream {
 }
 
 /// Writes results into a result folder atomically, named after their
-/// request's stem.
+/// request's stem (or, from [`ResultWriter::keeping_names`], after the
+/// request's whole name).
 #[derive(Clone, Debug)]
 pub struct ResultWriter {
     dir: PathBuf,
     /// The folder, opened once: a result is never written through a
     /// symlink swapped in for it later.
     fs: Arc<Root>,
-    extension: String,
+    /// `None`: the request's own name, extension included.
+    extension: Option<String>,
 }
 
 impl ResultWriter {
@@ -746,31 +746,47 @@ impl ResultWriter {
     /// # Errors
     /// [`Error::Io`] when the folder cannot be created.
     pub fn new(dir: impl Into<PathBuf>, extension: &str) -> Result<Self> {
-        let dir = dir.into();
+        Self::open(
+            dir.into(),
+            Some(extension.trim_start_matches('.').to_owned()),
+        )
+    }
+
+    /// A writer into `dir` (created private if missing) whose results keep
+    /// their request's whole name, extension included (`job42.wav` gives
+    /// `job42.wav`): for moving files on unchanged.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the folder cannot be created.
+    pub fn keeping_names(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::open(dir.into(), None)
+    }
+
+    fn open(dir: PathBuf, extension: Option<String>) -> Result<Self> {
         fsys::create_dir_private(&dir, fsys::DIR_MODE)?;
         let fs = Arc::new(Root::open(&dir)?);
-        Ok(ResultWriter {
-            dir,
-            fs,
-            extension: extension.trim_start_matches('.').to_owned(),
-        })
+        Ok(ResultWriter { dir, fs, extension })
     }
 
     /// The result file name for a request file name: its stem and this
-    /// writer's extension.
+    /// writer's extension, or the name itself for a writer
+    /// [`keeping_names`](ResultWriter::keeping_names).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a name that is not a plain file name.
     pub fn result_name(&self, request: &str) -> Result<String> {
         check_file_name(request)?;
+        let Some(extension) = &self.extension else {
+            return Ok(request.to_owned());
+        };
         let stem = Path::new(request)
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or(request);
-        Ok(if self.extension.is_empty() {
+        Ok(if extension.is_empty() {
             stem.to_owned()
         } else {
-            format!("{stem}.{}", self.extension)
+            format!("{stem}.{extension}")
         })
     }
 

@@ -170,6 +170,25 @@ async fn results_are_written_atomically_with_the_request_stem() {
     ));
 }
 
+#[tokio::test]
+async fn a_writer_keeping_names_writes_each_file_under_its_own_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("out");
+    let w = ResultWriter::keeping_names(&out).expect("writer");
+    assert_eq!(w.result_name("job42.wav").unwrap(), "job42.wav");
+    let path = w.write("job42.wav", b"RIFF").await.expect("write");
+    assert_eq!(path, out.join("job42.wav"));
+    assert_eq!(std::fs::read(&path).expect("read"), b"RIFF");
+    // Created private, as every result folder.
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o077, 0, "result folder mode {mode:o}");
+    assert!(matches!(
+        w.write("../escape", b"x").await,
+        Err(bus_core::Error::InvalidArgument(_))
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn rpc_over_folders_waits_for_the_result_with_the_same_stem() {
     let dir = tempfile::tempdir().expect("temp dir");

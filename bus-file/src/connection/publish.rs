@@ -35,13 +35,13 @@ pub(super) struct Publishing {
     committer: Arc<Committer>,
 }
 
-/// What a publish did on disk, for the rest of it to finish: the links it
-/// made (queue, file name, arguments), which of them succeeded, and the
-/// queues that refused it.
+/// What a publish did on disk, for the rest of it to finish: the copies
+/// it meant to write (queue, file name, arguments), which of them were
+/// written, and the queues that refused it.
 struct Prepared {
     envelope: Envelope,
-    links: Vec<(String, String, QueueArguments)>,
-    linked: Vec<usize>,
+    copies: Vec<(String, String, QueueArguments)>,
+    written: Vec<usize>,
     durable: bool,
     expiring: bool,
     refused: Vec<(String, QueueArguments, bool)>,
@@ -53,14 +53,14 @@ struct Prepared {
 /// a reader can refuse any file with more (a hard link planted from
 /// elsewhere). Returns the indexes of the destinations it reached (a queue
 /// deleted meanwhile is skipped).
-fn write_and_link(
+fn write_copies(
     root: &fsys::Root,
     tmp: &Path,
     bytes: &[u8],
     durable: bool,
     dests: &[PathBuf],
 ) -> io::Result<Vec<usize>> {
-    let mut linked = Vec::with_capacity(dests.len());
+    let mut reached = Vec::with_capacity(dests.len());
     for (i, dest) in dests.iter().enumerate() {
         let mut tmp = tmp.as_os_str().to_owned();
         tmp.push(format!(".{i}"));
@@ -71,7 +71,7 @@ fn write_and_link(
             .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
         drop(f);
         match written.and_then(|()| root.rename(&tmp, dest)) {
-            Ok(()) => linked.push(i),
+            Ok(()) => reached.push(i),
             Err(e) => {
                 let _ = root.remove_file(&tmp);
                 if !fsys::is_not_found(&e) {
@@ -80,10 +80,9 @@ fn write_and_link(
             }
         }
     }
-    Ok(linked)
+    Ok(reached)
 }
 
-/// The sum of the body lengths file names claim, saturating.
 /// The depth of a queue from its listed ready names. Lengths come from file
 /// names anyone with write access can craft: the sum saturates (a queue
 /// "holding" u64::MAX bytes is full).
@@ -212,7 +211,7 @@ impl Inner {
         })
     }
 
-    /// Publishes a message: routes it, writes it once, links it into every
+    /// Publishes a message: routes it, writes one copy of it into every
     /// queue it goes to, and (for a persistent message bound for a durable
     /// queue) waits for the group commit.
     pub(crate) async fn publish_message(
@@ -258,8 +257,8 @@ impl Inner {
         drop(order);
         let Some(Prepared {
             envelope,
-            links,
-            linked,
+            copies,
+            written,
             durable,
             expiring,
             refused,
@@ -267,18 +266,18 @@ impl Inner {
         else {
             return Ok(());
         };
-        if durable && !linked.is_empty() {
-            let dirs = linked
+        if durable && !written.is_empty() {
+            let dirs = written
                 .iter()
-                .map(|&i| self.layout.ready(&links[i].0))
+                .map(|&i| self.layout.ready(&copies[i].0))
                 .collect();
             self.publishing
                 .committer
                 .sync_dirs(self.layout.fs.clone(), dirs)
                 .await?;
         }
-        for &i in &linked {
-            let (q, f, args) = &links[i];
+        for &i in &written {
+            let (q, f, args) = &copies[i];
             self.announce(q, f);
             self.enforce_drop_head(q, args).await?;
         }
@@ -303,7 +302,7 @@ impl Inner {
     }
 
     /// The file work of a publish: routes it, checks every target queue's
-    /// limits, writes the message once and links it into each queue that
+    /// limits, and writes one copy of the message into each queue that
     /// takes it. `None` when it goes nowhere (and is not mandatory).
     fn prepare_publish(
         &self,
@@ -350,7 +349,7 @@ impl Inner {
             message,
         };
 
-        let mut links = Vec::new();
+        let mut copies = Vec::new();
         let mut refused = Vec::new();
         let mut durable = false;
         let mut expiring = false;
@@ -380,10 +379,10 @@ impl Inner {
                 redelivered: false,
             };
             durable |= persistent && rec.durable && self.options.sync_persistent;
-            links.push((q.clone(), name.file_name(), args));
+            copies.push((q.clone(), name.file_name(), args));
         }
 
-        let linked = if links.is_empty() {
+        let written = if copies.is_empty() {
             Vec::new()
         } else {
             let bytes = envelope.encode();
@@ -392,19 +391,19 @@ impl Inner {
                 self.owner,
                 self.publishing.tmp_seq.fetch_add(1, Ordering::Relaxed)
             ));
-            let dests: Vec<PathBuf> = links
+            let dests: Vec<PathBuf> = copies
                 .iter()
                 .map(|(q, f, _)| self.layout.ready(q).join(f))
                 .collect();
             // Where the group commit flushes the whole file system once
             // per batch, that flush covers the files' data too.
             let fsync_files = durable && !crate::commit::SYNCS_FILE_SYSTEM;
-            write_and_link(&self.layout.fs, &tmp, &bytes, fsync_files, &dests)?
+            write_copies(&self.layout.fs, &tmp, &bytes, fsync_files, &dests)?
         };
         Ok(Some(Prepared {
             envelope,
-            links,
-            linked,
+            copies,
+            written,
             durable,
             expiring,
             refused,

@@ -91,11 +91,7 @@ impl Snapshot {
 }
 
 pub(super) fn exchange_kind(topo: &Topology, name: &str) -> Option<ExchangeKind> {
-    PREDECLARED_EXCHANGES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, k)| k.clone())
-        .or_else(|| topo.exchanges.get(name).map(|x| x.kind.clone()))
+    predeclared(name).or_else(|| topo.exchanges.get(name).map(|x| x.kind.clone()))
 }
 
 pub(super) fn predeclared(name: &str) -> Option<ExchangeKind> {
