@@ -535,8 +535,8 @@ impl DeliveryReceiver {
         let message = message_from_amqp(d.data, &d.properties);
         Some(Delivery::new(
             message,
-            String::from(d.exchange),
-            String::from(d.routing_key),
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
             d.redelivered,
             tag,
             active.acker.clone(),

@@ -195,7 +195,7 @@ pub(crate) fn properties_from_amqp(b: &BasicProperties) -> Properties {
 pub(crate) fn message_from_amqp(data: Vec<u8>, props: &BasicProperties) -> Message {
     Message {
         body: Bytes::from(data),
-        properties: properties_from_amqp(props),
+        properties: properties_from_amqp(props).into(),
     }
 }
 

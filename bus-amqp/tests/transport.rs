@@ -95,12 +95,12 @@ async fn every_property_and_header_type_round_trips_through_the_broker() {
     let sent = [
         Message {
             body: Bytes::from_static(b"hello"),
-            properties: props.clone(),
+            properties: props.clone().into(),
         },
         Message::new(Bytes::new()),
         Message {
             body: big,
-            properties: Properties::default(),
+            properties: Default::default(),
         },
     ];
     for m in &sent {

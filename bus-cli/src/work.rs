@@ -111,8 +111,8 @@ impl Handler {
     async fn handle(&self, job: Job) -> Result<(), HandlerError> {
         let origin = Origin {
             queue: self.queue.clone(),
-            exchange: job.exchange.clone(),
-            routing_key: job.routing_key.clone(),
+            exchange: job.exchange.to_string(),
+            routing_key: job.routing_key.to_string(),
             redelivered: job.redelivered,
             attempt: job.attempt,
         };

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::message::{Message, Properties};
+use crate::message::{Message, Properties, SharedStr};
 
 /// What a nack or reject does with the messages it settles.
 ///
@@ -135,10 +135,12 @@ pub trait Acknowledger: Send + Sync + 'static {
 pub struct Delivery {
     /// The message as published.
     pub message: Message,
-    /// The exchange it was published to (`""` for the default one).
-    pub exchange: String,
-    /// The routing key it was published with.
-    pub routing_key: String,
+    /// The exchange it was published to (`""` for the default one),
+    /// shared with the transport's copy.
+    pub exchange: SharedStr,
+    /// The routing key it was published with, shared with the transport's
+    /// copy.
+    pub routing_key: SharedStr,
     /// Whether it was delivered before and not acked.
     pub redelivered: bool,
     /// Identifies the delivery within its consumer.
@@ -169,8 +171,8 @@ impl Delivery {
     #[inline]
     pub fn new(
         message: Message,
-        exchange: String,
-        routing_key: String,
+        exchange: impl Into<SharedStr>,
+        routing_key: impl Into<SharedStr>,
         redelivered: bool,
         delivery_tag: u64,
         acker: Option<Arc<dyn Acknowledger>>,
@@ -178,8 +180,8 @@ impl Delivery {
         Delivery {
             settled: AtomicBool::new(acker.is_none()),
             message,
-            exchange,
-            routing_key,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
             redelivered,
             delivery_tag,
             acker,
@@ -223,12 +225,16 @@ impl Delivery {
         }
     }
 
-    async fn settle_ack(&self, multiple: bool) -> Result<()> {
+    /// Starts an ack: claims the delivery, records a `multiple` one for
+    /// the consumer's other deliveries, and acks at once when the
+    /// transport can. `Ok(None)` when the ack is done (or needed none);
+    /// `Ok(Some(..))` with what to await it on otherwise.
+    fn begin_ack(&self, multiple: bool) -> Result<Option<(&Arc<dyn Acknowledger>, AckOptions)>> {
         let claimed = self.claim()?;
         self.mark_multiple(multiple);
         tracing::debug!(delivery_tag = self.delivery_tag, multiple, "ack");
         let Some(acker) = claimed else {
-            return Ok(());
+            return Ok(None);
         };
         let options = if multiple {
             AckOptions::multiple()
@@ -236,9 +242,32 @@ impl Delivery {
             AckOptions::single()
         };
         match acker.ack_now(self.delivery_tag, options) {
-            Some(done) => done,
-            None => acker.ack(self.delivery_tag, options).await,
+            Some(done) => done.map(|()| None),
+            None => Ok(Some((acker, options))),
         }
+    }
+
+    async fn settle_ack(&self, multiple: bool) -> Result<()> {
+        match self.begin_ack(multiple)? {
+            None => Ok(()),
+            Some((acker, options)) => acker.ack(self.delivery_tag, options).await,
+        }
+    }
+
+    /// Acks as [`Delivery::ack`] (or [`Delivery::ack_multiple`]) does, and
+    /// without a future when the transport settles at once: `Ok(None)`
+    /// once acked, `Ok(Some(ack))` with the ack to await otherwise. The
+    /// delivery counts as settled (and a `multiple` ack covers the earlier
+    /// ones) as soon as this returns.
+    pub(crate) fn ack_eagerly(
+        self,
+        multiple: bool,
+    ) -> Result<Option<Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>>> {
+        let Some((acker, options)) = self.begin_ack(multiple)? else {
+            return Ok(None);
+        };
+        let (acker, tag) = (acker.clone(), self.delivery_tag);
+        Ok(Some(Box::pin(async move { acker.ack(tag, options).await })))
     }
 
     async fn settle_nack(&self, options: NackOptions) -> Result<()> {

@@ -38,7 +38,7 @@ pub use delivery::{
     Requeue,
 };
 pub use error::{Error, ErrorDetail, Result, Subject};
-pub use message::{DeliveryMode, Message, Properties};
+pub use message::{DeliveryMode, Message, Properties, SharedProperties, SharedStr};
 pub use recovery::RecoveryEvent;
 pub use topology::{
     is_reserved_name, validate_name, DeleteExchangeOptions, DeleteQueueOptions, ExchangeKind,

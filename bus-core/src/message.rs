@@ -1,5 +1,8 @@
 //! Messages: a body of bytes and the AMQP basic properties.
 
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,16 +81,303 @@ pub struct Properties {
     pub app_id: Option<String>,
 }
 
+impl Properties {
+    /// No property set: what [`Properties::default`] returns, as a constant.
+    const NONE: Properties = Properties {
+        content_type: None,
+        content_encoding: None,
+        headers: FieldTable::new(),
+        delivery_mode: None,
+        priority: None,
+        correlation_id: None,
+        reply_to: None,
+        expiration: None,
+        message_id: None,
+        timestamp: None,
+        kind: None,
+        user_id: None,
+        app_id: None,
+    };
+
+    /// Whether no property is set (no field, no header).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::NONE
+    }
+}
+
+/// The empty set every [`SharedProperties`] without properties reads.
+static NO_PROPERTIES: Properties = Properties::NONE;
+
+/// A message's [`Properties`], shared by the copies of the message.
+///
+/// It dereferences to [`Properties`], so fields read and write as on the
+/// plain struct (`message.properties.content_type`,
+/// `message.properties.headers.insert(..)`). Cloning it counts a reference
+/// instead of copying ten strings and a table: a message routed to several
+/// queues, a delivery and the copy its broker keeps until the ack, or a
+/// worker's job and the delivery it came from, share one set. The first
+/// write through a shared set copies it for the writer alone (copy on
+/// write), so a change is never seen by another copy. The default, no
+/// properties, allocates nothing.
+///
+/// ```
+/// use bus_core::{Message, Properties};
+///
+/// let mut a = Message::new(&b"x"[..]).with_correlation_id("42");
+/// let b = a.clone(); // shares a's properties
+/// a.properties.correlation_id = Some("43".into()); // a's own copy now
+/// assert_eq!(b.properties.correlation_id.as_deref(), Some("42"));
+/// assert_eq!(a.properties.correlation_id.as_deref(), Some("43"));
+///
+/// let p = Properties { app_id: Some("asr".into()), ..Properties::default() };
+/// let c = Message::new(&b"y"[..]).with_properties(p.clone());
+/// assert_eq!(c.properties, p);
+/// ```
+#[derive(Clone, Default)]
+pub struct SharedProperties(Option<Arc<Properties>>);
+
+impl SharedProperties {
+    /// The properties, owned: without a copy when no other message shares
+    /// them.
+    #[must_use]
+    pub fn into_inner(self) -> Properties {
+        self.0.map(Arc::unwrap_or_clone).unwrap_or_default()
+    }
+}
+
+impl Deref for SharedProperties {
+    type Target = Properties;
+
+    #[inline]
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
+    }
+}
+
+impl DerefMut for SharedProperties {
+    /// The properties for writing: copied first when another message
+    /// shares them.
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Properties {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+}
+
+impl From<Properties> for SharedProperties {
+    fn from(properties: Properties) -> Self {
+        if properties.is_empty() {
+            SharedProperties(None)
+        } else {
+            SharedProperties(Some(Arc::new(properties)))
+        }
+    }
+}
+
+impl From<SharedProperties> for Properties {
+    fn from(shared: SharedProperties) -> Self {
+        shared.into_inner()
+    }
+}
+
+impl fmt::Debug for SharedProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Properties::fmt(self, f)
+    }
+}
+
+impl PartialEq for SharedProperties {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => true,
+            _ => **self == **other,
+        }
+    }
+}
+
+impl PartialEq<Properties> for SharedProperties {
+    fn eq(&self, other: &Properties) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<SharedProperties> for Properties {
+    fn eq(&self, other: &SharedProperties) -> bool {
+        *self == **other
+    }
+}
+
+/// An immutable string shared by reference count: what a [`Delivery`]
+/// (and a worker's [`Job`]) carries its exchange and routing key as, so
+/// that handing one out costs a count instead of a copy.
+///
+/// It reads as a `str` (it dereferences to one) and compares with `str`,
+/// `&str` and `String`:
+///
+/// ```
+/// use bus_core::SharedStr;
+///
+/// let key = SharedStr::from("audio.uploaded");
+/// assert_eq!(key, "audio.uploaded");
+/// assert!(key.starts_with("audio."));
+/// assert_eq!(key.as_str(), String::from("audio.uploaded"));
+/// ```
+///
+/// [`Delivery`]: crate::Delivery
+/// [`Job`]: crate::worker::Job
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedStr(Arc<str>);
+
+/// The empty string every empty [`SharedStr`] shares (the default exchange
+/// is named by it): no allocation per message for it.
+static EMPTY_STR: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
+impl Default for SharedStr {
+    fn default() -> Self {
+        SharedStr(EMPTY_STR.clone())
+    }
+}
+
+impl SharedStr {
+    /// The string.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for SharedStr {
+    type Target = str;
+
+    #[inline]
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for SharedStr {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        if s.is_empty() {
+            SharedStr::default()
+        } else {
+            SharedStr(s.into())
+        }
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr::from(s.as_str())
+    }
+}
+
+impl From<&String> for SharedStr {
+    fn from(s: &String) -> Self {
+        SharedStr::from(s.as_str())
+    }
+}
+
+impl From<Arc<str>> for SharedStr {
+    fn from(s: Arc<str>) -> Self {
+        SharedStr(s)
+    }
+}
+
+impl From<SharedStr> for String {
+    fn from(s: SharedStr) -> Self {
+        s.0.as_ref().to_owned()
+    }
+}
+
+impl Serialize for SharedStr {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SharedStr {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SharedStr::from)
+    }
+}
+
+impl fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        str::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        str::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for SharedStr {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<SharedStr> for str {
+    fn eq(&self, other: &SharedStr) -> bool {
+        *self == *other.0
+    }
+}
+
+impl PartialEq<SharedStr> for &str {
+    fn eq(&self, other: &SharedStr) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<SharedStr> for String {
+    fn eq(&self, other: &SharedStr) -> bool {
+        **self == *other.0
+    }
+}
+
 /// A message: a body of bytes and its [`Properties`].
 ///
-/// The body is [`Bytes`], so a message routed to many queues shares one body
-/// instead of copying it.
+/// The body is [`Bytes`] and the properties [`SharedProperties`], so a
+/// message routed to many queues, or cloned, shares one body and one set of
+/// properties instead of copying them; a `Message` is a few words, cheap to
+/// move.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Message {
     /// The payload, any bytes, possibly empty.
     pub body: Bytes,
-    /// The basic properties.
-    pub properties: Properties,
+    /// The basic properties; reads and writes go through to [`Properties`].
+    pub properties: SharedProperties,
 }
 
 impl Message {
@@ -95,8 +385,15 @@ impl Message {
     pub fn new(body: impl Into<Bytes>) -> Self {
         Message {
             body: body.into(),
-            properties: Properties::default(),
+            properties: SharedProperties::default(),
         }
+    }
+
+    /// Replaces all properties, headers included.
+    #[must_use]
+    pub fn with_properties(mut self, properties: impl Into<SharedProperties>) -> Self {
+        self.properties = properties.into();
+        self
     }
 
     /// Sets the content type.
@@ -344,7 +641,8 @@ mod tests {
                 properties: Properties {
                     expiration: Some("-1".into()),
                     ..Properties::default()
-                },
+                }
+                .into(),
             },
         ] {
             let e = ttl(bad).unwrap_err();

@@ -436,8 +436,8 @@ impl ConsumerShared {
         };
         let delivery = Delivery::new(
             env.message.clone(),
-            env.exchange.clone(),
-            env.routing_key.clone(),
+            env.exchange.as_str(),
+            env.routing_key.as_str(),
             claim.name.redelivered,
             tag,
             acker,

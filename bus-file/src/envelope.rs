@@ -174,7 +174,7 @@ fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         published_at_ms,
         message: Message {
             body: Bytes::copy_from_slice(&content[meta_end..]),
-            properties,
+            properties: properties.into(),
         },
     })
 }

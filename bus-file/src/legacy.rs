@@ -531,7 +531,7 @@ impl InboxConsumer {
         let acker: Arc<dyn Acknowledger> = Arc::new(InboxAcker(self.clone()));
         permit.send(Ok(Delivery::new(
             message,
-            String::new(),
+            "",
             name,
             redelivered,
             tag,

@@ -91,7 +91,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 published_at_ms,
                 message: Message {
                     body: Bytes::from(body),
-                    properties,
+                    properties: properties.into(),
                 },
             },
         )

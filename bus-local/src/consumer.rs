@@ -265,7 +265,7 @@ impl DeliveryStream {
                 Err(env) => (
                     env.message.clone(),
                     env.exchange.clone(),
-                    env.routing_key().to_owned(),
+                    env.routing_key.clone(),
                 ),
             };
             return Delivery::new(message, exchange, routing_key, redelivered, tag, None);
@@ -273,7 +273,7 @@ impl DeliveryStream {
         Delivery::new(
             envelope.message.clone(),
             envelope.exchange.clone(),
-            envelope.routing_key().to_owned(),
+            envelope.routing_key.clone(),
             redelivered,
             tag,
             Some(acker.clone()),

@@ -15,7 +15,7 @@ use bus_core::engine::policy::{self, Admission, Depth, Limits};
 use bus_core::engine::unacked::Unacked;
 use bus_core::routing::sender_routes;
 use bus_core::sync::Mutex;
-use bus_core::{Error, ErrorDetail, Message, QueueArguments, Result, Subject};
+use bus_core::{Error, ErrorDetail, Message, QueueArguments, Result, SharedStr, Subject};
 use tokio::time::Instant;
 
 use crate::consumer::{ConsumerShared, Handover};
@@ -39,9 +39,9 @@ impl Now {
 pub(crate) struct Envelope {
     pub(crate) message: Message,
     /// The exchange it was published (or dead-lettered) to.
-    pub(crate) exchange: String,
+    pub(crate) exchange: SharedStr,
     /// The publish routing key.
-    pub(crate) routing_key: String,
+    pub(crate) routing_key: SharedStr,
     /// The keys of the `CC` and `BCC` headers, routed as well (usually
     /// none: no list to allocate).
     pub(crate) cc: Vec<String>,
@@ -60,8 +60,8 @@ impl Envelope {
         };
         Arc::new(Envelope {
             message,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
             cc,
         })
     }
@@ -366,13 +366,13 @@ impl Queue {
         // A dead-letter routing key replaces every routing key; without one
         // the message keeps those it was published with.
         let (routing_key, cc) = match dl.routing_key {
-            Some(key) => (key, Vec::new()),
+            Some(key) => (key.into(), Vec::new()),
             None => (envelope.routing_key.clone(), envelope.cc.clone()),
         };
         fx.dead.push(DeadLetter {
             envelope: Envelope {
                 message: dl.message,
-                exchange: dl.exchange,
+                exchange: dl.exchange.into(),
                 routing_key,
                 cc,
             },

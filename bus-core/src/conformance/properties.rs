@@ -65,7 +65,8 @@ pub async fn every_property_round_trips(h: &dyn Harness) {
             kind: Some("order.created".into()),
             user_id: Some(h.user_id()),
             app_id: Some("bus-conformance".into()),
-        },
+        }
+        .into(),
     };
     round_trip(&*conn, &x, "props.full", &q, &full, "every property").await;
     round_trip(

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::topology::QueueOptions;
 use crate::transport::{Connection, ConnectionExt, ConsumeOptions};
-use crate::worker::engine::{self, Stop};
+use crate::worker::engine::{self, Processed, Stop};
 use crate::Requeue;
 
 /// What handling one request came to.
@@ -254,7 +254,7 @@ impl RpcServerBuilder {
                 usize::from(self.concurrency),
                 process,
                 stopped,
-                || {},
+                (),
             )
             .map(|(ended, _)| ended),
         );
@@ -434,7 +434,7 @@ struct Serving {
 }
 
 impl Serving {
-    async fn handle(&self, mut delivery: Delivery) {
+    async fn handle(&self, mut delivery: Delivery) -> Processed {
         // The handler gets the message itself: settling the delivery needs
         // only its tag.
         let request = std::mem::take(&mut delivery.message);
@@ -450,7 +450,7 @@ impl Serving {
                 if let Err(e) = delivery.nack(Requeue::No).await {
                     tracing::warn!(error = %e, "could not dead-letter an undecodable request");
                 }
-                return;
+                return Processed::Settled;
             }
             Outcome::Undecodable(text) => {
                 error_reply(&format!("the request cannot be decoded: {text}"), format)
@@ -459,7 +459,7 @@ impl Serving {
                 if let Err(e) = delivery.nack(Requeue::Yes).await {
                     tracing::warn!(error = %e, "could not requeue a request");
                 }
-                return;
+                return Processed::Settled;
             }
         };
         if let Some(reply_to) = reply_to {
@@ -470,12 +470,11 @@ impl Serving {
                 tracing::warn!(reply_to, error = %e, "could not publish an RPC reply");
                 if matches!(e, Error::ConnectionLost(_) | Error::Closed(_)) {
                     // The request goes back to the queue with the connection.
-                    return;
+                    return Processed::Settled;
                 }
             }
         }
-        if let Err(e) = delivery.ack().await {
-            tracing::warn!(error = %e, "could not ack an RPC request");
-        }
+        // The engine acks it, with the other requests answered in its turn.
+        Processed::Ack(delivery)
     }
 }

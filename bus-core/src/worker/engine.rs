@@ -14,7 +14,14 @@
 //! long run on the blocking pool (`handle_blocking`, `serve_blocking`).
 //! The loop yields to the runtime after [`BUDGET`] deliveries in a row, so
 //! a full queue never starves the other tasks of its thread.
+//!
+//! A handler that succeeded hands its delivery back ([`Processed::Ack`]),
+//! and the loop acks the deliveries of one turn together, with one
+//! `multiple` ack for those below the lowest delivery still in hand (see
+//! [`Acks`]): under a steady load the transport settles once per turn
+//! instead of once per message.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
@@ -58,35 +65,77 @@ pub(crate) struct Drained {
     pub(crate) finished: u64,
 }
 
-/// The handlers in hand. A new handler is polled at once in a slot reused
-/// for every delivery: one that finishes in that first poll (a quick
-/// handler, an ack that needs no round trip) costs no allocation and never
-/// joins the set. One that has to wait is parked in the set, in its own
-/// box, and the slot is replaced.
-struct Handling<F> {
-    slot: Pin<Box<Option<F>>>,
-    waiting: FuturesUnordered<Parked<F>>,
+/// What processing one delivery came to.
+pub(crate) enum Processed {
+    /// The processor settled the delivery itself (or it needed no
+    /// settling).
+    Settled,
+    /// Handled: the engine acks it, together with the other deliveries
+    /// handled in the same turn (see [`Acks`]).
+    Ack(Delivery),
 }
 
-/// A handler that did not finish in its first poll.
-struct Parked<F>(Pin<Box<Option<F>>>);
+/// What the loop tells the component it runs for.
+pub(crate) trait Observer {
+    /// The loop is about to wait, yields under a steady load (every
+    /// [`BUSY_IDLE`] yields), saw a handler finish while draining, or
+    /// ends: the worker publishes its statistics here, so that a waiter is
+    /// woken once per burst of messages rather than once per message.
+    fn idle(&self);
 
-impl<F: Future<Output = ()>> Future for Parked<F> {
-    type Output = ();
+    /// `count` deliveries returned as [`Processed::Ack`] were acked, or
+    /// could not be (`result`).
+    fn acked(&self, count: u64, result: &Result<()>);
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.0.as_mut().as_pin_mut() {
-            Some(handler) => handler.poll(cx),
-            None => Poll::Ready(()),
+/// An observer that counts nothing: it logs the acks that failed.
+impl Observer for () {
+    fn idle(&self) {}
+
+    fn acked(&self, count: u64, result: &Result<()>) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, count, "could not ack handled messages");
         }
     }
 }
 
-impl<F: Future<Output = ()>> Handling<F> {
+/// The handlers in hand. A new handler is polled at once in a slot reused
+/// for every delivery: one that finishes in that first poll (a quick
+/// handler, an ack that needs no round trip) costs no allocation and never
+/// joins the set. One that has to wait is parked in the set, in its own
+/// box, and the slot is replaced. The tags of the parked ones are kept in
+/// order: no delivery at or above the lowest of them may be covered by a
+/// `multiple` ack.
+struct Handling<F> {
+    slot: Pin<Box<Option<F>>>,
+    waiting: FuturesUnordered<Parked<F>>,
+    /// The delivery tags of the parked handlers, ascending (deliveries
+    /// arrive, and are started, in tag order).
+    parked: VecDeque<u64>,
+}
+
+/// A handler that did not finish in its first poll, with its delivery's
+/// tag.
+struct Parked<F>(Pin<Box<Option<F>>>, u64);
+
+impl<F: Future<Output = Processed>> Future for Parked<F> {
+    type Output = (u64, Processed);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, Processed)> {
+        let tag = self.1;
+        match self.0.as_mut().as_pin_mut() {
+            Some(handler) => handler.poll(cx).map(|done| (tag, done)),
+            None => Poll::Ready((tag, Processed::Settled)),
+        }
+    }
+}
+
+impl<F: Future<Output = Processed>> Handling<F> {
     fn new() -> Self {
         Handling {
             slot: Box::pin(None),
             waiting: FuturesUnordered::new(),
+            parked: VecDeque::new(),
         }
     }
 
@@ -95,55 +144,175 @@ impl<F: Future<Output = ()>> Handling<F> {
         self.waiting.len()
     }
 
-    /// Starts a handler and polls it once; parks it when it has to wait.
-    fn start(&mut self, handler: F, cx: &mut Context<'_>) {
+    /// The lowest delivery tag still in hand.
+    fn lowest(&self) -> Option<u64> {
+        self.parked.front().copied()
+    }
+
+    /// Starts the handler of delivery `tag` and polls it once: what it
+    /// came to if it finished, `None` if it was parked to wait.
+    fn start(&mut self, tag: u64, handler: F, cx: &mut Context<'_>) -> Option<Processed> {
         self.slot.set(Some(handler));
         let first = match self.slot.as_mut().as_pin_mut() {
             Some(handler) => handler.poll(cx),
-            None => Poll::Ready(()),
+            None => Poll::Ready(Processed::Settled),
         };
         match first {
-            Poll::Ready(()) => self.slot.set(None),
+            Poll::Ready(done) => {
+                self.slot.set(None);
+                Some(done)
+            }
             Poll::Pending => {
                 let parked = std::mem::replace(&mut self.slot, Box::pin(None));
-                self.waiting.push(Parked(parked));
+                self.waiting.push(Parked(parked, tag));
+                self.parked.push_back(tag);
+                None
             }
         }
     }
 
-    /// Drives the parked handlers: `Ready(Some(()))` when one finished,
+    /// Drives the parked handlers: `Ready(Some(..))` when one finished,
     /// `Ready(None)` when there are none.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        self.waiting.poll_next_unpin(cx)
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Processed>> {
+        self.waiting.poll_next_unpin(cx).map(|next| {
+            next.map(|(tag, done)| {
+                if let Ok(i) = self.parked.binary_search(&tag) {
+                    self.parked.remove(i);
+                }
+                done
+            })
+        })
     }
 
     /// Drops the parked handlers (their deliveries are requeued).
     fn clear(&mut self) {
         self.waiting.clear();
+        self.parked.clear();
+    }
+}
+
+/// Handled deliveries waiting for their ack, and acks on their way.
+///
+/// The loop acks the deliveries handled in one turn together: one
+/// `multiple` ack covers those below the lowest delivery still in hand
+/// (all deliveries below it are settled, or in this batch), and each of the
+/// others is acked alone. A turn ends before the loop waits or yields, so
+/// a handled message is never left unacked while the loop sleeps; within a
+/// turn, under a steady load, this saves the transport one settle per
+/// message, and at concurrency 1 every batch is one `multiple` ack.
+struct Acks {
+    batch: Vec<Delivery>,
+    /// Acks the transport could not settle at once, with how many
+    /// deliveries each covers.
+    sending: FuturesUnordered<Sending>,
+}
+
+/// An ack on its way, with how many deliveries it covers.
+type Sending = Pin<Box<dyn Future<Output = (u64, Result<()>)> + Send>>;
+
+impl Acks {
+    fn new() -> Self {
+        Acks {
+            batch: Vec::new(),
+            sending: FuturesUnordered::new(),
+        }
+    }
+
+    /// Takes what a handler came to.
+    fn push(&mut self, done: Processed) {
+        if let Processed::Ack(delivery) = done {
+            self.batch.push(delivery);
+        }
+    }
+
+    /// Acks the batch, the deliveries below `lowest` (the lowest tag still
+    /// in hand) with one `multiple` ack. Returns how many it acked.
+    fn flush(&mut self, lowest: Option<u64>, observer: &impl Observer) -> usize {
+        let n = self.batch.len();
+        if n == 0 {
+            return 0;
+        }
+        let lowest = lowest.unwrap_or(u64::MAX);
+        // The highest tag below `lowest` carries the `multiple` ack (in tag
+        // order, that is the last one).
+        let last = self
+            .batch
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.delivery_tag < lowest)
+            .max_by_key(|(_, d)| d.delivery_tag)
+            .map(|(i, _)| i);
+        if let Some(i) = last {
+            let last = self.batch.remove(i);
+            let tag = last.delivery_tag;
+            let covered = self.batch.iter().filter(|d| d.delivery_tag < tag).count() as u64;
+            // Alone, `ack` is the same as `ack_multiple`, and a transport
+            // may settle it more cheaply.
+            Self::send(&mut self.sending, last, covered > 0, covered + 1, observer);
+            // Claimed, and the `multiple` recorded, once `send` returned:
+            // dropping the deliveries it covers sends nothing.
+            self.batch.retain(|d| d.delivery_tag > tag);
+        }
+        for delivery in self.batch.drain(..) {
+            Self::send(&mut self.sending, delivery, false, 1, observer);
+        }
+        n
+    }
+
+    /// Acks `delivery` (and, with `multiple`, the earlier ones: `count`
+    /// in all), at once or through `sending`.
+    fn send(
+        sending: &mut FuturesUnordered<Sending>,
+        delivery: Delivery,
+        multiple: bool,
+        count: u64,
+        observer: &impl Observer,
+    ) {
+        match delivery.ack_eagerly(multiple) {
+            Ok(None) => observer.acked(count, &Ok(())),
+            Ok(Some(ack)) => sending.push(Box::pin(async move { (count, ack.await) })),
+            Err(e) => observer.acked(count, &Err(e)),
+        }
+    }
+
+    /// Drives the acks on their way: `Ready(true)` when one finished.
+    fn poll_sent(&mut self, cx: &mut Context<'_>, observer: &impl Observer) -> Poll<bool> {
+        match self.sending.poll_next_unpin(cx) {
+            Poll::Ready(Some((count, result))) => {
+                observer.acked(count, &result);
+                Poll::Ready(true)
+            }
+            Poll::Ready(None) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Waits for every ack on its way.
+    async fn finish(&mut self, observer: &impl Observer) {
+        while std::future::poll_fn(|cx| self.poll_sent(cx, observer)).await {}
     }
 }
 
 /// Runs the loop until a stop is requested (then `Ok`) or the consumer ends
 /// or fails (then the error, after the handlers in hand have finished).
 ///
-/// `process` handles one delivery, settling it before it resolves. `idle`
-/// is called whenever the loop is about to wait, every [`BUSY_IDLE`]
-/// yields under a steady load, after each handler finished while draining,
-/// and once more at the end: the worker publishes its statistics there, so
-/// that a waiter is woken once per burst of messages rather than once per
-/// message.
+/// `process` handles one delivery, and resolves once it has settled it
+/// ([`Processed::Settled`]) or to hand it back for the engine to ack
+/// ([`Processed::Ack`]). `observer` is told of those acks, and whenever the
+/// loop is about to wait (see [`Observer::idle`]).
 pub(crate) async fn run<P, F>(
     mut consumer: Consumer,
     concurrency: usize,
     process: P,
     mut stop: watch::Receiver<Stop>,
-    idle: impl Fn(),
+    observer: impl Observer,
 ) -> (Result<()>, Drained)
 where
     P: Fn(Delivery) -> F,
-    F: Future<Output = ()>,
+    F: Future<Output = Processed>,
 {
     let mut handling = Handling::new();
+    let mut acks = Acks::new();
     let mut stop_seen = stop.clone();
     let ended = {
         // `wait_for` also returns when the sender is gone: that stops too.
@@ -167,7 +336,10 @@ where
                     match consumer.poll_next_unpin(cx) {
                         Poll::Ready(Some(Ok(delivery))) => {
                             // A quick handler finishes in here.
-                            handling.start(process(delivery), cx);
+                            let tag = delivery.delivery_tag;
+                            if let Some(done) = handling.start(tag, process(delivery), cx) {
+                                acks.push(done);
+                            }
                             progress = true;
                             budget -= 1;
                         }
@@ -181,26 +353,35 @@ where
                         Poll::Pending => break,
                     }
                 }
-                while let Poll::Ready(Some(())) = handling.poll_next(cx) {
+                while let Poll::Ready(Some(done)) = handling.poll_next(cx) {
+                    acks.push(done);
                     progress = true;
                     budget = budget.saturating_sub(1);
                 }
+                while let Poll::Ready(true) = acks.poll_sent(cx, &observer) {}
                 if !progress {
-                    idle();
+                    // Acks free prefetch slots: the consumer may have more.
+                    if acks.flush(handling.lowest(), &observer) > 0 {
+                        continue;
+                    }
+                    observer.idle();
                     return Poll::Pending;
                 }
             }
+            acks.flush(handling.lowest(), &observer);
             // Under a steady load the loop never waits: it still tells
             // every [`BUSY_IDLE`] yields.
             yields += 1;
             if yields % BUSY_IDLE == 0 {
-                idle();
+                observer.idle();
             }
             cx.waker().wake_by_ref();
             Poll::Pending
         })
         .await
     };
+    // Handled deliveries are acked before the consumer is cancelled.
+    acks.flush(handling.lowest(), &observer);
     let mut drained = Drained::default();
     if ended.is_ok() {
         match consumer.cancel().await {
@@ -223,12 +404,11 @@ where
     // The consumer stays alive until the deliveries in hand are settled:
     // dropping it would requeue them.
     let finish = async {
-        while std::future::poll_fn(|cx| handling.poll_next(cx))
-            .await
-            .is_some()
-        {
+        while let Some(done) = std::future::poll_fn(|cx| handling.poll_next(cx)).await {
+            acks.push(done);
+            acks.flush(handling.lowest(), &observer);
             drained.finished += 1;
-            idle();
+            observer.idle();
         }
     };
     match deadline {
@@ -242,7 +422,9 @@ where
             }
         }
     }
-    idle();
+    acks.flush(None, &observer);
+    acks.finish(&observer).await;
+    observer.idle();
     drop(consumer);
     (ended, drained)
 }
@@ -304,16 +486,18 @@ pub(crate) fn process_span(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
 
     use async_trait::async_trait;
     use futures::task::noop_waker_ref;
     use futures::FutureExt;
-    use tokio::sync::watch;
+    use tokio::sync::{watch, Notify};
 
-    use super::{run, Stop, BUDGET, BUSY_IDLE};
-    use crate::delivery::{Consumer, ConsumerControl, Delivery};
+    use super::{run, Observer, Processed, Stop, BUDGET, BUSY_IDLE};
+    use crate::delivery::{
+        AckOptions, Acknowledger, Consumer, ConsumerControl, Delivery, NackOptions,
+    };
     use crate::error::Result;
     use crate::message::Message;
     use futures::StreamExt;
@@ -327,16 +511,53 @@ mod tests {
         }
     }
 
-    /// A consumer with `n` auto-acked deliveries ready at once.
-    fn full_queue(n: u64) -> Consumer {
-        let deliveries = (1..=n).map(|tag| {
+    /// Records the settles it is asked for, and settles at once.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, bool)>>);
+
+    #[async_trait]
+    impl Acknowledger for Recorder {
+        async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+            self.0.lock().unwrap().push((tag, options.multiple));
+            Ok(())
+        }
+        async fn nack(&self, _: u64, _: NackOptions) -> Result<()> {
+            panic!("nothing is nacked here");
+        }
+        fn ack_now(&self, tag: u64, options: AckOptions) -> Option<Result<()>> {
+            self.0.lock().unwrap().push((tag, options.multiple));
+            Some(Ok(()))
+        }
+    }
+
+    /// Counts the hook calls.
+    #[derive(Clone, Default)]
+    struct Counting {
+        idles: Arc<AtomicU64>,
+        acked: Arc<AtomicU64>,
+    }
+
+    impl Observer for Counting {
+        fn idle(&self) {
+            self.idles.fetch_add(1, Ordering::Relaxed);
+        }
+        fn acked(&self, count: u64, result: &Result<()>) {
+            assert!(result.is_ok(), "{result:?}");
+            self.acked.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
+    /// A consumer with `n` deliveries ready at once: auto-acked, or
+    /// settled through `acker`.
+    fn full_queue(n: u64, acker: Option<Arc<dyn Acknowledger>>) -> Consumer {
+        let deliveries = (1..=n).map(move |tag| {
             Ok(Delivery::new(
                 Message::new(&b"x"[..]),
-                String::new(),
-                "q".into(),
+                "",
+                "q",
                 false,
                 tag,
-                None,
+                acker.clone(),
             ))
         });
         Consumer::new(
@@ -354,23 +575,21 @@ mod tests {
     fn a_full_queue_yields_after_the_budget() {
         for concurrency in [1, 256] {
             let handled = Arc::new(AtomicU64::new(0));
-            let idles = Arc::new(AtomicU64::new(0));
+            let observer = Counting::default();
             let (_stop, stopped) = watch::channel(Stop::default());
             let count = handled.clone();
-            let idle = idles.clone();
             let mut engine = Box::pin(run(
-                full_queue(100_000),
+                full_queue(100_000, None),
                 concurrency,
                 move |_delivery| {
                     let count = count.clone();
                     async move {
                         count.fetch_add(1, Ordering::Relaxed);
+                        Processed::Settled
                     }
                 },
                 stopped,
-                move || {
-                    idle.fetch_add(1, Ordering::Relaxed);
-                },
+                observer.clone(),
             ));
             let mut cx = Context::from_waker(noop_waker_ref());
             for poll in 1..=u64::from(BUSY_IDLE) {
@@ -382,7 +601,7 @@ mod tests {
                 );
             }
             assert_eq!(
-                idles.load(Ordering::Relaxed),
+                observer.idles.load(Ordering::Relaxed),
                 1,
                 "concurrency {concurrency}"
             );
@@ -393,27 +612,95 @@ mod tests {
     #[test]
     fn an_empty_queue_waits_and_publishes() {
         let handled = Arc::new(AtomicU64::new(0));
-        let idles = Arc::new(AtomicU64::new(0));
+        let observer = Counting::default();
         let (_stop, stopped) = watch::channel(Stop::default());
         let count = handled.clone();
-        let idle = idles.clone();
         let mut engine = Box::pin(run(
-            full_queue(10),
+            full_queue(10, None),
             4,
             move |_delivery| {
                 let count = count.clone();
                 async move {
                     count.fetch_add(1, Ordering::Relaxed);
+                    Processed::Settled
                 }
             },
             stopped,
-            move || {
-                idle.fetch_add(1, Ordering::Relaxed);
-            },
+            observer.clone(),
         ));
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(matches!(engine.poll_unpin(&mut cx), Poll::Pending));
         assert_eq!(handled.load(Ordering::Relaxed), 10);
-        assert_eq!(idles.load(Ordering::Relaxed), 1);
+        assert_eq!(observer.idles.load(Ordering::Relaxed), 1);
+    }
+
+    /// The deliveries handled in one turn are acked with one `multiple`
+    /// ack, before the loop waits; a turn cut by the budget is acked before
+    /// the loop yields.
+    #[test]
+    fn one_turn_is_one_multiple_ack() {
+        let recorder = Arc::new(Recorder::default());
+        let observer = Counting::default();
+        let (_stop, stopped) = watch::channel(Stop::default());
+        let n = u64::from(BUDGET) + 10;
+        let mut engine = Box::pin(run(
+            full_queue(n, Some(recorder.clone())),
+            1,
+            |delivery| async move { Processed::Ack(delivery) },
+            stopped,
+            observer.clone(),
+        ));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        assert_eq!(*recorder.0.lock().unwrap(), [(u64::from(BUDGET), true)]);
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(u64::from(BUDGET), true), (n, true)]
+        );
+        assert_eq!(observer.acked.load(Ordering::Relaxed), n);
+    }
+
+    /// A `multiple` ack never covers a delivery still in hand: deliveries
+    /// handled after it, below it in the queue, are acked alone until it
+    /// is done.
+    #[test]
+    fn a_delivery_in_hand_is_never_covered() {
+        let recorder = Arc::new(Recorder::default());
+        let observer = Counting::default();
+        let (_stop, stopped) = watch::channel(Stop::default());
+        let release = Arc::new(Notify::new());
+        let wait = release.clone();
+        let mut engine = Box::pin(run(
+            full_queue(4, Some(recorder.clone())),
+            4,
+            move |delivery: Delivery| {
+                let wait = wait.clone();
+                async move {
+                    // Delivery 2 waits until released.
+                    if delivery.delivery_tag == 2 {
+                        wait.notified().await;
+                    }
+                    Processed::Ack(delivery)
+                }
+            },
+            stopped,
+            observer.clone(),
+        ));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        // 1 alone, below 2 (a `multiple` of one is a plain ack); 3 and 4
+        // one by one, above it.
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(1, false), (3, false), (4, false)]
+        );
+        release.notify_one();
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(1, false), (3, false), (4, false), (2, false)]
+        );
+        assert_eq!(observer.acked.load(Ordering::Relaxed), 4);
     }
 }

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::message::{Message, Properties};
+use crate::message::{Message, SharedProperties, SharedStr};
 use crate::rpc::Format;
 use crate::transport::{Connection, PublishOptions};
 use crate::value::FieldTable;
@@ -19,13 +19,14 @@ use crate::value::FieldTable;
 pub struct Job<T = Bytes> {
     /// The body: raw bytes, or the value it decoded to.
     pub body: T,
-    /// The message's properties, headers included.
-    pub properties: Properties,
+    /// The message's properties, headers included, shared with the
+    /// delivery the job came from (see [`SharedProperties`]).
+    pub properties: SharedProperties,
     /// The exchange the message was published to (`""` for the default
     /// one).
-    pub exchange: String,
+    pub exchange: SharedStr,
     /// The routing key it was published with.
-    pub routing_key: String,
+    pub routing_key: SharedStr,
     /// Whether the broker delivered it before (a consumer died or dropped
     /// it unsettled).
     pub redelivered: bool,

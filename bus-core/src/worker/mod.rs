@@ -37,7 +37,7 @@
 //!
 //! # Outcomes
 //! What the handler returns decides how the delivery is settled:
-//! - `Ok(())` acks it;
+//! - `Ok(())` acks it (see [Acks](#acks) for when);
 //! - a transient failure ([`HandlerError::transient`], any other error, a
 //!   panic) is retried: first in process, after an exponential backoff with
 //!   jitter ([`RetryPolicy::immediate`]); then through the broker after each
@@ -103,6 +103,22 @@
 //! that awaits I/O lets the others run, one that computes holds them up.
 //! CPU-heavy handlers run on tokio's blocking pool
 //! ([`WorkerBuilder::handle_blocking`]), or spawn their own task.
+//!
+//! # Acks
+//! The deliveries handled successfully in one turn of the worker's loop
+//! are acked together, with one `multiple` ack, the way RabbitMQ
+//! recommends acking at a high rate. A turn ends before the loop waits for
+//! anything (a message, a handler's I/O) and after at most 128 deliveries,
+//! so a handled message is acked within that turn and never left unacked
+//! while the worker sleeps; a handler that awaits I/O ends the turn, and
+//! its message is acked as soon as it returns. The `multiple` ack never
+//! covers a delivery that is still being handled, retried in process, or
+//! settled another way: deliveries handled while an earlier one is still
+//! in hand are acked one by one. A worker that dies between handling a
+//! message and that turn's ack has it redelivered, as it would if the ack
+//! were lost with the connection: handlers must be idempotent either way
+//! (at-least-once delivery). [`WorkerStats::handled`] counts a message once
+//! its ack went out.
 //!
 //! # Handlers and tower
 //! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;

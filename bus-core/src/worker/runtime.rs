@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +17,14 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::delay::Delays;
-use super::engine::{self, Drained, Stop};
+use super::engine::{self, Drained, Observer, Processed, Stop};
 use super::job::{HandlerError, Job, Kind};
 use super::poison::{self, PoisonReason, Poisoning};
 use super::policy::RetryPolicy;
 use super::shutdown::{ShutdownReport, Stopper};
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
-use crate::message::Message;
+use crate::message::{Message, SharedStr};
 use crate::rpc::panic_message;
 use crate::topology::{QueueOptions, DEFAULT_EXCHANGE};
 use crate::transport::{Connection, ConsumeOptions, PublishOptions};
@@ -253,11 +253,7 @@ impl WorkerBuilder {
             format!("{queue}@{}.{}", std::process::id(), &suffix[..8])
         });
         let system = engine::system(&*conn);
-        let (stats_tx, stats) = watch::channel(WorkerStats::default());
-        let stats_tx = Arc::new(Stats {
-            tx: stats_tx,
-            dirty: AtomicBool::new(false),
-        });
+        let (stats, stats_rx) = Stats::new(&queue);
         let ctx = Arc::new(Ctx {
             conn: conn.clone(),
             delays: Delays::new(format!("{queue}.delay")),
@@ -269,7 +265,7 @@ impl WorkerBuilder {
             poison_queue: poison.1,
             identity,
             system,
-            stats: stats_tx.clone(),
+            stats: stats.clone(),
         });
         let consumer = conn
             .consume(&queue, ConsumeOptions::prefetch(prefetch))
@@ -278,9 +274,7 @@ impl WorkerBuilder {
         let (stop, stopped) = watch::channel(Stop::default());
         let task = engine::spawn_on_current(
             &format!("worker for queue '{queue}'"),
-            engine::run(consumer, self.concurrency, process, stopped, move || {
-                stats_tx.publish();
-            }),
+            engine::run(consumer, self.concurrency, process, stopped, stats.clone()),
         )?;
         tracing::debug!(
             queue,
@@ -293,6 +287,7 @@ impl WorkerBuilder {
             stop: Arc::new(stop),
             task: Some(task),
             stats,
+            published: stats_rx,
         })
     }
 }
@@ -309,7 +304,9 @@ pub struct Worker {
     queue: String,
     stop: Arc<watch::Sender<Stop>>,
     task: Option<JoinHandle<(Result<()>, Drained)>>,
-    stats: watch::Receiver<WorkerStats>,
+    stats: Arc<Stats>,
+    /// The snapshots the engine publishes.
+    published: watch::Receiver<WorkerStats>,
 }
 
 impl Worker {
@@ -334,10 +331,12 @@ impl Worker {
         &self.queue
     }
 
-    /// What the worker has done so far.
+    /// What the worker has done so far. Each count is exact; read while
+    /// handlers run, two counts may be one message apart (a handled
+    /// message whose ack failed counts as `unsettled` before `handled`).
     #[must_use]
     pub fn stats(&self) -> WorkerStats {
-        *self.stats.borrow()
+        self.stats.snapshot()
     }
 
     /// Waits until `done` holds for the worker's stats (checked now and
@@ -349,7 +348,7 @@ impl Worker {
         &self,
         mut done: impl FnMut(&WorkerStats) -> bool,
     ) -> Result<WorkerStats> {
-        let mut stats = self.stats.clone();
+        let mut stats = self.published.clone();
         let result = stats.wait_for(|s| done(s)).await.map(|s| *s);
         result.map_err(|_| Error::Closed(format!("the worker of queue '{}' stopped", self.queue)))
     }
@@ -418,30 +417,108 @@ impl Drop for Worker {
     }
 }
 
-/// A worker's statistics as its handlers update them. Updates do not wake
-/// the waiters of [`Worker::wait_until`] one by one: the engine publishes
-/// them whenever it is about to wait or yield, so [`Worker::stats`] is
-/// always exact and a waiter is woken once per burst of messages.
+/// One of a worker's counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stat {
+    Handled,
+    Failures,
+    Retried,
+    Delayed,
+    Poisoned,
+    Unsettled,
+}
+
+impl Stat {
+    /// The name of its `metrics` counter.
+    #[cfg(feature = "metrics")]
+    fn metric(self) -> &'static str {
+        match self {
+            Stat::Handled => "bus_worker_handled_total",
+            Stat::Failures => "bus_worker_failures_total",
+            Stat::Retried => "bus_worker_retried_total",
+            Stat::Delayed => "bus_worker_delayed_total",
+            Stat::Poisoned => "bus_worker_poisoned_total",
+            Stat::Unsettled => "bus_worker_unsettled_total",
+        }
+    }
+}
+
+/// A worker's statistics as its handlers update them: one atomic counter
+/// each, so a handled message costs an atomic add, not a lock. Updates do
+/// not wake the waiters of [`Worker::wait_until`] one by one: the engine
+/// publishes a snapshot whenever it is about to wait or yield, so a waiter
+/// is woken once per burst of messages, and [`Worker::stats`] reads the
+/// counters themselves.
 struct Stats {
+    counters: [AtomicU64; 6],
     tx: watch::Sender<WorkerStats>,
-    /// Whether an update is not published yet.
-    dirty: AtomicBool,
+    /// The label of the `metrics` counters.
+    #[cfg(feature = "metrics")]
+    queue: String,
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.snapshot().fmt(f)
+    }
 }
 
 impl Stats {
-    fn update(&self, f: impl FnOnce(&mut WorkerStats)) {
-        self.tx.send_if_modified(|stats| {
-            f(stats);
-            false
-        });
-        self.dirty.store(true, Ordering::Release);
+    fn new(queue: &str) -> (Arc<Self>, watch::Receiver<WorkerStats>) {
+        let (tx, rx) = watch::channel(WorkerStats::default());
+        #[cfg(not(feature = "metrics"))]
+        let _ = queue;
+        let stats = Stats {
+            counters: Default::default(),
+            tx,
+            #[cfg(feature = "metrics")]
+            queue: queue.to_owned(),
+        };
+        (Arc::new(stats), rx)
     }
 
-    /// Wakes the waiters if anything changed since the last call.
-    fn publish(&self) {
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            self.tx.send_modify(|_| {});
+    /// Counts `n` more of `stat`, and adds them to its `metrics` counter,
+    /// `bus_worker_<stat>_total` labelled with the queue.
+    fn add(&self, stat: Stat, n: u64) {
+        self.counters[stat as usize].fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(stat.metric(), "queue" => self.queue.clone()).increment(n);
+    }
+
+    /// The counters now. Each is exact; read while handlers run, two of
+    /// them may be one message apart.
+    fn snapshot(&self) -> WorkerStats {
+        let read = |stat: Stat| self.counters[stat as usize].load(Ordering::Relaxed);
+        WorkerStats {
+            handled: read(Stat::Handled),
+            failures: read(Stat::Failures),
+            retried: read(Stat::Retried),
+            delayed: read(Stat::Delayed),
+            poisoned: read(Stat::Poisoned),
+            unsettled: read(Stat::Unsettled),
         }
+    }
+}
+
+/// The engine tells a worker's statistics what it acked, and when to
+/// publish them.
+impl Observer for Arc<Stats> {
+    /// Wakes the waiters if anything changed since the last call.
+    fn idle(&self) {
+        let now = self.snapshot();
+        self.tx.send_if_modified(|published| {
+            let changed = *published != now;
+            *published = now;
+            changed
+        });
+    }
+
+    fn acked(&self, count: u64, result: &Result<()>) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, count, "could not ack handled messages");
+            self.add(Stat::Unsettled, count);
+        }
+        self.add(Stat::Handled, count);
     }
 }
 
@@ -470,55 +547,21 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
-        self.stats.update(|stats| {
-            #[cfg(feature = "metrics")]
-            let before = *stats;
-            f(stats);
-            #[cfg(feature = "metrics")]
-            self.export(&before, stats);
-        });
-    }
-
-    /// Adds what changed between two snapshots to the `metrics` counters
-    /// `bus_worker_<stat>_total`, labelled with the queue.
-    #[cfg(feature = "metrics")]
-    fn export(&self, before: &WorkerStats, after: &WorkerStats) {
-        let pairs = [
-            ("bus_worker_handled_total", after.handled - before.handled),
-            (
-                "bus_worker_failures_total",
-                after.failures - before.failures,
-            ),
-            ("bus_worker_retried_total", after.retried - before.retried),
-            ("bus_worker_delayed_total", after.delayed - before.delayed),
-            (
-                "bus_worker_poisoned_total",
-                after.poisoned - before.poisoned,
-            ),
-            (
-                "bus_worker_unsettled_total",
-                after.unsettled - before.unsettled,
-            ),
-        ];
-        for (name, n) in pairs {
-            if n > 0 {
-                metrics::counter!(name, "queue" => self.queue.clone()).increment(n);
-            }
-        }
+    fn count(&self, stat: Stat) {
+        self.stats.add(stat, 1);
     }
 
     /// The future that processes one delivery. Kept small (no wrapper
     /// around `settle`, the failure paths boxed): the engine moves it once
     /// per delivery.
-    fn process(self: Arc<Self>, delivery: Delivery) -> impl Future<Output = ()> {
+    fn process(self: Arc<Self>, delivery: Delivery) -> impl Future<Output = Processed> {
         let props = &delivery.message.properties;
         let text = |name: &str| {
             props
                 .headers
                 .get(name)
                 .and_then(FieldValue::as_str)
-                .map(str::to_owned)
+                .map(SharedStr::from)
         };
         // A delayed retry comes back through the delay queue: its headers
         // name where the message was first published.
@@ -539,21 +582,21 @@ where
     async fn settle(
         self: Arc<Self>,
         delivery: Delivery,
-        exchange: Option<String>,
-        routing_key: Option<String>,
+        exchange: Option<SharedStr>,
+        routing_key: Option<SharedStr>,
         prior: u32,
-    ) {
+    ) -> Processed {
         // Where the message was first published: as the headers say, or else
         // as the delivery does.
-        let exchange = exchange.as_deref().unwrap_or(&delivery.exchange);
-        let routing_key = routing_key.as_deref().unwrap_or(&delivery.routing_key);
+        let exchange = exchange.as_ref().unwrap_or(&delivery.exchange);
+        let routing_key = routing_key.as_ref().unwrap_or(&delivery.routing_key);
         let max = self.policy.max_attempts();
         if prior >= max {
             let error =
                 format!("it arrived with {prior} attempts made, and the policy allows {max}");
             // The failure paths are boxed: their futures are large, and
             // would otherwise make every delivery's future as large.
-            return Box::pin(self.poison(
+            Box::pin(self.poison(
                 &delivery,
                 PoisonReason::Exhausted,
                 &error,
@@ -562,6 +605,7 @@ where
                 routing_key,
             ))
             .await;
+            return Processed::Settled;
         }
         let round = prior / self.policy.attempts_per_round();
         let mut attempt = prior + 1;
@@ -570,8 +614,8 @@ where
             let job = Job {
                 body: delivery.message.body.clone(),
                 properties: delivery.message.properties.clone(),
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
                 redelivered: delivery.redelivered,
                 attempt,
                 conn: self.conn.clone(),
@@ -583,22 +627,11 @@ where
             metrics::histogram!("bus_worker_handling_seconds", "queue" => self.queue.clone())
                 .record(started.elapsed().as_secs_f64());
             let error = match result {
-                Ok(()) => {
-                    match delivery.ack().await {
-                        Ok(()) => self.count(|s| s.handled += 1),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not ack a handled message");
-                            self.count(|s| {
-                                s.handled += 1;
-                                s.unsettled += 1;
-                            });
-                        }
-                    }
-                    return;
-                }
+                // The engine acks it, with the others handled in its turn.
+                Ok(()) => return Processed::Ack(delivery),
                 Err(error) => error,
             };
-            self.count(|s| s.failures += 1);
+            self.count(Stat::Failures);
             let reason = match error.kind {
                 Kind::Permanent => PoisonReason::Permanent,
                 Kind::Undecodable => PoisonReason::Undecodable,
@@ -608,12 +641,12 @@ where
                     Box::pin(tokio::time::sleep(backoff)).await;
                     retry += 1;
                     attempt += 1;
-                    self.count(|s| s.retried += 1);
+                    self.count(Stat::Retried);
                     continue;
                 }
                 Kind::Transient => match self.policy.delay_after(round) {
                     Some(delay) => {
-                        return Box::pin(self.delay(
+                        Box::pin(self.delay(
                             &delivery,
                             delay,
                             attempt,
@@ -621,12 +654,13 @@ where
                             exchange,
                             routing_key,
                         ))
-                        .await
+                        .await;
+                        return Processed::Settled;
                     }
                     None => PoisonReason::Exhausted,
                 },
             };
-            return Box::pin(self.poison(
+            Box::pin(self.poison(
                 &delivery,
                 reason,
                 &error.message,
@@ -635,6 +669,7 @@ where
                 routing_key,
             ))
             .await;
+            return Processed::Settled;
         }
     }
 
@@ -676,7 +711,7 @@ where
             .await
         {
             Ok(()) => {
-                self.count(|s| s.delayed += 1);
+                self.count(Stat::Delayed);
                 self.settle_ack(delivery, "delayed for a retry").await;
             }
             Err(e) if e.is_temporary() => {
@@ -740,7 +775,7 @@ where
             .await
         {
             Ok(()) => {
-                self.count(|s| s.poisoned += 1);
+                self.count(Stat::Poisoned);
                 return self.settle_ack(delivery, "poisoned").await;
             }
             Err(e) if e.is_temporary() => {
@@ -780,7 +815,7 @@ where
         };
         match sent {
             Ok(()) => {
-                self.count(|s| s.poisoned += 1);
+                self.count(Stat::Poisoned);
                 self.settle_ack(delivery, "poisoned").await;
             }
             Err(e) if e.is_temporary() => {
@@ -793,7 +828,7 @@ where
                     fallback,
                     "the fallback queue refused a poisoned message too; rejecting it without requeue"
                 );
-                self.count(|s| s.unsettled += 1);
+                self.count(Stat::Unsettled);
                 if let Err(e) = delivery.nack(Requeue::No).await {
                     tracing::warn!(error = %e, "could not reject a message");
                 }
@@ -804,12 +839,12 @@ where
     async fn settle_ack(&self, delivery: &Delivery, what: &str) {
         if let Err(e) = delivery.ack().await {
             tracing::warn!(error = %e, "could not ack a message {what}");
-            self.count(|s| s.unsettled += 1);
+            self.count(Stat::Unsettled);
         }
     }
 
     async fn requeue(&self, delivery: &Delivery) {
-        self.count(|s| s.unsettled += 1);
+        self.count(Stat::Unsettled);
         if let Err(e) = delivery.nack(Requeue::Yes).await {
             tracing::warn!(error = %e, "could not requeue a message");
         }
