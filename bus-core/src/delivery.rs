@@ -127,9 +127,10 @@ pub trait Acknowledger: Send + Sync + 'static {
 /// a task that was aborted or panicked) is nacked with requeue: the message
 /// goes back to its queue with `redelivered` set, and the prefetch slot it
 /// held is freed, so a forgotten delivery never stalls its consumer. The
-/// nack is sent from a task on the current tokio runtime; a delivery dropped
-/// outside any runtime is requeued only when its consumer or connection
-/// goes away. Deliveries of a [`Consumer`] covered by a later
+/// nack is made at once where the transport settles without waiting (the
+/// in-process broker), and otherwise sent from a task on the current tokio
+/// runtime; a delivery of such a transport dropped outside any runtime is
+/// requeued only when its consumer or connection goes away. Deliveries of a [`Consumer`] covered by a later
 /// [`Delivery::ack_multiple`] or [`Delivery::nack_multiple`] count as
 /// settled: dropping them afterwards sends nothing.
 pub struct Delivery {
@@ -391,11 +392,19 @@ impl Drop for Delivery {
             return;
         };
         let tag = self.delivery_tag;
+        let requeue = NackOptions::single(Requeue::Yes);
+        if let Some(done) = acker.nack_now(tag, requeue) {
+            tracing::debug!(delivery_tag = tag, "requeued a delivery dropped unsettled");
+            if let Err(e) = done {
+                tracing::debug!(delivery_tag = tag, error = %e, "could not requeue a delivery dropped unsettled");
+            }
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 tracing::debug!(delivery_tag = tag, "requeueing a delivery dropped unsettled");
                 runtime.spawn(async move {
-                    if let Err(e) = acker.nack(tag, NackOptions::single(Requeue::Yes)).await {
+                    if let Err(e) = acker.nack(tag, requeue).await {
                         tracing::debug!(delivery_tag = tag, error = %e, "could not requeue a delivery dropped unsettled");
                     }
                 });

@@ -452,9 +452,12 @@ impl Stat {
 struct Stats {
     counters: [AtomicU64; 6],
     tx: watch::Sender<WorkerStats>,
-    /// The label of the `metrics` counters.
+    /// The `metrics` counters, `bus_worker_<stat>_total` labelled with the
+    /// queue, in [`Stat`] order, and the handling-time histogram,
+    /// `bus_worker_handling_seconds`: registered once, when the worker
+    /// starts, with the recorder installed then.
     #[cfg(feature = "metrics")]
-    queue: String,
+    exported: ([metrics::Counter; 6], metrics::Histogram),
 }
 
 impl fmt::Debug for Stats {
@@ -468,11 +471,28 @@ impl Stats {
         let (tx, rx) = watch::channel(WorkerStats::default());
         #[cfg(not(feature = "metrics"))]
         let _ = queue;
+        #[cfg(feature = "metrics")]
+        let exported = {
+            let counter =
+                |stat: Stat| metrics::counter!(stat.metric(), "queue" => queue.to_owned());
+            (
+                [
+                    Stat::Handled,
+                    Stat::Failures,
+                    Stat::Retried,
+                    Stat::Delayed,
+                    Stat::Poisoned,
+                    Stat::Unsettled,
+                ]
+                .map(counter),
+                metrics::histogram!("bus_worker_handling_seconds", "queue" => queue.to_owned()),
+            )
+        };
         let stats = Stats {
             counters: Default::default(),
             tx,
             #[cfg(feature = "metrics")]
-            queue: queue.to_owned(),
+            exported,
         };
         (Arc::new(stats), rx)
     }
@@ -482,7 +502,7 @@ impl Stats {
     fn add(&self, stat: Stat, n: u64) {
         self.counters[stat as usize].fetch_add(n, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(stat.metric(), "queue" => self.queue.clone()).increment(n);
+        self.exported.0[stat as usize].increment(n);
     }
 
     /// The counters now. Each is exact; read while handlers run, two of
@@ -624,7 +644,9 @@ where
             let started = std::time::Instant::now();
             let result = self.call(job).await;
             #[cfg(feature = "metrics")]
-            metrics::histogram!("bus_worker_handling_seconds", "queue" => self.queue.clone())
+            self.stats
+                .exported
+                .1
                 .record(started.elapsed().as_secs_f64());
             let error = match result {
                 // The engine acks it, with the others handled in its turn.
