@@ -6,7 +6,7 @@ use bus_core::sync::{Mutex, MutexGuard};
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -99,7 +99,7 @@ struct ChannelAcker {
     dropped: Arc<AtomicBool>,
     /// Set when the broker cancelled the consumer because its queue was
     /// deleted: its deliveries can no longer be settled.
-    gone: Arc<Mutex<Option<String>>>,
+    gone: Arc<OnceLock<String>>,
     /// Where acks wait when they are coalesced.
     batch: Option<Arc<AckBatch>>,
     /// Why the broker closed the channel, once the consumer has read it
@@ -109,7 +109,7 @@ struct ChannelAcker {
 
 impl ChannelAcker {
     fn broker_tag(&self, tag: u64) -> Result<u64> {
-        if let Some(why) = &*self.gone.lock() {
+        if let Some(why) = self.gone.get() {
             return Err(Error::Closed(format!(
                 "delivery {tag} of consumer {} cannot be settled: {why}",
                 self.tag
@@ -442,7 +442,7 @@ struct DeliveryReceiver {
     owner_dropped: Arc<AtomicBool>,
     /// Why the consumer's deliveries can no longer be settled, once its
     /// queue was deleted under it.
-    gone: Arc<Mutex<Option<String>>>,
+    gone: Arc<OnceLock<String>>,
 }
 
 impl Drop for DeliveryReceiver {
@@ -753,7 +753,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     let queue = spec.queue.clone();
     let auto_ack = spec.options.auto_ack;
     let owner_dropped = Arc::new(AtomicBool::new(false));
-    let gone: Arc<Mutex<Option<String>>> = Arc::default();
+    let gone: Arc<OnceLock<String>> = Arc::default();
     let mut receiver = DeliveryReceiver {
         control: control.clone(),
         spec_tag: spec.tag.clone(),
@@ -806,7 +806,7 @@ struct ConsumerTask {
     /// `Closed` from then on.
     owner_dropped: Arc<AtomicBool>,
     /// Shared with the acknowledgers: set when the queue was deleted.
-    gone: Arc<Mutex<Option<String>>>,
+    gone: Arc<OnceLock<String>>,
 }
 
 #[derive(Clone)]
@@ -1047,7 +1047,7 @@ impl ConsumerTask {
         if !self.spec.is_direct_reply() && self.shared.deleted_here(queue) {
             // The application deleted it through this connection: the
             // stream just ends, as after a cancel.
-            *self.gone.lock() = Some(format!("its queue {queue:?} was deleted"));
+            let _ = self.gone.set(format!("its queue {queue:?} was deleted"));
             return;
         }
         let exists = if self.spec.is_direct_reply() {
@@ -1059,7 +1059,7 @@ impl ConsumerTask {
             Ok(false) => {
                 let reason = format!("queue {queue:?} was deleted");
                 self.shared.forget_deleted_queue(queue);
-                *self.gone.lock() = Some(format!("its queue {queue:?} was deleted"));
+                let _ = self.gone.set(format!("its queue {queue:?} was deleted"));
                 (
                     reason.clone(),
                     Error::Closed(format!(

@@ -263,7 +263,7 @@ impl Delivery {
     pub(crate) fn ack_eagerly(
         self,
         multiple: bool,
-    ) -> Result<Option<Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>>> {
+    ) -> Result<Option<futures::future::BoxFuture<'static, Result<()>>>> {
         let Some((acker, options)) = self.begin_ack(multiple)? else {
             return Ok(None);
         };
