@@ -255,6 +255,13 @@ impl Delivery {
         }
     }
 
+    /// What settles this delivery, as an address: deliveries with the same
+    /// one (one consumer on one channel) can be covered by one `multiple`
+    /// settle. `None` for an auto-ack delivery.
+    pub(crate) fn settled_by(&self) -> Option<*const ()> {
+        self.acker.as_ref().map(|a| Arc::as_ptr(a).cast::<()>())
+    }
+
     /// Acks as [`Delivery::ack`] (or [`Delivery::ack_multiple`]) does, and
     /// without a future when the transport settles at once: `Ok(None)`
     /// once acked, `Ok(Some(ack))` with the ack to await otherwise. The

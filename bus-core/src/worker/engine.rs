@@ -244,14 +244,30 @@ impl Acks {
             .map(|(i, _)| i);
         if let Some(i) = last {
             let last = self.batch.remove(i);
-            let tag = last.delivery_tag;
-            let covered = self.batch.iter().filter(|d| d.delivery_tag < tag).count() as u64;
+            let (tag, by) = (last.delivery_tag, last.settled_by());
+            // Only deliveries of the same channel: after a transport
+            // recovered a consumer on a new one, the old channel's
+            // deliveries are settled (or fail) on their own, and first: a
+            // `multiple` recorded before would count them as settled.
+            let alone: Vec<Delivery> = self
+                .batch
+                .extract_if(.., |d| d.delivery_tag > tag || d.settled_by() != by)
+                .collect();
+            let (below, above): (Vec<_>, Vec<_>) =
+                alone.into_iter().partition(|d| d.delivery_tag < tag);
+            for delivery in below {
+                Self::send(&mut self.sending, delivery, false, 1, observer);
+            }
+            let covered = self.batch.len() as u64;
             // Alone, `ack` is the same as `ack_multiple`, and a transport
             // may settle it more cheaply.
             Self::send(&mut self.sending, last, covered > 0, covered + 1, observer);
             // Claimed, and the `multiple` recorded, once `send` returned:
             // dropping the deliveries it covers sends nothing.
-            self.batch.retain(|d| d.delivery_tag > tag);
+            self.batch.clear();
+            for delivery in above {
+                Self::send(&mut self.sending, delivery, false, 1, observer);
+            }
         }
         for delivery in self.batch.drain(..) {
             Self::send(&mut self.sending, delivery, false, 1, observer);
@@ -659,6 +675,48 @@ mod tests {
             [(u64::from(BUDGET), true), (n, true)]
         );
         assert_eq!(observer.acked.load(Ordering::Relaxed), n);
+    }
+
+    /// A `multiple` ack covers only deliveries settled the same way (one
+    /// channel): those of another (a consumer recovered on a new channel)
+    /// are acked alone, and first.
+    #[test]
+    fn a_multiple_ack_stays_on_its_channel() {
+        let (old, new) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        let deliveries = (1..=4u64).map({
+            let (old, new) = (old.clone(), new.clone());
+            move |tag| {
+                let acker: Arc<dyn Acknowledger> = if tag <= 2 { old.clone() } else { new.clone() };
+                Ok(Delivery::new(
+                    Message::new(&b"x"[..]),
+                    "",
+                    "q",
+                    false,
+                    tag,
+                    Some(acker),
+                ))
+            }
+        });
+        let consumer = Consumer::new(
+            "tag".into(),
+            "q".into(),
+            Box::pin(futures::stream::iter(deliveries).chain(futures::stream::pending())),
+            Arc::new(NoControl),
+        );
+        let observer = Counting::default();
+        let (_stop, stopped) = watch::channel(Stop::default());
+        let mut engine = Box::pin(run(
+            consumer,
+            1,
+            |delivery| async move { Processed::Ack(delivery) },
+            stopped,
+            observer.clone(),
+        ));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        assert_eq!(*old.0.lock().unwrap(), [(1, false), (2, false)]);
+        assert_eq!(*new.0.lock().unwrap(), [(4, true)]);
+        assert_eq!(observer.acked.load(Ordering::Relaxed), 4);
     }
 
     /// A `multiple` ack never covers a delivery still in hand: deliveries
