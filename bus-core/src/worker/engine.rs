@@ -249,12 +249,18 @@ impl Acks {
             // recovered a consumer on a new one, the old channel's
             // deliveries are settled (or fail) on their own, and first: a
             // `multiple` recorded before would count them as settled.
-            let alone: Vec<Delivery> = self
-                .batch
-                .extract_if(.., |d| d.delivery_tag > tag || d.settled_by() != by)
-                .collect();
-            let (below, above): (Vec<_>, Vec<_>) =
-                alone.into_iter().partition(|d| d.delivery_tag < tag);
+            let alone = |d: &Delivery| d.delivery_tag > tag || d.settled_by() != by;
+            let (mut below, mut above) = (Vec::new(), Vec::new());
+            // Usually none: the batch keeps its room.
+            if self.batch.iter().any(alone) {
+                for d in std::mem::take(&mut self.batch) {
+                    match (alone(&d), d.delivery_tag < tag) {
+                        (false, _) => self.batch.push(d),
+                        (true, true) => below.push(d),
+                        (true, false) => above.push(d),
+                    }
+                }
+            }
             for delivery in below {
                 Self::send(&mut self.sending, delivery, false, 1, observer);
             }
