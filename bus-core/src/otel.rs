@@ -54,6 +54,12 @@ struct Headers<'a>(&'a mut FieldTable);
 
 impl Injector for Headers<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // The propagator writes a `tracestate` even when the trace has no
+        // vendor entries; the OpenTelemetry instrumentations for pika and
+        // the Java client leave the header out then, and so does this.
+        if key == TRACESTATE_HEADER && value.is_empty() {
+            return;
+        }
         self.0.insert(key.to_owned(), FieldValue::String(value));
     }
 }
@@ -114,5 +120,50 @@ pub fn set_parent(span: &tracing::Span, headers: &FieldTable) {
         if let Err(e) = span.set_parent(cx) {
             tracing::debug!(error = %e, "could not set a message's trace as a span's parent");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+
+    fn injected(trace_state: TraceState) -> FieldTable {
+        let cx = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            trace_state,
+        ));
+        let mut headers = FieldTable::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut Headers(&mut headers));
+        headers
+    }
+
+    #[test]
+    fn a_trace_without_vendor_entries_gets_no_tracestate_header() {
+        let headers = injected(TraceState::default());
+        assert_eq!(
+            headers.keys().collect::<Vec<_>>(),
+            [TRACEPARENT_HEADER],
+            "{headers:?}"
+        );
+        let cx = extract(&headers).expect("the traceparent written is read back");
+        assert_eq!(cx.span().span_context().trace_state().header(), "");
+    }
+
+    #[test]
+    fn vendor_entries_go_in_the_tracestate_header_and_come_back() {
+        let state =
+            TraceState::from_key_value([("congo", "t61rcWkgMzE"), ("rojo", "00f0")]).unwrap();
+        let headers = injected(state.clone());
+        assert_eq!(
+            headers.get(TRACESTATE_HEADER).and_then(FieldValue::as_str),
+            Some("congo=t61rcWkgMzE,rojo=00f0")
+        );
+        let cx = extract(&headers).expect("the context written is read back");
+        assert_eq!(cx.span().span_context().trace_state(), &state);
     }
 }
