@@ -569,9 +569,12 @@ mod tests {
         }
     }
 
-    /// A consumer with `n` deliveries ready at once: auto-acked, or
-    /// settled through `acker`.
-    fn full_queue(n: u64, acker: Option<Arc<dyn Acknowledger>>) -> Consumer {
+    /// A consumer with `n` deliveries ready at once, each settled through
+    /// what `acker` gives for its tag (`None`: auto-acked).
+    fn full_queue(
+        n: u64,
+        acker: impl Fn(u64) -> Option<Arc<dyn Acknowledger>> + Send + 'static,
+    ) -> Consumer {
         let deliveries = (1..=n).map(move |tag| {
             Ok(Delivery::new(
                 Message::new(&b"x"[..]),
@@ -579,7 +582,7 @@ mod tests {
                 "q",
                 false,
                 tag,
-                acker.clone(),
+                acker(tag),
             ))
         });
         Consumer::new(
@@ -588,6 +591,12 @@ mod tests {
             Box::pin(futures::stream::iter(deliveries).chain(futures::stream::pending())),
             Arc::new(NoControl),
         )
+    }
+
+    /// Every delivery settled through `recorder`.
+    fn through(recorder: &Arc<Recorder>) -> impl Fn(u64) -> Option<Arc<dyn Acknowledger>> {
+        let recorder: Arc<dyn Acknowledger> = recorder.clone();
+        move |_| Some(recorder.clone())
     }
 
     /// Under a queue that never runs dry, with handlers that finish at
@@ -601,7 +610,7 @@ mod tests {
             let (_stop, stopped) = watch::channel(Stop::default());
             let count = handled.clone();
             let mut engine = Box::pin(run(
-                full_queue(100_000, None),
+                full_queue(100_000, |_| None),
                 concurrency,
                 move |_delivery| {
                     let count = count.clone();
@@ -638,7 +647,7 @@ mod tests {
         let (_stop, stopped) = watch::channel(Stop::default());
         let count = handled.clone();
         let mut engine = Box::pin(run(
-            full_queue(10, None),
+            full_queue(10, |_| None),
             4,
             move |_delivery| {
                 let count = count.clone();
@@ -666,7 +675,7 @@ mod tests {
         let (_stop, stopped) = watch::channel(Stop::default());
         let n = u64::from(BUDGET) + 10;
         let mut engine = Box::pin(run(
-            full_queue(n, Some(recorder.clone())),
+            full_queue(n, through(&recorder)),
             1,
             |delivery| async move { Processed::Ack(delivery) },
             stopped,
@@ -689,26 +698,13 @@ mod tests {
     #[test]
     fn a_multiple_ack_stays_on_its_channel() {
         let (old, new) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-        let deliveries = (1..=4u64).map({
+        let consumer = full_queue(4, {
             let (old, new) = (old.clone(), new.clone());
             move |tag| {
                 let acker: Arc<dyn Acknowledger> = if tag <= 2 { old.clone() } else { new.clone() };
-                Ok(Delivery::new(
-                    Message::new(&b"x"[..]),
-                    "",
-                    "q",
-                    false,
-                    tag,
-                    Some(acker),
-                ))
+                Some(acker)
             }
         });
-        let consumer = Consumer::new(
-            "tag".into(),
-            "q".into(),
-            Box::pin(futures::stream::iter(deliveries).chain(futures::stream::pending())),
-            Arc::new(NoControl),
-        );
         let observer = Counting::default();
         let (_stop, stopped) = watch::channel(Stop::default());
         let mut engine = Box::pin(run(
@@ -736,7 +732,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let wait = release.clone();
         let mut engine = Box::pin(run(
-            full_queue(4, Some(recorder.clone())),
+            full_queue(4, through(&recorder)),
             4,
             move |delivery: Delivery| {
                 let wait = wait.clone();
