@@ -29,15 +29,18 @@ use crate::{
 
 const SHORT: Duration = Duration::from_millis(40);
 
-/// A short linger for delay queues, so that an idle one expires within a
-/// fraction of a second on a real broker: it expires once unused for
-/// `SHORT + LINGER`.
-const LINGER: Duration = Duration::from_millis(200);
+/// A short linger for delay queues, so that an idle one expires within
+/// seconds on a real broker: it expires once unused for `SHORT + LINGER`.
+/// The linger is also the margin the broker has to dead-letter a due
+/// message before its queue expires: with 200 ms, a case failed once on
+/// a loaded host (the delayed message never came, most likely because its
+/// queue expired before RabbitMQ dead-lettered it), so it is 2 s.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// How often a case checks whether a delay queue has expired: a check
 /// counts as use of the queue on RabbitMQ, so checks are spaced beyond
 /// its expiry.
-const EXPIRY_CHECKS: Duration = Duration::from_millis(400);
+const EXPIRY_CHECKS: Duration = Duration::from_millis(2500);
 
 /// Waits until the delay queue `name` and its exchange are gone: the
 /// broker deleted the idle queue, and the exchange went with its binding.
