@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus_core::worker::{FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker};
+use bus_core::worker::{
+    DelayOptions, FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker,
+};
 use bus_core::{Connection, Message, PublishOptions};
 use bus_local::LocalBroker;
 use tokio::time::Instant;
@@ -63,6 +65,74 @@ async fn delayed_retries_take_exactly_their_delays() {
     assert_eq!(broker.queue_depth("jobs.delay.1000ms"), Some(0));
     let report = worker.shutdown(Duration::from_secs(1)).await.unwrap();
     assert_eq!(report.stats.poisoned, 1);
+}
+
+/// A worker trusts its declaration of a delay queue for half the linger
+/// only: a retry later than that declares the queue again (restarting its
+/// expiry), so the queue cannot expire while the retry waits in it. Here
+/// the queue (delay 1 s, linger 2 s) would expire 3 s after the first
+/// declaration, with the retry published at 2.5 s still in it.
+#[tokio::test(start_paused = true)]
+async fn a_delay_queue_is_declared_again_before_it_could_expire() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let log = times.clone();
+    let worker = Worker::builder(conn.clone(), "jobs")
+        .retry(RetryPolicy::none().delayed([Duration::from_secs(1)]))
+        .delay_options(DelayOptions::default().linger(Duration::from_secs(2)))
+        .handle_raw(move |job: Job| {
+            log.lock().unwrap().push((job.attempt, Instant::now()));
+            async move {
+                if job.attempt == 1 {
+                    Err(HandlerError::transient("not yet"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .expect("start the worker");
+    let start = Instant::now();
+    publish(&*conn, "jobs", b"a").await;
+    worker.wait_until(|s| s.handled == 1).await.unwrap();
+    tokio::time::sleep_until(start + Duration::from_millis(2_500)).await;
+    publish(&*conn, "jobs", b"b").await;
+    let second = worker.wait_until(|s| s.handled == 2 || s.poisoned > 0);
+    let stats = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second message is handled, not lost with an expired queue")
+        .unwrap();
+    assert_eq!((stats.handled, stats.delayed, stats.poisoned), (2, 2, 0));
+    let times = times.lock().unwrap().clone();
+    let at: Vec<(u32, Duration)> = times.iter().map(|(a, t)| (*a, *t - start)).collect();
+    let ms = Duration::from_millis;
+    assert_eq!(
+        at,
+        [(1, ms(0)), (2, ms(1_000)), (1, ms(2_500)), (2, ms(3_500))],
+        "the second retry was delivered after its delay, past the first expiry"
+    );
+    // Idle since the second declaration at 2.5 s: gone at 5.5 s.
+    tokio::time::sleep_until(start + Duration::from_millis(5_600)).await;
+    broker.wait_idle().await;
+    assert_eq!(broker.queue_depth("jobs.delay.1000ms"), None);
+    worker.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A linger out of range is refused when the worker starts, not at its
+/// first retry.
+#[tokio::test(start_paused = true)]
+async fn a_linger_out_of_range_is_refused_at_start() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let started = Worker::builder(conn, "jobs")
+        .delay_options(DelayOptions::default().linger(Duration::from_millis(1)))
+        .handle_raw(|_: Job| async { Ok::<(), HandlerError>(()) })
+        .await;
+    assert!(
+        matches!(started, Err(bus_core::Error::InvalidArgument(_))),
+        "{started:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::support::{
     bind, cleanup, consume, exchange, expect_bodies, expect_err, not_applicable, publish,
-    publish_text, queue, queue_with, recv,
+    publish_text, queue, queue_with, recv, until_exchange_gone, until_queue_gone,
 };
 use super::{fresh_name, Harness};
 use crate::{
@@ -589,4 +589,72 @@ pub async fn internal_exchange_takes_dead_letters(h: &dyn Harness) {
     publish_text(&*conn, "", &source, "expired").await;
     expect_bodies(&*conn, &dead, &["expired"]).await;
     cleanup(&*conn, &[&source, &dead], &[&dlx]).await;
+}
+
+/// An auto-delete exchange goes when the last queue bound to it goes:
+/// deleted, or expired under `x-expires` (the queue's deletion removes its
+/// bindings). While one bound queue remains, the exchange stays and
+/// routes to it.
+pub async fn auto_delete_exchange_goes_with_its_last_queue(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let auto = ExchangeOptions {
+        auto_delete: true,
+        ..ExchangeOptions::default()
+    };
+    let x = fresh_name("auto-delete-x");
+    conn.declare_exchange(&x, ExchangeKind::Fanout, auto.clone())
+        .await
+        .expect("declare an auto-delete exchange");
+    let first = queue(&*conn, "auto-delete-x-first").await;
+    let second = queue(&*conn, "auto-delete-x-second").await;
+    bind(&*conn, &first, &x, "").await;
+    bind(&*conn, &second, &x, "").await;
+    cleanup(&*conn, &[&first], &[]).await;
+    assert!(
+        conn.exchange_exists(&x).await.expect("passive declare"),
+        "the exchange stays while a bound queue remains"
+    );
+    publish_text(&*conn, &x, "", "still routed").await;
+    expect_bodies(&*conn, &second, &["still routed"]).await;
+    cleanup(&*conn, &[&second], &[]).await;
+    until_exchange_gone(
+        &*conn,
+        &x,
+        Duration::from_millis(10),
+        "auto-delete exchange after its last queue was deleted",
+    )
+    .await;
+
+    if not_applicable(
+        h,
+        h.capabilities().queue_expiry,
+        "auto_delete_exchange_goes_with_its_last_queue (expired queue)",
+        "no queue expiry",
+    ) {
+        return;
+    }
+    let x = fresh_name("auto-delete-x-expiring");
+    conn.declare_exchange(&x, ExchangeKind::Fanout, auto)
+        .await
+        .expect("declare an auto-delete exchange");
+    let mut expiring = QueueOptions::default();
+    expiring.arguments.expires = Some(Duration::from_millis(100));
+    let q = queue_with(&*conn, "auto-delete-x-expiring", expiring).await;
+    bind(&*conn, &q, &x, "").await;
+    // A check renews the queue's lease (RabbitMQ counts a declaration as
+    // use), so checks are spaced beyond the expiry.
+    until_queue_gone(
+        &*conn,
+        &q,
+        Duration::from_millis(300),
+        "queue unused past x-expires",
+    )
+    .await;
+    until_exchange_gone(
+        &*conn,
+        &x,
+        Duration::from_millis(10),
+        "auto-delete exchange after its last queue expired",
+    )
+    .await;
 }

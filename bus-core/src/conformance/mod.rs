@@ -231,6 +231,7 @@ macro_rules! conformance_tests {
             exchanges::exchange_unbind_stops_routing,
             exchanges::exchange_delete_removes_exchange_bindings,
             exchanges::internal_exchange_takes_dead_letters,
+            exchanges::auto_delete_exchange_goes_with_its_last_queue,
             // Delivery
             delivery::one_consumer_sees_publish_order,
             delivery::delivery_reports_exchange_key_and_redelivery,
@@ -296,6 +297,10 @@ macro_rules! conformance_tests {
             worker::worker_undecodable_body_poisons_at_once,
             worker::worker_panic_is_transient,
             worker::worker_delayed_publish_has_no_head_of_line_blocking,
+            worker::delay_queue_and_exchange_expire_when_idle,
+            worker::delayed_publish_after_an_idle_delay_queue_is_delivered,
+            worker::worker_delayed_retry_after_its_delay_queue_expired,
+            worker::worker_delayed_retry_after_its_delay_queue_was_deleted,
             worker::worker_attempts_survive_a_restart,
             worker::worker_shutdown_drains_and_requeues,
             worker::worker_unsettled_delivery_dropped_is_requeued,

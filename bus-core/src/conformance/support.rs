@@ -246,3 +246,22 @@ pub(crate) async fn cleanup(conn: &dyn Connection, queues: &[&str], exchanges: &
             .unwrap_or_else(|e| panic!("cleanup: delete exchange {x:?}: {e:?}"));
     }
 }
+
+/// Waits until an exchange no longer exists, checking every `every`,
+/// failing after [`WAIT`].
+pub(crate) async fn until_exchange_gone(
+    conn: &dyn Connection,
+    exchange: &str,
+    every: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match conn.exchange_exists(exchange).await {
+            Ok(false) => return,
+            Ok(true) if tokio::time::Instant::now() < deadline => tokio::time::sleep(every).await,
+            Ok(true) => panic!("{what}: exchange {exchange:?} still exists after {WAIT:?}"),
+            Err(e) => panic!("{what}: check exchange {exchange:?}: {e:?}"),
+        }
+    }
+}

@@ -13,11 +13,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::support::{bind, body, consume, exchange, publish, recv, WAIT};
+use super::support::{
+    bind, body, consume, exchange, not_applicable, publish, recv, until_exchange_gone,
+    until_queue_gone, WAIT,
+};
 use super::{fresh_name, Harness};
 use crate::worker::{
-    publish_delayed, FailureReport, HandlerError, Job, PoisonReason, RetryPolicy, Worker,
-    WorkerStats,
+    publish_delayed, publish_delayed_with, DelayOptions, FailureReport, HandlerError, Job,
+    PoisonReason, RetryPolicy, Worker, WorkerStats,
 };
 use crate::{
     Connection, ConnectionExt, ConsumeOptions, DeleteExchangeOptions, DeleteQueueOptions,
@@ -25,6 +28,42 @@ use crate::{
 };
 
 const SHORT: Duration = Duration::from_millis(40);
+
+/// A short linger for delay queues, so that an idle one expires within
+/// seconds on a real broker: it expires once unused for `SHORT + LINGER`.
+/// The linger is also the margin the broker has to dead-letter a due
+/// message before its queue expires: with 200 ms, a case failed once on
+/// a loaded host (the delayed message never came, most likely because its
+/// queue expired before RabbitMQ dead-lettered it), so it is 2 s.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How often a case checks whether a delay queue has expired: a check
+/// counts as use of the queue on RabbitMQ, so checks are spaced beyond
+/// its expiry.
+const EXPIRY_CHECKS: Duration = Duration::from_millis(2500);
+
+/// Waits until the delay queue `name` and its exchange are gone: the
+/// broker deleted the idle queue, and the exchange went with its binding.
+async fn until_delay_queue_gone(conn: &dyn Connection, name: &str) {
+    until_queue_gone(conn, name, EXPIRY_CHECKS, "idle delay queue").await;
+    until_exchange_gone(
+        conn,
+        name,
+        Duration::from_millis(10),
+        "the exchange of an expired delay queue",
+    )
+    .await;
+}
+
+/// Deletes a delay queue and its exchange (either may be gone already).
+async fn delete_delay_queue(conn: &dyn Connection, name: &str) {
+    conn.delete_queue(name, DeleteQueueOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete delay queue {name:?}: {e:?}"));
+    conn.delete_exchange(name, DeleteExchangeOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete delay exchange {name:?}: {e:?}"));
+}
 
 async fn within<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(WAIT, future)
@@ -544,6 +583,193 @@ pub async fn worker_delayed_publish_has_no_head_of_line_blocking(h: &dyn Harness
     conn.delete_exchange(&x, DeleteExchangeOptions::default())
         .await
         .unwrap();
+}
+
+/// A delay queue nothing uses is deleted by the broker once its expiry
+/// (delay + linger) has passed, and its exchange with it: delays no longer
+/// used leave nothing behind.
+pub async fn delay_queue_and_exchange_expire_when_idle(h: &dyn Harness) {
+    if not_applicable(
+        h,
+        h.capabilities().queue_expiry,
+        "delay_queue_and_exchange_expire_when_idle",
+        "no queue expiry: delay queues are permanent",
+    ) {
+        return;
+    }
+    let conn = h.connect().await;
+    let x = exchange(&*conn, "delay-expiry-x", ExchangeKind::Direct).await;
+    let q = work_queue(&*conn, "delay-expiry").await;
+    bind(&*conn, &q, &x, "k").await;
+    let mut consumer = consume(&*conn, &q, ConsumeOptions::auto_ack()).await;
+    let options = DelayOptions::default().linger(LINGER);
+    publish_delayed_with(&*conn, &x, "k", Message::new("one"), SHORT, &options)
+        .await
+        .expect("publish delayed");
+    let d = recv(&mut consumer, "the delayed message").await;
+    assert_eq!(body(&d), "one");
+    let name = format!("bus.delay.{}ms.{x}", SHORT.as_millis());
+    let info = conn
+        .inspect_queue(&name)
+        .await
+        .unwrap_or_else(|e| panic!("the delay queue {name:?} exists after use: {e:?}"));
+    assert_eq!(info.message_count, 0, "the delay queue is empty");
+    until_delay_queue_gone(&*conn, &name).await;
+    drop(consumer);
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A delayed message published after its delay queue was idle for a while
+/// (on a transport with queue expiry: long enough for the broker to delete
+/// the queue and its exchange) is still delivered, after its delay, to its
+/// target exchange.
+pub async fn delayed_publish_after_an_idle_delay_queue_is_delivered(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let x = exchange(&*conn, "delay-idle-x", ExchangeKind::Direct).await;
+    let q = work_queue(&*conn, "delay-idle").await;
+    bind(&*conn, &q, &x, "k").await;
+    let mut consumer = consume(&*conn, &q, ConsumeOptions::auto_ack()).await;
+    let options = DelayOptions::default().linger(LINGER);
+    let name = format!("bus.delay.{}ms.{x}", SHORT.as_millis());
+    publish_delayed_with(&*conn, &x, "k", Message::new("one"), SHORT, &options)
+        .await
+        .expect("publish delayed");
+    assert_eq!(body(&recv(&mut consumer, "the first message").await), "one");
+    if h.capabilities().queue_expiry {
+        until_delay_queue_gone(&*conn, &name).await;
+    }
+    let start = Instant::now();
+    publish_delayed_with(&*conn, &x, "k", Message::new("two"), SHORT, &options)
+        .await
+        .expect("publish delayed after the delay queue was idle");
+    let d = recv(&mut consumer, "the message published after the idle time").await;
+    assert_eq!(body(&d), "two");
+    assert!(start.elapsed() >= SHORT, "it waited for its delay");
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        (x.as_str(), "k"),
+        "dead-lettered to the target exchange with its own routing key"
+    );
+    drop(consumer);
+    delete_delay_queue(&*conn, &name).await;
+    conn.delete_queue(&q, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+    conn.delete_exchange(&x, DeleteExchangeOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A worker whose delay queue expired while no retry used it (the worker
+/// had declared it earlier) still retries through it: the retry is not
+/// lost, and comes back at the next attempt.
+pub async fn worker_delayed_retry_after_its_delay_queue_expired(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-delay-expired").await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().delayed([SHORT]))
+        .delay_options(DelayOptions::default().linger(LINGER))
+        .handle_raw(move |job: Job| {
+            let _ = seen_tx.send((String::from_utf8_lossy(&job.body).into_owned(), job.attempt));
+            async move {
+                if job.attempt == 1 {
+                    Err(HandlerError::transient("not yet"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new("a")).await;
+    until(&worker, "the first message, retried once", |s| {
+        s.handled == 1
+    })
+    .await;
+    let name = format!("{q}.delay.{}ms", SHORT.as_millis());
+    if h.capabilities().queue_expiry {
+        until_delay_queue_gone(&*conn, &name).await;
+    }
+    publish(&*conn, "", &q, Message::new("b")).await;
+    let stats = until(&worker, "the second message, retried once", |s| {
+        s.handled == 2 || s.poisoned > 0 || s.unsettled > 0
+    })
+    .await;
+    assert_eq!(
+        (
+            stats.handled,
+            stats.delayed,
+            stats.poisoned,
+            stats.unsettled
+        ),
+        (2, 2, 0, 0),
+        "{stats:?}"
+    );
+    stop(worker).await;
+    let mut got = Vec::new();
+    while let Ok(s) = seen.try_recv() {
+        got.push(s);
+    }
+    let expected: Vec<(String, u32)> = [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+        .iter()
+        .map(|(b, n)| ((*b).to_owned(), *n))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "each message retried once through the broker"
+    );
+    cleanup(&*conn, &q, &[SHORT]).await;
+}
+
+/// A delay queue deleted by hand while a worker trusts its earlier
+/// declaration of it: the next retry is not lost (its publish is mandatory,
+/// so it comes back, and the worker declares the queue again).
+pub async fn worker_delayed_retry_after_its_delay_queue_was_deleted(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let q = work_queue(&*conn, "worker-delay-deleted").await;
+    let worker = Worker::builder(conn.clone(), &q)
+        .retry(policy().delayed([SHORT]))
+        .handle_raw(move |job: Job| async move {
+            if job.attempt == 1 {
+                Err(HandlerError::transient("not yet"))
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new("a")).await;
+    until(&worker, "the first message, retried once", |s| {
+        s.handled == 1
+    })
+    .await;
+    let name = format!("{q}.delay.{}ms", SHORT.as_millis());
+    conn.delete_queue(&name, DeleteQueueOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete the delay queue {name:?}: {e:?}"));
+    publish(&*conn, "", &q, Message::new("b")).await;
+    let stats = until(&worker, "the second message, retried once", |s| {
+        s.handled == 2 || s.poisoned > 0 || s.unsettled > 0
+    })
+    .await;
+    assert_eq!(
+        (
+            stats.handled,
+            stats.delayed,
+            stats.poisoned,
+            stats.unsettled
+        ),
+        (2, 2, 0, 0),
+        "{stats:?}"
+    );
+    stop(worker).await;
+    cleanup(&*conn, &q, &[SHORT]).await;
 }
 
 /// The attempt count travels with the message: a worker stopped while a

@@ -11,11 +11,66 @@
 //! broker dead-letters it to the target exchange with its own routing key.
 //! The queue and exchange are durable and the message keeps its delivery
 //! mode, so a persistent message survives a broker restart while it waits.
+//!
+//! # Delay queues go away when idle
+//! Every distinct delay would otherwise leave a queue and an exchange on
+//! the broker for ever. Where the transport offers queue expiry
+//! ([`Capabilities::queue_expiry`](crate::Capabilities::queue_expiry):
+//! RabbitMQ and the in-process broker), a delay queue is declared with
+//! `x-expires` = delay + *linger* ([`DelayOptions::linger`], by default
+//! the longer of the delay and [`DEFAULT_DELAY_LINGER`]), and its exchange
+//! is auto-delete: when the broker deletes the idle queue, the queue's
+//! binding goes with it and so does the exchange. The folder transport has
+//! no queue expiry: there the queue and exchange are permanent (neither
+//! `x-expires` nor auto-delete), as before.
+//!
+//! The broker counts only consumers, `basic.get` and declarations as use
+//! of a queue, not publishes, and deleting an expired queue drops its
+//! messages (they are not dead-lettered). So nothing is published to a
+//! delay queue without a declaration of it shortly before:
+//! - a declaration restarts the queue's expiry timer, and `x-expires` is
+//!   more than zero, so the queue cannot expire between that declaration
+//!   and the publish that follows it (whoever else declares or stops using
+//!   it meanwhile: another declaration only restarts the timer again);
+//! - a message published at most `linger / 2` after the declaration is due
+//!   at most `delay + linger / 2` after it, while the queue lives at least
+//!   `delay + linger` after it: the other half of the linger is the margin
+//!   for the broker's lag in dead-lettering a due message (and for the
+//!   publish's own round trip). [`publish_delayed`] declares before every
+//!   publish; a worker declares once and trusts that declaration for
+//!   `linger / 2` of its own clock, measured from before the declaration
+//!   was sent, then declares again;
+//! - the queue is declared before its exchange and binding: once the queue
+//!   is declared it cannot expire, so neither can the binding nor the
+//!   auto-delete exchange, and if the queue had expired before (taking the
+//!   exchange with it), both are created afresh and bound. A new exchange
+//!   that never had a binding is not auto-deleted;
+//! - every publish to the delay exchange is mandatory: should the queue be
+//!   gone all the same (deleted by an operator), the message comes back
+//!   instead of being dropped. A worker then declares again and publishes
+//!   once more; what is still unroutable is reported as
+//!   [`Error::Unroutable`], never lost silently.
+//!
+//! # Upgrading from delay queues that do not expire
+//! A version of this library before expiring delay queues declared them
+//! without `x-expires` and their exchanges without auto-delete. RabbitMQ
+//! refuses to redeclare an existing queue or exchange with other settings
+//! (`PRECONDITION_FAILED`, "inequivalent arg 'x-expires'" or
+//! "'auto_delete'"): [`publish_delayed`] then fails, and a worker poisons
+//! the retry as exhausted (see [the worker docs](super#outcomes)). To
+//! migrate, stop every publisher and worker of the old version that uses a
+//! delay queue, let each delay queue empty (its messages leave after the
+//! delay), then delete each one and its exchange, e.g. `bus delete queue
+//! <name> --if-empty` and `bus delete exchange <name>` (or `rabbitmqctl
+//! delete_queue <name> --if-empty`), and start the new version. The
+//! in-process broker keeps nothing across versions, and on the folder
+//! transport the declarations did not change.
 
 use crate::sync::Mutex;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use std::collections::HashSet;
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -24,6 +79,81 @@ use crate::transport::{Connection, PublishOptions};
 
 /// The name prefix of the delay queues [`publish_delayed`] declares.
 pub const DELAY_PREFIX: &str = "bus.delay";
+
+/// The shortest default linger of a delay queue: an idle delay queue stays
+/// `delay + max(delay, DEFAULT_DELAY_LINGER)` after its last declaration
+/// unless [`DelayOptions::linger`] says otherwise (see the module docs).
+pub const DEFAULT_DELAY_LINGER: Duration = Duration::from_secs(5 * 60);
+
+/// The shortest linger [`DelayOptions::linger`] accepts.
+pub const MIN_DELAY_LINGER: Duration = Duration::from_millis(100);
+
+/// How delay queues are declared: [`publish_delayed_with`],
+/// [`WorkerBuilder::delay_options`](super::WorkerBuilder::delay_options).
+/// `#[non_exhaustive]`, so that options can be added; build it with
+/// `DelayOptions::default()` and its setters.
+///
+/// Every publisher of one delay queue must use the same options: the broker
+/// refuses a declaration with another `x-expires` as inequivalent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DelayOptions {
+    /// How long an idle delay queue outlives the due time of a message
+    /// published right after its last declaration: the queue expires once
+    /// unused for `delay + linger`. `None` (the default) is the longer of
+    /// the delay and [`DEFAULT_DELAY_LINGER`]. At least
+    /// [`MIN_DELAY_LINGER`]; half of it is the margin for the broker's lag
+    /// in dead-lettering a due message, so short values are for tests on a
+    /// lightly loaded broker. Ignored by transports without queue expiry.
+    pub linger: Option<Duration>,
+}
+
+impl DelayOptions {
+    /// Sets [`DelayOptions::linger`].
+    #[must_use]
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = Some(linger);
+        self
+    }
+
+    /// Refuses a linger out of range, before any delay is asked for.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.linger_for(MIN_DELAY_LINGER).map(drop)
+    }
+
+    /// The linger for `delay`, checked.
+    fn linger_for(&self, delay: Duration) -> Result<Duration> {
+        match self.linger {
+            None => Ok(delay.max(DEFAULT_DELAY_LINGER)),
+            Some(l) if (MIN_DELAY_LINGER..=MAX_TTL).contains(&l) => Ok(l),
+            Some(l) => Err(Error::InvalidArgument(format!(
+                "a delay queue's linger must be between {MIN_DELAY_LINGER:?} and {MAX_TTL:?}, \
+                 got {l:?}"
+            ))),
+        }
+    }
+}
+
+/// A delay, checked and cut to whole milliseconds (as its queue's name and
+/// TTL are).
+fn check_delay(delay: Duration) -> Result<Duration> {
+    if delay.is_zero() || delay > MAX_TTL {
+        return Err(Error::InvalidArgument(format!(
+            "a delay must be between 1 ms and {MAX_TTL:?}, got {delay:?}"
+        )));
+    }
+    Ok(Duration::from_millis(
+        u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+    ))
+}
+
+/// The `x-expires` of the delay queue for `delay` with `linger`, in whole
+/// milliseconds; `None` (the queue never expires) when it would pass
+/// [`MAX_TTL`], which only delays of years reach.
+fn expiry(delay: Duration, linger: Duration) -> Option<Duration> {
+    let linger = Duration::from_millis(u64::try_from(linger.as_millis()).unwrap_or(u64::MAX));
+    delay.checked_add(linger).filter(|e| *e <= MAX_TTL)
+}
 
 /// The name of the delay exchange and queue for `exchange` and `delay`
 /// under `prefix`.
@@ -36,26 +166,32 @@ pub(crate) fn delay_name(prefix: &str, exchange: &str, delay: Duration) -> Strin
     }
 }
 
-/// Declares the delay exchange and queue for `exchange` and `delay` under
-/// `prefix` (idempotent) and returns their name.
-pub(crate) async fn declare_delay(
+/// Declares the delay queue, exchange and binding for `exchange` and
+/// `delay` under `prefix` (idempotent; the queue first, see the module
+/// docs) and returns their name.
+async fn declare_delay(
     conn: &dyn Connection,
     prefix: &str,
     exchange: &str,
     delay: Duration,
+    linger: Duration,
 ) -> Result<String> {
-    if delay.is_zero() || delay > MAX_TTL {
-        return Err(Error::InvalidArgument(format!(
-            "a delay must be between 1 ms and {MAX_TTL:?}, got {delay:?}"
-        )));
-    }
     let name = delay_name(prefix, exchange, delay);
-    conn.declare_exchange(&name, ExchangeKind::Fanout, ExchangeOptions::durable())
-        .await?;
-    let options = QueueOptions::durable()
+    let mut queue = QueueOptions::durable()
         .message_ttl(delay)
         .dead_letter_to(exchange);
-    conn.declare_queue(&name, options).await?;
+    let mut fanout = ExchangeOptions::durable();
+    if conn.capabilities().queue_expiry {
+        if let Some(expires) = expiry(delay, linger) {
+            queue = queue.expires(expires);
+            fanout = fanout.with_auto_delete(true);
+        }
+    }
+    // The queue first: from here on it cannot expire before the publish
+    // that follows (module docs), so neither can its binding or exchange.
+    conn.declare_queue(&name, queue).await?;
+    conn.declare_exchange(&name, ExchangeKind::Fanout, fanout)
+        .await?;
     conn.bind_queue(&name, &name, "", Default::default())
         .await?;
     tracing::debug!(delay_queue = %name, "declared a delay queue");
@@ -63,21 +199,32 @@ pub(crate) async fn declare_delay(
 }
 
 /// Publishes `message` to `exchange` with `routing_key` after `delay`: it
-/// waits in a broker-side delay queue (see the module docs), so it survives a
-/// restart of the publisher, and a persistent one a restart of the broker.
+/// waits in a broker-side delay queue (see [the worker docs on delay
+/// queues](super#delay-queues)), so it survives a restart of the publisher,
+/// and a persistent one a restart of the broker.
 /// The returned future resolves once the delay queue holds the message
 /// (publisher confirm). A message whose own `expiration` is shorter than
 /// `delay` arrives when it expires instead.
 ///
-/// The delay is kept to the millisecond; every distinct delay declares its
-/// own durable queue, so prefer a few fixed values.
+/// Each call declares the delay queue (and its exchange and binding) before
+/// publishing. Where the transport offers queue expiry, that queue expires
+/// once unused for `delay + max(delay, DEFAULT_DELAY_LINGER)`, its exchange
+/// with it, and a later call declares them again; a message is never
+/// published to a queue that could expire before it is due. The delay is
+/// kept to the millisecond. [`publish_delayed_with`] takes other
+/// [`DelayOptions`].
 ///
 /// With feature `otel`, the message carries the current span's trace
 /// context unless it carries a `traceparent` already.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a zero delay or one over
-/// [`MAX_TTL`]; whatever declaring or publishing reports.
+/// [`MAX_TTL`]; [`Error::PreconditionFailed`] when a queue or exchange of
+/// the delay queue's name exists with other settings (one declared by an
+/// older version of this library: see [the worker docs on
+/// upgrading](super#delay-queues));
+/// whatever declaring or publishing reports, [`Error::Unroutable`] if the
+/// delay queue was deleted between its declaration and the publish.
 pub async fn publish_delayed(
     conn: &dyn Connection,
     exchange: &str,
@@ -85,23 +232,53 @@ pub async fn publish_delayed(
     message: Message,
     delay: Duration,
 ) -> Result<()> {
-    let name = declare_delay(conn, DELAY_PREFIX, exchange, delay).await?;
-    conn.publish(&name, routing_key, message, PublishOptions::default())
+    publish_delayed_with(
+        conn,
+        exchange,
+        routing_key,
+        message,
+        delay,
+        &DelayOptions::default(),
+    )
+    .await
+}
+
+/// [`publish_delayed`] with `options` for the delay queue.
+///
+/// # Errors
+/// Those of [`publish_delayed`]; [`Error::InvalidArgument`] for a linger
+/// out of range (see [`DelayOptions::linger`]).
+pub async fn publish_delayed_with(
+    conn: &dyn Connection,
+    exchange: &str,
+    routing_key: &str,
+    message: Message,
+    delay: Duration,
+    options: &DelayOptions,
+) -> Result<()> {
+    let delay = check_delay(delay)?;
+    let linger = options.linger_for(delay)?;
+    let name = declare_delay(conn, DELAY_PREFIX, exchange, delay, linger).await?;
+    conn.publish(&name, routing_key, message, PublishOptions::mandatory())
         .await
 }
 
-/// The delay queues one worker has declared, so that each is declared once.
+/// The delay queues one worker has declared, with when each declaration
+/// was sent, so that a queue is declared again only once that declaration
+/// may no longer be trusted (see the module docs).
 #[derive(Debug)]
 pub(crate) struct Delays {
     prefix: String,
-    declared: Mutex<HashSet<Duration>>,
+    options: DelayOptions,
+    declared: Mutex<HashMap<Duration, Instant>>,
 }
 
 impl Delays {
-    pub(crate) fn new(prefix: String) -> Self {
+    pub(crate) fn new(prefix: String, options: DelayOptions) -> Self {
         Delays {
             prefix,
-            declared: Mutex::new(HashSet::new()),
+            options,
+            declared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -114,15 +291,82 @@ impl Delays {
         message: Message,
         delay: Duration,
     ) -> Result<()> {
-        let known = self.declared.lock().contains(&delay);
-        let name = if known {
-            delay_name(&self.prefix, DEFAULT_EXCHANGE, delay)
+        let delay = check_delay(delay)?;
+        let linger = self.options.linger_for(delay)?;
+        // A declaration sent at `at` keeps the queue for at least
+        // `delay + linger` after `at`; a message published before
+        // `at + linger / 2` is due with half the linger to spare.
+        let trusted = self
+            .declared
+            .lock()
+            .get(&delay)
+            .is_some_and(|at| at.elapsed() < linger / 2);
+        let message = if trusted {
+            let name = delay_name(&self.prefix, DEFAULT_EXCHANGE, delay);
+            let copy = message.clone();
+            match conn
+                .publish(&name, routing_key, message, PublishOptions::mandatory())
+                .await
+            {
+                // The queue or its exchange is gone all the same (deleted
+                // by hand): declare them again and publish once more.
+                Err(Error::Unroutable { message, .. }) => *message,
+                Err(Error::NotFound(_)) => copy,
+                done => return done,
+            }
         } else {
-            let name = declare_delay(conn, &self.prefix, DEFAULT_EXCHANGE, delay).await?;
-            self.declared.lock().insert(delay);
-            name
+            message
         };
-        conn.publish(&name, routing_key, message, PublishOptions::default())
+        self.declared.lock().remove(&delay);
+        let at = Instant::now();
+        let name = declare_delay(conn, &self.prefix, DEFAULT_EXCHANGE, delay, linger).await?;
+        self.declared.lock().insert(delay, at);
+        conn.publish(&name, routing_key, message, PublishOptions::mandatory())
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_linger_is_the_longer_of_the_delay_and_five_minutes() {
+        let o = DelayOptions::default();
+        let s = Duration::from_secs;
+        assert_eq!(o.linger_for(s(1)).unwrap(), DEFAULT_DELAY_LINGER);
+        assert_eq!(o.linger_for(s(3600)).unwrap(), s(3600));
+        assert_eq!(expiry(s(1), DEFAULT_DELAY_LINGER), Some(s(301)));
+        assert_eq!(expiry(s(3600), s(3600)), Some(s(7200)));
+    }
+
+    #[test]
+    fn a_linger_out_of_range_is_refused() {
+        for l in [Duration::ZERO, Duration::from_millis(99), MAX_TTL * 2] {
+            let e = DelayOptions::default()
+                .linger(l)
+                .linger_for(Duration::from_secs(1));
+            assert!(matches!(e, Err(Error::InvalidArgument(_))), "{l:?}: {e:?}");
+        }
+        let ok = DelayOptions::default().linger(MIN_DELAY_LINGER);
+        assert_eq!(
+            ok.linger_for(Duration::from_secs(1)).unwrap(),
+            MIN_DELAY_LINGER
+        );
+    }
+
+    #[test]
+    fn expiry_is_whole_milliseconds_and_capped() {
+        let d = check_delay(Duration::from_micros(1_500)).unwrap();
+        assert_eq!(d, Duration::from_millis(1));
+        assert_eq!(
+            expiry(d, Duration::from_micros(100_700)),
+            Some(Duration::from_millis(101))
+        );
+        assert_eq!(expiry(MAX_TTL, Duration::from_secs(1)), None);
+        assert!(matches!(
+            check_delay(Duration::ZERO),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -45,8 +45,9 @@
 //!   delay queue and the delivery acked, so a worker restart loses nothing);
 //!   once every attempt is used, it is poisoned (and at once, as
 //!   `exhausted`, when the delay queue refuses the retry for good, e.g. a
-//!   queue of that name declared by someone else with other arguments:
-//!   requeueing it would loop);
+//!   queue of that name declared by someone else with other arguments, or
+//!   by a version of this library whose delay queues did not expire (see
+//!   [Delay queues](#delay-queues)): requeueing it would loop);
 //! - a permanent failure ([`HandlerError::permanent`]), a body that does not
 //!   decode as the handler's type, and a message that arrives with its
 //!   attempts already used up go to the poison queue at once.
@@ -78,6 +79,46 @@
 //! retried message, so it survives delay queues and restarts. A redelivery
 //! (a worker died mid-message, an unsettled delivery was dropped) does not
 //! count as an attempt.
+//!
+//! # Delay queues
+//! A delayed retry waits in the queue `<queue>.delay.<ms>ms`, one per
+//! distinct delay, whose uniform TTL dead-letters it back to the worker's
+//! queue through the default exchange; the message is published to the
+//! fanout exchange of the same name, bound to that queue.
+//! [`publish_delayed`] uses the same mechanism with queues
+//! `bus.delay.<ms>ms[.<exchange>]` ([`DELAY_PREFIX`]): every message of a
+//! delay queue has the same TTL, so none waits behind a later one.
+//!
+//! Where the transport offers queue expiry (RabbitMQ, the
+//! in-process broker), a delay queue no retry has used for `delay +
+//! linger` is deleted by the broker, and its auto-delete exchange with it,
+//! so delays that are no longer used leave nothing behind; the linger is
+//! the longer of the delay and [`DEFAULT_DELAY_LINGER`] unless
+//! [`WorkerBuilder::delay_options`] sets it. A worker declares a delay
+//! queue before its first retry and again before any retry more than
+//! `linger / 2` after its last declaration ([`publish_delayed`] before
+//! every message). The broker counts declarations and consumers, not
+//! publishes, as use of a queue, and drops the messages of a queue it
+//! deletes; hence the declarations: a message is never published to a
+//! delay queue that could expire before the message is due. The queue
+//! lives at least `delay +
+//! linger` after that declaration, the message is due at most `delay +
+//! linger / 2` after it, and the other half of the linger is the margin
+//! for the broker's lag. The publish is mandatory: should the queue be
+//! gone all the same (deleted by hand), the message comes back instead of
+//! being dropped, and the worker declares the queue again and publishes
+//! once more. On the folder transport, which has no queue expiry, delay
+//! queues and their exchanges are permanent.
+//!
+//! Upgrading from a version whose delay queues did not expire: RabbitMQ
+//! refuses the new declaration of an existing delay queue
+//! (`PRECONDITION_FAILED`, inequivalent `x-expires`) and of its exchange
+//! (`auto_delete`): the worker poisons such retries as `exhausted`, and
+//! [`publish_delayed`] fails. Stop the old workers and publishers, let
+//! each old delay queue (`<queue>.delay.<ms>ms`, `bus.delay.<ms>ms[...]`)
+//! empty, delete it and its exchange (`bus delete queue <name> --if-empty`,
+//! `bus delete exchange <name>`), then start the new ones. The folder
+//! transport's delay queues are declared as before: nothing to migrate.
 //!
 //! # Crash loops
 //! A handler that kills its process (an abort, the OOM killer) leaves no
@@ -137,7 +178,10 @@ mod policy;
 mod runtime;
 mod shutdown;
 
-pub use delay::{publish_delayed, DELAY_PREFIX};
+pub use delay::{
+    publish_delayed, publish_delayed_with, DelayOptions, DEFAULT_DELAY_LINGER, DELAY_PREFIX,
+    MIN_DELAY_LINGER,
+};
 pub use job::{HandlerError, Job};
 pub use poison::{
     Death, FailureReport, PoisonReason, ATTEMPTS_HEADER, ERROR_HEADER, FAILED_AT_HEADER,

@@ -72,7 +72,9 @@ impl RetryPolicy {
     }
 
     /// The delays of the retries through the broker, in order (empty: none).
-    /// Each distinct delay is one durable delay queue per worker queue.
+    /// Each distinct delay is one durable delay queue per worker queue,
+    /// which the broker deletes once it has been idle for a while (see
+    /// [the worker docs](super#delay-queues)).
     #[must_use]
     pub fn delayed(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
         self.delayed = delays.into_iter().collect();

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use super::delay::Delays;
+use super::delay::{DelayOptions, Delays};
 use super::engine::{self, Drained, Observer, Processed, Stop};
 use super::job::{HandlerError, Job, Kind};
 use super::poison::{self, PoisonReason, Poisoning};
@@ -76,6 +76,7 @@ pub struct WorkerBuilder {
     policy: RetryPolicy,
     poison: PoisonTo,
     identity: Option<String>,
+    delay_options: DelayOptions,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -87,6 +88,7 @@ impl fmt::Debug for WorkerBuilder {
             .field("concurrency", &self.concurrency)
             .field("policy", &self.policy)
             .field("poison", &self.poison)
+            .field("delay_options", &self.delay_options)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +144,16 @@ impl WorkerBuilder {
     /// a random suffix unless set.
     pub fn identity(mut self, identity: impl Into<String>) -> Self {
         self.identity = Some(identity.into());
+        self
+    }
+
+    /// How the delay queues of [`RetryPolicy::delayed`] are declared (how
+    /// long an idle one lingers before the broker deletes it; see
+    /// [`DelayOptions`]); `DelayOptions::default()` unless set. Every
+    /// worker of one queue must use the same options: the broker refuses a
+    /// delay queue declared with another expiry.
+    pub fn delay_options(mut self, options: DelayOptions) -> Self {
+        self.delay_options = options;
         self
     }
 
@@ -234,6 +246,7 @@ impl WorkerBuilder {
                 self.queue
             )));
         }
+        self.delay_options.check()?;
         let prefetch = self
             .prefetch
             .unwrap_or_else(|| u16::try_from(self.concurrency).unwrap_or(u16::MAX));
@@ -256,7 +269,7 @@ impl WorkerBuilder {
         let (stats, stats_rx) = Stats::new(&queue);
         let ctx = Arc::new(Ctx {
             conn: conn.clone(),
-            delays: Delays::new(format!("{queue}.delay")),
+            delays: Delays::new(format!("{queue}.delay"), self.delay_options),
             queue: queue.clone(),
             service,
             policy: self.policy,
@@ -322,6 +335,7 @@ impl Worker {
             policy: RetryPolicy::default(),
             poison: PoisonTo::Queue(None),
             identity: None,
+            delay_options: DelayOptions::default(),
         }
     }
 
