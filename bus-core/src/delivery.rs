@@ -114,7 +114,9 @@ pub trait Acknowledger: Send + Sync + 'static {
 
     /// Nacks at once, as [`Acknowledger::ack_now`] acks: `Some` with what
     /// [`Acknowledger::nack`] would have returned, `None` (the default) when
-    /// the caller has to await [`Acknowledger::nack`].
+    /// the caller has to await [`Acknowledger::nack`]. A [`Delivery`]
+    /// dropped unsettled calls it from its `Drop`: it must not block, nor
+    /// take a lock under which the transport could drop a delivery.
     fn nack_now(&self, tag: u64, options: NackOptions) -> Option<Result<()>> {
         let _ = (tag, options);
         None
@@ -130,9 +132,10 @@ pub trait Acknowledger: Send + Sync + 'static {
 /// nack is made at once where the transport settles without waiting (the
 /// in-process broker), and otherwise sent from a task on the current tokio
 /// runtime; a delivery of such a transport dropped outside any runtime is
-/// requeued only when its consumer or connection goes away. Deliveries of a [`Consumer`] covered by a later
-/// [`Delivery::ack_multiple`] or [`Delivery::nack_multiple`] count as
-/// settled: dropping them afterwards sends nothing.
+/// requeued only when its consumer or connection goes away. Deliveries of
+/// a [`Consumer`] covered by a later [`Delivery::ack_multiple`] or
+/// [`Delivery::nack_multiple`] count as settled: dropping them afterwards
+/// sends nothing.
 pub struct Delivery {
     /// The message as published.
     pub message: Message,

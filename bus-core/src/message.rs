@@ -186,12 +186,11 @@ impl fmt::Debug for SharedProperties {
     }
 }
 
+/// Compares the properties, as [`Properties`] does (a `NaN` header is
+/// unequal even to itself).
 impl PartialEq for SharedProperties {
     fn eq(&self, other: &Self) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => true,
-            _ => **self == **other,
-        }
+        **self == **other
     }
 }
 
@@ -225,24 +224,19 @@ impl PartialEq<SharedProperties> for Properties {
 ///
 /// [`Delivery`]: crate::Delivery
 /// [`Job`]: crate::worker::Job
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SharedStr(Arc<str>);
-
-/// The empty string every empty [`SharedStr`] shares (the default exchange
-/// is named by it): no allocation per message for it.
-static EMPTY_STR: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
-
-impl Default for SharedStr {
-    fn default() -> Self {
-        SharedStr(EMPTY_STR.clone())
-    }
-}
+#[derive(Clone, Default)]
+pub struct SharedStr(
+    /// `None` for the empty string (the default exchange's name): no
+    /// allocation, and no count shared by every thread.
+    Option<Arc<str>>,
+);
 
 impl SharedStr {
     /// The string.
     #[must_use]
+    #[inline]
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_deref().unwrap_or("")
     }
 }
 
@@ -251,29 +245,53 @@ impl Deref for SharedStr {
 
     #[inline]
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl AsRef<str> for SharedStr {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl std::borrow::Borrow<str> for SharedStr {
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
+    }
+}
+
+/// As `str` compares, so that [`Borrow<str>`](std::borrow::Borrow) holds.
+impl PartialEq for SharedStr {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for SharedStr {}
+
+impl PartialOrd for SharedStr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SharedStr {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+/// As `str` hashes, so that [`Borrow<str>`](std::borrow::Borrow) holds.
+impl std::hash::Hash for SharedStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
 impl From<&str> for SharedStr {
     fn from(s: &str) -> Self {
-        if s.is_empty() {
-            SharedStr::default()
-        } else {
-            SharedStr(s.into())
-        }
+        SharedStr((!s.is_empty()).then(|| s.into()))
     }
 }
 
@@ -291,13 +309,13 @@ impl From<&String> for SharedStr {
 
 impl From<Arc<str>> for SharedStr {
     fn from(s: Arc<str>) -> Self {
-        SharedStr(s)
+        SharedStr((!s.is_empty()).then_some(s))
     }
 }
 
 impl From<SharedStr> for String {
     fn from(s: SharedStr) -> Self {
-        s.0.as_ref().to_owned()
+        s.as_str().to_owned()
     }
 }
 
@@ -306,7 +324,7 @@ impl Serialize for SharedStr {
         &self,
         serializer: S,
     ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -320,49 +338,49 @@ impl<'de> serde::Deserialize<'de> for SharedStr {
 
 impl fmt::Debug for SharedStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        str::fmt(&self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl fmt::Display for SharedStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        str::fmt(&self.0, f)
+        fmt::Display::fmt(self.as_str(), f)
     }
 }
 
 impl PartialEq<str> for SharedStr {
     fn eq(&self, other: &str) -> bool {
-        *self.0 == *other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for SharedStr {
     fn eq(&self, other: &&str) -> bool {
-        *self.0 == **other
+        self.as_str() == *other
     }
 }
 
 impl PartialEq<String> for SharedStr {
     fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
+        self.as_str() == other.as_str()
     }
 }
 
 impl PartialEq<SharedStr> for str {
     fn eq(&self, other: &SharedStr) -> bool {
-        *self == *other.0
+        self == other.as_str()
     }
 }
 
 impl PartialEq<SharedStr> for &str {
     fn eq(&self, other: &SharedStr) -> bool {
-        **self == *other.0
+        *self == other.as_str()
     }
 }
 
 impl PartialEq<SharedStr> for String {
     fn eq(&self, other: &SharedStr) -> bool {
-        **self == *other.0
+        self.as_str() == other.as_str()
     }
 }
 

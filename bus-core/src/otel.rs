@@ -97,11 +97,15 @@ pub fn inject_span(span: &tracing::Span, headers: &mut FieldTable) {
 /// a [`TRACEPARENT_HEADER`] already keeps it (and its `tracestate`): the
 /// caller's context wins. Leaves the headers as they are outside any trace.
 pub fn inject(message: &mut Message) {
-    let headers = &mut message.properties.headers;
-    if headers.contains_key(TRACEPARENT_HEADER) {
+    // Read first: writing through `properties` copies shared properties.
+    if message.properties.headers.contains_key(TRACEPARENT_HEADER) {
         return;
     }
-    inject_span(&tracing::Span::current(), headers);
+    let span = tracing::Span::current();
+    if !span.context().span().span_context().is_valid() {
+        return;
+    }
+    inject_span(&span, &mut message.properties.headers);
 }
 
 /// The trace context `headers` carry, if they carry a well-formed one.

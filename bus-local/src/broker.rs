@@ -777,7 +777,7 @@ impl BrokerInner {
         // BCC routes but is never seen by consumers. The envelope is not
         // shared yet, so this changes it in place.
         if message.properties.headers.contains_key("BCC") {
-            strip_bcc(&mut Arc::make_mut(&mut envelope).message.properties.headers);
+            strip_bcc(&mut Arc::make_mut(&mut envelope).message);
         }
         let mut now = Now::default();
         let mut refused = None;

@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use super::{headers_match, validate_headers_binding, TopicMatcher};
 use crate::equivalence::ExchangeSettings;
 use crate::error::{Error, ErrorDetail, Result, Subject};
+use crate::message::Message;
 use crate::topology::{ExchangeKind, ExchangeOptions, PREDECLARED_EXCHANGES};
 use crate::value::{FieldTable, FieldValue};
 
@@ -93,9 +94,13 @@ pub fn sender_routes(headers: &FieldTable) -> impl Iterator<Item = &str> + Clone
 }
 
 /// Removes the `BCC` header, which routes but is never delivered (RabbitMQ
-/// strips it; `CC` stays). Returns whether there was one.
-pub fn strip_bcc(headers: &mut FieldTable) -> bool {
-    headers.remove("BCC").is_some()
+/// strips it; `CC` stays). Returns whether there was one. A message
+/// without one is left untouched (its shared properties are not copied).
+pub fn strip_bcc(message: &mut Message) -> bool {
+    if !message.properties.headers.contains_key("BCC") {
+        return false;
+    }
+    message.properties.headers.remove("BCC").is_some()
 }
 
 /// A fast hash for exchange names and routing keys. Every publish looks

@@ -469,7 +469,14 @@ impl Serving {
             if let Err(e) = self.conn.send_to_queue(&reply_to, reply).await {
                 tracing::warn!(reply_to, error = %e, "could not publish an RPC reply");
                 if matches!(e, Error::ConnectionLost(_) | Error::Closed(_)) {
-                    // The request goes back to the queue with the connection.
+                    // The request goes back to the queue: settled here, not
+                    // dropped, so that no later `multiple` ack covers it
+                    // (and, when only the publishing side is gone, it is
+                    // requeued at once). Failing, the broker requeues it
+                    // with the connection.
+                    if let Err(e) = delivery.nack(Requeue::Yes).await {
+                        tracing::debug!(error = %e, "could not requeue a request whose reply failed");
+                    }
                     return Processed::Settled;
                 }
             }

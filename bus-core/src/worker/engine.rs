@@ -30,6 +30,7 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::delivery::{Consumer, Delivery};
 use crate::error::{Error, Result};
@@ -68,7 +69,9 @@ pub(crate) struct Drained {
 /// What processing one delivery came to.
 pub(crate) enum Processed {
     /// The processor settled the delivery itself (or it needed no
-    /// settling).
+    /// settling) before it resolved. Never a delivery dropped unsettled:
+    /// its requeue could still be on its way when a later `multiple` ack
+    /// covers it.
     Settled,
     /// Handled: the engine acks it, together with the other deliveries
     /// handled in the same turn (see [`Acks`]).
@@ -165,7 +168,10 @@ impl<F: Future<Output = Processed>> Handling<F> {
             Poll::Pending => {
                 let parked = std::mem::replace(&mut self.slot, Box::pin(None));
                 self.waiting.push(Parked(parked, tag));
-                self.parked.push_back(tag);
+                // Tags arrive in order on every transport, so this is the
+                // back; kept sorted whatever happens, as `lowest` needs.
+                let at = self.parked.partition_point(|&t| t < tag);
+                self.parked.insert(at, tag);
                 None
             }
         }
@@ -176,9 +182,11 @@ impl<F: Future<Output = Processed>> Handling<F> {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Processed>> {
         self.waiting.poll_next_unpin(cx).map(|next| {
             next.map(|(tag, done)| {
-                if let Ok(i) = self.parked.binary_search(&tag) {
-                    self.parked.remove(i);
-                }
+                let found = self
+                    .parked
+                    .binary_search(&tag)
+                    .map(|i| self.parked.remove(i));
+                debug_assert!(found.is_ok(), "a parked tag {tag} was not kept");
                 done
             })
         })
@@ -197,9 +205,10 @@ impl<F: Future<Output = Processed>> Handling<F> {
 /// `multiple` ack covers those below the lowest delivery still in hand
 /// (all deliveries below it are settled, or in this batch), and each of the
 /// others is acked alone. A turn ends before the loop waits or yields, so
-/// a handled message is never left unacked while the loop sleeps; within a
-/// turn, under a steady load, this saves the transport one settle per
-/// message, and at concurrency 1 every batch is one `multiple` ack.
+/// a handled message is never left unacked while the loop sleeps. Under a
+/// steady load of handlers that finish without waiting, a turn's batch is
+/// many deliveries and the transport settles once for them; a handler that
+/// waits is usually acked alone, in the turn it finishes in.
 struct Acks {
     batch: Vec<Delivery>,
     /// Acks the transport could not settle at once, with how many
@@ -402,8 +411,11 @@ where
         })
         .await
     };
-    // Handled deliveries are acked before the consumer is cancelled.
+    let deadline = stop.borrow().deadline;
+    // Handled deliveries are acked before the consumer is cancelled (within
+    // the deadline: a stalled connection does not hold the stop up).
     acks.flush(handling.lowest(), &observer);
+    until(deadline.map(|d| Instant::now() + d), acks.finish(&observer)).await;
     let mut drained = Drained::default();
     if ended.is_ok() {
         match consumer.cancel().await {
@@ -422,33 +434,44 @@ where
             Err(e) => tracing::warn!(error = %e, "could not cancel a consumer while stopping"),
         }
     }
-    let deadline = stop.borrow().deadline;
+    let end = deadline.map(|d| Instant::now() + d);
     // The consumer stays alive until the deliveries in hand are settled:
-    // dropping it would requeue them.
+    // dropping it would requeue them. Each one's ack goes out as it
+    // finishes.
     let finish = async {
         while let Some(done) = std::future::poll_fn(|cx| handling.poll_next(cx)).await {
             acks.push(done);
             acks.flush(handling.lowest(), &observer);
+            acks.finish(&observer).await;
             drained.finished += 1;
             observer.idle();
         }
     };
-    match deadline {
-        None => finish.await,
-        Some(deadline) => {
-            if tokio::time::timeout(deadline, finish).await.is_err() {
-                drained.abandoned = handling.len() as u64;
-                // Dropping a handler drops its delivery unsettled, which
-                // requeues it.
-                handling.clear();
-            }
-        }
+    if !until(end, finish).await {
+        drained.abandoned = handling.len() as u64;
+        // Dropping a handler drops its delivery unsettled, which requeues
+        // it.
+        handling.clear();
     }
+    // Past the deadline, acks still on their way are dropped: their
+    // deliveries go back to the queue with the consumer.
     acks.flush(None, &observer);
-    acks.finish(&observer).await;
+    until(end, acks.finish(&observer)).await;
     observer.idle();
     drop(consumer);
     (ended, drained)
+}
+
+/// Runs `work` to its end, or until `end` when there is one: whether it
+/// ended.
+async fn until(end: Option<Instant>, work: impl Future<Output = ()>) -> bool {
+    match end {
+        None => {
+            work.await;
+            true
+        }
+        Some(end) => tokio::time::timeout_at(end, work).await.is_ok(),
+    }
 }
 
 /// Spawns `future` on the current runtime, or fails with a clear error when
@@ -690,6 +713,95 @@ mod tests {
             [(u64::from(BUDGET), true), (n, true)]
         );
         assert_eq!(observer.acked.load(Ordering::Relaxed), n);
+    }
+
+    /// Writes down the settles and the cancel it sees, in order; settles
+    /// only through futures (no `ack_now`), as a transport with a round
+    /// trip does.
+    struct Logging {
+        log: Arc<Mutex<Vec<String>>>,
+        /// The consumer's feed: dropped by the cancel, which ends it.
+        feed: Mutex<Option<futures::channel::mpsc::UnboundedSender<Result<Delivery>>>>,
+    }
+
+    #[async_trait]
+    impl Acknowledger for Logging {
+        async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
+            let multiple = if options.multiple { " and before" } else { "" };
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("ack {tag}{multiple}"));
+            Ok(())
+        }
+        async fn nack(&self, tag: u64, _: NackOptions) -> Result<()> {
+            self.log.lock().unwrap().push(format!("nack {tag}"));
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl ConsumerControl for Logging {
+        async fn cancel(&self) -> Result<()> {
+            self.log.lock().unwrap().push("cancel".into());
+            self.feed.lock().unwrap().take();
+            Ok(())
+        }
+    }
+
+    /// Acks that need a future go out in the turn too; a stop acks what
+    /// was handled before it cancels the consumer, and what finishes while
+    /// it drains as it finishes.
+    #[tokio::test]
+    async fn acks_on_their_way_go_out_before_the_cancel_and_during_the_drain() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (feed, deliveries) = futures::channel::mpsc::unbounded();
+        let logging = Arc::new(Logging {
+            log: log.clone(),
+            feed: Mutex::new(Some(feed.clone())),
+        });
+        for tag in 1..=3 {
+            let acker: Arc<dyn Acknowledger> = logging.clone();
+            let d = Delivery::new(Message::new(&b"x"[..]), "", "q", false, tag, Some(acker));
+            feed.unbounded_send(Ok(d)).unwrap();
+        }
+        drop(feed);
+        let consumer = Consumer::new("tag".into(), "q".into(), Box::pin(deliveries), logging);
+        let (stop, stopped) = watch::channel(Stop::default());
+        let release = Arc::new(Notify::new());
+        let wait = release.clone();
+        let observer = Counting::default();
+        let mut engine = Box::pin(run(
+            consumer,
+            4,
+            move |delivery: Delivery| {
+                let wait = wait.clone();
+                async move {
+                    if delivery.delivery_tag == 3 {
+                        wait.notified().await;
+                    }
+                    Processed::Ack(delivery)
+                }
+            },
+            stopped,
+            observer.clone(),
+        ));
+        assert!(futures::poll!(engine.as_mut()).is_pending());
+        assert_eq!(*log.lock().unwrap(), ["ack 2 and before"]);
+        stop.send_modify(|s| {
+            s.requested = true;
+            s.deadline = Some(std::time::Duration::from_secs(60));
+        });
+        release.notify_one();
+        let (ended, drained) = engine.await;
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(drained.finished, 1);
+        assert_eq!(drained.abandoned, 0);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["ack 2 and before", "cancel", "ack 3"]
+        );
+        assert_eq!(observer.acked.load(Ordering::Relaxed), 3);
     }
 
     /// A `multiple` ack covers only deliveries settled the same way (one

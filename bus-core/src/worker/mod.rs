@@ -148,18 +148,21 @@
 //! # Acks
 //! The deliveries handled successfully in one turn of the worker's loop
 //! are acked together, with one `multiple` ack, the way RabbitMQ
-//! recommends acking at a high rate. A turn ends before the loop waits for
-//! anything (a message, a handler's I/O) and after at most 128 deliveries,
-//! so a handled message is acked within that turn and never left unacked
-//! while the worker sleeps; a handler that awaits I/O ends the turn, and
-//! its message is acked as soon as it returns. The `multiple` ack never
-//! covers a delivery that is still being handled, retried in process, or
-//! settled another way: deliveries handled while an earlier one is still
-//! in hand are acked one by one. A worker that dies between handling a
-//! message and that turn's ack has it redelivered, as it would if the ack
-//! were lost with the connection: handlers must be idempotent either way
-//! (at-least-once delivery). [`WorkerStats::handled`] counts a message once
-//! its ack went out.
+//! recommends acking at a high rate. A turn ends when the loop has nothing
+//! left to do without waiting (no delivery ready, no handler able to go
+//! on), and after at most 128 deliveries; the acks go out before it waits
+//! or yields. So a handled message is acked in the turn its handler
+//! returns in, and never left unacked while the worker sleeps. The saving
+//! is for handlers that finish without waiting, under a steady load: many
+//! of them make one turn, acked at once. A handler that awaits I/O is
+//! usually acked alone, as soon as it returns. The `multiple` ack never
+//! covers a delivery still in hand (being handled, retried in process, or
+//! settled another way) nor one of another channel: deliveries handled
+//! while an earlier one is still in hand are acked one by one. A worker
+//! that dies between handling a message and its turn's ack has it
+//! redelivered, as it would if the ack were lost with the connection:
+//! handlers must be idempotent either way (at-least-once delivery).
+//! [`WorkerStats::handled`] counts a message once its ack went out.
 //!
 //! # Handlers and tower
 //! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;

@@ -346,8 +346,9 @@ impl Worker {
     }
 
     /// What the worker has done so far. Each count is exact; read while
-    /// handlers run, two counts may be one message apart (a handled
-    /// message whose ack failed counts as `unsettled` before `handled`).
+    /// handlers run, two counts may be a few messages apart (each is
+    /// updated on its own). [`Worker::wait_until`] sees them as the worker
+    /// publishes them, together, once per turn.
     #[must_use]
     pub fn stats(&self) -> WorkerStats {
         self.stats.snapshot()

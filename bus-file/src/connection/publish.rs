@@ -336,7 +336,7 @@ impl Inner {
         }
         // BCC routes but is never delivered.
         let mut message = message;
-        strip_bcc(&mut message.properties.headers);
+        strip_bcc(&mut message);
         let now = names::now_ms();
         let stamp = names::next_stamp();
         let body_len = message.body.len() as u64;
