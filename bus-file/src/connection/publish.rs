@@ -133,13 +133,9 @@ impl Inner {
                     }
                 }
             }
-            let (fs, path) = (self.layout.fs.clone(), claim.path.clone());
-            blocking(move || match fs.remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if fsys::is_not_found(&e) => Ok(()),
-                Err(e) => Err(e.into()),
-            })
-            .await
+            // One unlink in the open claim folder: cheaper done here than
+            // a hop to the blocking pool.
+            Ok(claim.remove()?)
         })
     }
 
@@ -170,22 +166,20 @@ impl Inner {
     /// Claims the oldest ready messages of a `drop-head` queue beyond its
     /// limits, for [`Inner::enforce_drop_head`] to drop or dead-letter.
     fn drop_head_claims(&self, queue: &str, args: &QueueArguments) -> Result<Vec<Claim>> {
-        let mut claims = Vec::new();
         let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
         ready.sort_by(|a, b| a.0.cmp(&b.0));
         let limits = Limits::of(args);
         let mut depth = depth_of(&ready);
+        let mut oldest = Vec::new();
         for (file, name) in ready {
             if !limits.must_drop_head(depth) {
                 break;
             }
             depth.messages -= 1;
             depth.bytes = depth.bytes.saturating_sub(name.body_len);
-            if let Some(claim) = self.claim_file(queue, &file, name)? {
-                claims.push(claim);
-            }
+            oldest.push((file, name));
         }
-        Ok(claims)
+        self.claim_files(queue, oldest)
     }
 
     /// Publishes a dead letter of a message that was in `envelope` to its
