@@ -70,9 +70,10 @@
 //! claims go back to their queues marked redelivered. No timeout guesses.
 //!
 //! **Watching.** Consumers learn of new messages through file-system events
-//! (the `notify` crate; at once within one process) and list their folder
-//! again every rescan interval, so a lost or overflowed event delays a
-//! delivery by at most that interval.
+//! (at once within one process; on Linux an inotify watch asking only for
+//! names arriving in `ready/`, so claiming wakes nobody; elsewhere the
+//! `notify` crate) and list their folder again every rescan interval, so a
+//! lost or overflowed event delays a delivery by at most that interval.
 //!
 //! **Delivery in batches.** A consumer's dispatcher claims and reads ready
 //! messages on the blocking pool, up to the consumer's free prefetch, a
@@ -176,6 +177,7 @@ pub mod legacy;
 mod names;
 mod sync;
 mod topology;
+mod watch;
 
 pub use connection::{FileConnection, FileOptions, DEFAULT_MAX_MESSAGE_SIZE};
 pub use envelope::{Envelope, ENVELOPE_VERSION};
