@@ -244,7 +244,9 @@ impl Inner {
         let me = self.arc()?;
         let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
         // Routing, admission and the writes run whole on the blocking pool,
-        // one publish of this connection at a time, in call order.
+        // one publish of this connection at a time, in call order. Counted
+        // as writing meanwhile, so the group commit waits for it.
+        let writing = self.publishing.committer.writing();
         let order = self.publishing.order.lock().await;
         let prepared =
             blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead)).await;
@@ -267,8 +269,10 @@ impl Inner {
                 .collect();
             self.publishing
                 .committer
-                .sync_dirs(self.layout.fs.clone(), dirs)
+                .sync_dirs(self.layout.fs.clone(), dirs, writing)
                 .await?;
+        } else {
+            drop(writing);
         }
         for &i in &written {
             let (q, f, args) = &copies[i];
