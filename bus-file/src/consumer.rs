@@ -207,6 +207,10 @@ struct DispatchState {
     /// next expiry is found without parsing every name at each wakeup.
     expiring: BTreeSet<(u64, String)>,
     rescan: bool,
+    /// Names offered while a rescan lists the folder (`Some` meanwhile):
+    /// the listing may have missed them, so they survive it replacing
+    /// `ready`.
+    offered_in_scan: Option<Vec<String>>,
     consumers: Vec<Arc<ConsumerShared>>,
     next: usize,
     stopped: bool,
@@ -273,7 +277,12 @@ impl Dispatcher {
     /// A message file appeared in the ready folder.
     pub(crate) fn offer(&self, file: &str) {
         if let Some(name) = MessageName::parse(file) {
-            self.lock().insert_ready(file.to_owned(), &name);
+            let mut st = self.lock();
+            if let Some(offered) = st.offered_in_scan.as_mut() {
+                offered.push(file.to_owned());
+            }
+            st.insert_ready(file.to_owned(), &name);
+            drop(st);
             self.wake.notify_one();
         }
     }
@@ -321,6 +330,23 @@ impl Dispatcher {
     }
 
     fn rescan(&self, inner: &Inner) {
+        self.lock().offered_in_scan = Some(Vec::new());
+        let listed = self.list_ready(inner);
+        let mut st = self.lock();
+        let offered = st.offered_in_scan.take().unwrap_or_default();
+        if let Some(listed) = listed {
+            st.set_ready(listed);
+            for file in offered {
+                if let Some(name) = MessageName::parse(&file) {
+                    st.insert_ready(file, &name);
+                }
+            }
+        }
+    }
+
+    /// Lists the ready folder (quarantining what is not a message), or
+    /// `None` when it cannot be listed or the queue is gone.
+    fn list_ready(&self, inner: &Inner) -> Option<Vec<(String, MessageName)>> {
         let ready = self.layout.ready(&self.queue);
         for foreign in self.layout.list_foreign(&ready).unwrap_or_default() {
             layout::quarantine(
@@ -334,7 +360,7 @@ impl Dispatcher {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(queue = self.queue, error = %e, "cannot list queue");
-                return;
+                return None;
             }
         };
         let still_there = inner
@@ -348,9 +374,9 @@ impl Dispatcher {
             .unwrap_or(true);
         if !still_there {
             inner.queue_gone(&self.queue);
-            return;
+            return None;
         }
-        self.lock().set_ready(listed);
+        Some(listed)
     }
 
     /// Claims and delivers while there are ready messages and consumers
