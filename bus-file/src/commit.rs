@@ -5,8 +5,10 @@
 //!
 //! A batch starts once no other publish of the connection is still writing
 //! its files (they would miss it by microseconds and need a flush of their
-//! own), or after [`MAX_GATHER`] at most, so a stream of other publishes
-//! cannot hold it back.
+//! own) and as many publishes wait as joined the last batch (publishers
+//! released by it come back staggered), or after [`MAX_GATHER`] at most,
+//! so neither a stream of other publishes nor publishers that stopped can
+//! hold it back.
 //!
 //! On Linux a batch is one `syncfs(2)` of the root's file system instead:
 //! it writes back every dirty file and folder of that file system and
@@ -54,6 +56,8 @@ struct State {
     running: bool,
     /// Publishes writing their files, which may join the next batch.
     writing: usize,
+    /// How many joined the last batch.
+    last: usize,
 }
 
 /// A publish writing its files, counted until dropped (or until it joins
@@ -110,15 +114,19 @@ impl Committer {
         }
     }
 
-    /// Waits until no publish is writing, or [`MAX_GATHER`] has passed.
+    /// Waits until no publish is writing and as many wait as joined the
+    /// last batch, or [`MAX_GATHER`] has passed.
     async fn gather(&self) {
         let deadline = Instant::now() + MAX_GATHER;
         loop {
             let written = self.written.notified();
             tokio::pin!(written);
             written.as_mut().enable();
-            if self.state.lock().writing == 0 {
-                return;
+            {
+                let st = self.state.lock();
+                if st.writing == 0 && st.pending.len() >= st.last {
+                    return;
+                }
             }
             tokio::select! {
                 _ = &mut written => {}
@@ -134,8 +142,10 @@ impl Committer {
                 let mut st = self.state.lock();
                 if st.pending.is_empty() {
                     st.running = false;
+                    st.last = 0;
                     return;
                 }
+                st.last = st.pending.len();
                 std::mem::take(&mut st.pending)
             };
             let root = batch[0].0.clone();
