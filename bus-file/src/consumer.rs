@@ -3,6 +3,7 @@
 //! round-robin to the connection's consumers with free prefetch capacity.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,20 +32,117 @@ use crate::sync::{Mutex, MutexGuard};
 /// Deliveries a consumer's stream buffers beyond what it has read.
 const STREAM_BUFFER: usize = 256;
 
+/// Names a dispatching round claims at most before handing them out.
+const CLAIM_BATCH: usize = 32;
+
+/// Acks of at most this many messages unlink their files in place rather
+/// than on the blocking pool.
+const INLINE_ACKS: usize = 16;
+
 /// A message this connection has claimed: its file in the claim folder and
 /// its content.
 #[derive(Clone, Debug)]
 pub(crate) struct Claim {
+    /// The file, relative to the root.
     pub(crate) path: PathBuf,
+    /// The claim folder holding it, open: settling it needs no walk.
+    pub(crate) dir: Arc<fsys::Dir>,
     pub(crate) name: MessageName,
     pub(crate) envelope: Envelope,
 }
 
-/// Reads a claimed file; a file that is not a valid message is
-/// quarantined and `None` returned.
+impl Claim {
+    /// The file's name in its claim folder.
+    pub(crate) fn file(&self) -> &OsStr {
+        self.path.file_name().unwrap_or_default()
+    }
+
+    /// Removes the file: the message is settled. Already gone is fine.
+    pub(crate) fn remove(&self) -> std::io::Result<()> {
+        match self.dir.remove_file(self.file()) {
+            Err(e) if !fsys::is_not_found(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A queue's folders, open for a run of claims: the queue's folder, its
+/// `ready/` and this connection's claim folder in it.
+#[derive(Debug)]
+pub(crate) struct ClaimDirs {
+    queue: fsys::Dir,
+    ready: fsys::Dir,
+    claims: Arc<fsys::Dir>,
+}
+
+impl ClaimDirs {
+    /// Opens the folders of `queue`, making this connection's claim folder
+    /// if it is missing (inside the opened queue folder: a queue deleted
+    /// meanwhile is never made again). `NotFound` when the queue is gone.
+    pub(crate) fn open(layout: &Layout, queue: &str, owner: &str) -> std::io::Result<ClaimDirs> {
+        let q = layout.fs.open_dir(&layout.queue(queue))?;
+        let ready = q.open_dir(OsStr::new("ready"))?;
+        let claims = Arc::new(Self::claims(&q, owner)?);
+        Ok(ClaimDirs {
+            queue: q,
+            ready,
+            claims,
+        })
+    }
+
+    fn claims(queue: &fsys::Dir, owner: &str) -> std::io::Result<fsys::Dir> {
+        let (claims, owner) = (OsStr::new("claims"), OsStr::new(owner));
+        let open = || queue.open_dir(claims)?.open_dir(owner);
+        match open() {
+            Err(e) if fsys::is_not_found(&e) => {
+                queue.create_dir(claims, fsys::DIR_MODE)?;
+                queue.open_dir(claims)?.create_dir(owner, fsys::DIR_MODE)?;
+                open()
+            }
+            r => r,
+        }
+    }
+
+    /// Claims the ready message `file` by renaming it into the claim
+    /// folder. `false` when it is not there (another consumer took it).
+    pub(crate) fn claim(&mut self, file: &OsStr, owner: &str) -> std::io::Result<bool> {
+        match self.ready.rename_to(file, &self.claims, file) {
+            Ok(()) => Ok(true),
+            Err(e) if fsys::is_not_found(&e) => {
+                if !self.ready.exists(file) {
+                    return Ok(false);
+                }
+                // The message is there, so the claim folder is not (taken
+                // back by a reaper): made again, once.
+                self.claims = Arc::new(Self::claims(&self.queue, owner)?);
+                match self.ready.rename_to(file, &self.claims, file) {
+                    Ok(()) => Ok(true),
+                    Err(e) if fsys::is_not_found(&e) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a claimed, unsettled message back under its name `file`.
+    fn unclaim(&self, claim: &Claim, file: &OsStr) -> std::io::Result<()> {
+        claim.dir.rename_to(claim.file(), &self.ready, file)
+    }
+
+    /// The claim folder claims go to.
+    pub(crate) fn claim_dir(&self) -> &Arc<fsys::Dir> {
+        &self.claims
+    }
+}
+
+/// Reads a claimed file, `file` in the claim folder `dir` (`path` relative
+/// to the root); a file that is not a valid message is quarantined and
+/// `None` returned.
 pub(crate) fn read_claim(
     layout: &Layout,
     queue: &str,
+    dir: &Arc<fsys::Dir>,
     path: PathBuf,
     name: MessageName,
     max_message_size: u64,
@@ -52,6 +150,7 @@ pub(crate) fn read_claim(
     // The name's length and the configured maximum bound the read, checked
     // against the file's real size before anything is allocated: a sparse
     // or lying file is quarantined unread.
+    let file = path.file_name().unwrap_or_default();
     let decoded = if name.body_len > max_message_size {
         Err(format!(
             "the name claims a {}-byte body, over the maximum of {max_message_size}",
@@ -59,9 +158,7 @@ pub(crate) fn read_claim(
         ))
     } else {
         let max = crate::envelope::max_file_len(name.body_len);
-        layout
-            .fs
-            .read_checked(&path, name.body_len, max, true)
+        dir.read_checked(file, name.body_len, max, true)
             .map_err(|e| format!("unreadable: {e}"))
     }
     .and_then(|bytes| Envelope::decode(&bytes).map_err(|e| e.to_string()))
@@ -79,6 +176,7 @@ pub(crate) fn read_claim(
     match decoded {
         Ok(envelope) => Some(Claim {
             path,
+            dir: dir.clone(),
             name,
             envelope,
         }),
@@ -109,6 +207,10 @@ struct DispatchState {
     /// next expiry is found without parsing every name at each wakeup.
     expiring: BTreeSet<(u64, String)>,
     rescan: bool,
+    /// Names offered while a rescan lists the folder (`Some` meanwhile):
+    /// the listing may have missed them, so they survive it replacing
+    /// `ready`.
+    offered_in_scan: Option<Vec<String>>,
     consumers: Vec<Arc<ConsumerShared>>,
     next: usize,
     stopped: bool,
@@ -132,6 +234,11 @@ impl DispatchState {
             }
         }
         Some(file)
+    }
+
+    /// Where `c` is among the consumers.
+    fn position(&self, c: &Arc<ConsumerShared>) -> Option<usize> {
+        self.consumers.iter().position(|x| Arc::ptr_eq(x, c))
     }
 
     fn set_ready(&mut self, listed: Vec<(String, MessageName)>) {
@@ -170,7 +277,12 @@ impl Dispatcher {
     /// A message file appeared in the ready folder.
     pub(crate) fn offer(&self, file: &str) {
         if let Some(name) = MessageName::parse(file) {
-            self.lock().insert_ready(file.to_owned(), &name);
+            let mut st = self.lock();
+            if let Some(offered) = st.offered_in_scan.as_mut() {
+                offered.push(file.to_owned());
+            }
+            st.insert_ready(file.to_owned(), &name);
+            drop(st);
             self.wake.notify_one();
         }
     }
@@ -218,6 +330,23 @@ impl Dispatcher {
     }
 
     fn rescan(&self, inner: &Inner) {
+        self.lock().offered_in_scan = Some(Vec::new());
+        let listed = self.list_ready(inner);
+        let mut st = self.lock();
+        let offered = st.offered_in_scan.take().unwrap_or_default();
+        if let Some(listed) = listed {
+            st.set_ready(listed);
+            for file in offered {
+                if let Some(name) = MessageName::parse(&file) {
+                    st.insert_ready(file, &name);
+                }
+            }
+        }
+    }
+
+    /// Lists the ready folder (quarantining what is not a message), or
+    /// `None` when it cannot be listed or the queue is gone.
+    fn list_ready(&self, inner: &Inner) -> Option<Vec<(String, MessageName)>> {
         let ready = self.layout.ready(&self.queue);
         for foreign in self.layout.list_foreign(&ready).unwrap_or_default() {
             layout::quarantine(
@@ -231,7 +360,7 @@ impl Dispatcher {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(queue = self.queue, error = %e, "cannot list queue");
-                return;
+                return None;
             }
         };
         let still_there = inner
@@ -245,79 +374,143 @@ impl Dispatcher {
             .unwrap_or(true);
         if !still_there {
             inner.queue_gone(&self.queue);
-            return;
+            return None;
         }
-        self.lock().set_ready(listed);
+        Some(listed)
     }
 
     /// Claims and delivers while there are ready messages and consumers
     /// with capacity. Returns claimed messages that had expired, for the
-    /// caller to dead-letter outside the lock.
+    /// caller to dead-letter.
+    ///
+    /// Works in rounds: under the lock, it takes what the consumers can
+    /// hold (at most [`CLAIM_BATCH`] names); without it, it claims and
+    /// reads them, so publishes offering names never wait on file work;
+    /// under the lock again, it hands them out round-robin. The queue's
+    /// folders are opened once per pass, not walked to per message.
     fn deliver(&self, inner: &Inner) -> Vec<Claim> {
         let mut expired = Vec::new();
-        let mut st = self.lock();
+        let mut dirs: Option<ClaimDirs> = None;
         let now = names::now_ms().max(0) as u64;
         loop {
-            if st.stopped || st.consumers.is_empty() || st.ready.is_empty() {
+            let (mut credits, files) = {
+                let mut st = self.lock();
+                if st.stopped || st.consumers.is_empty() || st.ready.is_empty() {
+                    break;
+                }
+                let candidates = if self.args.single_active_consumer {
+                    if st.single_active.is_none() {
+                        match FileLock::try_lock_create(
+                            &self.layout.fs,
+                            &self.layout.sac_lock(&self.queue),
+                        ) {
+                            Ok(Some(l)) => st.single_active = Some(l),
+                            _ => break,
+                        }
+                    }
+                    1
+                } else {
+                    st.consumers.len()
+                };
+                let n = st.consumers.len();
+                let start = if candidates == 1 { 0 } else { st.next % n };
+                // In round-robin order from the next consumer's turn.
+                let credits: Vec<(Arc<ConsumerShared>, usize)> = (0..candidates)
+                    .map(|i| &st.consumers[(start + i) % n])
+                    .map(|c| (c.clone(), c.credit()))
+                    .filter(|(_, k)| *k > 0)
+                    .collect();
+                let room: usize = credits.iter().map(|(_, k)| k).sum();
+                let files: Vec<String> = std::iter::from_fn(|| st.pop_ready())
+                    .take(room.min(CLAIM_BATCH))
+                    .collect();
+                (credits, files)
+            };
+            if files.is_empty() {
                 break;
             }
-            let candidates = if self.args.single_active_consumer {
-                if st.single_active.is_none() {
-                    match FileLock::try_lock_create(
-                        &self.layout.fs,
-                        &self.layout.sac_lock(&self.queue),
-                    ) {
-                        Ok(Some(l)) => st.single_active = Some(l),
-                        _ => break,
+            if dirs.is_none() {
+                match inner.claim_dirs(&self.queue) {
+                    Ok(d) => dirs = Some(d),
+                    Err(e) => {
+                        // The queue is gone (the rescan ends this
+                        // dispatcher) or unreachable: the names stay known.
+                        if !fsys::is_not_found(&e) {
+                            tracing::warn!(queue = self.queue, error = %e, "cannot open queue");
+                        }
+                        let mut st = self.lock();
+                        for f in files {
+                            if let Some(name) = MessageName::parse(&f) {
+                                st.insert_ready(f, &name);
+                            }
+                        }
+                        break;
                     }
                 }
-                1
-            } else {
-                st.consumers.len()
-            };
-            let n = st.consumers.len();
-            let start = if candidates == 1 { 0 } else { st.next % n };
-            let Some(idx) = (0..candidates)
-                .map(|i| (start + i) % n)
-                .find(|&i| st.consumers[i].has_capacity())
-            else {
-                break;
-            };
-            let Some(file) = st.pop_ready() else {
-                break;
-            };
-            let Some(name) = MessageName::parse(&file) else {
-                continue;
-            };
-            let claim = match inner.claim_file(&self.queue, &file, name) {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(queue = self.queue, error = %e, "claim failed");
+            }
+            let Some(dirs) = dirs.as_mut() else { break };
+            let mut claims = Vec::with_capacity(files.len());
+            for file in files {
+                let Some(name) = MessageName::parse(&file) else {
                     continue;
+                };
+                match inner.claim_in(&self.queue, dirs, &file, name) {
+                    Ok(Some(c)) => {
+                        if c.name
+                            .expires_at_ms
+                            .is_some_and(|e| policy::is_expired(e, now))
+                        {
+                            expired.push(c);
+                        } else {
+                            claims.push((file, c));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = self.queue, error = %e, "claim failed");
+                    }
                 }
-            };
-            if claim
-                .name
-                .expires_at_ms
-                .is_some_and(|e| policy::is_expired(e, now))
-            {
-                expired.push(claim);
-                continue;
             }
-            let c = st.consumers[idx].clone();
-            if let Some(claim) = c.hand_over(claim) {
-                // Its stream is gone: the message goes back untouched.
-                let back = self.layout.ready(&self.queue).join(claim.name.file_name());
-                if self.layout.fs.rename(&claim.path, &back).is_ok() {
-                    st.insert_ready(claim.name.file_name(), &claim.name);
+            let mut st = self.lock();
+            let mut turn = 0;
+            for (file, claim) in claims {
+                let taker = (0..credits.len())
+                    .map(|i| (turn + i) % credits.len())
+                    .find(|&i| credits[i].1 > 0);
+                let claim = match taker {
+                    Some(i) => match credits[i].0.hand_over(claim) {
+                        None => {
+                            credits[i].1 -= 1;
+                            turn = i + 1;
+                            if let Some(at) = st.position(&credits[i].0) {
+                                st.next = at + 1;
+                            }
+                            continue;
+                        }
+                        Some(claim) => {
+                            // Its stream is gone: it takes no more.
+                            credits[i].1 = 0;
+                            let gone = credits[i].0.clone();
+                            st.consumers.retain(|c| !Arc::ptr_eq(c, &gone));
+                            claim
+                        }
+                    },
+                    None => claim,
+                };
+                // Nobody can take it: it goes back untouched.
+                if dirs.unclaim(&claim, OsStr::new(&file)).is_ok() {
+                    st.insert_ready(file, &claim.name);
                 }
-                st.consumers.remove(idx);
-                continue;
             }
-            st.next = idx + 1;
         }
         expired
+    }
+
+    /// Whether a pass would claim something: a ready name is known and a
+    /// consumer has room for it.
+    fn has_work(&self) -> bool {
+        let st = self.lock();
+        !st.stopped && !st.ready.is_empty() && st.consumers.iter().any(|c| c.credit() > 0)
     }
 
     /// The earliest expiry among the names believed ready.
@@ -338,7 +531,7 @@ pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
         let notified = d.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let interval = {
+        {
             let Some(inner) = inner.upgrade() else { return };
             if d.lock().stopped || !inner.is_open() {
                 return;
@@ -348,33 +541,34 @@ pub(crate) async fn run_dispatcher(d: Arc<Dispatcher>, inner: Weak<Inner>) {
             if rescan {
                 next_rescan = Instant::now() + inner.options.rescan_interval;
             }
-            // Listing, claiming and reading run on the blocking pool.
-            let (d2, i2) = (d.clone(), inner.clone());
-            let expired = match tokio::task::spawn_blocking(move || {
-                if rescan {
-                    d2.rescan(&i2);
-                }
-                d2.deliver(&i2)
-            })
-            .await
-            {
-                Ok(expired) => expired,
-                Err(e) => {
-                    tracing::warn!(queue = d.queue, error = %e, "dispatching failed");
-                    Vec::new()
-                }
-            };
-            for claim in expired {
-                if let Err(e) = inner
-                    .dead_letter_or_drop(&d.queue, &d.args, &claim, Reason::Expired)
-                    .await
+            // Nothing to list, or nothing to claim for nobody: no hop.
+            if rescan || d.has_work() {
+                // Listing, claiming and reading run on the blocking pool.
+                let (d2, i2) = (d.clone(), inner.clone());
+                let expired = match tokio::task::spawn_blocking(move || {
+                    if rescan {
+                        d2.rescan(&i2);
+                    }
+                    d2.deliver(&i2)
+                })
+                .await
                 {
-                    tracing::warn!(queue = d.queue, error = %e, "dead-lettering failed");
+                    Ok(expired) => expired,
+                    Err(e) => {
+                        tracing::warn!(queue = d.queue, error = %e, "dispatching failed");
+                        Vec::new()
+                    }
+                };
+                for claim in expired {
+                    if let Err(e) = inner
+                        .dead_letter_or_drop(&d.queue, &d.args, &claim, Reason::Expired)
+                        .await
+                    {
+                        tracing::warn!(queue = d.queue, error = %e, "dead-lettering failed");
+                    }
                 }
             }
-            inner.options.rescan_interval
-        };
-        let _ = interval;
+        }
         let wake_at = match d.next_expiry() {
             Some(ms) => {
                 let now = names::now_ms().max(0) as u64;
@@ -410,13 +604,18 @@ pub(crate) struct ConsumerShared {
 }
 
 impl ConsumerShared {
-    fn has_capacity(&self) -> bool {
+    /// How many more deliveries it can take now: its stream's free room,
+    /// within its prefetch.
+    fn credit(&self) -> usize {
         let tx = self.tx.lock();
-        let Some(tx) = tx.as_ref() else { return false };
-        tx.capacity() > 0
-            && (self.auto_ack
-                || self.prefetch == 0
-                || self.unacked.lock().len() < usize::from(self.prefetch))
+        let Some(tx) = tx.as_ref() else { return 0 };
+        let room = tx.capacity();
+        if self.auto_ack || self.prefetch == 0 {
+            room
+        } else {
+            let held = self.unacked.lock().len();
+            room.min(usize::from(self.prefetch).saturating_sub(held))
+        }
     }
 
     /// Sends a claimed message to the stream; gives it back (`Some`) if the
@@ -443,7 +642,7 @@ impl ConsumerShared {
             acker,
         );
         if self.auto_ack {
-            let _ = self.fs.remove_file(&claim.path);
+            let _ = claim.remove();
         } else {
             self.unacked.lock().insert(tag, claim);
         }
@@ -533,11 +732,14 @@ impl ConsumerShared {
         }
     }
 
-    /// Wakes the dispatcher once this consumer's unread deliveries run low
-    /// (at most half of what it may hold), rather than at every read and
-    /// ack: the dispatcher then claims a batch per wakeup instead of one
-    /// message per thread hop. It never starves the consumer, because the
-    /// read that empties the stream, and every ack after it, wake it.
+    /// Wakes the dispatcher once this consumer has room for a round of
+    /// claims ([`CLAIM_BATCH`], or half of what it may hold when that is
+    /// less), rather than at every read and ack: the dispatcher then claims
+    /// a batch per wakeup instead of one message per thread hop, and is
+    /// woken while the consumer still has deliveries to read, so the
+    /// consumer seldom waits for it. It never starves the consumer,
+    /// because the read that empties the stream, and every ack after it,
+    /// wake it.
     fn after_progress(&self) {
         let unread = {
             let tx = self.tx.lock();
@@ -549,7 +751,8 @@ impl ConsumerShared {
         } else {
             STREAM_BUFFER.min(usize::from(self.prefetch))
         };
-        if unread <= room / 2 {
+        let round = CLAIM_BATCH.min(room.div_ceil(2));
+        if room.saturating_sub(unread) >= round {
             self.after_settle();
         }
     }
@@ -559,18 +762,21 @@ impl ConsumerShared {
 impl Acknowledger for ConsumerShared {
     async fn ack(&self, tag: u64, options: AckOptions) -> Result<()> {
         let claims = self.take(tag, options.multiple)?;
-        let fs = self.fs.clone();
-        blocking(move || {
-            for claim in claims {
-                match fs.remove_file(&claim.path) {
-                    Ok(()) => {}
-                    Err(e) if fsys::is_not_found(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
+        let inline = claims.len() <= INLINE_ACKS;
+        let remove = move || -> Result<()> {
+            for claim in &claims {
+                claim.remove()?;
             }
             Ok(())
-        })
-        .await?;
+        };
+        // An ack is one unlink in the open claim folder per message: a few
+        // are done right here, where a hop to the blocking pool would cost
+        // more than they do; many (a `multiple` ack) go there.
+        if inline {
+            remove()?;
+        } else {
+            blocking(remove).await?;
+        }
         self.after_progress();
         Ok(())
     }

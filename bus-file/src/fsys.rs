@@ -2,7 +2,7 @@
 //! private permissions, no symlink following, durable atomic replacement,
 //! and advisory locks.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -212,14 +212,27 @@ impl Root {
     /// Opens the folder `rel` (the root itself when empty), refusing a
     /// symlink or non-folder at every component.
     pub(crate) fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
-        // A new open file description, never a `dup` of the root's: a dup
-        // shares the directory offset, so listing through one would leave
-        // the next listing empty.
-        let mut fd = rustix::fs::openat(&self.fd, ".", DIR_FLAGS, Mode::empty())?;
-        for c in plain_components(rel)? {
-            fd = rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty())?;
+        // Always a new open file description, never a `dup` of the root's:
+        // a dup shares the directory offset, so listing through one would
+        // leave the next listing empty. The first component is opened from
+        // the root's descriptor directly (the root itself, for an empty
+        // path, as `.`).
+        let components = plain_components(rel)?;
+        let (first, rest) = match components.split_first() {
+            Some((first, rest)) => (*first, rest),
+            None => (std::ffi::OsStr::new("."), &[][..]),
+        };
+        let mut fd = rustix::fs::openat(&self.fd, first, DIR_FLAGS, Mode::empty())?;
+        for c in rest {
+            fd = rustix::fs::openat(&fd, *c, DIR_FLAGS, Mode::empty())?;
         }
         Ok(fd)
+    }
+
+    /// Opens the folder `rel` as [`Root::dir`] does, for a run of
+    /// operations on its entries without walking to it for each.
+    pub(crate) fn open_dir(&self, rel: &Path) -> io::Result<Dir> {
+        Ok(Dir { fd: self.dir(rel)? })
     }
 
     /// Opens the parent folder of `rel` and returns it with the last
@@ -405,6 +418,67 @@ impl Root {
             self.sync_dir(dest.parent().unwrap_or(Path::new("")))?;
         }
         Ok(())
+    }
+}
+
+/// A folder below a [`Root`], opened once by its component-by-component
+/// walk (no symlink followed), for operations on the entries directly in
+/// it. Like the root, it is held by descriptor: renaming or replacing its
+/// path later does not redirect the operations, so whoever holds one for
+/// long must open it again to see a folder that replaced it. Entry names
+/// are single components (no separator), as the transport's names are.
+#[derive(Debug)]
+pub(crate) struct Dir {
+    fd: OwnedFd,
+}
+
+impl Dir {
+    /// Opens the folder `name` in this one (not through a symlink).
+    pub(crate) fn open_dir(&self, name: &OsStr) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: rustix::fs::openat(&self.fd, name, DIR_FLAGS, Mode::empty())?,
+        })
+    }
+
+    /// Creates the folder `name` in this one with `mode`; an existing one
+    /// is fine (a symlink in its place fails when it is opened).
+    pub(crate) fn create_dir(&self, name: &OsStr, mode: u32) -> io::Result<()> {
+        match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(mode)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Renames the entry `from` of this folder to `to` in `other`.
+    pub(crate) fn rename_to(&self, from: &OsStr, other: &Dir, to: &OsStr) -> io::Result<()> {
+        Ok(rustix::fs::renameat(&self.fd, from, &other.fd, to)?)
+    }
+
+    /// Removes the file (or symlink, never its target) `name`.
+    pub(crate) fn remove_file(&self, name: &OsStr) -> io::Result<()> {
+        Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?)
+    }
+
+    /// Whether the entry `name` exists (as anything, a symlink included).
+    pub(crate) fn exists(&self, name: &OsStr) -> bool {
+        rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    }
+
+    /// Reads the regular file `name` as [`Root::read_checked`] does.
+    pub(crate) fn read_checked(
+        &self,
+        name: &OsStr,
+        min: u64,
+        max: u64,
+        single_link: bool,
+    ) -> io::Result<Vec<u8>> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        read_open_checked(File::from(fd), min, max, single_link)
     }
 }
 

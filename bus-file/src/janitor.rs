@@ -89,10 +89,8 @@ fn claim_expired(inner: &Inner) -> (Expired, Option<Duration>) {
         }
         due.sort_by(|a, b| a.0.cmp(&b.0));
         let args = QueueArguments::from_table(&rec.arguments).unwrap_or_default();
-        for (file, name) in due {
-            if let Ok(Some(claim)) = inner.claim_file(queue, &file, name) {
-                claims.push((queue.clone(), args.clone(), claim));
-            }
+        for claim in inner.claim_files(queue, due).unwrap_or_default() {
+            claims.push((queue.clone(), args.clone(), claim));
         }
     }
     (

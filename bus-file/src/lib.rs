@@ -70,9 +70,17 @@
 //! claims go back to their queues marked redelivered. No timeout guesses.
 //!
 //! **Watching.** Consumers learn of new messages through file-system events
-//! (the `notify` crate; at once within one process) and list their folder
-//! again every rescan interval, so a lost or overflowed event delays a
-//! delivery by at most that interval.
+//! (at once within one process; on Linux an inotify watch asking only for
+//! names arriving in `ready/`, so claiming wakes nobody; elsewhere the
+//! `notify` crate) and list their folder again every rescan interval, so a
+//! lost or overflowed event delays a delivery by at most that interval.
+//!
+//! **Delivery in batches.** A consumer's dispatcher claims and reads ready
+//! messages on the blocking pool, up to the consumer's free prefetch, a
+//! batch per hop, through the queue's folders opened once per pass; an ack
+//! unlinks its file in the open claim folder where it is called (one
+//! system call, cheaper than a hop to the pool; a `multiple` ack of many
+//! goes to the pool).
 //!
 //! # Capabilities
 //!
@@ -122,6 +130,9 @@
 //!   those descriptors: a symlink anywhere below the root (a queue, its
 //!   `ready/` or `claims/<owner>/` folder, `tmp/`) is an error, never
 //!   followed. A symlink or FIFO named like a message is quarantined.
+//!   Delivery walks to a queue's folders once per dispatching pass and
+//!   works relative to them for that pass (a folder swapped meanwhile is
+//!   not followed either: the descriptors keep the folders they opened).
 //! * A message file must have one name (`st_nlink == 1`; a hard link to a
 //!   file elsewhere is quarantined), and is read only after `fstat` shows a
 //!   size between the body length its name claims and that plus 1 MiB, and
@@ -166,6 +177,7 @@ pub mod legacy;
 mod names;
 mod sync;
 mod topology;
+mod watch;
 
 pub use connection::{FileConnection, FileOptions, DEFAULT_MAX_MESSAGE_SIZE};
 pub use envelope::{Envelope, ENVELOPE_VERSION};

@@ -1,7 +1,6 @@
 //! This process's dispatchers of a root: started per queue, woken by
 //! file-system events and by this process's publishes.
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock, Weak};
 
 use bus_core::{QueueArguments, Result};
@@ -11,6 +10,7 @@ use crate::consumer::{self, Dispatcher};
 use crate::fsys;
 use crate::sync::Mutex;
 use crate::topology::QueueRecord;
+use crate::watch::Seen;
 
 /// Connections of this process by root, so that a publish wakes this
 /// process's consumers at once instead of waiting for a file-system event.
@@ -52,53 +52,29 @@ impl Inner {
         }
     }
 
-    pub(super) fn on_fs_event(&self, ev: notify::Result<notify::Event>) {
-        use notify::event::{EventKind, ModifyKind, RenameMode};
-        let ev = match ev {
-            Ok(ev) if !ev.need_rescan() => ev,
-            _ => {
+    /// Hands what the file-system watch saw to the queue's dispatcher.
+    pub(super) fn on_seen(&self, seen: Seen<'_>) {
+        match seen {
+            Seen::Arrived { queue, file } => {
+                let d = self.dispatchers.lock().get(queue).cloned();
+                if let Some(d) = d {
+                    d.offer(file);
+                }
+            }
+            Seen::Lost => {
                 for d in self.dispatchers.lock().values() {
                     d.request_rescan();
                 }
-                return;
-            }
-        };
-        // Only names arriving matter: a name leaving the ready folder (a
-        // claim) offered back would cost a failed claim per message.
-        let arriving = match ev.kind {
-            EventKind::Create(_)
-            | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Any))
-            | EventKind::Modify(ModifyKind::Name(RenameMode::Other)) => &ev.paths[..],
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                ev.paths.get(1..).unwrap_or_default()
-            }
-            _ => return,
-        };
-        for path in arriving {
-            let (Some(file), Some(dir)) = (path.file_name(), path.parent()) else {
-                continue;
-            };
-            if dir.file_name().is_none_or(|n| n != "ready") {
-                continue;
-            }
-            let Some(queue) = dir
-                .parent()
-                .and_then(Path::file_name)
-                .and_then(|q| q.to_str())
-            else {
-                continue;
-            };
-            let d = self.dispatchers.lock().get(queue).cloned();
-            if let (Some(d), Some(file)) = (d, file.to_str()) {
-                d.offer(file);
             }
         }
     }
 
     pub(crate) fn unwatch(&self, d: &Dispatcher) {
-        use notify::Watcher;
         if let Some(w) = self.watcher.lock().as_mut() {
-            let _ = w.unwatch(&self.layout.fs.display_path(&self.layout.ready(&d.queue)));
+            w.unwatch(
+                &d.queue,
+                &self.layout.fs.display_path(&self.layout.ready(&d.queue)),
+            );
         }
     }
 
@@ -125,14 +101,12 @@ impl Inner {
             self.layout.clone(),
         ));
         {
-            use notify::Watcher;
             if let Some(w) = self.watcher.lock().as_mut() {
-                // notify takes a path, not a folder descriptor: the
+                // A watch takes a path, not a folder descriptor: the
                 // layout's paths are relative to the root.
-                if let Err(e) = w.watch(
-                    &self.layout.fs.display_path(&self.layout.ready(name)),
-                    notify::RecursiveMode::NonRecursive,
-                ) {
+                if let Err(e) =
+                    w.watch(name, &self.layout.fs.display_path(&self.layout.ready(name)))
+                {
                     tracing::warn!(queue = name, error = %e, "no file-system events for queue");
                 }
             }

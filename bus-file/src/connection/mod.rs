@@ -133,7 +133,7 @@ pub(crate) struct Inner {
     /// The routing view of the topology, until the topology changes.
     snapshots: SnapshotCache,
     pub(crate) dispatchers: Mutex<HashMap<String, Arc<Dispatcher>>>,
-    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watcher: Mutex<Option<crate::watch::Watcher>>,
     pub(crate) janitor_wake: Notify,
     /// The publishing side: call order, temporary names, group commit.
     publishing: Publishing,
@@ -177,25 +177,16 @@ impl FileConnection {
             janitor: Mutex::new(None),
             consumer_seq: AtomicU64::new(0),
         });
-        // The watcher's callback runs on notify's own thread, which
-        // `watch`/`unwatch` wait on: it only forwards events, and a task
-        // handles them, so no lock of ours is ever taken on that thread.
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
-        match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            let _ = events_tx.send(ev);
-        }) {
+        let weak = Arc::downgrade(&inner);
+        let handler: crate::watch::Handler = Arc::new(move |seen| {
+            if let Some(inner) = weak.upgrade() {
+                inner.on_seen(seen);
+            }
+        });
+        match crate::watch::Watcher::start(handler) {
             Ok(w) => *inner.watcher.lock() = Some(w),
             Err(e) => tracing::warn!(error = %e, "no file-system events; relying on rescans"),
         }
-        let weak = Arc::downgrade(&inner);
-        tokio::spawn(async move {
-            while let Some(ev) = events_rx.recv().await {
-                match weak.upgrade() {
-                    Some(inner) => inner.on_fs_event(ev),
-                    None => return,
-                }
-            }
-        });
         {
             let mut reg = registry().lock();
             reg.retain(|w| w.strong_count() > 0);

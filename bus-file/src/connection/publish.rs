@@ -1,6 +1,7 @@
 //! Publishing: routing, queue admission (length limits and overflow),
 //! writing a message into its queues, the group commit, dead-lettering.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -19,20 +20,78 @@ use crate::consumer::Claim;
 use crate::envelope::Envelope;
 use crate::fsys;
 use crate::names::{self, MessageName};
+use crate::sync::Mutex;
 
 /// The publishing side of a connection.
 #[derive(Debug, Default)]
 pub(super) struct Publishing {
-    /// Publishes of this connection take it, first come first served, for
-    /// their file work: messages reach their queues in the order their
-    /// publishes were called, as on one AMQP channel, even with many in
-    /// flight. The durable flush happens after it is released, so
-    /// concurrent publishes still share one group commit.
-    order: tokio::sync::Mutex<()>,
+    /// The file work of this connection's publishes, first come first
+    /// served: messages reach their queues in the order their publishes
+    /// were called, as on one AMQP channel, even with many in flight. The
+    /// durable flush happens after, so concurrent publishes still share
+    /// one group commit. A publish's work is queued when its future is
+    /// first polled and runs even if the future is dropped later (as a
+    /// publish already sent to a broker still arrives).
+    writes: Arc<Mutex<Writes>>,
     /// Numbers the temporary files this connection writes.
     tmp_seq: AtomicU64,
     /// The group commit durable publishes wait on.
     committer: Arc<Committer>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Publishes' file work in call order, and whether a task of the blocking
+/// pool is running it: one task runs every job queued while it runs, so a
+/// burst of concurrent publishes costs one hop to the pool, not one each
+/// (and no hand-off between them).
+#[derive(Default)]
+struct Writes {
+    jobs: VecDeque<Job>,
+    running: bool,
+}
+
+impl std::fmt::Debug for Writes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writes")
+            .field("jobs", &self.jobs.len())
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+impl Publishing {
+    /// Runs `job` on the blocking pool after every job submitted before it.
+    fn submit(&self, job: Job) {
+        let start = {
+            let mut w = self.writes.lock();
+            w.jobs.push_back(job);
+            !std::mem::replace(&mut w.running, true)
+        };
+        if start {
+            let writes = self.writes.clone();
+            drop(tokio::task::spawn_blocking(move || run_writes(&writes)));
+        }
+    }
+}
+
+/// Runs queued publish jobs until none is left.
+fn run_writes(writes: &Mutex<Writes>) {
+    loop {
+        let job = {
+            let mut w = writes.lock();
+            match w.jobs.pop_front() {
+                Some(job) => job,
+                None => {
+                    w.running = false;
+                    return;
+                }
+            }
+        };
+        // A job that panics drops its reply (its publish fails); the jobs
+        // after it still run.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+    }
 }
 
 /// What a publish did on disk, for the rest of it to finish: the copies
@@ -133,13 +192,9 @@ impl Inner {
                     }
                 }
             }
-            let (fs, path) = (self.layout.fs.clone(), claim.path.clone());
-            blocking(move || match fs.remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if fsys::is_not_found(&e) => Ok(()),
-                Err(e) => Err(e.into()),
-            })
-            .await
+            // One unlink in the open claim folder: cheaper done here than
+            // a hop to the blocking pool.
+            Ok(claim.remove()?)
         })
     }
 
@@ -170,22 +225,20 @@ impl Inner {
     /// Claims the oldest ready messages of a `drop-head` queue beyond its
     /// limits, for [`Inner::enforce_drop_head`] to drop or dead-letter.
     fn drop_head_claims(&self, queue: &str, args: &QueueArguments) -> Result<Vec<Claim>> {
-        let mut claims = Vec::new();
         let mut ready = self.layout.list_messages(&self.layout.ready(queue))?;
         ready.sort_by(|a, b| a.0.cmp(&b.0));
         let limits = Limits::of(args);
         let mut depth = depth_of(&ready);
+        let mut oldest = Vec::new();
         for (file, name) in ready {
             if !limits.must_drop_head(depth) {
                 break;
             }
             depth.messages -= 1;
             depth.bytes = depth.bytes.saturating_sub(name.body_len);
-            if let Some(claim) = self.claim_file(queue, &file, name)? {
-                claims.push(claim);
-            }
+            oldest.push((file, name));
         }
-        Ok(claims)
+        self.claim_files(queue, oldest)
     }
 
     /// Publishes a dead letter of a message that was in `envelope` to its
@@ -250,11 +303,16 @@ impl Inner {
         let me = self.arc()?;
         let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
         // Routing, admission and the writes run whole on the blocking pool,
-        // one publish of this connection at a time, in call order.
-        let order = self.publishing.order.lock().await;
-        let prepared =
-            blocking(move || me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead)).await;
-        drop(order);
+        // one publish of this connection at a time, in call order. Counted
+        // as writing meanwhile, so the group commit waits for it.
+        let writing = self.publishing.committer.writing();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.publishing.submit(Box::new(move || {
+            let _ = tx.send(me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead));
+        }));
+        let prepared = rx
+            .await
+            .map_err(|_| Error::backend("file", false, "the publish's file work failed"))?;
         let Some(Prepared {
             envelope,
             copies,
@@ -273,8 +331,10 @@ impl Inner {
                 .collect();
             self.publishing
                 .committer
-                .sync_dirs(self.layout.fs.clone(), dirs)
+                .sync_dirs(self.layout.fs.clone(), dirs, writing)
                 .await?;
+        } else {
+            drop(writing);
         }
         for &i in &written {
             let (q, f, args) = &copies[i];

@@ -1,6 +1,7 @@
 //! Queue operations of a connection: claiming a ready message, requeueing
 //! it, counting, registering consumers, auto-delete when the last one goes.
 
+use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use bus_core::engine::policy;
 use bus_core::{ConsumeOptions, Consumer, Error, ErrorDetail, QueueInfo, Result, Subject};
 
 use super::Inner;
-use crate::consumer::{self, Claim};
+use crate::consumer::{self, Claim, ClaimDirs};
 use crate::fsys;
 use crate::names::{self, MessageName};
 use crate::topology::QueueRecord;
@@ -65,48 +66,57 @@ impl Inner {
         }
     }
 
+    /// Opens `queue`'s folders for a run of [`Inner::claim_in`].
+    pub(crate) fn claim_dirs(&self, queue: &str) -> std::io::Result<ClaimDirs> {
+        ClaimDirs::open(&self.layout, queue, &self.owner)
+    }
+
     /// Claims a ready message for this connection and reads it. `None` when
     /// another consumer took it first or it was quarantined.
-    pub(crate) fn claim_file(
+    pub(crate) fn claim_in(
         &self,
         queue: &str,
+        dirs: &mut ClaimDirs,
         file: &str,
         name: MessageName,
     ) -> Result<Option<Claim>> {
-        let claim_dir = self.layout.claim_dir(queue, &self.owner);
-        let path = claim_dir.join(file);
-        let from = self.layout.ready(queue).join(file);
-        // The claim folder is made when the queue's dispatcher starts, not
-        // per claim: a missing one (taken back by a reaper) shows as a
-        // rename failing with "not found", and is made again then.
-        let fs = &self.layout.fs;
-        match fs.rename(&from, &path) {
-            Ok(()) => {}
-            Err(e) if fsys::is_not_found(&e) => {
-                match fs.stat(&claim_dir) {
-                    Ok(_) => return Ok(None),
-                    Err(e) if fsys::is_not_found(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                if !fs.exists(&from) {
-                    return Ok(None);
-                }
-                fs.create_dir_all(&claim_dir, fsys::DIR_MODE)?;
-                match fs.rename(&from, &path) {
-                    Ok(()) => {}
-                    Err(e) if fsys::is_not_found(&e) => return Ok(None),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
+        if !dirs.claim(OsStr::new(file), &self.owner)? {
+            return Ok(None);
         }
+        let path = self.layout.claim_dir(queue, &self.owner).join(file);
         Ok(consumer::read_claim(
             &self.layout,
             queue,
+            dirs.claim_dir(),
             path,
             name,
             self.options.max_message_size,
         ))
+    }
+
+    /// Claims the ready messages `files` of `queue` (skipping those gone
+    /// meanwhile, and every one when the queue is).
+    pub(crate) fn claim_files(
+        &self,
+        queue: &str,
+        files: impl IntoIterator<Item = (String, MessageName)>,
+    ) -> Result<Vec<Claim>> {
+        let mut files = files.into_iter().peekable();
+        if files.peek().is_none() {
+            return Ok(Vec::new());
+        }
+        let mut dirs = match self.claim_dirs(queue) {
+            Ok(d) => d,
+            Err(e) if fsys::is_not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut claims = Vec::new();
+        for (file, name) in files {
+            if let Some(c) = self.claim_in(queue, &mut dirs, &file, name)? {
+                claims.push(c);
+            }
+        }
+        Ok(claims)
     }
 
     /// [`Connection::consume`](bus_core::Connection::consume) on the
