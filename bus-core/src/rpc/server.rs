@@ -255,6 +255,7 @@ impl RpcServerBuilder {
                 process,
                 stopped,
                 (),
+                engine::SLICE,
             )
             .map(|(ended, _)| ended),
         );

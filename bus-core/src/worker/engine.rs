@@ -12,8 +12,9 @@
 //! is taken and handled in the same poll. That keeps the cost per message
 //! close to a hand-written consume-and-ack loop. Handlers that compute for
 //! long run on the blocking pool (`handle_blocking`, `serve_blocking`).
-//! The loop yields to the runtime after [`BUDGET`] deliveries in a row, so
-//! a full queue never starves the other tasks of its thread.
+//! Under a steady load the loop yields to the runtime once a poll has run
+//! for [`SLICE`] (checked every [`BUDGET`] deliveries), so a full queue
+//! never starves the other tasks of its thread.
 //!
 //! A handler that succeeded hands its delivery back ([`Processed::Ack`]),
 //! and the loop acks the deliveries of one turn together, with one
@@ -40,6 +41,13 @@ use crate::Requeue;
 /// How many deliveries one poll of the loop starts, and handlers it sees
 /// finish, before it yields to the runtime.
 pub(crate) const BUDGET: u32 = 128;
+
+/// How long one poll of the loop goes on, turn after turn of [`BUDGET`]
+/// deliveries, under a steady load before it yields to the runtime: a full
+/// queue holds its thread for about this long (plus one handler) at a time.
+/// Yielding after every turn would wake an idle runtime thread each time,
+/// which costs a quick handler more than its work.
+pub(crate) const SLICE: Duration = Duration::from_micros(500);
 
 /// How many yields in a row (a queue that never runs dry) the loop makes
 /// between two calls of its `idle` hook.
@@ -337,6 +345,7 @@ pub(crate) async fn run<P, F>(
     process: P,
     mut stop: watch::Receiver<Stop>,
     observer: impl Observer,
+    slice: Duration,
 ) -> (Result<()>, Drained)
 where
     P: Fn(Delivery) -> F,
@@ -353,7 +362,10 @@ where
             if stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
-            // Deliveries started and handlers finished in this poll.
+            // A turn of deliveries after another while the slice lasts.
+            let poll_start = (!slice.is_zero()).then(std::time::Instant::now);
+            loop {
+            // Deliveries started and handlers finished in this turn.
             let mut budget = BUDGET;
             while budget > 0 {
                 let mut progress = false;
@@ -400,6 +412,13 @@ where
                 }
             }
             acks.flush(handling.lowest(), &observer);
+            // Yielding wakes an idle runtime thread to look for work: under
+            // a steady load, a poll goes on for turn after turn until the
+            // slice is used up.
+            if !poll_start.is_some_and(|start| start.elapsed() < slice) {
+                break;
+            }
+            }
             // Under a steady load the loop never waits: it still tells
             // every [`BUSY_IDLE`] yields.
             yields += 1;
@@ -644,6 +663,7 @@ mod tests {
                 },
                 stopped,
                 observer.clone(),
+                std::time::Duration::ZERO,
             ));
             let mut cx = Context::from_waker(noop_waker_ref());
             for poll in 1..=u64::from(BUSY_IDLE) {
@@ -660,6 +680,35 @@ mod tests {
                 "concurrency {concurrency}"
             );
         }
+    }
+
+    /// Within its time slice, one poll goes on turn after turn: here, with
+    /// a slice no run reaches, until the queue runs dry.
+    #[test]
+    fn a_poll_goes_on_while_its_slice_lasts() {
+        let handled = Arc::new(AtomicU64::new(0));
+        let observer = Counting::default();
+        let (_stop, stopped) = watch::channel(Stop::default());
+        let count = handled.clone();
+        let n = 10 * u64::from(BUDGET) + 3;
+        let mut engine = Box::pin(run(
+            full_queue(n, |_| None),
+            1,
+            move |_delivery| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    Processed::Settled
+                }
+            },
+            stopped,
+            observer.clone(),
+            std::time::Duration::from_secs(3600),
+        ));
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(engine.poll_unpin(&mut cx).is_pending());
+        assert_eq!(handled.load(Ordering::Relaxed), n);
+        assert_eq!(observer.idles.load(Ordering::Relaxed), 1);
     }
 
     /// Once the queue runs dry, the loop waits, and tells its hook first.
@@ -681,6 +730,7 @@ mod tests {
             },
             stopped,
             observer.clone(),
+            std::time::Duration::ZERO,
         ));
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(matches!(engine.poll_unpin(&mut cx), Poll::Pending));
@@ -703,6 +753,7 @@ mod tests {
             |delivery| async move { Processed::Ack(delivery) },
             stopped,
             observer.clone(),
+            std::time::Duration::ZERO,
         ));
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(engine.poll_unpin(&mut cx).is_pending());
@@ -785,6 +836,7 @@ mod tests {
             },
             stopped,
             observer.clone(),
+            std::time::Duration::ZERO,
         ));
         assert!(futures::poll!(engine.as_mut()).is_pending());
         assert_eq!(*log.lock().unwrap(), ["ack 2 and before"]);
@@ -825,6 +877,7 @@ mod tests {
             |delivery| async move { Processed::Ack(delivery) },
             stopped,
             observer.clone(),
+            std::time::Duration::ZERO,
         ));
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(engine.poll_unpin(&mut cx).is_pending());
@@ -858,6 +911,7 @@ mod tests {
             },
             stopped,
             observer.clone(),
+            std::time::Duration::ZERO,
         ));
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(engine.poll_unpin(&mut cx).is_pending());

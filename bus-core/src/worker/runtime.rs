@@ -287,7 +287,14 @@ impl WorkerBuilder {
         let (stop, stopped) = watch::channel(Stop::default());
         let task = engine::spawn_on_current(
             &format!("worker for queue '{queue}'"),
-            engine::run(consumer, self.concurrency, process, stopped, stats.clone()),
+            engine::run(
+                consumer,
+                self.concurrency,
+                process,
+                stopped,
+                stats.clone(),
+                engine::SLICE,
+            ),
         )?;
         tracing::debug!(
             queue,
