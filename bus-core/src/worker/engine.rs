@@ -415,7 +415,7 @@ where
             // Yielding wakes an idle runtime thread to look for work: under
             // a steady load, a poll goes on for turn after turn until the
             // slice is used up.
-            if !poll_start.is_some_and(|start| start.elapsed() < slice) {
+            if poll_start.is_none_or(|start| start.elapsed() >= slice) {
                 break;
             }
             }
