@@ -3,6 +3,9 @@
 //! same prefetch on the same connection, in the same run. Each batch starts
 //! on a queue pre-filled with the batch (untimed) and ends once every
 //! message is acked; starting the consumer or worker is timed on both sides.
+//! Both run as a task of the runtime, as a service runs them (the worker
+//! spawns its own; the loop is spawned), not on the thread that filled the
+//! queue.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -73,15 +76,21 @@ where
             async move {
                 fill(q.clone(), n).await;
                 let span = Span::start();
-                let mut consumer = conn
-                    .consume(&q, ConsumeOptions::prefetch(PREFETCH))
-                    .await
-                    .expect("consume");
-                for _ in 0..n {
-                    let d = consumer.next().await.expect("a delivery").expect("ok");
-                    std::hint::black_box(&d.message.body);
-                    d.ack().await.expect("ack");
-                }
+                let conn = conn.clone();
+                let consumer = tokio::spawn(async move {
+                    let mut consumer = conn
+                        .consume(&q, ConsumeOptions::prefetch(PREFETCH))
+                        .await
+                        .expect("consume");
+                    for _ in 0..n {
+                        let d = consumer.next().await.expect("a delivery").expect("ok");
+                        std::hint::black_box(&d.message.body);
+                        d.ack().await.expect("ack");
+                    }
+                    consumer
+                })
+                .await
+                .expect("the loop's task");
                 let m = span.stop(n);
                 consumer.cancel().await.expect("cancel");
                 m
