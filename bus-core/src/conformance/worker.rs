@@ -665,6 +665,39 @@ pub async fn delayed_publish_after_an_idle_delay_queue_is_delivered(h: &dyn Harn
         .unwrap();
 }
 
+/// Publishes `a` to `q` and waits until `worker` handled it (after one
+/// delayed retry), runs `between`, then does the same with `b`, and checks
+/// that both went through their delay queue without being poisoned or left
+/// unsettled.
+async fn two_delayed_retries(
+    conn: &dyn Connection,
+    worker: &Worker,
+    q: &str,
+    between: impl Future<Output = ()>,
+) {
+    publish(conn, "", q, Message::new("a")).await;
+    until(worker, "the first message, retried once", |s| {
+        s.handled == 1
+    })
+    .await;
+    between.await;
+    publish(conn, "", q, Message::new("b")).await;
+    let stats = until(worker, "the second message, retried once", |s| {
+        s.handled == 2 || s.poisoned > 0 || s.unsettled > 0
+    })
+    .await;
+    assert_eq!(
+        (
+            stats.handled,
+            stats.delayed,
+            stats.poisoned,
+            stats.unsettled
+        ),
+        (2, 2, 0, 0),
+        "{stats:?}"
+    );
+}
+
 /// A worker whose delay queue expired while no retry used it (the worker
 /// had declared it earlier) still retries through it: the retry is not
 /// lost, and comes back at the next attempt.
@@ -687,30 +720,13 @@ pub async fn worker_delayed_retry_after_its_delay_queue_expired(h: &dyn Harness)
         })
         .await
         .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
-    publish(&*conn, "", &q, Message::new("a")).await;
-    until(&worker, "the first message, retried once", |s| {
-        s.handled == 1
-    })
-    .await;
     let name = format!("{q}.delay.{}ms", SHORT.as_millis());
-    if h.capabilities().queue_expiry {
-        until_delay_queue_gone(&*conn, &name).await;
-    }
-    publish(&*conn, "", &q, Message::new("b")).await;
-    let stats = until(&worker, "the second message, retried once", |s| {
-        s.handled == 2 || s.poisoned > 0 || s.unsettled > 0
+    two_delayed_retries(&*conn, &worker, &q, async {
+        if h.capabilities().queue_expiry {
+            until_delay_queue_gone(&*conn, &name).await;
+        }
     })
     .await;
-    assert_eq!(
-        (
-            stats.handled,
-            stats.delayed,
-            stats.poisoned,
-            stats.unsettled
-        ),
-        (2, 2, 0, 0),
-        "{stats:?}"
-    );
     stop(worker).await;
     let mut got = Vec::new();
     while let Ok(s) = seen.try_recv() {
@@ -744,30 +760,13 @@ pub async fn worker_delayed_retry_after_its_delay_queue_was_deleted(h: &dyn Harn
         })
         .await
         .unwrap_or_else(|e| panic!("start a worker on {q:?}: {e:?}"));
-    publish(&*conn, "", &q, Message::new("a")).await;
-    until(&worker, "the first message, retried once", |s| {
-        s.handled == 1
-    })
-    .await;
     let name = format!("{q}.delay.{}ms", SHORT.as_millis());
-    conn.delete_queue(&name, DeleteQueueOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("delete the delay queue {name:?}: {e:?}"));
-    publish(&*conn, "", &q, Message::new("b")).await;
-    let stats = until(&worker, "the second message, retried once", |s| {
-        s.handled == 2 || s.poisoned > 0 || s.unsettled > 0
+    two_delayed_retries(&*conn, &worker, &q, async {
+        conn.delete_queue(&name, DeleteQueueOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete the delay queue {name:?}: {e:?}"));
     })
     .await;
-    assert_eq!(
-        (
-            stats.handled,
-            stats.delayed,
-            stats.poisoned,
-            stats.unsettled
-        ),
-        (2, 2, 0, 0),
-        "{stats:?}"
-    );
     stop(worker).await;
     cleanup(&*conn, &q, &[SHORT]).await;
 }

@@ -38,8 +38,9 @@ use crate::error::{Error, Result};
 use crate::transport::Connection;
 use crate::Requeue;
 
-/// How many deliveries one poll of the loop starts, and handlers it sees
-/// finish, before it yields to the runtime.
+/// How many deliveries one turn of the loop starts, and handlers it sees
+/// finish: a turn's handled deliveries are acked together at its end, and
+/// the loop yields to the runtime after a turn once [`SLICE`] is used up.
 pub(crate) const BUDGET: u32 = 128;
 
 /// How long one poll of the loop goes on, turn after turn of [`BUDGET`]
@@ -50,7 +51,7 @@ pub(crate) const BUDGET: u32 = 128;
 pub(crate) const SLICE: Duration = Duration::from_micros(500);
 
 /// How many yields in a row (a queue that never runs dry) the loop makes
-/// between two calls of its `idle` hook.
+/// between two calls of [`Observer::idle`].
 pub(crate) const BUSY_IDLE: u32 = 8;
 
 /// When to stop, and how long handlers in hand may take to finish.
@@ -635,6 +636,16 @@ mod tests {
         )
     }
 
+    /// A handler that counts the deliveries it is given in `handled`, and
+    /// settles nothing (they are auto-acked).
+    fn counting(handled: &Arc<AtomicU64>) -> impl Fn(Delivery) -> std::future::Ready<Processed> {
+        let handled = handled.clone();
+        move |_| {
+            handled.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Processed::Settled)
+        }
+    }
+
     /// Every delivery settled through `recorder`.
     fn through(recorder: &Arc<Recorder>) -> impl Fn(u64) -> Option<Arc<dyn Acknowledger>> {
         let recorder: Arc<dyn Acknowledger> = recorder.clone();
@@ -650,17 +661,10 @@ mod tests {
             let handled = Arc::new(AtomicU64::new(0));
             let observer = Counting::default();
             let (_stop, stopped) = watch::channel(Stop::default());
-            let count = handled.clone();
             let mut engine = Box::pin(run(
                 full_queue(100_000, |_| None),
                 concurrency,
-                move |_delivery| {
-                    let count = count.clone();
-                    async move {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        Processed::Settled
-                    }
-                },
+                counting(&handled),
                 stopped,
                 observer.clone(),
                 std::time::Duration::ZERO,
@@ -689,18 +693,11 @@ mod tests {
         let handled = Arc::new(AtomicU64::new(0));
         let observer = Counting::default();
         let (_stop, stopped) = watch::channel(Stop::default());
-        let count = handled.clone();
         let n = 10 * u64::from(BUDGET) + 3;
         let mut engine = Box::pin(run(
             full_queue(n, |_| None),
             1,
-            move |_delivery| {
-                let count = count.clone();
-                async move {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    Processed::Settled
-                }
-            },
+            counting(&handled),
             stopped,
             observer.clone(),
             std::time::Duration::from_secs(3600),
@@ -717,17 +714,10 @@ mod tests {
         let handled = Arc::new(AtomicU64::new(0));
         let observer = Counting::default();
         let (_stop, stopped) = watch::channel(Stop::default());
-        let count = handled.clone();
         let mut engine = Box::pin(run(
             full_queue(10, |_| None),
             4,
-            move |_delivery| {
-                let count = count.clone();
-                async move {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    Processed::Settled
-                }
-            },
+            counting(&handled),
             stopped,
             observer.clone(),
             std::time::Duration::ZERO,
