@@ -59,6 +59,14 @@ impl fmt::Debug for AmqpConnection {
     }
 }
 
+/// A binding on the wire: destination, source, routing key, arguments.
+type WireBinding = (
+    lapin::types::ShortString,
+    lapin::types::ShortString,
+    lapin::types::ShortString,
+    lapin::types::FieldTable,
+);
+
 impl AmqpConnection {
     /// Connects with default [`AmqpOptions`].
     ///
@@ -136,6 +144,32 @@ impl AmqpConnection {
     #[must_use]
     pub fn current_queue_name(&self, name: &str) -> String {
         self.shared.resolve_queue(name)
+    }
+
+    /// A binding's names and arguments checked and made ready for the
+    /// wire: the bound `destination` (a queue, under its current name, or
+    /// an exchange, as `kind` says), the `source` exchange, the key.
+    fn wire_binding(
+        &self,
+        kind: &'static str,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<WireBinding> {
+        validate_name(kind, destination)?;
+        validate_name("exchange", source)?;
+        let destination = if kind == "queue" {
+            short("queue name", &self.shared.resolve_queue(destination))?
+        } else {
+            short("exchange name", destination)?
+        };
+        Ok((
+            destination,
+            short("exchange name", source)?,
+            short("routing key", routing_key)?,
+            table_to_amqp(arguments)?,
+        ))
     }
 }
 
@@ -284,12 +318,8 @@ impl Connection for AmqpConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         tracing::debug!(queue, exchange, routing_key, "bind queue");
-        validate_name("queue", queue)?;
-        validate_name("exchange", exchange)?;
-        let q = short("queue name", &self.shared.resolve_queue(queue))?;
-        let x = short("exchange name", exchange)?;
-        let k = short("routing key", routing_key)?;
-        let args = table_to_amqp(&arguments)?;
+        let (q, x, k, args) =
+            self.wire_binding("queue", queue, exchange, routing_key, &arguments)?;
         self.shared
             .topology_op(move |ch| async move {
                 ch.queue_bind(q, x, k, QueueBindOptions::default(), args)
@@ -313,12 +343,8 @@ impl Connection for AmqpConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         tracing::debug!(queue, exchange, routing_key, "unbind queue");
-        validate_name("queue", queue)?;
-        validate_name("exchange", exchange)?;
-        let q = short("queue name", &self.shared.resolve_queue(queue))?;
-        let x = short("exchange name", exchange)?;
-        let k = short("routing key", routing_key)?;
-        let args = table_to_amqp(&arguments)?;
+        let (q, x, k, args) =
+            self.wire_binding("queue", queue, exchange, routing_key, &arguments)?;
         self.shared
             .topology_op(move |ch| async move { ch.queue_unbind(q, x, k, args).await })
             .await?;
@@ -339,12 +365,8 @@ impl Connection for AmqpConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         tracing::debug!(destination, source, routing_key, "bind exchange");
-        validate_name("exchange", destination)?;
-        validate_name("exchange", source)?;
-        let d = short("exchange name", destination)?;
-        let x = short("exchange name", source)?;
-        let k = short("routing key", routing_key)?;
-        let args = table_to_amqp(&arguments)?;
+        let (d, x, k, args) =
+            self.wire_binding("exchange", destination, source, routing_key, &arguments)?;
         self.shared
             .topology_op(move |ch| async move {
                 ch.exchange_bind(d, x, k, ExchangeBindOptions::default(), args)
@@ -370,12 +392,8 @@ impl Connection for AmqpConnection {
         arguments: FieldTable,
     ) -> Result<()> {
         tracing::debug!(destination, source, routing_key, "unbind exchange");
-        validate_name("exchange", destination)?;
-        validate_name("exchange", source)?;
-        let d = short("exchange name", destination)?;
-        let x = short("exchange name", source)?;
-        let k = short("routing key", routing_key)?;
-        let args = table_to_amqp(&arguments)?;
+        let (d, x, k, args) =
+            self.wire_binding("exchange", destination, source, routing_key, &arguments)?;
         self.shared
             .topology_op(move |ch| async move {
                 ch.exchange_unbind(d, x, k, ExchangeUnbindOptions::default(), args)
