@@ -194,3 +194,73 @@ async fn futures_next(consumer: &mut bus_core::Consumer) -> bus_core::Delivery {
         .expect("the consumer is open")
         .expect("a delivery")
 }
+
+/// A handler function that panics while it makes its future, before the
+/// future runs, fails that attempt like a panic inside the future: the job
+/// is retried and handled, and the worker goes on. For raw and typed jobs
+/// alike.
+#[tokio::test(start_paused = true)]
+async fn a_panic_before_the_handlers_future_is_a_transient_failure() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let retry_once = || RetryPolicy::none().immediate(2).jitter(false);
+    let raw = Worker::builder(conn.clone(), "panics-raw")
+        .retry(retry_once())
+        .handle_raw(|job: Job| {
+            assert!(job.attempt > 1, "the model crashed");
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .expect("start the raw worker");
+    let typed = Worker::builder(conn.clone(), "panics-typed")
+        .retry(retry_once())
+        .handle(|job: Job<u32>| {
+            assert!(job.attempt > 1, "the model crashed on {}", job.body);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .expect("start the typed worker");
+    publish(&*conn, "panics-raw", b"job").await;
+    // msgpack for 7.
+    publish(&*conn, "panics-typed", &[7]).await;
+    for worker in [&raw, &typed] {
+        let stats = worker.wait_until(|s| s.handled == 1).await.unwrap();
+        assert_eq!(
+            (stats.failures, stats.retried, stats.poisoned),
+            (1, 1, 0),
+            "{}: {stats:?}",
+            worker.queue()
+        );
+    }
+    raw.shutdown(Duration::from_secs(1)).await.unwrap();
+    typed.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A worker that stops on its own (here: its queue is deleted under it)
+/// ends the waits on its statistics with an error instead of leaving them
+/// hanging, and reports why it stopped.
+#[tokio::test(start_paused = true)]
+async fn waiting_on_a_worker_that_stopped_fails() {
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let worker = Worker::builder(conn.clone(), "doomed")
+        .handle_raw(|_: Job| async { Ok::<_, HandlerError>(()) })
+        .await
+        .expect("start the worker");
+    publish(&*conn, "doomed", b"job").await;
+    worker.wait_until(|s| s.handled == 1).await.unwrap();
+    conn.delete_queue("doomed", bus_core::DeleteQueueOptions::default())
+        .await
+        .expect("delete the queue");
+    let e = tokio::time::timeout(
+        Duration::from_secs(60),
+        worker.wait_until(|s| s.handled == 2),
+    )
+    .await
+    .expect("the wait ends once the worker stopped")
+    .expect_err("never two handled");
+    assert!(matches!(e, bus_core::Error::Closed(_)), "{e:?}");
+    assert!(worker.is_finished());
+    let e = worker.wait().await.expect_err("the worker's own end");
+    assert!(matches!(e, bus_core::Error::ConnectionLost(_)), "{e:?}");
+}

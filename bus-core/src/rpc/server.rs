@@ -230,35 +230,32 @@ impl RpcServerBuilder {
             .normalized()
             .is_ok_and(|a| a.dead_letter_exchange.is_some());
         let (stop, stopped) = watch::channel(Stop::default());
-        let serving = Arc::new(Serving {
+        let serving = Serving {
             system: engine::system(&*self.conn),
             queue: info.name.clone(),
             conn: self.conn,
             handler,
             dead_letters,
-        });
-        let process = move |delivery: Delivery| {
-            let serving = serving.clone();
-            let span = engine::process_span(
-                serving.system,
-                &serving.queue,
-                &delivery,
-                &delivery.routing_key,
-                None,
-            );
-            async move { serving.handle(delivery).await }.instrument(span)
         };
-        let task = runtime.spawn(
-            engine::run(
-                consumer,
-                usize::from(self.concurrency),
-                process,
-                stopped,
-                (),
-                engine::SLICE,
-            )
-            .map(|(ended, _)| ended),
-        );
+        let concurrency = usize::from(self.concurrency);
+        let task = runtime.spawn(async move {
+            // The task owns what serving needs, and each delivery's future
+            // borrows it: no reference count to touch per request.
+            let serving = &serving;
+            let process = |delivery: Delivery| {
+                let span = engine::process_span(
+                    serving.system,
+                    &serving.queue,
+                    &delivery,
+                    &delivery.routing_key,
+                    None,
+                );
+                serving.handle(delivery).instrument(span)
+            };
+            let (ended, _) =
+                engine::run(consumer, concurrency, process, stopped, (), engine::SLICE).await;
+            ended
+        });
         Ok(RpcServer {
             queue: info.name,
             stop: Arc::new(stop),

@@ -163,8 +163,15 @@ impl<F: Future<Output = Processed>> Handling<F> {
 
     /// Starts the handler of delivery `tag` and polls it once: what it
     /// came to if it finished, `None` if it was parked to wait.
-    fn start(&mut self, tag: u64, handler: F, cx: &mut Context<'_>) -> Option<Processed> {
-        self.slot.set(Some(handler));
+    fn start(
+        &mut self,
+        tag: u64,
+        handler: impl FnOnce() -> F,
+        cx: &mut Context<'_>,
+    ) -> Option<Processed> {
+        // Built in its slot: a handler's future is large, and moving it
+        // costs more than a quick handler's work.
+        self.slot.set(Some(handler()));
         let first = match self.slot.as_mut().as_pin_mut() {
             Some(handler) => handler.poll(cx),
             None => Poll::Ready(Processed::Settled),
@@ -366,59 +373,56 @@ where
             // A turn of deliveries after another while the slice lasts.
             let poll_start = (!slice.is_zero()).then(std::time::Instant::now);
             loop {
-            // Deliveries started and handlers finished in this turn.
-            let mut budget = BUDGET;
-            while budget > 0 {
-                let mut progress = false;
-                while handling.len() < concurrency && budget > 0 {
-                    // A stop asked for during this poll: start nothing more.
-                    if stop_seen.has_changed().unwrap_or(true)
-                        && stop_seen.borrow_and_update().requested
-                    {
-                        return Poll::Ready(Ok(()));
-                    }
-                    match consumer.poll_next_unpin(cx) {
-                        Poll::Ready(Some(Ok(delivery))) => {
-                            // A quick handler finishes in here.
-                            let tag = delivery.delivery_tag;
-                            if let Some(done) = handling.start(tag, process(delivery), cx) {
-                                acks.push(done);
+                // Deliveries started and handlers finished in this turn.
+                let mut budget = BUDGET;
+                while budget > 0 {
+                    let mut progress = false;
+                    while handling.len() < concurrency && budget > 0 {
+                        // A stop asked for during this poll: start nothing more.
+                        if stop_seen.has_changed().unwrap_or(true)
+                            && stop_seen.borrow_and_update().requested
+                        {
+                            return Poll::Ready(Ok(()));
+                        }
+                        match consumer.poll_next_unpin(cx) {
+                            Poll::Ready(Some(Ok(delivery))) => {
+                                // A quick handler finishes in here.
+                                let tag = delivery.delivery_tag;
+                                if let Some(done) = handling.start(tag, || process(delivery), cx) {
+                                    acks.push(done);
+                                }
+                                progress = true;
+                                budget -= 1;
                             }
-                            progress = true;
-                            budget -= 1;
+                            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                            Poll::Ready(None) => {
+                                return Poll::Ready(Err(consumer_ended(&consumer)))
+                            }
+                            Poll::Pending => break,
                         }
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(None) => {
-                            return Poll::Ready(Err(Error::ConnectionLost(format!(
-                                "the consumer of queue {:?} ended: its connection was closed or lost, or the queue deleted",
-                                consumer.queue()
-                            ))))
+                    }
+                    while let Poll::Ready(Some(done)) = handling.poll_next(cx) {
+                        acks.push(done);
+                        progress = true;
+                        budget = budget.saturating_sub(1);
+                    }
+                    while let Poll::Ready(true) = acks.poll_sent(cx, &observer) {}
+                    if !progress {
+                        // Acks free prefetch slots: the consumer may have more.
+                        if acks.flush(handling.lowest(), &observer) > 0 {
+                            continue;
                         }
-                        Poll::Pending => break,
+                        observer.idle();
+                        return Poll::Pending;
                     }
                 }
-                while let Poll::Ready(Some(done)) = handling.poll_next(cx) {
-                    acks.push(done);
-                    progress = true;
-                    budget = budget.saturating_sub(1);
+                acks.flush(handling.lowest(), &observer);
+                // Yielding wakes an idle runtime thread to look for work: under
+                // a steady load, a poll goes on for turn after turn until the
+                // slice is used up.
+                if poll_start.is_none_or(|start| start.elapsed() >= slice) {
+                    break;
                 }
-                while let Poll::Ready(true) = acks.poll_sent(cx, &observer) {}
-                if !progress {
-                    // Acks free prefetch slots: the consumer may have more.
-                    if acks.flush(handling.lowest(), &observer) > 0 {
-                        continue;
-                    }
-                    observer.idle();
-                    return Poll::Pending;
-                }
-            }
-            acks.flush(handling.lowest(), &observer);
-            // Yielding wakes an idle runtime thread to look for work: under
-            // a steady load, a poll goes on for turn after turn until the
-            // slice is used up.
-            if poll_start.is_none_or(|start| start.elapsed() >= slice) {
-                break;
-            }
             }
             // Under a steady load the loop never waits: it still tells
             // every [`BUSY_IDLE`] yields.
@@ -480,6 +484,14 @@ where
     observer.idle();
     drop(consumer);
     (ended, drained)
+}
+
+/// Why the loop stopped when its consumer's stream ended.
+fn consumer_ended(consumer: &Consumer) -> Error {
+    Error::ConnectionLost(format!(
+        "the consumer of queue {:?} ended: its connection was closed or lost, or the queue deleted",
+        consumer.queue()
+    ))
 }
 
 /// Runs `work` to its end, or until `end` when there is one: whether it

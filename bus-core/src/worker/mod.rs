@@ -165,12 +165,16 @@
 //! [`WorkerStats::handled`] counts a message once its ack went out.
 //!
 //! # Handlers and tower
-//! A handler is a [`tower::Service`] from [`Job`] (the raw message) to `()`;
-//! [`WorkerBuilder::handle`] and its siblings wrap a function into one, and
-//! [`WorkerBuilder::service`] takes any service, so tower's layers (timeout,
-//! rate and concurrency limits, load shedding) apply unchanged. A service's
-//! error is classified by [`HandlerError::classify`]: a [`HandlerError`] or
-//! an [`Error`](crate::Error) keeps its kind, anything else (a timeout, an
+//! A handler is an async function of a [`Job`] ([`WorkerBuilder::handle`]
+//! and its siblings), or any [`tower::Service`] from [`Job`] (the raw
+//! message) to `()` ([`WorkerBuilder::service`]), so tower's layers
+//! (timeout, rate and concurrency limits, load shedding) apply unchanged:
+//! wrap the function with `tower::service_fn` and layer it. A function is
+//! called in place for each job; a service is cloned for each job and
+//! called once ready, as tower's services are. Either way a panic is
+//! caught as the attempt's transient failure. A service's error is
+//! classified by [`HandlerError::classify`]: a [`HandlerError`] or an
+//! [`Error`](crate::Error) keeps its kind, anything else (a timeout, an
 //! overloaded service) is transient.
 
 mod delay;

@@ -2,13 +2,13 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::Either;
 use futures::{FutureExt, TryFutureExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -171,12 +171,7 @@ impl WorkerBuilder {
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
         E: Into<HandlerError> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        self.service(tower::service_fn(move |job: Job| match job.decode::<T>() {
-            Ok(job) => Either::Left(handler(job).map_err(Into::into)),
-            Err(e) => Either::Right(std::future::ready(Err(e))),
-        }))
-        .await
+        self.start(TypedFn(handler, PhantomData)).await
     }
 
     /// Handles raw jobs (the body as bytes) with an async function.
@@ -189,11 +184,7 @@ impl WorkerBuilder {
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
         E: Into<HandlerError> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        self.service(tower::service_fn(move |job: Job| {
-            handler(job).map_err(Into::into)
-        }))
-        .await
+        self.start(RawFn(handler)).await
     }
 
     /// Handles typed jobs with a blocking function, run on tokio's blocking
@@ -225,10 +216,11 @@ impl WorkerBuilder {
         .await
     }
 
-    /// Handles raw jobs with a [`tower::Service`]; the other handle methods
-    /// wrap a function into one. Each job runs on a clone of the service,
-    /// after the service is ready; its error is classified by
-    /// [`HandlerError::classify`].
+    /// Handles raw jobs with a [`tower::Service`], so that tower's layers
+    /// apply. Each job runs on a clone of the service, after the service is
+    /// ready; its error is classified by [`HandlerError::classify`]. (The
+    /// other handle methods call their function in place, with no service
+    /// to clone per job; their outcomes are the same.)
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a concurrency of 0;
@@ -240,6 +232,11 @@ impl WorkerBuilder {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
+        self.start(Tower(service)).await
+    }
+
+    /// Starts the worker with `handler` running its jobs.
+    async fn start(self, handler: impl Handler) -> Result<Worker> {
         if self.concurrency == 0 {
             return Err(Error::InvalidArgument(format!(
                 "worker for queue '{}': concurrency must be at least 1, got 0",
@@ -266,12 +263,13 @@ impl WorkerBuilder {
             format!("{queue}@{}.{}", std::process::id(), &suffix[..8])
         });
         let system = engine::system(&*conn);
-        let (stats, stats_rx) = Stats::new(&queue);
-        let ctx = Arc::new(Ctx {
+        let stats = Stats::new(&queue);
+        let (tx, published) = watch::channel(WorkerStats::default());
+        let ctx = Ctx {
             conn: conn.clone(),
             delays: Delays::new(format!("{queue}.delay"), self.delay_options),
             queue: queue.clone(),
-            service,
+            handler,
             policy: self.policy,
             fallback_queue: poison.1.clone().unwrap_or_else(|| format!("{queue}.error")),
             poison_exchange: poison.0,
@@ -279,23 +277,31 @@ impl WorkerBuilder {
             identity,
             system,
             stats: stats.clone(),
-        });
+        };
         let consumer = conn
             .consume(&queue, ConsumeOptions::prefetch(prefetch))
             .await?;
-        let process = move |delivery| ctx.clone().process(delivery);
         let (stop, stopped) = watch::channel(Stop::default());
-        let task = engine::spawn_on_current(
-            &format!("worker for queue '{queue}'"),
+        let concurrency = self.concurrency;
+        let observer = Publisher {
+            stats: stats.clone(),
+            tx,
+        };
+        let task = engine::spawn_on_current(&format!("worker for queue '{queue}'"), async move {
+            // The task owns the context, and each delivery's future borrows
+            // it: no reference count to touch per message.
+            let ctx = &ctx;
+            let process = |delivery| ctx.process(delivery);
             engine::run(
                 consumer,
-                self.concurrency,
+                concurrency,
                 process,
                 stopped,
-                stats.clone(),
+                observer,
                 engine::SLICE,
-            ),
-        )?;
+            )
+            .await
+        })?;
         tracing::debug!(
             queue,
             prefetch,
@@ -307,7 +313,7 @@ impl WorkerBuilder {
             stop: Arc::new(stop),
             task: Some(task),
             stats,
-            published: stats_rx,
+            published,
         })
     }
 }
@@ -468,12 +474,11 @@ impl Stat {
 /// A worker's statistics as its handlers update them: one atomic counter
 /// each, so a handled message costs an atomic add, not a lock. Updates do
 /// not wake the waiters of [`Worker::wait_until`] one by one: the engine
-/// publishes a snapshot whenever it is about to wait or yield, so a waiter
-/// is woken once per burst of messages, and [`Worker::stats`] reads the
-/// counters themselves.
+/// publishes a snapshot whenever it is about to wait or yield (see
+/// [`Publisher`]), so a waiter is woken once per burst of messages, and
+/// [`Worker::stats`] reads the counters themselves.
 struct Stats {
     counters: [AtomicU64; 6],
-    tx: watch::Sender<WorkerStats>,
     /// The `metrics` counters, `bus_worker_<stat>_total` labelled with the
     /// queue, in [`Stat`] order, and the handling-time histogram,
     /// `bus_worker_handling_seconds`: registered once, when the worker
@@ -489,8 +494,7 @@ impl fmt::Debug for Stats {
 }
 
 impl Stats {
-    fn new(queue: &str) -> (Arc<Self>, watch::Receiver<WorkerStats>) {
-        let (tx, rx) = watch::channel(WorkerStats::default());
+    fn new(queue: &str) -> Arc<Self> {
         #[cfg(not(feature = "metrics"))]
         let _ = queue;
         #[cfg(feature = "metrics")]
@@ -510,13 +514,11 @@ impl Stats {
                 metrics::histogram!("bus_worker_handling_seconds", "queue" => queue.to_owned()),
             )
         };
-        let stats = Stats {
+        Arc::new(Stats {
             counters: Default::default(),
-            tx,
             #[cfg(feature = "metrics")]
             exported,
-        };
-        (Arc::new(stats), rx)
+        })
     }
 
     /// Counts `n` more of `stat`, and adds them to its `metrics` counter,
@@ -542,12 +544,20 @@ impl Stats {
     }
 }
 
+/// Publishes a worker's statistics to the waiters of
+/// [`Worker::wait_until`]. Owned by the worker's task: when the task ends,
+/// however it ends, the waiters learn that the worker stopped.
+struct Publisher {
+    stats: Arc<Stats>,
+    tx: watch::Sender<WorkerStats>,
+}
+
 /// The engine tells a worker's statistics what it acked, and when to
 /// publish them.
-impl Observer for Arc<Stats> {
+impl Observer for Publisher {
     /// Wakes the waiters if anything changed since the last call.
     fn idle(&self) {
-        let now = self.snapshot();
+        let now = self.stats.snapshot();
         self.tx.send_if_modified(|published| {
             let changed = *published != now;
             *published = now;
@@ -558,17 +568,81 @@ impl Observer for Arc<Stats> {
     fn acked(&self, count: u64, result: &Result<()>) {
         if let Err(e) = result {
             tracing::warn!(error = %e, count, "could not ack handled messages");
-            self.add(Stat::Unsettled, count);
+            self.stats.add(Stat::Unsettled, count);
         }
-        self.add(Stat::Handled, count);
+        self.stats.add(Stat::Handled, count);
+    }
+}
+
+/// What runs a worker's jobs: a tower service, or a function called in
+/// place.
+trait Handler: Send + Sync + 'static {
+    /// Runs `job`. The future does the work, the handler's own call
+    /// included, so that a panic anywhere in it is caught as the job's.
+    fn call(
+        &self,
+        job: Job,
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send + '_;
+}
+
+/// A tower service, cloned for each job as tower's services are called
+/// concurrently; readiness is awaited before the call.
+struct Tower<S>(S);
+
+impl<S> Handler for Tower<S>
+where
+    S: Service<Job, Response = ()> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    fn call(
+        &self,
+        job: Job,
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send + '_ {
+        // `oneshot` keeps the job and the service's future in one place.
+        self.0
+            .clone()
+            .oneshot(job)
+            .map_err(|e| HandlerError::classify(e.into()))
+    }
+}
+
+/// An async function of raw jobs. Borrowed for each job: no service to
+/// clone, no readiness to poll.
+struct RawFn<F>(F);
+
+impl<F, Fut, E> Handler for RawFn<F>
+where
+    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: Into<HandlerError> + Send + 'static,
+{
+    async fn call(&self, job: Job) -> std::result::Result<(), HandlerError> {
+        (self.0)(job).await.map_err(Into::into)
+    }
+}
+
+/// An async function of typed jobs: a body that does not decode is the
+/// job's undecodable failure, and the function does not run.
+struct TypedFn<T, F>(F, PhantomData<fn() -> T>);
+
+impl<T, F, Fut, E> Handler for TypedFn<T, F>
+where
+    T: DeserializeOwned + Send + 'static,
+    F: Fn(Job<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: Into<HandlerError> + Send + 'static,
+{
+    async fn call(&self, job: Job) -> std::result::Result<(), HandlerError> {
+        (self.0)(job.decode::<T>()?).await.map_err(Into::into)
     }
 }
 
 /// Everything a worker's deliveries are processed with.
-struct Ctx<S> {
+struct Ctx<H> {
     conn: Arc<dyn Connection>,
     queue: String,
-    service: S,
+    handler: H,
     policy: RetryPolicy,
     delays: Delays,
     /// Poisoned messages are published here, with the routing key
@@ -583,12 +657,7 @@ struct Ctx<S> {
     stats: Arc<Stats>,
 }
 
-impl<S> Ctx<S>
-where
-    S: Service<Job, Response = ()> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
+impl<H: Handler> Ctx<H> {
     fn count(&self, stat: Stat) {
         self.stats.add(stat, 1);
     }
@@ -596,7 +665,7 @@ where
     /// The future that processes one delivery. Kept small (no wrapper
     /// around `settle`, the failure paths boxed): the engine moves it once
     /// per delivery.
-    fn process(self: Arc<Self>, delivery: Delivery) -> impl Future<Output = Processed> {
+    fn process(&self, delivery: Delivery) -> impl Future<Output = Processed> + '_ {
         let props = &delivery.message.properties;
         let text = |name: &str| {
             props
@@ -622,7 +691,7 @@ where
     }
 
     async fn settle(
-        self: Arc<Self>,
+        &self,
         delivery: Delivery,
         exchange: Option<SharedStr>,
         routing_key: Option<SharedStr>,
@@ -717,13 +786,15 @@ where
         }
     }
 
-    /// Runs the service on one job: readiness, the call, a panic caught.
-    fn call(&self, job: Job<Bytes>) -> impl Future<Output = std::result::Result<(), HandlerError>> {
-        // `oneshot` keeps the job and the service's future in one place.
-        AssertUnwindSafe(self.service.clone().oneshot(job))
+    /// Runs the handler on one job, a panic caught.
+    fn call(
+        &self,
+        job: Job<Bytes>,
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + '_ {
+        AssertUnwindSafe(self.handler.call(job))
             .catch_unwind()
             .map(|outcome| match outcome {
-                Ok(result) => result.map_err(|e| HandlerError::classify(e.into())),
+                Ok(result) => result,
                 Err(panic) => Err(HandlerError::transient(panic_message(&*panic))),
             })
     }
