@@ -722,9 +722,12 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     table_to_amqp(&spec.options.arguments)?;
     let deadline = shared.recovery_deadline();
     let mut link = shared.link_after(0, deadline).await?;
-    shared.reserve_consumer_channel(&link)?;
+    let id = shared.reserve_consumer_channel(&link, &spec.queue)?;
     // Gives the reservation back if the start fails; the task keeps it.
-    let counted = Counted(shared.clone());
+    let counted = Counted {
+        shared: shared.clone(),
+        id,
+    };
     let (channel, consumer) = match open(&shared, &link, &spec).await {
         Ok(started) => started,
         // The link died after it was handed out: the consumer died with it
@@ -770,7 +773,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
     };
     receiver.adopt(0, channel.clone(), consumer);
     let task = ConsumerTask {
-        _counted: counted,
+        counted,
         shared,
         spec,
         control: control.clone(),
@@ -785,16 +788,20 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
 }
 
 /// Counts one live consumer of the connection while it exists.
-struct Counted(Arc<Shared>);
+struct Counted {
+    shared: Arc<Shared>,
+    /// The consumer's id among the connection's live consumers.
+    id: u64,
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.release_consumer_channel();
+        self.shared.release_consumer_channel(self.id);
     }
 }
 
 struct ConsumerTask {
-    _counted: Counted,
+    counted: Counted,
     shared: Arc<Shared>,
     spec: ConsumerSpec,
     control: Arc<Control>,
@@ -1044,7 +1051,7 @@ impl ConsumerTask {
     async fn cancelled_by_broker(&mut self) {
         let queue = &self.spec.queue;
         let tag = &self.spec.tag;
-        if !self.spec.is_direct_reply() && self.shared.deleted_here(queue) {
+        if !self.spec.is_direct_reply() && self.shared.deleted_here(self.counted.id, queue) {
             // The application deleted it through this connection: the
             // stream just ends, as after a cancel.
             let _ = self.gone.set(format!("its queue {queue:?} was deleted"));

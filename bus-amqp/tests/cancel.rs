@@ -77,3 +77,63 @@ async fn a_queue_deleted_under_its_consumer_ends_the_stream_with_why_and_is_not_
     drop(consumer);
     conn.close().await.unwrap();
 }
+
+/// Queues this connection deletes under their consumers, one after another
+/// (per-request queues, say), end their consumers' streams quietly, with
+/// no `ConsumerCancelled`; a queue declared again after such a deletion and
+/// then deleted by another client is news again.
+#[tokio::test]
+async fn queues_deleted_here_end_their_consumers_quietly_and_a_later_deletion_by_another_is_news() {
+    let conn = connect().await;
+    let other = connect().await;
+    let mut events = conn.events();
+    for _ in 0..20 {
+        let q = fresh("deleted-here");
+        let _cleanup = QueueCleanup::new(&[&q]);
+        conn.declare_queue(&q, QueueOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
+        delete_queue(&*conn, &q).await;
+        assert!(
+            within(10, "the end of the stream", consumer.next())
+                .await
+                .is_none(),
+            "the consumer of a queue deleted here just ends"
+        );
+    }
+
+    let q = fresh("redeclared");
+    let _cleanup = QueueCleanup::new(&[&q]);
+    conn.declare_queue(&q, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut first = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
+    delete_queue(&*conn, &q).await;
+    assert!(
+        within(10, "the end of the first stream", first.next())
+            .await
+            .is_none(),
+        "the consumer of a queue deleted here just ends"
+    );
+    conn.declare_queue(&q, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut second = conn.consume(&q, ConsumeOptions::auto_ack()).await.unwrap();
+    delete_queue(&*other, &q).await;
+    match within(10, "the second stream's error", second.next()).await {
+        Some(Err(Error::Closed(m))) => assert!(m.contains("deleted"), "{m}"),
+        other => panic!("the consumer of a queue deleted by another yielded {other:?}"),
+    }
+    // The first cancellation reported is the one another client caused.
+    match wait_event(&mut events, "ConsumerCancelled", |e| {
+        matches!(e, RecoveryEvent::ConsumerCancelled { .. })
+    })
+    .await
+    {
+        RecoveryEvent::ConsumerCancelled { queue, .. } => assert_eq!(queue, q),
+        _ => unreachable!(),
+    }
+    drop((first, second));
+    conn.close().await.unwrap();
+}

@@ -1,8 +1,9 @@
-//! The consumers of a connection: how many are alive (each holds a
-//! channel, and they must leave the channels publishing and topology need)
-//! and their coalesced acks, flushed on close.
+//! The consumers of a connection: which are alive (each holds a channel,
+//! and they must leave the channels publishing and topology need), what
+//! each must know of its queue's deletion through this connection, and
+//! their coalesced acks, flushed on close.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use bus_core::sync::Mutex;
@@ -19,9 +20,8 @@ const RESERVED_CHANNELS: usize = 4;
 
 /// The consumers' share of a connection.
 pub(super) struct Consumers {
-    /// Consumers alive (each holds a channel), so that they never take
-    /// the channels publishing and topology need.
-    live: AtomicUsize,
+    /// The consumers alive and the queue deletions in flight.
+    live: Mutex<Live>,
     /// The coalesced acks of this connection's consumers, flushed on close.
     ack_batches: Mutex<Vec<Weak<AckBatch>>>,
 }
@@ -29,13 +29,181 @@ pub(super) struct Consumers {
 impl Consumers {
     pub(super) fn new() -> Self {
         Consumers {
-            live: AtomicUsize::new(0),
+            live: Mutex::new(Live::default()),
             ack_batches: Mutex::new(Vec::new()),
         }
     }
 }
 
+/// The consumers alive on a connection, and the deletions of queues this
+/// connection has in flight.
+///
+/// When a queue is deleted the broker cancels its consumers
+/// (`basic.cancel`, on each consumer's channel), before or after it
+/// answers the deletion on the topology channel, and a consumer may look
+/// at its cancellation much later. A cancellation that this connection's
+/// deletion caused ends the stream quietly; any other is news. So a
+/// deletion counts as in flight from before it is sent until its answer,
+/// and when it succeeds it is recorded on every consumer of the queue
+/// alive then, in the same step: whenever a consumer looks, one or the
+/// other tells it. A consumer counts as alive from before it asks the
+/// broker to consume until it ends, so one started while a deletion is in
+/// flight is recorded too.
+///
+/// Nothing outlives what it is about: an entry per live consumer (bounded
+/// by the channels) and per deletion in flight, however many queues the
+/// connection creates and deletes.
+#[derive(Default)]
+struct Live {
+    next_id: u64,
+    consumers: HashMap<u64, LiveConsumer>,
+    /// Queues (current names) being deleted through this connection, with
+    /// how many deletions of each are in flight.
+    deleting: HashMap<String, usize>,
+}
+
+struct LiveConsumer {
+    /// The queue as the application names it.
+    queue: String,
+    /// This connection deleted the consumer's queue since it was last
+    /// declared.
+    deleted_here: bool,
+}
+
+impl Live {
+    /// Counts in a consumer of `queue` (the application's name); its id.
+    fn add(&mut self, queue: &str) -> u64 {
+        self.next_id += 1;
+        self.consumers.insert(
+            self.next_id,
+            LiveConsumer {
+                queue: queue.to_owned(),
+                deleted_here: false,
+            },
+        );
+        self.next_id
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.consumers.remove(&id);
+    }
+
+    /// A deletion of the queue now named `current` is about to be sent.
+    fn delete_started(&mut self, current: &str) {
+        *self.deleting.entry(current.to_owned()).or_default() += 1;
+    }
+
+    /// A deletion of the queue now named `current` ended; when `deleted`,
+    /// every consumer of it (`is_current` tells which consumers' queue
+    /// names it) is told.
+    fn delete_ended(&mut self, current: &str, deleted: bool, is_current: &dyn Fn(&str) -> bool) {
+        if let Some(n) = self.deleting.get_mut(current) {
+            *n -= 1;
+            if *n == 0 {
+                self.deleting.remove(current);
+            }
+        }
+        if deleted {
+            self.mark(true, is_current);
+        }
+    }
+
+    /// The queue `is_current` names was declared (again): a later
+    /// cancellation of its consumers is news again.
+    fn declared(&mut self, is_current: &dyn Fn(&str) -> bool) {
+        self.mark(false, is_current);
+    }
+
+    fn mark(&mut self, deleted_here: bool, is_current: &dyn Fn(&str) -> bool) {
+        for consumer in self.consumers.values_mut() {
+            if is_current(&consumer.queue) {
+                consumer.deleted_here = deleted_here;
+            }
+        }
+    }
+
+    /// Whether consumer `id`, whose queue is now named `current`, was
+    /// cancelled by a deletion through this connection (done, or in
+    /// flight).
+    fn deleted_here(&self, id: u64, current: &str) -> bool {
+        self.consumers.get(&id).is_some_and(|c| c.deleted_here)
+            || self.deleting.contains_key(current)
+    }
+}
+
+/// A deletion of a queue through this connection, in flight until it is
+/// dropped; [`QueueDeletion::succeeded`] when the broker deleted the
+/// queue. Dropped otherwise (failed, or the caller gave up waiting), it
+/// leaves the consumers of the queue as they were.
+pub(super) struct QueueDeletion<'a> {
+    shared: &'a Shared,
+    current: String,
+    deleted: bool,
+}
+
+impl QueueDeletion<'_> {
+    /// The broker deleted the queue: its consumers' cancellations are
+    /// their ordinary end. Call before the journal forgets the queue, so
+    /// that renamed queues still resolve.
+    pub(super) fn succeeded(mut self) {
+        self.deleted = true;
+    }
+}
+
+impl Drop for QueueDeletion<'_> {
+    fn drop(&mut self) {
+        let deleted = self.deleted;
+        self.shared
+            .update_live(&self.current, |live, current, is_current| {
+                live.delete_ended(current, deleted, is_current);
+            });
+    }
+}
+
 impl Shared {
+    /// Notes that this connection is about to delete the queue now named
+    /// `current`, until the returned deletion is dropped.
+    pub(super) fn deleting_queue(&self, current: &str) -> QueueDeletion<'_> {
+        self.consumers.live.lock().delete_started(current);
+        QueueDeletion {
+            shared: self,
+            current: current.to_owned(),
+            deleted: false,
+        }
+    }
+
+    /// The queue now named `current` was declared: forgets that this
+    /// connection deleted it before.
+    pub(super) fn declared_queue(&self, current: &str) {
+        self.update_live(current, |live, _, is_current| live.declared(is_current));
+    }
+
+    /// Runs `update` on the live consumers with the queue name `current`
+    /// and a test of whether a queue name of the application's is now
+    /// `current`.
+    fn update_live(
+        &self,
+        current: &str,
+        update: impl FnOnce(&mut Live, &str, &dyn Fn(&str) -> bool),
+    ) {
+        // The journal, then the consumers: nothing takes them the other
+        // way round.
+        let renames = self.renames();
+        let is_current = |name: &str| match &renames {
+            Some(journal) => journal.resolve(name) == current,
+            None => name == current,
+        };
+        update(&mut self.consumers.live.lock(), current, &is_current);
+    }
+
+    /// Whether the broker's cancellation of consumer `id` (of the queue
+    /// the application names `queue`) came from a deletion of the queue
+    /// through this connection.
+    pub(crate) fn deleted_here(&self, id: u64, queue: &str) -> bool {
+        let current = self.resolve_queue(queue);
+        self.consumers.live.lock().deleted_here(id, &current)
+    }
+
     /// Keeps `batch` to be flushed when the connection closes.
     pub(crate) fn register_ack_batch(&self, batch: &Arc<AckBatch>) {
         let mut batches = self.consumers.ack_batches.lock();
@@ -63,24 +231,23 @@ impl Shared {
         result
     }
 
-    /// Counts a new consumer in, or refuses it when it would take one of
-    /// the channels kept for publishing and topology operations. The check
-    /// and the count are one atomic step, so consumers started at once
-    /// cannot race past the limit; the caller gives the count back when
-    /// the consumer ends or fails to start.
-    pub(crate) fn reserve_consumer_channel(&self, link: &Link) -> Result<()> {
+    /// Counts a new consumer of `queue` (the application's name) in, or
+    /// refuses it when it would take one of the channels kept for
+    /// publishing and topology operations; the consumer's id. The check
+    /// and the count are one step, so consumers started at once cannot
+    /// race past the limit. Called before the consumer asks the broker to
+    /// consume, so that a deletion of its queue in flight meanwhile is
+    /// recorded on it; the caller gives the count back when the consumer
+    /// ends or fails to start.
+    pub(crate) fn reserve_consumer_channel(&self, link: &Link, queue: &str) -> Result<u64> {
         let channel_max = match link.conn.configuration().channel_max() {
             0 => usize::from(u16::MAX),
             n => usize::from(n),
         };
         let room = channel_max.saturating_sub(RESERVED_CHANNELS);
-        let reserved = self
-            .consumers
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < room).then_some(n + 1)
-            });
-        if let Err(consumers) = reserved {
+        let mut live = self.consumers.live.lock();
+        let consumers = live.consumers.len();
+        if consumers >= room {
             return Err(Error::backend(
                 "amqp",
                 true,
@@ -91,12 +258,116 @@ impl Shared {
                 ),
             ));
         }
-        Ok(())
+        Ok(live.add(queue))
     }
 
     /// Gives back the count taken by
-    /// [`reserve_consumer_channel`](Shared::reserve_consumer_channel).
-    pub(crate) fn release_consumer_channel(&self) {
-        self.consumers.live.fetch_sub(1, Ordering::AcqRel);
+    /// [`reserve_consumer_channel`](Shared::reserve_consumer_channel) for
+    /// consumer `id`.
+    pub(crate) fn release_consumer_channel(&self, id: u64) {
+        self.consumers.live.lock().remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+
+    fn named(current: &str) -> impl Fn(&str) -> bool + '_ {
+        move |name| name == current
+    }
+
+    #[test]
+    fn deleting_many_queues_leaves_nothing_behind() {
+        let mut live = Live::default();
+        for i in 0..1000 {
+            let q = format!("reply-{i}");
+            let id = live.add(&q);
+            live.delete_started(&q);
+            live.delete_ended(&q, true, &named(&q));
+            assert!(live.deleted_here(id, &q), "consumer {i} ends quietly");
+            live.remove(id);
+        }
+        assert!(live.consumers.is_empty(), "no consumer kept");
+        assert!(live.deleting.is_empty(), "no deletion kept");
+    }
+
+    #[test]
+    fn a_cancellation_before_or_after_the_answer_is_this_connections() {
+        let mut live = Live::default();
+        let id = live.add("q");
+        live.delete_started("q");
+        // The broker's cancel came before its answer to the deletion.
+        assert!(live.deleted_here(id, "q"));
+        live.delete_ended("q", true, &named("q"));
+        // Or after it.
+        assert!(live.deleted_here(id, "q"));
+        assert!(live.deleting.is_empty());
+    }
+
+    #[test]
+    fn a_consumer_started_while_its_queue_is_deleted_is_told() {
+        let mut live = Live::default();
+        live.delete_started("q");
+        let id = live.add("q");
+        live.delete_ended("q", true, &named("q"));
+        assert!(live.deleted_here(id, "q"));
+    }
+
+    #[test]
+    fn other_deletions_are_news() {
+        let mut live = Live::default();
+        let id = live.add("q");
+        let other = live.add("other");
+        // Nothing deleted here.
+        assert!(!live.deleted_here(id, "q"));
+        // A refused deletion.
+        live.delete_started("q");
+        live.delete_ended("q", false, &named("q"));
+        assert!(!live.deleted_here(id, "q"));
+        // Another queue's deletion.
+        live.delete_started("other");
+        live.delete_ended("other", true, &named("other"));
+        assert!(!live.deleted_here(id, "q"));
+        assert!(live.deleted_here(other, "other"));
+        assert!(live.deleting.is_empty());
+    }
+
+    #[test]
+    fn a_deletion_still_in_flight_outlasts_a_refused_one() {
+        let mut live = Live::default();
+        let id = live.add("q");
+        live.delete_started("q");
+        live.delete_started("q");
+        live.delete_ended("q", false, &named("q"));
+        assert!(live.deleted_here(id, "q"), "the second is still in flight");
+        live.delete_ended("q", true, &named("q"));
+        assert!(live.deleted_here(id, "q"));
+        assert!(live.deleting.is_empty());
+    }
+
+    #[test]
+    fn declaring_the_queue_again_makes_a_later_cancellation_news() {
+        let mut live = Live::default();
+        let id = live.add("q");
+        live.delete_started("q");
+        live.delete_ended("q", true, &named("q"));
+        live.declared(&named("q"));
+        assert!(!live.deleted_here(id, "q"));
+    }
+
+    #[test]
+    fn consumers_are_found_by_their_queues_current_names() {
+        let mut live = Live::default();
+        // A server-named queue a recovery renamed: the consumer holds its
+        // first name, the deletion goes to its current one.
+        let id = live.add("amq.gen-first");
+        let renamed = |name: &str| name == "amq.gen-first";
+        live.delete_started("amq.gen-now");
+        assert!(live.deleted_here(id, "amq.gen-now"));
+        live.delete_ended("amq.gen-now", true, &renamed);
+        // Once the journal forgot the queue, the consumer's name resolves
+        // to itself: the mark on the consumer still tells.
+        assert!(live.deleted_here(id, "amq.gen-first"));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! By concern: [`state`] holds what every handle shares and the link,
 //! [`topology`] the topology channel, journal and names, [`consumers`] the
-//! consumers' channel budget and coalesced acks, [`recovery`] the
+//! consumers alive (their channel budget, and whether this connection
+//! deleted their queue) and their coalesced acks, [`recovery`] the
 //! supervisor and the journal's replay; this module the public type and
 //! the trait impl.
 
@@ -254,7 +255,7 @@ impl Connection for AmqpConnection {
             .topology_op(move |ch| async move { ch.queue_declare(queue, declare, arguments).await })
             .await?;
         let actual = declared.name().as_str().to_owned();
-        self.shared.unmark_deleting(&actual);
+        self.shared.declared_queue(&actual);
         if !options.passive {
             self.shared.journal().record_queue(name, &actual, options);
         }
@@ -276,7 +277,7 @@ impl Connection for AmqpConnection {
         let queue = short("queue name", &current)?;
         // Before sending: the broker may cancel the queue's consumers
         // before it answers.
-        let newly = self.shared.mark_deleting(&current);
+        let deletion = self.shared.deleting_queue(&current);
         let count = self
             .shared
             .topology_op(move |ch| async move {
@@ -290,12 +291,10 @@ impl Connection for AmqpConnection {
                 )
                 .await
             })
-            .await
-            .inspect_err(|_| {
-                if newly {
-                    self.shared.unmark_deleting(&current);
-                }
-            })?;
+            .await?;
+        // Before the journal forgets the queue: its consumers are found by
+        // the names it resolves.
+        deletion.succeeded();
         self.shared.journal().forget_queue(name);
         Ok(count)
     }

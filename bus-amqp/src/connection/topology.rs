@@ -29,10 +29,6 @@ pub(super) struct Topology {
     /// topology channel instead of closing the publisher channel under
     /// every other publish in flight.
     known_exchanges: Mutex<(u64, HashSet<String>)>,
-    /// Queues (current names) this connection deleted, or is deleting:
-    /// their consumers' cancellation by the broker is an ordinary end, not
-    /// news. A name leaves the set when it is declared again.
-    deleted_here: Mutex<HashSet<String>>,
     /// Whether a recovery ever gave a queue a new name: until then every
     /// queue's current name is the one the application holds, and names
     /// need no look-up.
@@ -45,7 +41,6 @@ impl Topology {
             journal: Mutex::new(Journal::default()),
             channel: tokio::sync::Mutex::new(None),
             known_exchanges: Mutex::new((0, HashSet::new())),
-            deleted_here: Mutex::new(HashSet::new()),
             renamed: AtomicBool::new(false),
         }
     }
@@ -70,32 +65,25 @@ impl Shared {
         }
     }
 
-    /// Notes that this connection is deleting the queue now named
-    /// `current`; whether it was not noted already.
-    pub(super) fn mark_deleting(&self, current: &str) -> bool {
-        self.topology.deleted_here.lock().insert(current.to_owned())
-    }
-
-    /// Forgets that this connection deleted the queue now named `current`:
-    /// the deletion failed, or the queue was declared again.
-    pub(super) fn unmark_deleting(&self, current: &str) {
-        self.topology.deleted_here.lock().remove(current);
+    /// The journal, to resolve names with, once a recovery renamed a
+    /// queue; `None` while every queue's current name is the one the
+    /// application holds.
+    pub(super) fn renames(&self) -> Option<MutexGuard<'_, Journal>> {
+        self.topology
+            .renamed
+            .load(Ordering::Acquire)
+            .then(|| self.journal())
     }
 
     pub(crate) fn resolve_queue(&self, name: &str) -> String {
-        if !self.topology.renamed.load(Ordering::Acquire) {
-            return name.to_owned();
-        }
-        self.journal().resolve(name)
+        self.renames()
+            .map_or_else(|| name.to_owned(), |journal| journal.resolve(name))
     }
 
     /// The current name of the queue the application names `name`, when a
     /// recovery renamed it.
     pub(crate) fn renamed_queue(&self, name: &str) -> Option<String> {
-        if !self.topology.renamed.load(Ordering::Acquire) {
-            return None;
-        }
-        let current = self.journal().resolve(name);
+        let current = self.renames()?.resolve(name);
         (current != name).then_some(current)
     }
 
@@ -118,15 +106,6 @@ impl Shared {
             Err(Error::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
-    }
-
-    /// Whether this connection deleted (or is deleting) the queue the
-    /// application names `name`.
-    pub(crate) fn deleted_here(&self, name: &str) -> bool {
-        self.topology
-            .deleted_here
-            .lock()
-            .contains(&self.resolve_queue(name))
     }
 
     /// Forgets a queue someone else deleted, so that recovery does not
