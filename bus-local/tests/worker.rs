@@ -264,3 +264,46 @@ async fn waiting_on_a_worker_that_stopped_fails() {
     let e = worker.wait().await.expect_err("the worker's own end");
     assert!(matches!(e, bus_core::Error::ConnectionLost(_)), "{e:?}");
 }
+
+/// A tower service cloned for each job, whose clone panics once: that
+/// attempt fails as a transient failure, the retry runs, the worker goes
+/// on.
+#[tokio::test(start_paused = true)]
+async fn a_panic_cloning_a_service_is_the_jobs_failure() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    struct Flaky(Arc<AtomicUsize>);
+    impl Clone for Flaky {
+        fn clone(&self) -> Self {
+            // The first clone, for the first attempt, fails.
+            assert!(self.0.fetch_add(1, Ordering::SeqCst) != 0, "clone failed");
+            Flaky(self.0.clone())
+        }
+    }
+    impl tower::Service<Job> for Flaky {
+        type Response = ();
+        type Error = HandlerError;
+        type Future = std::future::Ready<Result<(), HandlerError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Job) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+
+    let broker = LocalBroker::new();
+    let conn: Arc<dyn Connection> = Arc::new(broker.connect());
+    let clones = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(conn.clone(), "flaky")
+        .retry(RetryPolicy::none().immediate(2).jitter(false))
+        .service(Flaky(clones.clone()))
+        .await
+        .expect("start the worker");
+    publish(&*conn, "flaky", b"job").await;
+    let stats = worker.wait_until(|s| s.handled == 1).await.unwrap();
+    assert_eq!((stats.failures, stats.retried, stats.poisoned), (1, 1, 0));
+    assert_eq!(clones.load(Ordering::SeqCst), 2, "one clone per attempt");
+    worker.shutdown(Duration::from_secs(1)).await.unwrap();
+}

@@ -104,20 +104,18 @@ impl Live {
             }
         }
         if deleted {
-            self.mark(true, is_current);
+            self.mark(is_current);
         }
     }
 
-    /// The queue `is_current` names was declared (again): a later
-    /// cancellation of its consumers is news again.
-    fn declared(&mut self, is_current: &dyn Fn(&str) -> bool) {
-        self.mark(false, is_current);
-    }
-
-    fn mark(&mut self, deleted_here: bool, is_current: &dyn Fn(&str) -> bool) {
+    /// Marks the consumers of the queue `is_current` names. A mark is
+    /// never taken back: every consumer alive when its queue is deleted is
+    /// cancelled by the broker, so a declaration of the queue afterwards
+    /// (the "reset a queue" pattern) concerns new consumers only.
+    fn mark(&mut self, is_current: &dyn Fn(&str) -> bool) {
         for consumer in self.consumers.values_mut() {
             if is_current(&consumer.queue) {
-                consumer.deleted_here = deleted_here;
+                consumer.deleted_here = true;
             }
         }
     }
@@ -132,27 +130,34 @@ impl Live {
 }
 
 /// A deletion of a queue through this connection, in flight until it is
-/// dropped; [`QueueDeletion::succeeded`] when the broker deleted the
-/// queue. Dropped otherwise (failed, or the caller gave up waiting), it
-/// leaves the consumers of the queue as they were.
+/// dropped. Dropped after [`QueueDeletion::refused`], it leaves the
+/// consumers of the queue as they were; dropped otherwise, it marks them:
+/// the broker deleted the queue ([`QueueDeletion::succeeded`]), or the
+/// outcome is unknown (the caller gave up waiting, the operation timed
+/// out, the connection went) and the request may have reached the broker,
+/// which would cancel them as an ordinary end.
 pub(super) struct QueueDeletion<'a> {
     shared: &'a Shared,
     current: String,
-    deleted: bool,
+    refused: bool,
 }
 
 impl QueueDeletion<'_> {
     /// The broker deleted the queue: its consumers' cancellations are
     /// their ordinary end. Call before the journal forgets the queue, so
     /// that renamed queues still resolve.
-    pub(super) fn succeeded(mut self) {
-        self.deleted = true;
+    pub(super) fn succeeded(self) {}
+
+    /// The broker refused the deletion: the queue and its consumers stay,
+    /// and a later cancellation of them is news.
+    pub(super) fn refused(mut self) {
+        self.refused = true;
     }
 }
 
 impl Drop for QueueDeletion<'_> {
     fn drop(&mut self) {
-        let deleted = self.deleted;
+        let deleted = !self.refused;
         self.shared
             .update_live(&self.current, |live, current, is_current| {
                 live.delete_ended(current, deleted, is_current);
@@ -168,14 +173,8 @@ impl Shared {
         QueueDeletion {
             shared: self,
             current: current.to_owned(),
-            deleted: false,
+            refused: false,
         }
-    }
-
-    /// The queue now named `current` was declared: forgets that this
-    /// connection deleted it before.
-    pub(super) fn declared_queue(&self, current: &str) {
-        self.update_live(current, |live, _, is_current| live.declared(is_current));
     }
 
     /// Runs `update` on the live consumers with the queue name `current`
@@ -347,13 +346,17 @@ mod tests {
     }
 
     #[test]
-    fn declaring_the_queue_again_makes_a_later_cancellation_news() {
+    fn a_mark_outlasts_the_queues_next_declaration() {
+        // Deleted and declared again at once ("reset a queue"), before the
+        // consumer looked at the broker's cancel: still this connection's.
         let mut live = Live::default();
         let id = live.add("q");
         live.delete_started("q");
         live.delete_ended("q", true, &named("q"));
-        live.declared(&named("q"));
-        assert!(!live.deleted_here(id, "q"));
+        // A consumer of the new queue is not marked.
+        let new = live.add("q");
+        assert!(live.deleted_here(id, "q"));
+        assert!(!live.deleted_here(new, "q"));
     }
 
     #[test]

@@ -255,7 +255,6 @@ impl Connection for AmqpConnection {
             .topology_op(move |ch| async move { ch.queue_declare(queue, declare, arguments).await })
             .await?;
         let actual = declared.name().as_str().to_owned();
-        self.shared.declared_queue(&actual);
         if !options.passive {
             self.shared.journal().record_queue(name, &actual, options);
         }
@@ -291,7 +290,18 @@ impl Connection for AmqpConnection {
                 )
                 .await
             })
-            .await?;
+            .await;
+        let count = match count {
+            Ok(count) => count,
+            // The broker answered no: nothing was deleted. A temporary
+            // error leaves the outcome unknown, and the deletion marks the
+            // consumers as it goes.
+            Err(e) if !e.is_temporary() || matches!(e, bus_core::Error::ResourceLocked(_)) => {
+                deletion.refused();
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         // Before the journal forgets the queue: its consumers are found by
         // the names it resolves.
         deletion.succeeded();

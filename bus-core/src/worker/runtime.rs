@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, TryFutureExt};
+use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -574,6 +574,15 @@ impl Observer for Publisher {
     }
 }
 
+/// The last snapshot goes out with the task, however it ends (a panic or
+/// an abort included): a waiter whose condition the final counters meet
+/// gets them rather than an error.
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.idle();
+    }
+}
+
 /// What runs a worker's jobs: a tower service, or a function called in
 /// place.
 trait Handler: Send + Sync + 'static {
@@ -595,14 +604,13 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    fn call(
-        &self,
-        job: Job,
-    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send + '_ {
-        // `oneshot` keeps the job and the service's future in one place.
+    async fn call(&self, job: Job) -> std::result::Result<(), HandlerError> {
+        // Cloned inside the future, where a panic is the job's. `oneshot`
+        // keeps the job and the service's future in one place.
         self.0
             .clone()
             .oneshot(job)
+            .await
             .map_err(|e| HandlerError::classify(e.into()))
     }
 }
