@@ -115,6 +115,17 @@ async fn a_plugin_exchange_type_is_passed_through_and_an_unknown_one_is_refused_
         "the hash spreads {MESSAGES} keys over both queues: {first:?}"
     );
 
+    // Deleted behind the connection's back, with its bindings: only the
+    // recovery below can bring them back.
+    let other = AmqpConnection::connect_with(&cluster.node_url(0), AmqpOptions::default())
+        .await
+        .expect("a second connection");
+    other
+        .delete_exchange(&x, Default::default())
+        .await
+        .expect("delete the exchange out of band");
+    assert!(!other.exchange_exists(&x).await.unwrap());
+
     // A type the node lacks: refused for good, naming it, and nothing is
     // created. The broker closed the connection over it; it recovers.
     let delayed = fresh("delayed");
@@ -142,6 +153,10 @@ async fn a_plugin_exchange_type_is_passed_through_and_an_unknown_one_is_refused_
 
     // The recovery declared the consistent-hash exchange, its bindings and
     // consumers again: it routes as before.
+    assert!(
+        other.exchange_exists(&x).await.unwrap(),
+        "the recovery declared the exchange again"
+    );
     let second = route_round(&conn, &x, &queues, &mut consumers, "after").await;
     assert!(
         second.iter().all(|&n| n > 0),
@@ -151,5 +166,6 @@ async fn a_plugin_exchange_type_is_passed_through_and_an_unknown_one_is_refused_
         conn.delete_queue(q, Default::default()).await.unwrap();
     }
     conn.close().await.unwrap();
+    other.close().await.unwrap();
     drop(cluster);
 }
