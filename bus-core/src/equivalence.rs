@@ -99,8 +99,9 @@ pub fn check_queue_flags(
 
 /// Compares the arguments RabbitMQ checks when the queue `name` is
 /// declared again (both normalised, see [`QueueArguments::normalized`]);
-/// others (unknown `x-` arguments, `x-delivery-limit` of a classic queue)
-/// are ignored, as RabbitMQ ignores them. A missing `x-queue-type` matches
+/// others (unknown `x-` arguments, `x-delivery-limit` redeclared on a
+/// classic queue) are ignored, as RabbitMQ ignores them; a quorum queue's
+/// `x-delivery-limit` is compared. A missing `x-queue-type` matches
 /// a classic queue.
 ///
 /// # Errors
@@ -150,6 +151,11 @@ pub fn check_queue_arguments(
             show(&wanted.queue_type),
             show(&existing.queue_type),
         );
+    }
+    // A quorum queue's delivery limit must match (RabbitMQ 3.10 refuses
+    // another one, or none, as inequivalent); a classic queue has none.
+    if existing.queue_type == Some(QueueType::Quorum) {
+        same!(delivery_limit, "x-delivery-limit");
     }
     Ok(())
 }
@@ -218,5 +224,29 @@ mod tests {
             .contains("received 200ms but current is 100ms"));
         let classic = QueueArguments::default().queue_type(QueueType::Classic);
         assert!(check_queue_arguments("q", &QueueArguments::default(), &classic).is_ok());
+    }
+
+    #[test]
+    fn a_quorum_queue_compares_its_delivery_limit_and_a_classic_one_does_not() {
+        let quorum = |limit: Option<u32>| QueueArguments {
+            queue_type: Some(QueueType::Quorum),
+            delivery_limit: limit,
+            ..QueueArguments::default()
+        };
+        assert!(check_queue_arguments("q", &quorum(Some(2)), &quorum(Some(2))).is_ok());
+        for other in [Some(5), None] {
+            let e = check_queue_arguments("q", &quorum(Some(2)), &quorum(other)).unwrap_err();
+            assert_eq!(e.argument(), Some("x-delivery-limit"), "{other:?}: {e:?}");
+        }
+        let e = check_queue_arguments("q", &quorum(None), &quorum(Some(2))).unwrap_err();
+        assert_eq!(e.argument(), Some("x-delivery-limit"));
+        let limited = QueueArguments {
+            delivery_limit: Some(2),
+            ..QueueArguments::default()
+        };
+        assert!(
+            check_queue_arguments("q", &QueueArguments::default(), &limited).is_ok(),
+            "redeclaring a classic queue with a limit is accepted, as RabbitMQ 3.10 does"
+        );
     }
 }

@@ -352,10 +352,15 @@ pub struct QueueArguments {
     pub single_active_consumer: bool,
     /// `x-queue-type`.
     pub queue_type: Option<QueueType>,
-    /// `x-delivery-limit` (quorum queues): a message delivered more than
-    /// this many times is dead-lettered (or dropped) instead of being
-    /// requeued again, which ends a poison message's redelivery loop.
-    /// RabbitMQ 4.x sets 20 by default; on 3.x there is none unless set.
+    /// `x-delivery-limit` (quorum queues): a message returned to the queue
+    /// more than this many times (a requeueing nack, a lost consumer) is
+    /// dead-lettered with reason `delivery_limit` (or dropped) instead of
+    /// being requeued again, so it is delivered at most this many times
+    /// plus one; this ends a poison message's redelivery loop (see
+    /// [`engine::delivery_limit`](crate::engine::delivery_limit) for what
+    /// counts as a delivery). RabbitMQ 4.x sets 20 by default; on 3.x there
+    /// is none unless set. RabbitMQ 3.10 refuses it on a classic queue
+    /// (`PreconditionFailed`, "invalid arg").
     /// An integer on the wire: a string value is refused by
     /// [`QueueArguments::from_table`] (RabbitMQ 3.x would ignore it).
     pub delivery_limit: Option<u32>,
@@ -624,8 +629,9 @@ queue_argument_setters! {
     fn single_active_consumer(on: bool) { single_active_consumer = on }
     /// `x-queue-type`.
     fn queue_type(queue_type: QueueType) { queue_type = Some(queue_type) }
-    /// `x-delivery-limit` (quorum queues): deliveries after which a message
-    /// is dead-lettered or dropped instead of requeued.
+    /// `x-delivery-limit` (quorum queues): how many returns to the queue
+    /// a message may have; the next one dead-letters or drops it instead of
+    /// requeueing it (see [`QueueArguments::delivery_limit`]).
     fn delivery_limit(n: u32) { delivery_limit = Some(n) }
 }
 

@@ -62,6 +62,13 @@ pub struct Capabilities {
     pub cross_process: bool,
     /// Quorum queues (`x-queue-type: quorum`).
     pub quorum_queues: bool,
+    /// A quorum queue's delivery count and limit, as RabbitMQ's: each
+    /// return of a message to its queue counts, a redelivery carries
+    /// `x-delivery-count`, and a message returned more times than the
+    /// queue's `x-delivery-limit` is dead-lettered (reason
+    /// `delivery_limit`) or dropped. A transport without it refuses
+    /// `x-delivery-limit` rather than ignore it.
+    pub delivery_limit: bool,
     /// [`Connection::reply_queue`] needs no queue declaration (RabbitMQ's
     /// direct reply-to or an equivalent).
     pub direct_reply: bool,
@@ -96,6 +103,7 @@ impl Capabilities {
             durability: true,
             cross_process: true,
             quorum_queues: true,
+            delivery_limit: true,
             direct_reply: true,
             exact_counts: true,
             recovery: true,

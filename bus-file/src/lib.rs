@@ -86,7 +86,10 @@
 //!
 //! See [`capabilities`]: everything the conformance suite checks except
 //! queue expiry (`x-expires`, refused with `NotSupported`), quorum and
-//! stream queues (refused), exchange types of broker plugins
+//! stream queues (refused), a quorum queue's delivery limit
+//! (`x-delivery-limit`, refused with `NotSupported` on any queue: the
+//! transport keeps no delivery count, so a crash loop never ends by it;
+//! `Capabilities::delivery_limit` is false), exchange types of broker plugins
 //! ([`bus_core::ExchangeKind::Custom`], refused with `NotSupported`; the
 //! topology file reserves kind tag 4, followed by the type's name, for
 //! them), RabbitMQ's direct reply-to (replies use an exclusive queue). Exclusive queues, consumer counts, exclusive and
@@ -216,6 +219,7 @@ pub fn capabilities() -> Capabilities {
     let mut caps = Capabilities::all("file");
     caps.queue_expiry = false;
     caps.quorum_queues = false;
+    caps.delivery_limit = false;
     caps.plugin_exchange_kinds = false;
     caps.direct_reply = false;
     caps.recovery = false;

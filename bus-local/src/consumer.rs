@@ -1,6 +1,7 @@
 //! The consumer side: the buffer a queue pushes deliveries into, the stream
 //! that reads it, and the handles that settle and cancel.
 
+use bus_core::engine::delivery_limit::DeliveryCount;
 use bus_core::sync::Mutex;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -73,6 +74,9 @@ pub(crate) struct Handover {
     pub(crate) envelope: Arc<Envelope>,
     pub(crate) tag: u64,
     pub(crate) redelivered: bool,
+    /// How many times a quorum queue had the message back before this
+    /// delivery: the delivery's `x-delivery-count` when at least 1.
+    pub(crate) returns: u32,
 }
 
 #[derive(Default)]
@@ -256,11 +260,12 @@ impl DeliveryStream {
             envelope,
             tag,
             redelivered,
+            returns,
         } = handover;
         let Some(acker) = &self.acker else {
             // Nobody else holds an auto-acked message routed to one queue:
             // take it instead of copying it.
-            let (message, exchange, routing_key) = match Arc::try_unwrap(envelope) {
+            let (mut message, exchange, routing_key) = match Arc::try_unwrap(envelope) {
                 Ok(env) => (env.message, env.exchange, env.routing_key),
                 Err(env) => (
                     env.message.clone(),
@@ -268,10 +273,13 @@ impl DeliveryStream {
                     env.routing_key.clone(),
                 ),
             };
+            DeliveryCount::stamp(returns, &mut message.properties.headers);
             return Delivery::new(message, exchange, routing_key, redelivered, tag, None);
         };
+        let mut message = envelope.message.clone();
+        DeliveryCount::stamp(returns, &mut message.properties.headers);
         Delivery::new(
-            envelope.message.clone(),
+            message,
             envelope.exchange.clone(),
             envelope.routing_key.clone(),
             redelivered,

@@ -40,13 +40,26 @@ pub(crate) fn check_queue_flags(queue: &Queue, options: &QueueOptions) -> Result
     equivalence::check_queue_flags(&queue.name, queue.durable, queue.auto_delete, options)
 }
 
-/// Refuses what RabbitMQ 3.10 refuses for a queue type.
+/// Refuses what RabbitMQ 3.10 refuses for a queue type (a classic queue's
+/// `x-delivery-limit` among them).
 pub(crate) fn check_queue_type(
     name: &str,
     options: &QueueOptions,
     args: &QueueArguments,
 ) -> Result<()> {
     match args.queue_type {
+        None | Some(QueueType::Classic) if args.delivery_limit.is_some() => {
+            Err(Error::PreconditionFailed(
+                ErrorDetail::about(
+                    Subject::queue(name),
+                    format!(
+                        "invalid arg 'x-delivery-limit' for queue '{name}' of queue type \
+                         classic: only quorum queues have a delivery limit"
+                    ),
+                )
+                .with_argument("x-delivery-limit"),
+            ))
+        }
         None | Some(QueueType::Classic) => Ok(()),
         Some(QueueType::Stream) => Err(Error::NotSupported(format!(
             "queue '{name}': stream queues are not supported by the in-process broker"

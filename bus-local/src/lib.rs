@@ -146,11 +146,18 @@
 //!   accepted and reported, not written anywhere
 //!   (`Capabilities::durability` is false).
 //! - `x-queue-type: quorum` is accepted with RabbitMQ's declaration rules
-//!   (durable, not exclusive, not auto-delete, no priorities) but the queue
-//!   behaves as a classic one: a requeued message goes back to its original
-//!   position (a quorum queue puts it at the back) and no
-//!   `x-delivery-count` header is added. `Capabilities::quorum_queues` is
-//!   false. Stream queues are refused with `NotSupported`.
+//!   (durable, not exclusive, not auto-delete, no priorities) and keeps a
+//!   quorum queue's delivery count as RabbitMQ 3.10 does
+//!   ([`bus_core::engine::delivery_limit`]): every return (a requeueing
+//!   nack, a dropped consumer or connection with the message unsettled)
+//!   counts, a redelivery carries `x-delivery-count`, and a message
+//!   returned more times than its `x-delivery-limit` is dead-lettered with
+//!   reason `delivery_limit` (dropped without a dead-letter exchange), so a
+//!   crash loop ends here as on RabbitMQ (`Capabilities::delivery_limit`
+//!   is true). Otherwise the queue behaves as a classic one: a requeued
+//!   message goes back to its original position (a quorum queue puts it at
+//!   the back), so `Capabilities::quorum_queues` is false. Stream queues
+//!   are refused with `NotSupported`.
 //! - There is no user: `user_id` is not checked against one.
 //! - There are no channels: each consumer acts as if on its own channel, so
 //!   delivery tags count from 1 per consumer. Dropping a consumer requeues

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus_core::engine::dead_letter::{dead_letter, Death, Reason};
+use bus_core::engine::delivery_limit::{DeliveryCount, Fate};
 use bus_core::engine::policy::{self, Admission, Depth, Limits};
 use bus_core::engine::unacked::Unacked;
 use bus_core::routing::sender_routes;
@@ -83,6 +84,9 @@ struct Entry {
     seq: u64,
     envelope: Arc<Envelope>,
     redelivered: bool,
+    /// How many times it came back to a quorum queue (always 0 in other
+    /// queues, which do not count).
+    returns: u32,
     expires_at: Option<Instant>,
     /// Priority level (0 unless the queue has `x-max-priority`).
     level: usize,
@@ -297,6 +301,8 @@ pub(crate) struct Queue {
     pub(crate) owner: Option<u64>,
     /// Normalised arguments.
     pub(crate) args: QueueArguments,
+    /// How a quorum queue counts returns (`None`: a classic queue).
+    counting: Option<DeliveryCount>,
     pub(crate) state: Mutex<QueueState>,
 }
 
@@ -339,6 +345,7 @@ impl Queue {
             durable,
             auto_delete,
             owner,
+            counting: DeliveryCount::of(&args),
             args,
         }
     }
@@ -378,6 +385,19 @@ impl Queue {
             },
             reason,
         });
+    }
+
+    /// Puts a returned delivery back in its place; a quorum queue counts
+    /// the return first and ends a message past its delivery limit instead
+    /// (dead-lettered, reason `delivery_limit`, or dropped).
+    fn requeue(&self, ready: &mut Ready, mut entry: Entry, fx: &mut Effects) {
+        if let Some(counting) = &self.counting {
+            if counting.on_return(&mut entry.returns) == Fate::DeadLetter {
+                self.dead_or_drop(&entry.envelope, Reason::DeliveryLimit, fx);
+                return;
+            }
+        }
+        ready.restore(entry);
     }
 
     fn expire(&self, st: &mut QueueState, now: &mut Now, fx: &mut Effects) {
@@ -457,6 +477,7 @@ impl Queue {
             envelope: entry.envelope.clone(),
             tag: slot.next_tag,
             redelivered: entry.redelivered,
+            returns: entry.returns,
         };
         if !slot.auto_ack {
             // Any later delivery of this copy is a redelivery.
@@ -546,6 +567,7 @@ impl Queue {
             seq: st.next_seq,
             envelope: envelope.clone(),
             redelivered: false,
+            returns: 0,
             expires_at: ttl.and_then(|d| now.get().checked_add(d)),
             level: self.level_of(&envelope.message),
         };
@@ -642,7 +664,7 @@ impl Queue {
         slot.shared.end(true);
         let requeued = !slot.unacked.is_empty();
         for (_, entry) in slot.unacked.drain() {
-            st.ready.restore(entry);
+            self.requeue(&mut st.ready, entry, fx);
         }
         if requeued {
             self.drop_head(st, fx);
@@ -694,7 +716,7 @@ impl Queue {
         } else {
             for entry in taken {
                 if how == Settle::Requeue {
-                    st.ready.restore(entry);
+                    self.requeue(&mut st.ready, entry, fx);
                 } else {
                     self.dead_or_drop(&entry.envelope, Reason::Rejected, fx);
                 }

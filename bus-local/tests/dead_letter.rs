@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bus_core::{
     Connection, Error, ExchangeKind, FieldValue, Message, Overflow, PublishOptions, QueueArguments,
-    QueueOptions, Requeue,
+    QueueOptions, QueueType, Requeue,
 };
 use common::*;
 
@@ -325,5 +325,77 @@ async fn missing_dead_letter_exchange_drops() {
     assert_eq!(
         (b.queue_depth("q"), b.unacked_count("q")),
         (Some(0), Some(0))
+    );
+}
+
+/// A quorum queue with `x-delivery-limit` 1 dead-lettering to `dlx`.
+fn quorum_limit_one() -> QueueOptions {
+    QueueOptions::durable()
+        .queue_type(QueueType::Quorum)
+        .delivery_limit(1)
+        .dead_letter_to("dlx")
+}
+
+fn delivery_count(d: &bus_core::Delivery) -> Option<&FieldValue> {
+    d.message.properties.headers.get("x-delivery-count")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_multiple_nack_counts_one_return_for_each_message() {
+    let (_b, conn) = setup();
+    dead_letter_sink(&conn).await;
+    queue_with(&conn, "q", quorum_limit_one()).await;
+    send(&conn, "q", "a").await;
+    send(&conn, "q", "b").await;
+    let mut c = consume(&conn, "q", 2).await;
+    for round in 0..2 {
+        let a = next(&mut c).await;
+        let b = next(&mut c).await;
+        let want = (round > 0).then_some(FieldValue::I64(1));
+        assert_eq!(
+            [
+                (body(&a), delivery_count(&a)),
+                (body(&b), delivery_count(&b))
+            ],
+            [("a".into(), want.as_ref()), ("b".into(), want.as_ref())],
+            "round {round}"
+        );
+        b.nack_multiple(Requeue::Yes).await.unwrap();
+    }
+    nothing(&mut c).await;
+    let mut dead = consume(&conn, "dead", 2).await;
+    for want in ["a", "b"] {
+        let d = next(&mut dead).await;
+        assert_eq!(body(&d), want);
+        assert_eq!(death(&d, 0)["reason"], FieldValue::from("delivery_limit"));
+        assert_eq!(delivery_count(&d), None);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auto_ack_consumer_sees_the_count_of_a_returned_message() {
+    let (_b, conn) = setup();
+    queue_with(
+        &conn,
+        "q",
+        QueueOptions::durable().queue_type(QueueType::Quorum),
+    )
+    .await;
+    send(&conn, "q", "m").await;
+    let mut c = consume(&conn, "q", 1).await;
+    let d = next(&mut c).await;
+    assert_eq!(delivery_count(&d), None, "a first delivery has no count");
+    c.cancel().await.unwrap();
+    d.nack(Requeue::Yes).await.unwrap();
+    let mut auto = conn
+        .consume("q", bus_core::ConsumeOptions::auto_ack())
+        .await
+        .unwrap();
+    let d = next(&mut auto).await;
+    assert!(d.redelivered);
+    assert_eq!(
+        delivery_count(&d),
+        Some(&FieldValue::I64(1)),
+        "counted without a limit"
     );
 }

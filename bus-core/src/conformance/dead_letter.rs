@@ -1,5 +1,6 @@
 //! Dead-lettering and what feeds it: rejection, TTL (queue and message),
-//! max length with each overflow mode; the `x-death` header.
+//! max length with each overflow mode, a quorum queue's delivery limit; the
+//! `x-death` header.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use super::support::{
 use super::Harness;
 use crate::{
     Connection, ConsumeOptions, Consumer, Delivery, Error, ExchangeKind, FieldTable, FieldValue,
-    Message, Overflow, PublishOptions, QueueOptions, Requeue,
+    Message, Overflow, PublishOptions, QueueOptions, QueueType, Requeue,
 };
 
 /// A fresh fanout dead-letter exchange with one queue bound to it, and a
@@ -948,4 +949,225 @@ pub async fn x_death_from_a_publisher_is_handled_as_rabbitmq_does(h: &dyn Harnes
         "{deaths:?}"
     );
     dl.finish(&*conn).await;
+}
+
+/// Whether `case` applies: the transport keeps quorum queues' delivery
+/// counts and limits (and, with `dead_letters`, dead-letters).
+fn delivery_limit_applies(h: &dyn Harness, case: &str, dead_letters: bool) -> bool {
+    let caps = h.capabilities();
+    if not_applicable(
+        h,
+        caps.delivery_limit,
+        case,
+        "no quorum queue delivery limit",
+    ) {
+        return false;
+    }
+    !dead_letters || applicable(h, case, false, false)
+}
+
+/// A durable quorum queue's options with `x-delivery-limit` = `limit`.
+fn quorum_with_limit(limit: u32) -> QueueOptions {
+    QueueOptions::durable()
+        .queue_type(QueueType::Quorum)
+        .delivery_limit(limit)
+}
+
+/// A delivery's `x-delivery-count` header.
+fn delivery_count(d: &Delivery) -> Option<FieldValue> {
+    d.message
+        .properties
+        .headers
+        .get("x-delivery-count")
+        .cloned()
+}
+
+/// A quorum queue counts each requeueing nack of a message: its first
+/// delivery carries no `x-delivery-count`, the `n`th redelivery carries
+/// `x-delivery-count` = `n` (a 64-bit integer). With `x-delivery-limit` 2
+/// the message is delivered three times; the third requeueing nack
+/// dead-letters it instead, with reason `delivery_limit`, as it was
+/// published (no `x-delivery-count`), and the queue is left empty.
+/// Redeclaring the queue with another limit is `PreconditionFailed`. A classic
+/// queue refuses `x-delivery-limit` (`PreconditionFailed` naming it) and
+/// counts nothing: its redeliveries carry no `x-delivery-count`.
+pub async fn delivery_limit_dead_letters_a_message_requeued_past_it(h: &dyn Harness) {
+    let case = "delivery_limit_dead_letters_a_message_requeued_past_it";
+    if !delivery_limit_applies(h, case, true) {
+        return;
+    }
+    let conn = h.connect().await;
+    let mut dl = DeadLetters::new(&*conn).await;
+    let q = queue_with(
+        &*conn,
+        "dl-limited",
+        quorum_with_limit(2).dead_letter_to(dl.exchange.clone()),
+    )
+    .await;
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new("poison").persistent().with_header("h", "v"),
+    )
+    .await;
+    let mut c = consume(&*conn, &q, ConsumeOptions::prefetch(1)).await;
+    let mut seen = Vec::new();
+    for i in 1..=3 {
+        let d = recv(&mut c, &format!("delivery {i} of the requeued message")).await;
+        assert_eq!(body(&d), "poison");
+        seen.push((d.redelivered, delivery_count(&d)));
+        d.nack(Requeue::Yes).await.expect("nack with requeue");
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (false, None),
+            (true, Some(FieldValue::I64(1))),
+            (true, Some(FieldValue::I64(2))),
+        ],
+        "(redelivered, x-delivery-count) of each delivery"
+    );
+    let d = dl.recv("the message past its delivery limit").await;
+    assert_eq!(body(&d), "poison");
+    let p = &d.message.properties;
+    assert_eq!(
+        p.headers.get("h"),
+        Some(&FieldValue::from("v")),
+        "headers kept"
+    );
+    assert_eq!(
+        delivery_count(&d),
+        None,
+        "the dead letter is the message as published"
+    );
+    assert_eq!(
+        p.headers.get("x-first-death-reason"),
+        Some(&FieldValue::from("delivery_limit"))
+    );
+    expect_death(&x_death(&d), "delivery_limit", &q, "", &[&q], 1);
+    let e = expect_err!(
+        "redeclare the quorum queue with another delivery limit",
+        conn.declare_queue(&q, quorum_with_limit(5).dead_letter_to(dl.exchange.clone()))
+            .await,
+        Error::PreconditionFailed(_)
+    );
+    assert_eq!(e.argument(), Some("x-delivery-limit"), "{e:?}");
+    // Not requeued a fourth time: the marker behind it comes first.
+    let marker = super::fresh_name("limit-marker");
+    publish_text(&*conn, "", &q, &marker).await;
+    let next = recv(&mut c, "the marker behind the dead-lettered message").await;
+    assert_eq!(body(&next), marker, "the message came back past its limit");
+    next.ack().await.expect("ack");
+    c.cancel().await.expect("cancel");
+    drop(c);
+
+    let e = expect_err!(
+        "declare a classic queue with a delivery limit",
+        conn.declare_queue(
+            &super::fresh_name("dl-classic-limit"),
+            QueueOptions::durable().delivery_limit(2),
+        )
+        .await,
+        Error::PreconditionFailed(_)
+    );
+    assert_eq!(e.argument(), Some("x-delivery-limit"), "{e:?}");
+    let classic = queue_with(&*conn, "dl-classic", QueueOptions::durable()).await;
+    publish_text(&*conn, "", &classic, "classic").await;
+    let mut c = consume(&*conn, &classic, ConsumeOptions::prefetch(1)).await;
+    for i in 1..=2 {
+        let d = recv(&mut c, &format!("delivery {i} from a classic queue")).await;
+        assert_eq!(
+            (d.redelivered, delivery_count(&d)),
+            (i > 1, None),
+            "a classic queue counts nothing"
+        );
+        if i < 2 {
+            d.nack(Requeue::Yes).await.expect("nack with requeue");
+        } else {
+            d.ack().await.expect("ack");
+        }
+    }
+    drop(c);
+    cleanup(&*conn, &[&q, &classic], &[]).await;
+    dl.finish(&*conn).await;
+}
+
+/// A connection closed with a quorum queue's message unsettled (a worker
+/// process that dies mid-message) returns it, and that return counts as a
+/// requeueing nack does: the next delivery carries `x-delivery-count` 1,
+/// replacing the one its publisher set (which the first delivery showed
+/// untouched). Past its `x-delivery-limit` (1), a queue without a
+/// dead-letter exchange drops the message.
+pub async fn delivery_limit_counts_closed_connections_and_drops_without_a_dead_letter_exchange(
+    h: &dyn Harness,
+) {
+    let case = "delivery_limit_counts_closed_connections_and_drops_without_a_dead_letter_exchange";
+    if !delivery_limit_applies(h, case, false) {
+        return;
+    }
+    let conn = h.connect().await;
+    let q = queue_with(&*conn, "dl-limited-no-dlx", quorum_with_limit(1)).await;
+    publish(
+        &*conn,
+        "",
+        &q,
+        Message::new("crash")
+            .persistent()
+            .with_header("x-delivery-count", FieldValue::I64(7)),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for i in 1..=2 {
+        let doomed = h.connect().await;
+        let mut c = consume(&*doomed, &q, ConsumeOptions::prefetch(1)).await;
+        let d = recv(
+            &mut c,
+            &format!("delivery {i} before its connection closes"),
+        )
+        .await;
+        assert_eq!(body(&d), "crash");
+        seen.push((d.redelivered, delivery_count(&d)));
+        // Closing requeues what the connection held before it returns; the
+        // delivery, dropped after, can no longer be settled.
+        doomed.close().await.expect("close");
+        drop(d);
+        drop(c);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (false, Some(FieldValue::I64(7))),
+            (true, Some(FieldValue::I64(1))),
+        ],
+        "(redelivered, x-delivery-count) of each delivery"
+    );
+    expect_bodies(&*conn, &q, &[]).await;
+    cleanup(&*conn, &[&q], &[]).await;
+}
+
+/// A delivery limit is kept or refused, never ignored: a transport with
+/// [`Capabilities::delivery_limit`](crate::Capabilities::delivery_limit)
+/// declares a quorum queue with one; any other refuses the declaration
+/// (`NotSupported` or `PreconditionFailed`, naming `x-delivery-limit`), so
+/// that a crash-loop protection that would never trigger cannot be set up.
+pub async fn delivery_limit_is_never_ignored(h: &dyn Harness) {
+    let conn = h.connect().await;
+    let name = super::fresh_name("dl-limit-kept");
+    let declared = conn.declare_queue(&name, quorum_with_limit(3)).await;
+    if h.capabilities().delivery_limit {
+        declared.unwrap_or_else(|e| panic!("declare a quorum queue with a limit: {e:?}"));
+        cleanup(&*conn, &[&name], &[]).await;
+        return;
+    }
+    let e = expect_err!(
+        "declare a quorum queue with a delivery limit the transport does not keep",
+        declared,
+        Error::NotSupported(_) | Error::PreconditionFailed(_)
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("x-delivery-limit"),
+        "the refusal names x-delivery-limit: {text}"
+    );
 }

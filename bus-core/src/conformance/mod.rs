@@ -275,6 +275,9 @@ macro_rules! conformance_tests {
             dead_letter::max_length_dead_letters_the_oldest,
             dead_letter::reject_publish_nacks_the_new_message,
             dead_letter::reject_publish_dlx_nacks_and_dead_letters,
+            dead_letter::delivery_limit_dead_letters_a_message_requeued_past_it,
+            dead_letter::delivery_limit_counts_closed_connections_and_drops_without_a_dead_letter_exchange,
+            dead_letter::delivery_limit_is_never_ignored,
             // Properties and bodies
             properties::every_property_round_trips,
             properties::every_header_type_round_trips,

@@ -1,6 +1,7 @@
 //! Dead-lettering as RabbitMQ 3.10 writes it (`rabbit_dead_letter:make_msg`):
 //! the message a queue sends to its dead-letter exchange when it rejects,
-//! expires or pushes out a message, and the cycle rule that drops it.
+//! expires or pushes out a message, or a quorum queue's message passes its
+//! delivery limit, and the cycle rule that drops it.
 //!
 //! What the dead-lettered message carries (pinned by the conformance suite
 //! against RabbitMQ 3.10.8, see `docs/SEMANTICS.md`):
@@ -53,6 +54,10 @@ pub enum Reason {
     /// A length limit pushed it out (`drop-head`) or refused it
     /// (`reject-publish-dlx`) (`maxlen`).
     MaxLen,
+    /// A quorum queue's message was returned more times than its
+    /// `x-delivery-limit` (`delivery_limit`; see
+    /// [`delivery_limit`](super::delivery_limit)).
+    DeliveryLimit,
 }
 
 impl Reason {
@@ -63,6 +68,7 @@ impl Reason {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
             Reason::MaxLen => "maxlen",
+            Reason::DeliveryLimit => "delivery_limit",
         }
     }
 }

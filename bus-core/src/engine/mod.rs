@@ -8,6 +8,9 @@
 //! - [`dead_letter`]: the message a dead-lettering produces (`x-death`,
 //!   `x-first-death-*`, `original-expiration`, the dead-letter routing key)
 //!   and the cycle rule that drops it.
+//! - [`delivery_limit`]: a quorum queue's delivery count (`x-delivery-count`)
+//!   and what its `x-delivery-limit` does to a message returned once too
+//!   often.
 //! - [`policy`]: overflow (`drop-head`, `reject-publish`,
 //!   `reject-publish-dlx`), TTL and priority decisions.
 //! - [`unacked`]: delivery-tag bookkeeping for one consumer (ack and nack of
@@ -16,5 +19,6 @@
 //! Transports that speak to a real broker (RabbitMQ) need none of this.
 
 pub mod dead_letter;
+pub mod delivery_limit;
 pub mod policy;
 pub mod unacked;

@@ -132,9 +132,17 @@
 //! [`Job::redelivered`] and decide. The broker-side answer is a quorum
 //! queue with a delivery limit
 //! ([`QueueArguments::delivery_limit`](crate::QueueArguments::delivery_limit),
-//! through [`WorkerBuilder::queue_options`]): RabbitMQ dead-letters a
-//! message delivered more than that many times, whatever ended each
-//! delivery.
+//! through [`WorkerBuilder::queue_options`]): the broker counts every
+//! return of a message to the queue (a requeue, a lost connection or
+//! channel, whatever ended the delivery), shows it as `x-delivery-count` on
+//! the redelivery, and dead-letters the message (reason `delivery_limit`)
+//! once it has come back more than that many times. The harmless returns
+//! count too, so leave room for them in the limit. RabbitMQ and the
+//! in-process broker (bus-local) both do this, so a crash-loop protection
+//! can be tested in process; the folder transport (bus-file) keeps no
+//! delivery count and refuses `x-delivery-limit` with
+//! [`Error::NotSupported`](crate::Error::NotSupported) (as it refuses
+//! quorum queues) rather than ignore it.
 //!
 //! # Concurrency
 //! A worker runs up to [`WorkerBuilder::concurrency`] handlers at once, all

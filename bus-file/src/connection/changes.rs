@@ -225,6 +225,16 @@ impl Inner {
                 "x-expires (queue expiry) is not offered by the file transport".into(),
             ));
         }
+        if args.delivery_limit.is_some() {
+            // Checked before the queue type, so that a quorum queue with a
+            // limit hears about the limit: never ignored in silence.
+            return Err(Error::NotSupported(
+                "x-delivery-limit (a quorum queue's delivery limit) is not offered by the file \
+                 transport: it does not count redeliveries, so the limit would never end a \
+                 redelivery loop; use the in-process broker or RabbitMQ for it"
+                    .into(),
+            ));
+        }
         match args.queue_type {
             None | Some(QueueType::Classic) => {}
             Some(other) => {
