@@ -273,11 +273,11 @@ impl DeliveryStream {
                     env.routing_key.clone(),
                 ),
             };
-            DeliveryCount::stamp(returns, &mut message.properties.headers);
+            DeliveryCount::stamp(returns, &mut message);
             return Delivery::new(message, exchange, routing_key, redelivered, tag, None);
         };
         let mut message = envelope.message.clone();
-        DeliveryCount::stamp(returns, &mut message.properties.headers);
+        DeliveryCount::stamp(returns, &mut message);
         Delivery::new(
             message,
             envelope.exchange.clone(),

@@ -25,7 +25,7 @@
 //! [`DeliveryCount::on_return`] what a return does, and writes the header
 //! into each delivery with [`DeliveryCount::stamp`].
 
-use crate::{FieldTable, FieldValue, QueueArguments, QueueType};
+use crate::{FieldValue, Message, QueueArguments, QueueType};
 
 /// The header a redelivered message of a quorum queue carries: how many
 /// times it was returned to the queue before this delivery.
@@ -78,12 +78,13 @@ impl DeliveryCount {
     }
 
     /// Writes the `x-delivery-count` header of a delivery of a message
-    /// returned `count` times into its `headers`: set to `count` when it is
+    /// returned `count` times into the message: set to `count` when it is
     /// at least 1 (replacing any value there), untouched for a first
-    /// delivery.
-    pub fn stamp(count: u32, headers: &mut FieldTable) {
+    /// delivery, whose properties stay shared with the queue's copy (see
+    /// [`SharedProperties`](crate::SharedProperties)).
+    pub fn stamp(count: u32, message: &mut Message) {
         if count > 0 {
-            headers.insert(
+            message.properties.headers.insert(
                 DELIVERY_COUNT_HEADER.into(),
                 FieldValue::I64(i64::from(count)),
             );
@@ -94,6 +95,7 @@ impl DeliveryCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Properties;
 
     fn quorum(limit: Option<u32>) -> QueueArguments {
         QueueArguments {
@@ -151,14 +153,31 @@ mod tests {
 
     #[test]
     fn the_header_counts_returns_and_a_first_delivery_has_none() {
-        let mut h = FieldTable::new();
-        h.insert(DELIVERY_COUNT_HEADER.into(), FieldValue::I32(7));
-        DeliveryCount::stamp(0, &mut h);
-        assert_eq!(h[DELIVERY_COUNT_HEADER], FieldValue::I32(7));
-        DeliveryCount::stamp(1, &mut h);
-        assert_eq!(h[DELIVERY_COUNT_HEADER], FieldValue::I64(1));
-        let mut none = FieldTable::new();
+        let mut m = Message::new(&b"x"[..]);
+        m.properties
+            .headers
+            .insert(DELIVERY_COUNT_HEADER.into(), FieldValue::I32(7));
+        DeliveryCount::stamp(0, &mut m);
+        assert_eq!(
+            m.properties.headers[DELIVERY_COUNT_HEADER],
+            FieldValue::I32(7)
+        );
+        DeliveryCount::stamp(1, &mut m);
+        assert_eq!(
+            m.properties.headers[DELIVERY_COUNT_HEADER],
+            FieldValue::I64(1)
+        );
+        // A first delivery leaves the properties as they were: empty ones
+        // allocate nothing, shared ones are not copied.
+        let mut none = Message::new(&b"x"[..]);
         DeliveryCount::stamp(0, &mut none);
-        assert!(none.is_empty());
+        assert!(none.properties.is_empty());
+        let queued = Message::new(&b"x"[..]).with_properties(Properties {
+            content_type: Some("text/plain".into()),
+            ..Properties::default()
+        });
+        let mut delivered = queued.clone();
+        DeliveryCount::stamp(0, &mut delivered);
+        assert!(std::ptr::eq(&*delivered.properties, &*queued.properties));
     }
 }
