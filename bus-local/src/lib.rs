@@ -103,7 +103,7 @@
 //! ([`LocalBroker::trace`], printable). On a current-thread runtime the
 //! same plan and the same scenario give the same trace: under a plan,
 //! server-named queues and consumer tags are numbered instead of random.
-//! [`sim::Explorer`] (feature `simulation`) runs a scenario under many
+//! `sim::Explorer` (feature `simulation`) runs a scenario under many
 //! seeds and reports the first that breaks an invariant, with its trace
 //! and a one-line replay.
 //!
