@@ -8,7 +8,7 @@
 //! the dead-lettering, queue policy and delivery-tag bookkeeping of
 //! transports that keep their own queues; [`sync`] the locks of every
 //! transport, with their one poisoning policy. With the
-//! `conformance` feature, [`conformance`] is the behaviour suite every
+//! `conformance` feature, the module `conformance` is the behaviour suite every
 //! transport must pass.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
