@@ -18,7 +18,7 @@ use bus_core::routing::{
 use bus_core::{
     is_reserved_name, validate_name, ConsumeOptions, Consumer, DeleteQueueOptions, Error,
     ErrorDetail, ExchangeKind, ExchangeOptions, FieldTable, FieldValue, Message, QueueArguments,
-    QueueInfo, QueueOptions, Result, Subject,
+    QueueInfo, QueueOptions, QueueType, Result, Subject,
 };
 use tokio::runtime::Handle;
 use tokio::time::Instant;
@@ -235,7 +235,11 @@ impl BrokerInner {
         self.write().exchanges.retain_exchanges(|_, x| x.durable);
         for queue in &kept_queues {
             let mut st = queue.lock();
-            Queue::drop_transient(&mut st);
+            // A quorum queue keeps every message, whatever its delivery
+            // mode, as RabbitMQ's always writes them to disk.
+            if queue.args.queue_type != Some(QueueType::Quorum) {
+                Queue::drop_transient(&mut st);
+            }
             self.complete(queue, st, Effects::default());
         }
         for conn in to_recover {

@@ -154,7 +154,9 @@
 //!   returned more times than its `x-delivery-limit` is dead-lettered with
 //!   reason `delivery_limit` (dropped without a dead-letter exchange), so a
 //!   crash loop ends here as on RabbitMQ (`Capabilities::delivery_limit`
-//!   is true). Otherwise the queue behaves as a classic one: a requeued
+//!   is true). Across [`LocalBroker::restart`] it keeps all its messages,
+//!   persistent or not, as RabbitMQ does. Otherwise the queue behaves as a
+//!   classic one: a requeued
 //!   message goes back to its original position (a quorum queue puts it at
 //!   the back), so `Capabilities::quorum_queues` is false. Stream queues
 //!   are refused with `NotSupported`.
@@ -291,8 +293,9 @@ impl LocalBroker {
     /// durable exchanges and durable queues that are neither exclusive nor
     /// auto-delete survive with the bindings between them and their
     /// persistent messages (requeued ones included, marked
-    /// `redelivered`); transient messages and every other exchange and
-    /// queue are gone.
+    /// `redelivered`), and a quorum queue all of its messages, persistent
+    /// or not; transient messages and every other exchange and queue are
+    /// gone.
     pub fn restart(&self) {
         self.inner.restart();
     }

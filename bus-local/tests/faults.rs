@@ -382,3 +382,32 @@ async fn closing_during_recovery_ends_the_consumers() {
         }
     ));
 }
+
+/// A quorum queue keeps every message across a restart, persistent or
+/// not (RabbitMQ writes all of a quorum queue's messages to disk); a
+/// classic durable queue keeps its persistent ones only.
+#[tokio::test(start_paused = true)]
+async fn restart_keeps_every_message_of_a_quorum_queue() {
+    let broker = LocalBroker::with_faults(FaultPlan::none());
+    let conn = broker.connect_with(Recovery::Disabled);
+    conn.declare_queue(
+        "quorum",
+        QueueOptions::durable().queue_type(bus_core::QueueType::Quorum),
+    )
+    .await
+    .unwrap();
+    conn.declare_queue("classic", QueueOptions::durable())
+        .await
+        .unwrap();
+    for q in ["quorum", "classic"] {
+        conn.send_to_queue(q, Message::new("transient"))
+            .await
+            .unwrap();
+        conn.send_to_queue(q, Message::new("persistent").persistent())
+            .await
+            .unwrap();
+    }
+    broker.restart();
+    assert_eq!(broker.queue_depth("quorum"), Some(2));
+    assert_eq!(broker.queue_depth("classic"), Some(1));
+}
