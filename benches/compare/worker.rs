@@ -77,20 +77,9 @@ where
                 fill(q.clone(), n).await;
                 let span = Span::start();
                 let conn = conn.clone();
-                let consumer = tokio::spawn(async move {
-                    let mut consumer = conn
-                        .consume(&q, ConsumeOptions::prefetch(PREFETCH))
-                        .await
-                        .expect("consume");
-                    for _ in 0..n {
-                        let d = consumer.next().await.expect("a delivery").expect("ok");
-                        std::hint::black_box(&d.message.body);
-                        d.ack().await.expect("ack");
-                    }
-                    consumer
-                })
-                .await
-                .expect("the loop's task");
+                let consumer = tokio::spawn(async move { consume_loop(&*conn, &q, n).await })
+                    .await
+                    .expect("the loop's task");
                 let m = span.stop(n);
                 consumer.cancel().await.expect("cancel");
                 m
@@ -104,6 +93,21 @@ where
             .expect("delete");
     }
     result
+}
+
+/// The baseline: consumes `n` messages of `q` with prefetch [`PREFETCH`],
+/// acking each, and returns the consumer to cancel.
+async fn consume_loop(conn: &dyn Connection, q: &str, n: u64) -> bus::Consumer {
+    let mut consumer = conn
+        .consume(q, ConsumeOptions::prefetch(PREFETCH))
+        .await
+        .expect("consume");
+    for _ in 0..n {
+        let d = consumer.next().await.expect("a delivery").expect("ok");
+        std::hint::black_box(&d.message.body);
+        d.ack().await.expect("ack");
+    }
+    consumer
 }
 
 /// The note both scenarios print.
@@ -176,15 +180,7 @@ pub fn alone(side: &str, n: u64, concurrency: usize) {
                 println!("worker: {:.0} msg/s", m.per_sec());
             }
             "loop" => {
-                let mut consumer = conn
-                    .consume(&q, ConsumeOptions::prefetch(PREFETCH))
-                    .await
-                    .expect("consume");
-                for _ in 0..n {
-                    let d = consumer.next().await.expect("a delivery").expect("ok");
-                    std::hint::black_box(&d.message.body);
-                    d.ack().await.expect("ack");
-                }
+                let consumer = consume_loop(&*conn, &q, n).await;
                 let m = span.stop(n);
                 consumer.cancel().await.expect("cancel");
                 println!("loop: {:.0} msg/s", m.per_sec());

@@ -65,6 +65,16 @@ async fn delete_delay_queue(conn: &dyn Connection, name: &str) {
         .unwrap_or_else(|e| panic!("delete delay exchange {name:?}: {e:?}"));
 }
 
+/// Deletes the queue `q` and the exchange `x` a delayed publish targets.
+async fn delete_target(conn: &dyn Connection, q: &str, x: &str) {
+    conn.delete_queue(q, DeleteQueueOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete queue {q:?}: {e:?}"));
+    conn.delete_exchange(x, DeleteExchangeOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete exchange {x:?}: {e:?}"));
+}
+
 async fn within<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(WAIT, future)
         .await
@@ -569,20 +579,9 @@ pub async fn worker_delayed_publish_has_no_head_of_line_blocking(h: &dyn Harness
     assert_eq!(first.routing_key, "k", "with its own routing key");
     drop(consumer);
     for d in [long, short] {
-        let name = format!("bus.delay.{}ms.{x}", d.as_millis());
-        conn.delete_queue(&name, DeleteQueueOptions::default())
-            .await
-            .unwrap();
-        conn.delete_exchange(&name, DeleteExchangeOptions::default())
-            .await
-            .unwrap();
+        delete_delay_queue(&*conn, &format!("bus.delay.{}ms.{x}", d.as_millis())).await;
     }
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
-    conn.delete_exchange(&x, DeleteExchangeOptions::default())
-        .await
-        .unwrap();
+    delete_target(&*conn, &q, &x).await;
 }
 
 /// A delay queue nothing uses is deleted by the broker once its expiry
@@ -616,12 +615,7 @@ pub async fn delay_queue_and_exchange_expire_when_idle(h: &dyn Harness) {
     assert_eq!(info.message_count, 0, "the delay queue is empty");
     until_delay_queue_gone(&*conn, &name).await;
     drop(consumer);
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
-    conn.delete_exchange(&x, DeleteExchangeOptions::default())
-        .await
-        .unwrap();
+    delete_target(&*conn, &q, &x).await;
 }
 
 /// A delayed message published after its delay queue was idle for a while
@@ -657,12 +651,7 @@ pub async fn delayed_publish_after_an_idle_delay_queue_is_delivered(h: &dyn Harn
     );
     drop(consumer);
     delete_delay_queue(&*conn, &name).await;
-    conn.delete_queue(&q, DeleteQueueOptions::default())
-        .await
-        .unwrap();
-    conn.delete_exchange(&x, DeleteExchangeOptions::default())
-        .await
-        .unwrap();
+    delete_target(&*conn, &q, &x).await;
 }
 
 /// Publishes `a` to `q` and waits until `worker` handled it (after one

@@ -658,6 +658,24 @@ mod tests {
         }
     }
 
+    /// A processor that hands every delivery back to be acked, delivery
+    /// `held` once `release` is notified.
+    fn holding(
+        held: u64,
+        release: &Arc<Notify>,
+    ) -> impl Fn(Delivery) -> futures::future::BoxFuture<'static, Processed> {
+        let release = release.clone();
+        move |delivery| {
+            let release = release.clone();
+            Box::pin(async move {
+                if delivery.delivery_tag == held {
+                    release.notified().await;
+                }
+                Processed::Ack(delivery)
+            })
+        }
+    }
+
     /// Every delivery settled through `recorder`.
     fn through(recorder: &Arc<Recorder>) -> impl Fn(u64) -> Option<Arc<dyn Acknowledger>> {
         let recorder: Arc<dyn Acknowledger> = recorder.clone();
@@ -822,20 +840,11 @@ mod tests {
         let consumer = Consumer::new("tag".into(), "q".into(), Box::pin(deliveries), logging);
         let (stop, stopped) = watch::channel(Stop::default());
         let release = Arc::new(Notify::new());
-        let wait = release.clone();
         let observer = Counting::default();
         let mut engine = Box::pin(run(
             consumer,
             4,
-            move |delivery: Delivery| {
-                let wait = wait.clone();
-                async move {
-                    if delivery.delivery_tag == 3 {
-                        wait.notified().await;
-                    }
-                    Processed::Ack(delivery)
-                }
-            },
+            holding(3, &release),
             stopped,
             observer.clone(),
             std::time::Duration::ZERO,
@@ -897,20 +906,11 @@ mod tests {
         let observer = Counting::default();
         let (_stop, stopped) = watch::channel(Stop::default());
         let release = Arc::new(Notify::new());
-        let wait = release.clone();
         let mut engine = Box::pin(run(
             full_queue(4, through(&recorder)),
             4,
-            move |delivery: Delivery| {
-                let wait = wait.clone();
-                async move {
-                    // Delivery 2 waits until released.
-                    if delivery.delivery_tag == 2 {
-                        wait.notified().await;
-                    }
-                    Processed::Ack(delivery)
-                }
-            },
+            // Delivery 2 waits until released.
+            holding(2, &release),
             stopped,
             observer.clone(),
             std::time::Duration::ZERO,

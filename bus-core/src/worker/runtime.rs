@@ -457,6 +457,17 @@ enum Stat {
 }
 
 impl Stat {
+    /// Every counter, in the order of [`Stats::counters`].
+    #[cfg(feature = "metrics")]
+    const ALL: [Stat; 6] = [
+        Stat::Handled,
+        Stat::Failures,
+        Stat::Retried,
+        Stat::Delayed,
+        Stat::Poisoned,
+        Stat::Unsettled,
+    ];
+
     /// The name of its `metrics` counter.
     #[cfg(feature = "metrics")]
     fn metric(self) -> &'static str {
@@ -502,15 +513,7 @@ impl Stats {
             let counter =
                 |stat: Stat| metrics::counter!(stat.metric(), "queue" => queue.to_owned());
             (
-                [
-                    Stat::Handled,
-                    Stat::Failures,
-                    Stat::Retried,
-                    Stat::Delayed,
-                    Stat::Poisoned,
-                    Stat::Unsettled,
-                ]
-                .map(counter),
+                Stat::ALL.map(counter),
                 metrics::histogram!("bus_worker_handling_seconds", "queue" => queue.to_owned()),
             )
         };
@@ -566,8 +569,9 @@ impl Observer for Publisher {
     }
 
     fn acked(&self, count: u64, result: &Result<()>) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, count, "could not ack handled messages");
+        // Logged as every engine's acks are.
+        ().acked(count, result);
+        if result.is_err() {
             self.stats.add(Stat::Unsettled, count);
         }
         self.stats.add(Stat::Handled, count);
