@@ -237,12 +237,12 @@ impl Root {
 
     /// Opens the parent folder of `rel` and returns it with the last
     /// component's name.
-    fn parent<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a std::ffi::OsStr)> {
+    fn parent<'a>(&self, rel: &'a Path) -> io::Result<(Dir, &'a std::ffi::OsStr)> {
         let name = rel
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an empty relative path"))?;
         let parent = rel.parent().unwrap_or(Path::new(""));
-        Ok((self.dir(parent)?, name))
+        Ok((self.open_dir(parent)?, name))
     }
 
     /// Creates the folder `rel` and its missing parents with `mode`; an
@@ -276,19 +276,19 @@ impl Root {
     pub(crate) fn rename_to(&self, from: &Path, other: &Root, to: &Path) -> io::Result<()> {
         let (a, an) = self.parent(from)?;
         let (b, bn) = other.parent(to)?;
-        Ok(rustix::fs::renameat(&a, an, &b, bn)?)
+        a.rename_to(an, &b, bn)
     }
 
     /// Removes the file (or symlink, never its target) `rel`.
     pub(crate) fn remove_file(&self, rel: &Path) -> io::Result<()> {
         let (d, n) = self.parent(rel)?;
-        Ok(rustix::fs::unlinkat(&d, n, AtFlags::empty())?)
+        d.remove_file(n)
     }
 
     /// Removes the empty folder `rel`.
     pub(crate) fn remove_dir(&self, rel: &Path) -> io::Result<()> {
         let (d, n) = self.parent(rel)?;
-        Ok(rustix::fs::unlinkat(&d, n, AtFlags::REMOVEDIR)?)
+        Ok(rustix::fs::unlinkat(&d.fd, n, AtFlags::REMOVEDIR)?)
     }
 
     /// Removes `rel` and, when it is a folder, everything in it, never
@@ -300,13 +300,13 @@ impl Root {
             Err(e) if is_not_found(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
-        remove_tree_at(&d, n)
+        remove_tree_at(&d.fd, n)
     }
 
     /// `lstat` of `rel`: a symlink is reported as one.
     pub(crate) fn stat(&self, rel: &Path) -> io::Result<rustix::fs::Stat> {
         let (d, n) = self.parent(rel)?;
-        Ok(rustix::fs::statat(&d, n, AtFlags::SYMLINK_NOFOLLOW)?)
+        d.stat(n)
     }
 
     /// Whether `rel` exists (as anything, a symlink included).
@@ -333,19 +333,6 @@ impl Root {
         Ok(out)
     }
 
-    /// Opens the file `rel` for reading, never through a symlink and
-    /// without blocking on a FIFO.
-    pub(crate) fn open_read(&self, rel: &Path) -> io::Result<File> {
-        let (d, n) = self.parent(rel)?;
-        let fd = rustix::fs::openat(
-            &d,
-            n,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        Ok(File::from(fd))
-    }
-
     /// Reads the whole regular file `rel`, never through a symlink, after
     /// checking what `fstat` says of it, before allocating anything: its
     /// size must lie in `min..=max`, and with `single_link` it must have
@@ -359,14 +346,15 @@ impl Root {
         max: u64,
         single_link: bool,
     ) -> io::Result<Vec<u8>> {
-        read_open_checked(self.open_read(rel)?, min, max, single_link)
+        let (d, n) = self.parent(rel)?;
+        d.read_checked(n, min, max, single_link)
     }
 
     /// Creates the new file `rel` (failing if the name exists) with `mode`.
     pub(crate) fn create_new(&self, rel: &Path, mode: u32) -> io::Result<File> {
         let (d, n) = self.parent(rel)?;
         let fd = rustix::fs::openat(
-            &d,
+            &d.fd,
             n,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(mode),
@@ -381,7 +369,7 @@ impl Root {
         if create {
             flags |= OFlags::CREATE;
         }
-        let fd = rustix::fs::openat(&d, n, flags, Mode::from_raw_mode(FILE_MODE))?;
+        let fd = rustix::fs::openat(&d.fd, n, flags, Mode::from_raw_mode(FILE_MODE))?;
         let file = File::from(fd);
         if !file.metadata()?.file_type().is_file() {
             return Err(io::Error::other("a lock file that is not a regular file"));
@@ -459,9 +447,30 @@ impl Dir {
         Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?)
     }
 
+    /// `lstat` of the entry `name`: a symlink is reported as one.
+    pub(crate) fn stat(&self, name: &OsStr) -> io::Result<rustix::fs::Stat> {
+        Ok(rustix::fs::statat(
+            &self.fd,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?)
+    }
+
     /// Whether the entry `name` exists (as anything, a symlink included).
     pub(crate) fn exists(&self, name: &OsStr) -> bool {
-        rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        self.stat(name).is_ok()
+    }
+
+    /// Opens the file `name` for reading, never through a symlink and
+    /// without blocking on a FIFO.
+    pub(crate) fn open_read(&self, name: &OsStr) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
     }
 
     /// Reads the regular file `name` as [`Root::read_checked`] does.
@@ -472,13 +481,7 @@ impl Dir {
         max: u64,
         single_link: bool,
     ) -> io::Result<Vec<u8>> {
-        let fd = rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        read_open_checked(File::from(fd), min, max, single_link)
+        read_open_checked(self.open_read(name)?, min, max, single_link)
     }
 }
 
