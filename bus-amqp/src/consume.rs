@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use bus_core::{
     AckOptions, Acknowledger, ConsumeOptions, Consumer, ConsumerControl, Delivery, Error,
-    NackOptions, Result,
+    NackOptions, Result, SharedStr,
 };
 use futures::{Stream, StreamExt};
 use lapin::options::{
@@ -443,6 +443,19 @@ struct DeliveryReceiver {
     /// Why the consumer's deliveries can no longer be settled, once its
     /// queue was deleted under it.
     gone: Arc<OnceLock<String>>,
+    /// The exchange and routing key of the last delivery, handed out again
+    /// while they repeat: a consumer sees few of them, and a name shared
+    /// by count costs no allocation per delivery.
+    last_names: (SharedStr, SharedStr),
+}
+
+/// `name` as a [`SharedStr`]: `last` when it holds the same name, else a
+/// new one, kept in `last` for the next delivery.
+fn reuse(last: &mut SharedStr, name: &str) -> SharedStr {
+    if last.as_str() != name {
+        *last = SharedStr::from(name);
+    }
+    last.clone()
 }
 
 impl Drop for DeliveryReceiver {
@@ -533,10 +546,12 @@ impl DeliveryReceiver {
             return None;
         }
         let message = message_from_amqp(d.data, &d.properties);
+        let exchange = reuse(&mut self.last_names.0, d.exchange.as_str());
+        let routing_key = reuse(&mut self.last_names.1, d.routing_key.as_str());
         Some(Delivery::new(
             message,
-            d.exchange.as_str(),
-            d.routing_key.as_str(),
+            exchange,
+            routing_key,
             d.redelivered,
             tag,
             active.acker.clone(),
@@ -770,6 +785,7 @@ pub(crate) async fn start(shared: Arc<Shared>, spec: ConsumerSpec) -> Result<Con
         _dropped: dropped_tx,
         owner_dropped: owner_dropped.clone(),
         gone: gone.clone(),
+        last_names: Default::default(),
     };
     receiver.adopt(0, channel.clone(), consumer);
     let task = ConsumerTask {
@@ -1131,5 +1147,23 @@ impl ConsumerTask {
         if let Some(batch) = self.control.batch() {
             batch.flush_logged("drop").await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_name_is_shared_not_copied() {
+        let mut last = SharedStr::default();
+        let first = reuse(&mut last, "jobs.en");
+        let again = reuse(&mut last, "jobs.en");
+        assert_eq!(again, "jobs.en");
+        assert!(std::ptr::eq(first.as_str(), again.as_str()), "shared");
+        let other = reuse(&mut last, "jobs.de");
+        assert_eq!(other, "jobs.de");
+        assert_eq!(first, "jobs.en", "what was handed out stays");
+        assert_eq!(reuse(&mut last, ""), "");
     }
 }

@@ -24,6 +24,9 @@ use crate::message::{Message, Properties, SharedStr};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Requeue {
     /// Back to the queue at their original position, with `redelivered` set.
+    /// A quorum queue also counts the return (RabbitMQ's puts the message
+    /// at the back), and past its `x-delivery-limit` dead-letters or drops
+    /// it instead (see [`engine::delivery_limit`](crate::engine::delivery_limit)).
     Yes,
     /// Not back to the queue: dead-lettered when the queue has a
     /// dead-letter exchange, dropped otherwise.
@@ -127,8 +130,8 @@ pub trait Acknowledger: Send + Sync + 'static {
 ///
 /// A delivery dropped without being settled (a handler that returned early,
 /// a task that was aborted or panicked) is nacked with requeue: the message
-/// goes back to its queue with `redelivered` set, and the prefetch slot it
-/// held is freed, so a forgotten delivery never stalls its consumer. The
+/// goes back to its queue with `redelivered` set (as [`Requeue::Yes`]),
+/// and the prefetch slot it held is freed, so a forgotten delivery never stalls its consumer. The
 /// nack is made at once where the transport settles without waiting (the
 /// in-process broker), and otherwise sent from a task on the current tokio
 /// runtime; a delivery of such a transport dropped outside any runtime is
@@ -329,7 +332,8 @@ impl Delivery {
     }
 
     /// Negatively acknowledges the delivery: with [`Requeue::Yes`] it goes
-    /// back to its queue at its original position with `redelivered` set;
+    /// back to its queue at its original position with `redelivered` set
+    /// (a quorum queue's counts and limit apply, see [`Requeue::Yes`]);
     /// with [`Requeue::No`] it is dead-lettered (or dropped when the queue
     /// has no dead-letter exchange).
     ///

@@ -85,11 +85,16 @@ impl Extractor for ReadHeaders<'_> {
 /// leaves them as they are when `span` is in no trace.
 pub fn inject_span(span: &tracing::Span, headers: &mut FieldTable) {
     let cx = span.context();
-    if !cx.span().span_context().is_valid() {
-        return;
+    if cx.span().span_context().is_valid() {
+        inject_context(&cx, headers);
     }
+}
+
+/// Writes the trace context `cx` (one in a trace) into `headers`,
+/// replacing any there.
+fn inject_context(cx: &Context, headers: &mut FieldTable) {
     headers.remove(TRACESTATE_HEADER);
-    TraceContextPropagator::new().inject_context(&cx, &mut Headers(headers));
+    TraceContextPropagator::new().inject_context(cx, &mut Headers(headers));
 }
 
 /// Writes the trace context of the current span into `message`'s headers,
@@ -101,11 +106,17 @@ pub fn inject(message: &mut Message) {
     if message.properties.headers.contains_key(TRACEPARENT_HEADER) {
         return;
     }
-    let span = tracing::Span::current();
-    if !span.context().span().span_context().is_valid() {
-        return;
+    inject_current(message);
+}
+
+/// Writes the trace context of the current span into `message`'s headers,
+/// replacing any there; leaves them as they are outside any trace (checked
+/// before writing, which would copy shared properties).
+pub(crate) fn inject_current(message: &mut Message) {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        inject_context(&cx, &mut message.properties.headers);
     }
-    inject_span(&span, &mut message.properties.headers);
 }
 
 /// The trace context `headers` carry, if they carry a well-formed one.

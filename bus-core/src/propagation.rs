@@ -29,7 +29,7 @@ pub fn trace(message: &mut Message) {
 /// one it carries.
 pub(crate) fn retrace(message: &mut Message) {
     #[cfg(feature = "otel")]
-    crate::otel::inject_span(&tracing::Span::current(), &mut message.properties.headers);
+    crate::otel::inject_current(message);
     #[cfg(not(feature = "otel"))]
     let _ = message;
 }

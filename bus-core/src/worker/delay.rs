@@ -12,17 +12,9 @@
 //! The queue and exchange are durable and the message keeps its delivery
 //! mode, so a persistent message survives a broker restart while it waits.
 //!
-//! # Delay queues go away when idle
-//! Every distinct delay would otherwise leave a queue and an exchange on
-//! the broker for ever. Where the transport offers queue expiry
-//! ([`Capabilities::queue_expiry`](crate::Capabilities::queue_expiry):
-//! RabbitMQ and the in-process broker), a delay queue is declared with
-//! `x-expires` = delay + *linger* ([`DelayOptions::linger`], by default
-//! the longer of the delay and [`DEFAULT_DELAY_LINGER`]), and its exchange
-//! is auto-delete: when the broker deletes the idle queue, the queue's
-//! binding goes with it and so does the exchange. The folder transport has
-//! no queue expiry: there the queue and exchange are permanent (neither
-//! `x-expires` nor auto-delete), as before.
+//! # Why a delay queue never expires under a message
+//! What expires and when, and how to upgrade from delay queues that did
+//! not, is in [the worker docs](super#delay-queues). How it is kept safe:
 //!
 //! The broker counts only consumers, `basic.get` and declarations as use
 //! of a queue, not publishes, and deleting an expired queue drops its
@@ -50,21 +42,6 @@
 //!   instead of being dropped. A worker then declares again and publishes
 //!   once more; what is still unroutable is reported as
 //!   [`Error::Unroutable`], never lost silently.
-//!
-//! # Upgrading from delay queues that do not expire
-//! A version of this library before expiring delay queues declared them
-//! without `x-expires` and their exchanges without auto-delete. RabbitMQ
-//! refuses to redeclare an existing queue or exchange with other settings
-//! (`PRECONDITION_FAILED`, "inequivalent arg 'x-expires'" or
-//! "'auto_delete'"): [`publish_delayed`] then fails, and a worker poisons
-//! the retry as exhausted (see [the worker docs](super#outcomes)). To
-//! migrate, stop every publisher and worker of the old version that uses a
-//! delay queue, let each delay queue empty (its messages leave after the
-//! delay), then delete each one and its exchange, e.g. `bus delete queue
-//! <name> --if-empty` and `bus delete exchange <name>` (or `rabbitmqctl
-//! delete_queue <name> --if-empty`), and start the new version. The
-//! in-process broker keeps nothing across versions, and on the folder
-//! transport the declarations did not change.
 
 use crate::sync::Mutex;
 use std::collections::HashMap;

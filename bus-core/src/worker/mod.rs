@@ -101,10 +101,9 @@
 //! publishes, as use of a queue, and drops the messages of a queue it
 //! deletes; hence the declarations: a message is never published to a
 //! delay queue that could expire before the message is due. The queue
-//! lives at least `delay +
-//! linger` after that declaration, the message is due at most `delay +
-//! linger / 2` after it, and the other half of the linger is the margin
-//! for the broker's lag. The publish is mandatory: should the queue be
+//! lives at least `delay + linger` after that declaration, the message is
+//! due at most `delay + linger / 2` after it, and the other half of the
+//! linger is the margin for the broker's lag. The publish is mandatory: should the queue be
 //! gone all the same (deleted by hand), the message comes back instead of
 //! being dropped, and the worker declares the queue again and publishes
 //! once more. On the folder transport, which has no queue expiry, delay
