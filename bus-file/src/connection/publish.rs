@@ -303,9 +303,12 @@ impl Inner {
         let me = self.arc()?;
         let (x, rk) = (exchange.to_owned(), routing_key.to_owned());
         // Routing, admission and the writes run whole on the blocking pool,
-        // one publish of this connection at a time, in call order. Counted
-        // as writing meanwhile, so the group commit waits for it.
-        let writing = self.publishing.committer.writing();
+        // one publish of this connection at a time, in call order. One that
+        // may need a flush (a persistent message, when persistent ones are
+        // synced) is counted as writing meanwhile, so the group commit waits
+        // for it; the others never join a batch, and no batch waits for them.
+        let writing = (message.is_persistent() && self.options.sync_persistent)
+            .then(|| self.publishing.committer.writing());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.publishing.submit(Box::new(move || {
             let _ = tx.send(me.prepare_publish(&x, &rk, message, mandatory, msg_ttl, dead));
@@ -324,17 +327,20 @@ impl Inner {
         else {
             return Ok(());
         };
-        if durable && !written.is_empty() {
-            let dirs = written
-                .iter()
-                .map(|&i| self.layout.ready(&copies[i].0))
-                .collect();
-            self.publishing
-                .committer
-                .sync_dirs(self.layout.fs.clone(), dirs, writing)
-                .await?;
-        } else {
-            drop(writing);
+        match writing {
+            // `durable` implies a persistent message and synced ones, so a
+            // publish that needs the flush is one counted as writing.
+            Some(writing) if durable && !written.is_empty() => {
+                let dirs = written
+                    .iter()
+                    .map(|&i| self.layout.ready(&copies[i].0))
+                    .collect();
+                self.publishing
+                    .committer
+                    .sync_dirs(self.layout.fs.clone(), dirs, writing)
+                    .await?;
+            }
+            writing => drop(writing),
         }
         for &i in &written {
             let (q, f, args) = &copies[i];
